@@ -1,0 +1,96 @@
+"""The head (final norm + lm_head) and the chunked causal-LM loss.
+
+The loss never holds ``B x S x V`` logits: rows are processed ``chunk_tokens`` at a time, and only rows whose
+(shifted) label is not ``-100`` are computed at all. The forward pass computes the loss value without a graph; the
+backward recomputes each chunk with a graph, takes its gradients and frees it before the next chunk, accumulating the
+head's weight gradients in FP32. Labels are shifted exactly as Hugging Face's ``ForCausalLMLoss`` does; the loss is
+the mean over real label tokens, or the sum divided by ``num_items_in_batch`` when that is given.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels of the next token at every position (``-100`` at the end), flattened."""
+    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
+
+
+def head_logits(head: nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    logits = head["lm_head"](head["norm"](hidden))
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+class ChunkedLoss:
+    """Chunked cross-entropy over the head.
+
+    Args:
+        hidden: Last decoder layer's output, ``(B, S, H)``, before the final norm.
+        labels: ``(B, S)`` token ids, ``-100`` where no loss is taken (not yet shifted).
+        num_items_in_batch: Divide the summed loss by this instead of the number of label tokens.
+        chunk_tokens: Rows per chunk.
+    """
+
+    def __init__(
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor,
+        num_items_in_batch: int | torch.Tensor | None,
+        chunk_tokens: int,
+        softcap: float | None,
+    ) -> None:
+        target = shift_labels(labels.to(hidden.device))
+        self.rows = torch.nonzero(target != IGNORE_INDEX).squeeze(1)
+        self.targets = target[self.rows]
+        self.num_valid = int(self.rows.numel())
+        denom = num_items_in_batch if num_items_in_batch is not None else self.num_valid
+        self.denom = torch.as_tensor(denom, dtype=torch.float32, device=hidden.device)
+        self.shape = hidden.shape
+        self.chunk_tokens = chunk_tokens
+        self.softcap = softcap
+
+    def chunks(self):
+        for start in range(0, self.num_valid, self.chunk_tokens):
+            yield self.rows[start : start + self.chunk_tokens], self.targets[start : start + self.chunk_tokens]
+
+    def forward(self, head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for rows, targets in self.chunks():
+            logits = head_logits(head, flat[rows], self.softcap)
+            total += F.cross_entropy(logits.float(), targets, reduction="sum")
+        if self.num_valid == 0:
+            return total  # no label token: zero loss and zero gradients (instead of a NaN mean)
+        return total / self.denom
+
+    def backward(
+        self, head: nn.Module, hidden: torch.Tensor, grad_loss: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """Gradient w.r.t. ``hidden`` and the head's parameter gradients (FP32), for upstream ``grad_loss``."""
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        grad_hidden = torch.zeros_like(flat)
+        params = [p for p in head.parameters()]
+        trainable = [p for p in params if p.requires_grad]
+        acc: list[torch.Tensor | None] = [None] * len(trainable)
+        scale = grad_loss.to(torch.float32) / self.denom if self.num_valid else grad_loss.to(torch.float32)
+        for rows, targets in self.chunks():
+            x = flat[rows].detach().requires_grad_(True)
+            with torch.enable_grad():
+                logits = head_logits(head, x, self.softcap)
+                ce = F.cross_entropy(logits.float(), targets, reduction="sum")
+                grads = torch.autograd.grad(ce, [x, *trainable], grad_outputs=scale)
+            grad_hidden[rows] = grads[0]
+            for i, g in enumerate(grads[1:]):
+                acc[i] = g.float() if acc[i] is None else acc[i].add_(g)
+        out: list[torch.Tensor | None] = []
+        it = iter(acc)
+        for p in params:
+            out.append(next(it) if p.requires_grad else None)
+        return grad_hidden.view(self.shape), out

@@ -1,0 +1,459 @@
+"""The streaming engine: one object that turns a Hugging Face causal LM into a host-memory-backed, streamed model.
+
+``HorizonEngine(model, config)`` moves the model's weights into a :class:`~.store.HostStore` (FP32, the only
+persistent copy), builds the GPU slots and templates (:class:`~.streamer.LayerStreamer`), the gradient path
+(:class:`~.gradients.GradientSink`) and the CPU optimizer (:class:`~.optimizer.LayerOptimizer`), and replaces what
+the embedding, the decoder layers, the final norm and the model's ``forward`` do when called. The model object keeps
+its parameters (now views into the store), names, ``state_dict`` and config; its own decoder ``forward`` still builds
+the attention masks and rotary embeddings, so packing, padding and model-specific arguments work unchanged.
+
+The engine knows nothing about Lightning. A plain PyTorch loop::
+
+    engine = HorizonEngine(model, EngineConfig(device="cuda"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    for batch in loader:
+        loss = model(**batch).loss
+        loss.backward()
+        engine.clip_grad_norm_(1.0)
+        engine.step(optimizer)      # instead of optimizer.step(); zero_grad() is optional
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapter import DecoderParts, describe
+from .gradients import GradientSink
+from .loss import ChunkedLoss, head_logits
+from .optimizer import LayerOptimizer, clip_coefficient
+from .segments import (
+    EmbedFunction,
+    ForwardPass,
+    HeadLogitsFunction,
+    HeadLossFunction,
+    LayerFunction,
+    segment_backward_order,
+)
+from .store import HostStore
+from .streamer import LayerStreamer, Unit, make_unit
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+           "fp16": torch.float16, "float16": torch.float16}
+
+
+def as_dtype(value: str | torch.dtype) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    try:
+        return _DTYPES[str(value).lower().removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {value!r}; use one of {sorted(_DTYPES)}") from None
+
+
+@dataclass
+class EngineConfig:
+    """Settings of the streaming engine (the same names are used by the strategy and the recipes' ``strategy:``)."""
+
+    device: str | torch.device | None = None
+    """Compute device; None picks ``cuda`` when available, else ``cpu``."""
+    compute_dtype: str | torch.dtype = "bf16"
+    """Dtype of the streamed weights and activations (masters stay FP32)."""
+    checkpoint_every: int = 1
+    """K: keep every K-th layer's input in the forward; backward recomputes the K-1 layers in between."""
+    num_slots: int = 2
+    """GPU weight slots (2 = double buffering)."""
+    num_grad_slabs: int = 3
+    """Pinned slabs for gradients in flight to the host."""
+    loss_chunk_tokens: int = 2048
+    """Rows of logits computed at once by the chunked loss."""
+    pin_masters: bool = False
+    """Page-lock the FP32 master buffers too (uploads come from pinned BF16 staging, so this is rarely useful)."""
+    track_grad_norm: bool = False
+    """Record per-parameter gradient norms while folding (makes clipping by norm free); the strategy sets it."""
+
+    def __post_init__(self) -> None:
+        if self.device is None:
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(self.device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be a CUDA device or 'cpu', got {self.device}")
+        self.compute_dtype = as_dtype(self.compute_dtype)
+        for name in ("checkpoint_every", "loss_chunk_tokens", "num_grad_slabs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_slots < 2:
+            raise ValueError(f"num_slots must be >= 2 (double buffering), got {self.num_slots}")
+
+
+class HorizonEngine:
+    """Streams a Hugging Face decoder-only causal LM from host memory (see the module docstring).
+
+    Args:
+        model: A ``...ForCausalLM`` whose parameters are on the CPU. Its parameters become views into the store.
+        config: Engine settings.
+    """
+
+    def __init__(self, model: nn.Module, config: EngineConfig | None = None, **overrides: Any) -> None:
+        if config is None:
+            config = EngineConfig(**overrides)
+        elif overrides:
+            raise TypeError("pass either an EngineConfig or keyword overrides, not both")
+        self.config = config
+        self.device: torch.device = config.device  # type: ignore[assignment]
+        self.dtype: torch.dtype = config.compute_dtype  # type: ignore[assignment]
+        for name, p in model.named_parameters():
+            if p.device.type != "cpu":
+                raise ValueError(
+                    f"parameter {name!r} is on {p.device}; build the model on the CPU, the engine keeps masters in "
+                    "host memory and streams layers to the compute device"
+                )
+        self.parts: DecoderParts = describe(model)
+        self.model = model
+        self.store = HostStore(self.parts.store_groups(), pin=config.pin_masters and self.device.type == "cuda")
+        self.units: list[Unit] = [
+            make_unit(i, f"layers.{i}", self.parts.layer_structure_key(i), layer, self.store)
+            for i, layer in enumerate(self.parts.layers)
+        ]
+        head = nn.ModuleDict({"norm": self.parts.norm, "lm_head": self.parts.lm_head})
+        self.head_uid = len(self.units)
+        self.units.append(make_unit(self.head_uid, "head", ("head",), head, self.store))
+        self.streamer = LayerStreamer(self.units, self.store, self.device, self.dtype, config.num_slots)
+        slab = max(u.numel for u in self.units)
+        self.sink = GradientSink(self.store, self.device, self.dtype, slab, config.num_grad_slabs)
+        self.sink.track_norms = config.track_grad_norm
+        self.optim = LayerOptimizer(self.store, self.device)
+        self.streamer.extra_checks = (self.sink.worker, self.optim.worker)
+        self.sink.extra_checks = (self.streamer.worker, self.optim.worker)
+        self.streamer.poll = self.optim.worker.check
+        self._template_params = {
+            (slot.index, u.structure): [_get_param(slot.templates[u.structure], b.name) for b in u.bindings]
+            for slot in self.streamer.slots
+            for u in self.units
+        }
+        self.anchor = torch.zeros(0, requires_grad=True)
+        self._current: ForwardPass | None = None
+        self._stochastic = _has_dropout(self.parts)
+        self._moved_buffers: list[tuple[nn.Module, str, torch.device]] = []
+        self._install()
+
+    # ------------------------------------------------------------------------------------------ public API
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Schedules ``optimizer``'s step on the CPU; equivalent to ``optimizer.step()`` after the full backward."""
+        self.finish_backward()
+        self.optim.step(optimizer)
+
+    def clip_grad_norm_(
+        self, max_norm: float, norm_type: float = 2.0, optimizer: torch.optim.Optimizer | None = None
+    ) -> torch.Tensor:
+        """Clips the gradients of the next step by their global norm (as ``torch.nn.utils.clip_grad_norm_``).
+
+        The scaling itself is applied by the CPU optimizer, group by group, just before each update.
+        Returns the total norm before clipping.
+        """
+        self.finish_backward()
+        entries = self._grad_entries(optimizer)
+        norms = []
+        for group, sp in entries:
+            if sp.grad_norm is None or not self.sink.track_norms:
+                sp.grad_norm = torch.linalg.vector_norm(group.grad_view(sp), norm_type)
+            norms.append(sp.grad_norm if norm_type == 2.0 else torch.linalg.vector_norm(group.grad_view(sp), norm_type))
+        total, coef = clip_coefficient(norms, float(max_norm), norm_type)
+        self.optim.clip_coef = coef if float(coef) < 1.0 else None
+        return total
+
+    def clip_grad_value_(self, clip_value: float) -> None:
+        """Clamps the gradients of the next step to ``[-clip_value, clip_value]`` (applied per group by the optimizer)."""
+        self.optim.clip_value = float(clip_value)
+
+    def finish_backward(self) -> None:
+        """Waits until every gradient is on the host and exposes them as ``param.grad``."""
+        self.sink.wait()
+        for group in self.store.groups:
+            for sp in group.params:
+                if not sp.fresh and sp.trainable:
+                    sp.param.grad = group.grad_view(sp)
+
+    def synchronize(self) -> None:
+        """Waits for pending gradient folds and optimizer updates: the masters are then final."""
+        self.sink.wait()
+        self.optim.wait()
+
+    def invalidate(self) -> None:
+        """Call after changing masters outside the engine's optimizer (e.g. loading a checkpoint)."""
+        self.synchronize()
+        self.streamer.invalidate()
+
+    def close(self) -> None:
+        """Stops the workers, restores the model's own forward methods and moves buffers back to the CPU."""
+        try:
+            self.synchronize()
+        finally:
+            self.streamer.close()
+            self.sink.close()
+            self.optim.close()
+            self.store.close()
+            for module in (self.parts.embed, self.parts.norm, self.parts.model, *self.parts.layers):
+                module.__dict__.pop("forward", None)
+            for module, name, device in self._moved_buffers:
+                module._buffers[name] = module._buffers[name].to(device)
+            for hook in self._hooks:
+                hook.remove()
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {
+            "bytes_h2d": self.streamer.bytes_h2d,
+            "bytes_d2h": self.sink.bytes_d2h,
+            "num_uploads": self.streamer.num_uploads,
+            "num_optimizer_steps": self.optim.num_steps,
+        }
+
+    # ------------------------------------------------------------------------------ called by the autograd nodes
+    def embed_forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        group, _ = self.store.entry(self.parts.embed.weight)
+        self.store.wait_updated(group, poll=self.optim.worker.check)
+        ids = input_ids.to("cpu")
+        rows = F.embedding(ids, self.parts.embed.weight.detach())
+        scale = self.parts.embed_scale()
+        if scale is not None:
+            rows = rows * scale
+        return rows.to(self.dtype).to(self.device)
+
+    def embed_backward(self, input_ids: torch.Tensor, grad_hidden: torch.Tensor) -> None:
+        weight = self.parts.embed.weight
+        if not weight.requires_grad:
+            return
+        scale = self.parts.embed_scale()
+        if scale is not None:
+            grad_hidden = grad_hidden * scale
+        self.sink.submit_embedding(self.store.entry(weight), input_ids, grad_hidden, self.parts.padding_idx())
+
+    def layer_forward(self, fpass: ForwardPass, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        if fpass.keep:
+            fpass.kwargs[index] = kwargs
+            if index % self.config.checkpoint_every == 0:
+                fpass.inputs[index] = hidden
+        return self._run_layer(fpass, index, hidden, kwargs, grad=False)
+
+    def layer_backward(self, fpass: ForwardPass, index: int, grad_out: torch.Tensor) -> torch.Tensor:
+        if index not in fpass.inputs:
+            start = index - index % self.config.checkpoint_every
+            hidden = fpass.inputs[start]
+            for j in range(start, index):
+                hidden = self._run_layer(fpass, j, hidden, fpass.kwargs[j], grad=False)
+                fpass.inputs[j + 1] = hidden
+        x = fpass.inputs.pop(index).detach().requires_grad_(True)
+        _, grad_in = self._run_layer(fpass, index, x, fpass.kwargs.pop(index), grad=True, grad_out=grad_out)
+        return grad_in
+
+    def head_loss_forward(self, loss_fn: ChunkedLoss, hidden: torch.Tensor) -> torch.Tensor:
+        slot, head = self.streamer.acquire(self.head_uid)
+        with torch.no_grad():
+            loss = loss_fn.forward(head, hidden)
+        self.streamer.release(slot)
+        return loss
+
+    def head_loss_backward(self, loss_fn: ChunkedLoss, hidden: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+        slot, head = self.streamer.acquire(self.head_uid)
+        grad_hidden, grads = loss_fn.backward(head, hidden, grad_loss)
+        self.streamer.release(slot)
+        self._submit(self.head_uid, [None if g is None else g.to(self.dtype) for g in grads])
+        return grad_hidden
+
+    def head_logits_forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        slot, head = self.streamer.acquire(self.head_uid)
+        with torch.no_grad():
+            logits = head_logits(head, hidden, self.parts.logit_softcap())
+        self.streamer.release(slot)
+        return logits
+
+    def head_logits_backward(self, hidden: torch.Tensor, grad_logits: torch.Tensor) -> torch.Tensor:
+        slot, head = self.streamer.acquire(self.head_uid)
+        params = self._template_params[(slot.index, ("head",))]
+        trainable = [p for p in params if p.requires_grad]
+        x = hidden.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = head_logits(head, x, self.parts.logit_softcap())
+            grads = torch.autograd.grad(logits, [x, *trainable], grad_logits)
+        self.streamer.release(slot)
+        it = iter(grads[1:])
+        self._submit(self.head_uid, [next(it) if p.requires_grad else None for p in params])
+        return grads[0]
+
+    def plan_backward(self, fpass: ForwardPass) -> None:
+        order = [self.head_uid] + [i for i, _ in segment_backward_order(self.parts.num_layers, self.config.checkpoint_every)]
+        self.streamer.plan(order)
+
+    # ----------------------------------------------------------------------------------------------- internals
+    def _run_layer(
+        self, fpass: ForwardPass, index: int, hidden: torch.Tensor, kwargs: dict, grad: bool, grad_out=None
+    ):
+        slot, module = self.streamer.acquire(index)
+        module.train(fpass.train_mode)
+        with _rng_replay(fpass, index, self.device, enabled=self._stochastic and fpass.train_mode and fpass.keep):
+            if not grad:
+                with torch.no_grad():
+                    out = module(hidden, **kwargs)
+                self.streamer.release(slot)
+                if isinstance(out, tuple):
+                    fpass.tuple_output = True
+                    out = out[0]
+                return out
+            params = self._template_params[(slot.index, self.units[index].structure)]
+            trainable = [p for p in params if p.requires_grad]
+            with torch.enable_grad():
+                out = module(hidden, **kwargs)
+                out = out[0] if isinstance(out, tuple) else out
+                grads = torch.autograd.grad(out, [hidden, *trainable], grad_out, allow_unused=True)
+        self.streamer.release(slot)
+        it = iter(grads[1:])
+        self._submit(index, [next(it) if p.requires_grad else None for p in params])
+        return out, grads[0]
+
+    def _submit(self, uid: int, grads: list[torch.Tensor | None]) -> None:
+        unit = self.units[uid]
+        targets = [(b.group, b.entry) for b in unit.bindings]
+        self.sink.submit(targets, grads)
+
+    def _grad_entries(self, optimizer: torch.optim.Optimizer | None):
+        if optimizer is not None:
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            entries = [self.store.entry(p) for p in params]
+        else:
+            entries = [(g, sp) for g in self.store.groups for sp in g.params]
+        return [(g, sp) for g, sp in entries if sp.trainable and not sp.fresh]
+
+    def _layer_call(self, index: int, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if args:
+            raise TypeError(f"decoder layer {index} got unexpected positional arguments; pass them by keyword")
+        if index == 0 or self._current is None:
+            self._current = ForwardPass(self, keep=torch.is_grad_enabled(), train_mode=self.model.training)
+            self.streamer.plan([*range(index, self.parts.num_layers), self.head_uid])
+        fpass = self._current
+        out = LayerFunction.apply(hidden_states, self.anchor, fpass, index, kwargs)
+        return (out,) if fpass.tuple_output else out
+
+    def _embed_call(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return EmbedFunction.apply(self.anchor, self, input_ids)
+
+    def _causal_lm_forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs: Any,
+    ):
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        if past_key_values is not None or use_cache:
+            raise ValueError("the horizon engine trains without a KV cache: pass use_cache=False / no past_key_values")
+        for key in ("output_attentions", "output_hidden_states", "return_dict"):
+            kwargs.pop(key, None)
+        to_dev = (lambda t: t.to(self.device) if isinstance(t, torch.Tensor) else t)  # noqa: E731
+        self._current = None
+        try:
+            out = self.parts.base(
+                input_ids=input_ids,
+                attention_mask=to_dev(attention_mask),
+                position_ids=to_dev(position_ids),
+                inputs_embeds=to_dev(inputs_embeds),
+                use_cache=False,
+                **{k: to_dev(v) for k, v in kwargs.items()},
+            )
+            hidden = out.last_hidden_state  # before the final norm: the head applies it
+            fpass = self._current
+            assert fpass is not None
+            if labels is not None:
+                loss_fn = ChunkedLoss(
+                    hidden, labels, num_items_in_batch, self.config.loss_chunk_tokens, self.parts.logit_softcap()
+                )
+                loss = HeadLossFunction.apply(hidden, self.anchor, fpass, loss_fn)
+                return CausalLMOutputWithPast(loss=loss, logits=None)
+            if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+                hidden = hidden[:, -logits_to_keep:]
+            elif isinstance(logits_to_keep, torch.Tensor):
+                hidden = hidden[:, logits_to_keep.to(hidden.device)]
+            logits = HeadLogitsFunction.apply(hidden, self.anchor, fpass)
+            return CausalLMOutputWithPast(loss=None, logits=logits)
+        finally:
+            self._current = None
+
+    def _install(self) -> None:
+        parts = self.parts
+        parts.embed.forward = self._embed_call
+        for i, layer in enumerate(parts.layers):
+            layer.forward = functools.partial(self._layer_call, i)
+        parts.norm.forward = _identity
+        parts.model.forward = self._causal_lm_forward
+        streamed = {id(m) for top in (parts.embed, parts.norm, parts.lm_head, *parts.layers) for m in top.modules()}
+        for module in parts.model.modules():
+            if id(module) in streamed:
+                continue
+            for name, buf in list(module._buffers.items()):
+                if buf is not None and buf.device != self.device:
+                    self._moved_buffers.append((module, name, buf.device))
+                    module._buffers[name] = buf.to(self.device)
+        self._hooks = [
+            parts.model.register_state_dict_pre_hook(lambda *a, **k: self.synchronize()),
+            parts.model.register_load_state_dict_pre_hook(lambda *a, **k: self.synchronize()),
+            parts.model.register_load_state_dict_post_hook(lambda *a, **k: self.streamer.invalidate()),
+        ]
+
+
+def _identity(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return hidden_states
+
+
+def _get_param(module: nn.Module, dotted: str) -> nn.Parameter:
+    *path, leaf = dotted.split(".")
+    for p in path:
+        module = getattr(module, p)
+    return module._parameters[leaf]
+
+
+def _has_dropout(parts: DecoderParts) -> bool:
+    if float(getattr(parts.config, "attention_dropout", 0.0) or 0.0) > 0:
+        return True
+    return any(isinstance(m, nn.Dropout) and m.p > 0 for layer in parts.layers for m in layer.modules())
+
+
+class _rng_replay:
+    """Records the RNG state at a layer's first run and replays it on recomputation (dropout stays identical)."""
+
+    def __init__(self, fpass: ForwardPass, index: int, device: torch.device, enabled: bool) -> None:
+        self.fpass, self.index, self.device, self.enabled = fpass, index, device, enabled
+
+    def __enter__(self) -> None:
+        if not self.enabled:
+            return
+        cuda = self.device.type == "cuda"
+        if self.index not in self.fpass.rng:
+            self.fpass.rng[self.index] = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None)
+            self._restore = None
+            return
+        self._restore = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None)
+        cpu, gpu = self.fpass.rng[self.index]
+        torch.set_rng_state(cpu)
+        if cuda:
+            torch.cuda.set_rng_state(gpu, self.device)
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled and self._restore is not None:
+            cpu, gpu = self._restore
+            torch.set_rng_state(cpu)
+            if gpu is not None:
+                torch.cuda.set_rng_state(gpu, self.device)

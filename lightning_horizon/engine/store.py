@@ -1,0 +1,166 @@
+"""The host store: FP32 master weights (and their gradients) in flat host buffers.
+
+Each *group* (the embedding, one decoder layer, the final norm, an untied lm_head) owns one contiguous buffer of
+FP32 masters. The model's ``nn.Parameter`` objects keep their identity and their names but their ``.data`` become
+views into these buffers, so ``model.state_dict()`` keys stay Hugging Face's and an optimizer built over
+``model.parameters()`` steps the masters in place. Tied weights are one Parameter, stored once.
+
+Gradients live in a second flat FP32 buffer per group with the same layout. They are owned by the engine: the
+gradient folder writes them (overwriting on the first backward after an optimizer step, adding afterwards), the
+CPU optimizer reads them, and ``param.grad`` is set to views of them only between the end of a backward and the
+next optimizer step (exactly when plain PyTorch would have gradients).
+
+Each group carries a version that the optimizer bumps when it schedules an update and a counter of completed
+updates; the streamer uploads a group only once ``done_version == version`` so no layer is ever read while its
+update is running.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .pinned import register_pinned, unregister_pinned
+
+_ALIGN = 128  # elements: every parameter starts 512-byte aligned (256 bytes in the BF16 slot layout)
+
+
+def _align(n: int, to: int = _ALIGN) -> int:
+    return (n + to - 1) // to * to
+
+
+@dataclass(eq=False)
+class StoreParam:
+    """One parameter's place in its group buffer."""
+
+    name: str
+    param: nn.Parameter
+    offset: int
+    numel: int
+    shape: torch.Size
+    fresh: bool = True
+    """True until the first gradient fold after an optimizer step: that fold overwrites instead of adding."""
+    grad_norm: torch.Tensor | None = None
+    """L2 norm of the current gradient (kept when norm tracking is on)."""
+
+    @property
+    def trainable(self) -> bool:
+        return self.param.requires_grad
+
+
+@dataclass(eq=False)
+class StoreGroup:
+    """One flat buffer of FP32 masters and its gradient buffer."""
+
+    name: str
+    params: list[StoreParam]
+    numel: int
+    master: torch.Tensor
+    grad: torch.Tensor | None = None
+    version: int = 0
+    """Bumped by the optimizer when it schedules an update of this group."""
+    done_version: int = 0
+    """Set by the optimizer worker when the update scheduled as ``version`` has been applied."""
+
+    @property
+    def trainable(self) -> bool:
+        return any(p.trainable for p in self.params)
+
+    def grad_view(self, sp: StoreParam) -> torch.Tensor:
+        assert self.grad is not None
+        return self.grad[sp.offset : sp.offset + sp.numel].view(sp.shape)
+
+    def ensure_grad(self) -> torch.Tensor:
+        if self.grad is None:
+            with torch.inference_mode(False):
+                self.grad = torch.zeros_like(self.master)
+        return self.grad
+
+
+class HostStore:
+    """FP32 masters of a model in flat per-group host buffers.
+
+    Args:
+        groups: ``(group name, [(parameter name, parameter), ...])`` in the order the model uses them. A parameter
+            listed twice (tied weights) is stored once, in the first group that lists it.
+        pin: Page-lock the buffers with ``cudaHostRegister`` (only useful when masters are copied to the GPU
+            directly; the engine packs BF16 copies into its own pinned staging, so it is off by default).
+    """
+
+    def __init__(self, groups: list[tuple[str, list[tuple[str, nn.Parameter]]]], pin: bool = False) -> None:
+        self.groups: list[StoreGroup] = []
+        self.by_param: dict[int, tuple[StoreGroup, StoreParam]] = {}
+        self.cond = threading.Condition()
+        self._pinned: list[torch.Tensor] = []
+        for name, named_params in groups:
+            unique = [(n, p) for n, p in named_params if id(p) not in self.by_param]
+            if not unique:
+                continue
+            group = self._build_group(name, unique)
+            self.groups.append(group)
+            for sp in group.params:
+                self.by_param[id(sp.param)] = (group, sp)
+            if pin:
+                self._pinned.append(register_pinned(group.master))
+        self.by_name = {g.name: g for g in self.groups}
+
+    @staticmethod
+    def _build_group(name: str, named_params: list[tuple[str, nn.Parameter]]) -> StoreGroup:
+        offset, entries = 0, []
+        for pname, p in named_params:
+            if p.is_meta:
+                raise ValueError(
+                    f"parameter {pname!r} is on the meta device: materialise the model (or load its weights) before"
+                    " handing it to the engine"
+                )
+            if not p.is_floating_point():
+                raise ValueError(f"parameter {pname!r} has dtype {p.dtype}; only floating-point parameters are stored")
+            entries.append(StoreParam(pname, p, offset, p.numel(), p.shape))
+            offset += _align(p.numel())
+        master = torch.empty(max(offset, 1), dtype=torch.float32)
+        if offset > sum(e.numel for e in entries):
+            master.zero_()  # alignment gaps: keep them deterministic for checksums
+        with torch.no_grad():
+            for sp in entries:
+                view = master[sp.offset : sp.offset + sp.numel].view(sp.shape)
+                view.copy_(sp.param.data)
+                sp.param.data = view  # the old storage is freed here: peak memory is one parameter over the store
+        return StoreGroup(name, entries, offset, master)
+
+    def group_of(self, param: nn.Parameter) -> StoreGroup:
+        return self.by_param[id(param)][0]
+
+    def entry(self, param: nn.Parameter) -> tuple[StoreGroup, StoreParam]:
+        try:
+            return self.by_param[id(param)]
+        except KeyError:
+            raise ValueError("this parameter is not part of the streamed model's host store") from None
+
+    @property
+    def num_params(self) -> int:
+        return sum(sp.numel for g in self.groups for sp in g.params)
+
+    @property
+    def master_bytes(self) -> int:
+        return sum(g.master.numel() * g.master.element_size() for g in self.groups)
+
+    def wait_updated(self, group: StoreGroup, poll: callable | None = None) -> None:  # type: ignore[valid-type]
+        """Blocks until every scheduled optimizer update of ``group`` has been applied."""
+        with self.cond:
+            while group.done_version < group.version:
+                if poll is not None:
+                    poll()
+                self.cond.wait(0.05)
+
+    def mark_updated(self, group: StoreGroup, version: int) -> None:
+        with self.cond:
+            group.done_version = version
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        for t in self._pinned:
+            unregister_pinned(t)
+        self._pinned.clear()

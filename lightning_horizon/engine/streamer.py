@@ -1,0 +1,301 @@
+"""The layer streamer: BF16 copies of host layers flow into a few GPU slots, ahead of compute.
+
+Streams, events and threads
+---------------------------
+The GPU keeps no persistent weights. It owns ``num_slots`` flat *slot* buffers in the compute dtype, each as large
+as the largest streamed unit (a decoder layer, or the head = final norm + lm_head), and *template* modules: copies of
+a layer (one per distinct layer structure, per slot) whose parameters are views into that slot. Running layer ``i``
+means: fill a slot with layer ``i``'s weights, then call the template bound to that slot.
+
+A prefetch thread walks a *plan* (the unit ids the main thread will ask for, in order) and, for each entry, picks a
+slot, waits until the unit's pending optimizer update has been applied on the host, packs FP32 masters into the
+slot's pinned staging buffer (cast to BF16 on the CPU) and issues the H2D copy on its own ``h2d_stream``. Ordering is
+kept by events only, never by device-wide synchronisation:
+
+* ``copy_event`` (recorded on ``h2d_stream`` after the copy): the compute stream waits on it before it runs the
+  template; the prefetch thread synchronises on it before it writes the staging buffer again.
+* ``free_event`` (recorded on the compute stream after the last kernel that reads the slot): ``h2d_stream`` waits on
+  it before it overwrites the slot with another unit.
+
+A slot is *claimed* from the moment the prefetch thread assigns it to a plan entry until the main thread releases
+it, so a claimed slot is never overwritten. When a unit is still resident (same unit, same weight version) the
+entry reuses that slot without any copy: the forward -> backward turn (head, last layer) and the layer that ends a
+recomputed segment cost no upload. Eviction follows the plan (the slot whose resident unit is needed latest goes
+first). If the main thread asks for a unit that is not next in the plan, the plan is dropped and that unit is
+loaded on demand: unusual call orders stay correct, they only lose the prefetch.
+
+On a CPU compute device the same code runs: the slot is host memory, the copy is a plain copy, events are no-ops.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .pinned import pinned_empty, unregister_pinned
+from .store import HostStore, StoreGroup, StoreParam, _align
+from .workers import Worker, wait_until
+
+
+@dataclass(eq=False)
+class Binding:
+    """One template parameter and the master it is filled from."""
+
+    name: str
+    group: StoreGroup
+    entry: StoreParam
+    offset: int
+
+
+@dataclass(eq=False)
+class Unit:
+    """A streamed unit: one template structure and the masters that fill it."""
+
+    uid: int
+    name: str
+    structure: tuple
+    source: nn.Module
+    bindings: list[Binding]
+    numel: int
+    groups: list[StoreGroup] = field(default_factory=list)
+
+    @property
+    def version(self) -> tuple[int, ...]:
+        return tuple(g.version for g in self.groups)
+
+    @property
+    def whole_group(self) -> StoreGroup | None:
+        """The group when the unit is exactly one group with the same layout (packing is one cast-copy)."""
+        if len(self.groups) == 1 and len(self.bindings) == len(self.groups[0].params):
+            if all(b.offset == b.entry.offset for b in self.bindings):
+                return self.groups[0]
+        return None
+
+
+def make_unit(uid: int, name: str, structure: tuple, source: nn.Module, store: HostStore) -> Unit:
+    bindings, offset, groups = [], 0, []
+    for pname, p in source.named_parameters(remove_duplicate=False):
+        group, entry = store.entry(p)
+        bindings.append(Binding(pname, group, entry, offset))
+        offset += _align(entry.numel)
+        if group not in groups:
+            groups.append(group)
+    return Unit(uid, name, structure, source, bindings, offset, groups)
+
+
+class _Slot:
+    def __init__(self, index: int, numel: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.index = index
+        self.cuda = device.type == "cuda"
+        with torch.inference_mode(False):
+            self.buf = torch.empty(numel, dtype=dtype, device=device)
+            self.staging = pinned_empty(numel, dtype, pin=True) if self.cuda else self.buf
+        self.copy_event = torch.cuda.Event() if self.cuda else None
+        self.free_event = torch.cuda.Event() if self.cuda else None
+        self.resident: tuple[int, tuple[int, ...]] | None = None
+        self.claims = 0
+        self.last_use = 0
+        self.templates: dict[tuple, nn.Module] = {}
+
+
+class LayerStreamer:
+    """Streams units into GPU slots on a prefetch thread (see the module docstring for the ordering rules).
+
+    Args:
+        units: The streamed units; ``uid`` is the index into this list.
+        store: The host store (for waiting on optimizer updates).
+        device: Compute device.
+        dtype: Compute dtype of the slots and templates.
+        num_slots: Number of slots (2 = double buffering).
+    """
+
+    def __init__(
+        self, units: list[Unit], store: HostStore, device: torch.device, dtype: torch.dtype, num_slots: int = 2
+    ) -> None:
+        if num_slots < 2:
+            raise ValueError(f"num_slots must be at least 2 (double buffering), got {num_slots}")
+        self.units, self.store, self.device, self.dtype = units, store, device, dtype
+        self.cuda = device.type == "cuda"
+        slot_numel = max(u.numel for u in units)
+        self.slots = [_Slot(i, slot_numel, device, dtype) for i in range(num_slots)]
+        self.h2d_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.cond = threading.Condition()
+        self._plan: deque[int] = deque()
+        self._ready: deque[tuple[int, _Slot]] = deque()
+        self._tick = 0
+        self._loading = False
+        self.bytes_h2d = 0
+        self.num_uploads = 0
+        self.worker = Worker("prefetch", device)
+        self.extra_checks: tuple[Worker, ...] = ()
+        self.on_pack: Callable[[Unit], None] | None = None  # test hook
+        self.poll: Callable[[], None] | None = None  # raises if the optimizer worker failed
+        self._pump_running = False
+        for slot in self.slots:  # templates are created up front: never lazily under inference_mode
+            for unit in {u.structure: u for u in units}.values():
+                slot.templates[unit.structure] = self._make_template(unit, slot)
+
+    # ----------------------------------------------------------------------------------------------- main thread
+    def plan(self, uids: list[int]) -> None:
+        """Announces the units the main thread will acquire next, in order (replaces an unconsumed plan)."""
+        with self.cond:
+            self._drop_plan()
+            self._plan.extend(uids)
+            self._kick()
+
+    def acquire(self, uid: int) -> tuple[_Slot, nn.Module]:
+        """Returns the slot holding unit ``uid`` and its template; the compute stream is ordered after the copy."""
+        with self.cond:
+            if not (self._ready and self._ready[0][0] == uid) and not (
+                not self._ready and self._plan and self._plan[0] == uid
+            ):
+                self._drop_plan()
+                self._plan.append(uid)
+                self._kick()
+            wait_until(self.cond, lambda: bool(self._ready), (self.worker, *self.extra_checks))
+            got, slot = self._ready.popleft()
+            assert got == uid
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(slot.copy_event)
+        module = slot.templates[self.units[uid].structure]
+        return slot, module
+
+    def release(self, slot: _Slot) -> None:
+        """Marks the end of the compute that reads ``slot`` (enqueued on the current stream)."""
+        if self.cuda:
+            slot.free_event.record(torch.cuda.current_stream(self.device))
+        with self.cond:
+            slot.claims -= 1
+            self._tick += 1
+            slot.last_use = self._tick
+            self._kick()
+
+    def invalidate(self) -> None:
+        """Forgets resident copies (after masters changed outside the optimizer, e.g. a checkpoint load)."""
+        with self.cond:
+            wait_until(self.cond, lambda: not self._loading, (self.worker,))
+            for slot in self.slots:
+                slot.resident = None
+
+    def close(self) -> None:
+        with self.cond:
+            self._drop_plan()
+        self.worker.close()
+        if self.cuda:
+            for slot in self.slots:
+                unregister_pinned(slot.staging)
+
+    # ------------------------------------------------------------------------------------------------- internals
+    def _drop_plan(self) -> None:
+        self._plan.clear()
+        wait_until(self.cond, lambda: not self._loading, (self.worker,))
+        while self._ready:
+            _, slot = self._ready.popleft()
+            slot.claims -= 1
+
+    def _kick(self) -> None:
+        """Makes sure a prefetch job is queued while there is plan left (called with ``cond`` held)."""
+        if self._plan and not self._pump_running:
+            self._pump_running = True
+            self.worker.submit(self._pump)
+        self.cond.notify_all()
+
+    def _pick_slot(self, uid: int) -> tuple[_Slot | None, bool]:
+        version = self.units[uid].version
+        for slot in self.slots:
+            if slot.resident == (uid, version):
+                return slot, False
+        free = [s for s in self.slots if s.claims == 0]
+        if not free:
+            return None, False
+        upcoming = list(self._plan)
+
+        def next_use(slot: _Slot) -> tuple[int, int]:
+            if slot.resident is not None and slot.resident[0] in upcoming:
+                return (upcoming.index(slot.resident[0]), -slot.last_use)
+            return (len(upcoming) + 1, -slot.last_use)
+
+        return max(free, key=next_use), True
+
+    def _pump(self) -> None:
+        """Prefetch job: loads plan entries into slots until the plan is empty."""
+        while True:
+            with self.cond:
+                while True:
+                    if not self._plan:
+                        self._pump_running = False
+                        self.cond.notify_all()
+                        return
+                    slot, needs_copy = self._pick_slot(self._plan[0])
+                    if slot is not None:
+                        break
+                    self.cond.wait(0.05)  # every slot is claimed: wait for a release
+                uid = self._plan.popleft()
+                slot.claims += 1
+                self._loading = True
+            try:
+                if needs_copy:
+                    self._load(self.units[uid], slot)
+            except BaseException:
+                with self.cond:
+                    self._loading = False
+                    self._pump_running = False
+                    self.cond.notify_all()
+                raise
+            with self.cond:
+                self._loading = False
+                self._ready.append((uid, slot))
+                self.cond.notify_all()
+
+    def _load(self, unit: Unit, slot: _Slot) -> None:
+        slot.resident = None
+        for group in unit.groups:
+            self.store.wait_updated(group, poll=self.poll)
+        if self.on_pack is not None:
+            self.on_pack(unit)
+        if self.cuda:
+            slot.copy_event.synchronize()  # the previous upload from this staging buffer is done
+        whole = unit.whole_group
+        if whole is not None:
+            slot.staging[: unit.numel].copy_(whole.master[: unit.numel])
+        else:
+            for b in unit.bindings:
+                src = b.group.master[b.entry.offset : b.entry.offset + b.entry.numel]
+                slot.staging[b.offset : b.offset + b.entry.numel].copy_(src)
+        if self.cuda:
+            with torch.cuda.stream(self.h2d_stream):
+                self.h2d_stream.wait_event(slot.free_event)
+                slot.buf[: unit.numel].copy_(slot.staging[: unit.numel], non_blocking=True)
+                slot.copy_event.record(self.h2d_stream)
+        self.bytes_h2d += unit.numel * slot.buf.element_size()
+        self.num_uploads += 1
+        slot.resident = (unit.uid, unit.version)
+
+    def _make_template(self, unit: Unit, slot: _Slot) -> nn.Module:
+        memo = {id(p): None for p in unit.source.parameters()}
+        with torch.inference_mode(False):
+            for p in unit.source.parameters():
+                memo[id(p)] = nn.Parameter(torch.empty(0), requires_grad=p.requires_grad)
+            template = copy.deepcopy(unit.source, memo)
+            for b in unit.bindings:
+                owner, leaf = _owner(template, b.name)
+                view = slot.buf[b.offset : b.offset + b.entry.numel].view(b.entry.shape)
+                owner._parameters[leaf] = nn.Parameter(view, requires_grad=b.entry.param.requires_grad)
+            for name, buf in list(template.named_buffers()):
+                owner, leaf = _owner(template, name)
+                owner._buffers[leaf] = buf.to(self.device)
+        return template
+
+
+def _owner(root: nn.Module, dotted: str) -> tuple[nn.Module, str]:
+    *path, leaf = dotted.split(".")
+    mod = root
+    for p in path:
+        mod = getattr(mod, p)
+    return mod, leaf

@@ -1,0 +1,99 @@
+"""Background threads whose failures reach the main thread.
+
+Every worker of the engine (the prefetch thread, the gradient folder, the CPU optimizer) is a :class:`Worker`. A
+worker that raises stores the exception with its traceback and stops; every later interaction of the main thread
+with the engine calls :meth:`Worker.check` (directly or through :func:`wait_until`), which re-raises it as a
+:class:`WorkerError` whose message carries the worker's traceback. Waiting in the main thread always happens in
+short slices so that a dead worker is noticed within a fraction of a second instead of hanging the trainer.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+_POLL_S = 0.05
+
+
+class WorkerError(RuntimeError):
+    """A background worker of the engine failed; the message holds its traceback."""
+
+
+class Worker:
+    """A daemon thread that runs jobs from a FIFO queue, in order.
+
+    Args:
+        name: Thread name, used in error messages.
+        device: The compute device; CUDA workers bind to it (threads don't inherit the current device).
+    """
+
+    def __init__(self, name: str, device: torch.device | None = None) -> None:
+        self.name = name
+        self.device = device
+        self._jobs: queue.Queue[Callable[[], Any] | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._error_text = ""
+        self._pending = 0
+        self._idle = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name=f"horizon-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Callable[[], Any]) -> None:
+        """Queues ``job``; raises at once if the worker already failed."""
+        self.check()
+        with self._idle:
+            self._pending += 1
+        self._jobs.put(job)
+
+    def check(self) -> None:
+        """Re-raises the worker's exception, if it had one, in the calling thread."""
+        if self._error is not None:
+            raise WorkerError(f"the engine's {self.name} worker failed:\n{self._error_text}") from self._error
+
+    def drain(self, extra_checks: tuple[Worker, ...] = ()) -> None:
+        """Blocks until every queued job has run (or a worker failed, which then raises)."""
+        with self._idle:
+            while self._pending and self._error is None:
+                for other in extra_checks:
+                    other.check()
+                self._idle.wait(_POLL_S)
+        self.check()
+
+    @property
+    def busy(self) -> bool:
+        return self._pending > 0
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            if self._error is None:
+                try:
+                    job()
+                except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                    self._error_text = traceback.format_exc()
+                    self._error = exc
+            with self._idle:
+                self._pending -= 1
+                self._idle.notify_all()
+
+
+def wait_until(cond: threading.Condition, predicate: Callable[[], bool], workers: tuple[Worker, ...]) -> None:
+    """Waits on ``cond`` (held by the caller) until ``predicate()``, checking ``workers`` for failures."""
+    while not predicate():
+        for worker in workers:
+            worker.check()
+        cond.wait(_POLL_S)
