@@ -82,6 +82,7 @@ class LayerOptimizer:
                 )
             )
         self.num_steps += 1
+        optimizer._opt_called = True  # what an LR scheduler's wrapper of optimizer.step() records  # type: ignore[attr-defined]
 
     def wait(self) -> None:
         """Blocks until every scheduled update has been applied."""
@@ -129,7 +130,9 @@ class LayerOptimizer:
         key = id(optimizer)
         if key not in self._shadows:
             shadow = object.__new__(_shadow_class(type(optimizer)))
-            shadow.__dict__.update(optimizer.__dict__)
+            # Data attributes only: instance-level callables (an LR scheduler's `step` wrapper, for one) would call
+            # back into the user's optimizer.
+            shadow.__dict__.update({k: v for k, v in optimizer.__dict__.items() if not callable(v)})
             shadow.state = {}
             shadow.param_groups = []
             for hooks in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks"):

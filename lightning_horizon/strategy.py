@@ -1,0 +1,209 @@
+"""``HorizonStrategy``: Lightning glue over the Lightning-free :class:`~lightning_horizon.engine.HorizonEngine`.
+
+``Trainer(strategy="horizon", precision="bf16-mixed")`` keeps the wrapped Hugging Face causal LM's FP32 masters and
+optimizer state in host memory and streams its layers to one GPU (or computes on the CPU with
+``accelerator="cpu"``). The LightningModule stays ordinary: build the model in ``__init__`` or ``configure_model``
+(on the CPU), call ``self.model(**batch).loss`` in ``training_step``, return ``torch.optim.AdamW(...)`` from
+``configure_optimizers``. ``self.device`` is the compute device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Generator
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.init import _EmptyInit
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerFn
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_horizon.engine import EngineConfig, HorizonEngine, find_causal_lm
+from lightning_horizon.precision import HorizonPrecision
+
+_ENGINE_FIELDS = ("checkpoint_every", "num_slots", "num_grad_slabs", "loss_chunk_tokens", "pin_masters")
+
+
+class HorizonStrategy(SingleDeviceStrategy):
+    """Train a model far larger than GPU memory on one GPU, with host memory as the store of record.
+
+    Args:
+        checkpoint_every: K, segment length of the recomputation (keep every K-th layer's input).
+        num_slots: GPU weight slots (2 = double buffering).
+        num_grad_slabs: Pinned slabs for gradients in flight to the host.
+        loss_chunk_tokens: Rows of logits the chunked loss computes at once.
+        pin_masters: Also page-lock the FP32 masters.
+    """
+
+    strategy_name = "horizon"
+
+    def __init__(
+        self,
+        checkpoint_every: int = 1,
+        num_slots: int = 2,
+        num_grad_slabs: int = 3,
+        loss_chunk_tokens: int = 2048,
+        pin_masters: bool = False,
+        accelerator=None,
+        precision_plugin: Precision | None = None,
+    ) -> None:
+        super().__init__(device="cpu", accelerator=accelerator, precision_plugin=precision_plugin)
+        self._engine_options = dict(
+            checkpoint_every=checkpoint_every,
+            num_slots=num_slots,
+            num_grad_slabs=num_grad_slabs,
+            loss_chunk_tokens=loss_chunk_tokens,
+            pin_masters=pin_masters,
+        )
+        EngineConfig(device="cpu", **self._engine_options)  # validate now, not at fit time
+        self._parallel_devices: list[torch.device] | None = None
+        self.engine: HorizonEngine | None = None
+
+    # ---------------------------------------------------------------------------------------- devices / precision
+    @property
+    def parallel_devices(self) -> list[torch.device] | None:
+        return self._parallel_devices
+
+    @parallel_devices.setter
+    def parallel_devices(self, devices: list[torch.device] | None) -> None:
+        if devices is not None and len(devices) != 1:
+            raise ValueError(
+                f"Trainer(strategy='horizon') trains on exactly one device, got devices={len(devices)} "
+                f"({', '.join(str(d) for d in devices)}); pass devices=1"
+            )
+        self._parallel_devices = devices
+        if devices:
+            self._root_device = torch.device(devices[0])
+
+    @property
+    def is_distributed(self) -> bool:
+        return False
+
+    @property
+    @override
+    def precision_plugin(self) -> Precision:
+        if self._precision_plugin is None:
+            self.precision_plugin = HorizonPrecision()
+        return self._precision_plugin  # type: ignore[return-value]
+
+    @precision_plugin.setter
+    @override
+    def precision_plugin(self, plugin: Precision | None) -> None:
+        if plugin is None or isinstance(plugin, HorizonPrecision):
+            pass
+        elif type(plugin) is Precision:
+            plugin = HorizonPrecision("32-true")
+        elif isinstance(plugin, MixedPrecision):
+            plugin = HorizonPrecision(plugin.precision)
+        else:
+            plugin = HorizonPrecision(getattr(plugin, "precision", type(plugin).__name__))
+        if plugin is not None:
+            plugin._engine = lambda: self.engine
+        self._precision_plugin = plugin
+
+    # ------------------------------------------------------------------------------------------------- setup
+    @override
+    @contextlib.contextmanager
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
+        # The model is built on the CPU: host memory is where the masters live.
+        with _EmptyInit(enabled=bool(empty_init)), self.precision_plugin.tensor_init_context():
+            yield
+
+    @override
+    def model_to_device(self) -> None:
+        pass  # the engine owns placement: masters on the host, computation on root_device
+
+    @override
+    def setup(self, trainer) -> None:
+        assert self.accelerator is not None and self.model is not None
+        self.accelerator.setup(trainer)
+        self._build_engine(trainer)
+        self.model = self._setup_model(self.model)
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+            for optimizer in self.optimizers:
+                _check_optimizer(optimizer, self.engine)
+        self.setup_precision_plugin()
+
+    def _build_engine(self, trainer) -> None:
+        module = self.lightning_module
+        model = find_causal_lm(module)
+        if self.engine is not None and self.engine.model is not model:
+            self.engine.close()
+            self.engine = None
+        if self.engine is None:
+            config = EngineConfig(
+                device=self.root_device, compute_dtype=self.precision_plugin.compute_dtype, **self._engine_options
+            )
+            self.engine = HorizonEngine(model, config)
+        clip_alg = getattr(trainer, "gradient_clip_algorithm", None)
+        self.engine.sink.track_norms = bool(trainer.gradient_clip_val) and clip_alg in (None, "norm")
+        _place_rest(module, model, self.root_device)
+        module._device = self.root_device
+
+    # --------------------------------------------------------------------------------------- checkpoint state
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        if self.engine is not None:
+            self.engine.synchronize()
+        return super().optimizer_state(optimizer)
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint) -> None:
+        if self.engine is not None:
+            self.engine.synchronize()
+        super().load_optimizer_state_dict(checkpoint)
+
+    @override
+    def teardown(self) -> None:
+        # The engine (and the host store) outlive one fit/validate/test call: fit then test in one process must not
+        # copy the store again. Only wait until the masters are final.
+        if self.engine is not None:
+            self.engine.synchronize()
+        self.precision_plugin.teardown()
+        assert self.accelerator is not None
+        self.accelerator.teardown()
+        self.checkpoint_io.teardown()
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry) -> None:
+        if cls.strategy_name not in strategy_registry:
+            strategy_registry.register(
+                cls.strategy_name,
+                cls,
+                description="Host-memory FP32 masters and optimizer, BF16 layers streamed to one GPU",
+            )
+
+
+def _check_optimizer(optimizer: Optimizer, engine: HorizonEngine | None) -> None:
+    assert engine is not None
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in engine.store.by_param:
+                raise ValueError(
+                    f"configure_optimizers returned {type(optimizer).__name__} over a parameter of shape "
+                    f"{tuple(p.shape)} that is not part of the streamed Hugging Face model; the horizon strategy "
+                    "steps only the streamed model's parameters"
+                )
+
+
+def _place_rest(module: torch.nn.Module, model: torch.nn.Module, device: torch.device) -> None:
+    """Moves what lies outside the streamed model (metrics, buffers) to the compute device."""
+    inside = {id(m) for m in model.modules()}
+    for sub in module.modules():
+        if id(sub) in inside:
+            continue
+        for name, p in sub._parameters.items():
+            if p is not None and p.requires_grad:
+                raise ValueError(
+                    f"{type(module).__name__} has a trainable parameter {type(sub).__name__}.{name} outside the "
+                    "Hugging Face model; the horizon strategy trains only the streamed model's parameters"
+                )
+        sub._apply(lambda t: t.to(device), recurse=False)
+
+
+HorizonStrategy.register_strategies(StrategyRegistry)
