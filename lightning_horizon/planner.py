@@ -1,0 +1,504 @@
+"""The planner: host memory, GPU memory and step time of a run, predicted before anything is allocated.
+
+The model is built on the meta device only to count each streamed unit's parameters: the embedding, each decoder
+layer (layers may differ), the head (final norm + lm_head). Tied embeddings are stored once on the host, but the
+head still streams its (shared) weight to the GPU. Notation: N = unique parameters, L = decoder layers, U = the
+largest GPU unit (a decoder layer, or the head = final norm + lm_head; the embedding is gathered on the host and
+never sits on the GPU), P_layers = parameters of all layers, V = vocab, H = hidden, I = intermediate size,
+B x S = micro-batch tokens T, A = accumulate_grad_batches, K = checkpoint_every, c = bytes of compute_dtype (2 for
+bf16), m = bytes of master_dtype (4 for fp32).
+
+Host memory (the engine must match these):
+    master weights       m * N
+    optimizer state      8 * N for AdamW (two FP32 moments; step counters are negligible), 0 for SGD
+    gradients            4 * N (FP32 accumulation)
+    pinned upload staging    num_slots * U * c
+    pinned gradient slabs    4 * U * c
+    process overhead     2 GiB (torch, CUDA context on the host side, Python)
+
+GPU memory:
+    weight slots         num_slots * U * c
+    segment checkpoints  ceil(L / K) * B * S * H * c
+    recompute working set    min(K, L) * B * S * (8 * H + 3 * I) * c -- one layer's saved activations with an
+                         SDPA/flash kernel, ~B*S*(16H + 6I) bytes in bf16 (8 hidden-sized tensors: norm in/out,
+                         q, attention out, o-proj out, residual, post-norm, MLP out; 3 intermediate-sized: gate,
+                         up, act*up), K layers of it while a segment is recomputed
+    layer gradients      2 * U * c (one unit's gradients + the flat copy that goes down)
+    loss chunk           min(loss_chunk_tokens, B * S) * V * (c + 4 + 4) (logits, FP32 upcast, FP32 grad)
+    head grad accumulator    V * H * 4
+    CUDA context + slack 1.5 GiB
+
+Without a GPU (`hardware.gpu_memory_bytes == 0`) compute runs on the CPU: the "GPU" components are the compute
+device's working set in host memory (no CUDA context), and host + GPU components together are checked against
+`host_memory_bytes`.
+
+Step time (per optimizer step; the terms overlap, the step is their maximum and the bottleneck their argmax):
+    gpu compute   A * (8 * P_layers * T + 2 * P_rec * T + 6 * V * H * T + 2 * B * S^2 * d_q * (4 * L + L_rec))
+                  / gpu_bf16_tflops (cpu_tflops without a GPU). 8 P T = forward, recompute with graph, backward
+                  (2 + 2 + 4). With K > 1 a segment's inputs are first recomputed without a graph: the layers that
+                  are not the last of their segment (L_rec of them, P_rec parameters) run forward once more.
+                  6 V H T: lm_head forward + backward (chunked, never recomputed). The attention term counts
+                  causal QK^T and PV (d_q = heads * head_dim) for the same passes.
+    h2d upload    A * c * (2 * P_layers + P_rec + P_head) / h2d_bytes_per_s: each layer goes up for the forward and
+                  for the backward, the L_rec layers once more for the recompute ("3x minus the last of each
+                  segment"); the head once per micro-batch.
+    d2h gradients A * c * (P_layers + P_head) / d2h_bytes_per_s
+    cpu optimizer N / cpu_adam_params_per_s
+    host memory   (28 * N [AdamW reads master, grad, 2 moments, writes master, 2 moments] + 2 * N [BF16 packing]
+                  + A * (upload bytes + 3 * down bytes [grads land, are read and folded into FP32]))
+                  / host_memory_bytes_per_s -- ~40 B/param with A = 1, K = 1
+    tokens/s = B * S * A / step
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from lightning_horizon.hardware import HardwareProfile, load_profile
+from lightning_horizon.models import ModelConfig, build_hf_config
+
+GiB = 1024**3
+HOST_OVERHEAD_BYTES = 2 * GiB
+CUDA_OVERHEAD_BYTES = int(1.5 * GiB)
+GRADIENT_BYTES_PER_PARAM = 4
+PINNED_GRADIENT_SLABS = 4
+
+# optimizer name -> (state bytes/param, host-memory traffic bytes/param of one update)
+OPTIMIZERS = {"adamw": (8, 28), "adam": (8, 28), "sgd": (0, 12)}
+
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "16": torch.float16,
+}
+
+
+class PlanError(RuntimeError):
+    """The run does not fit this machine; the message holds the plan table and what to change."""
+
+
+def to_dtype(value: torch.dtype | str) -> torch.dtype:
+    """`torch.bfloat16` or one of the config spellings (`bf16`, `fp32`, `fp16`, ...)."""
+    if isinstance(value, torch.dtype):
+        return value
+    try:
+        return _DTYPES[str(value).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {value!r}: use one of {', '.join(_DTYPES)}") from None
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Parameter counts of the streamed units of a decoder-only LM (from a meta-device model)."""
+
+    name: str
+    """A label for tables (model_type and size)."""
+    hidden_size: int
+    """H."""
+    intermediate_size: int
+    """I (of the MLP)."""
+    vocab_size: int
+    """V."""
+    num_attention_heads: int
+    """Query heads."""
+    head_dim: int
+    """Width of one head."""
+    embedding_params: int
+    """Parameters of the input embedding (on the host only)."""
+    layer_params: tuple[int, ...]
+    """Parameters of each decoder layer."""
+    head_params: int
+    """Final norm + lm_head weight, as streamed to the GPU (the lm_head counted even when tied)."""
+    num_params: int
+    """Unique parameters of the model (tied weights once): what the host stores."""
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_params)
+
+    @property
+    def largest_gpu_unit_params(self) -> int:
+        """U: the largest unit that sits on the GPU (a layer or the head)."""
+        return max(max(self.layer_params, default=0), self.head_params)
+
+
+def model_shape(hf_config: PretrainedConfig, name: str | None = None) -> ModelShape:
+    """Count each unit's parameters on a meta-device model (nothing is allocated)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    decoder = model.get_decoder()
+    embed = model.get_input_embeddings()
+    lm_head = model.get_output_embeddings()
+    layers = decoder.layers
+    norm = decoder.norm
+    hidden = hf_config.hidden_size
+    heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
+    num_params = sum(p.numel() for p in model.parameters())  # each Parameter once: tied weights counted once
+    size = f"{num_params / 1e9:.2f}B" if num_params >= 1e9 else f"{num_params / 1e6:.1f}M"
+    return ModelShape(
+        name=name or f"{hf_config.model_type} {size}",
+        hidden_size=hidden,
+        intermediate_size=hf_config.intermediate_size,
+        vocab_size=hf_config.vocab_size,
+        num_attention_heads=heads,
+        head_dim=head_dim,
+        embedding_params=sum(p.numel() for p in embed.parameters()),
+        layer_params=tuple(sum(p.numel() for p in layer.parameters()) for layer in layers),
+        head_params=sum(p.numel() for p in norm.parameters()) + sum(p.numel() for p in lm_head.parameters()),
+        num_params=num_params,
+    )
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """The run settings a plan depends on (names as in the config: data.*, strategy.*, trainer.*)."""
+
+    batch_size: int
+    """Sequences per micro-batch (data.batch_size)."""
+    max_seq_len: int
+    """Tokens per sequence (data.max_seq_len)."""
+    checkpoint_every: int
+    """K: segment length in layers (strategy.checkpoint_every)."""
+    num_slots: int = 2
+    """GPU weight slots (strategy.num_slots)."""
+    loss_chunk_tokens: int = 4096
+    """Tokens per loss chunk (strategy.loss_chunk_tokens)."""
+    accumulate_grad_batches: int = 1
+    """Micro-batches per optimizer step (trainer.accumulate_grad_batches)."""
+    optimizer: str = "adamw"
+    """Host optimizer (optim.name): adamw, adam or sgd."""
+    master_dtype: torch.dtype = torch.float32
+    """dtype of the host master weights."""
+    compute_dtype: torch.dtype = torch.bfloat16
+    """dtype of streamed weights and activations (strategy.compute_dtype)."""
+
+    def __post_init__(self) -> None:
+        for key in (
+            "batch_size",
+            "max_seq_len",
+            "checkpoint_every",
+            "num_slots",
+            "loss_chunk_tokens",
+            "accumulate_grad_batches",
+        ):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        object.__setattr__(self, "master_dtype", to_dtype(self.master_dtype))
+        object.__setattr__(self, "compute_dtype", to_dtype(self.compute_dtype))
+
+
+@dataclass
+class Plan:
+    """Predicted memory and step time of one run on one machine."""
+
+    shape: ModelShape
+    """Parameter counts of the model's units."""
+    hardware: HardwareProfile
+    """The machine planned for."""
+    settings: PlanSettings
+    """The run settings."""
+    host_bytes: dict[str, int] = field(default_factory=dict)
+    """Host memory by component."""
+    gpu_bytes: dict[str, int] = field(default_factory=dict)
+    """Compute-device memory by component (in host memory when there is no GPU)."""
+    step_seconds: dict[str, float] = field(default_factory=dict)
+    """Each step-time term (they overlap)."""
+
+    @property
+    def compute_on_gpu(self) -> bool:
+        return self.hardware.has_gpu
+
+    @property
+    def host_total_bytes(self) -> int:
+        """Host memory needed, including the compute working set when compute runs on the CPU."""
+        total = sum(self.host_bytes.values())
+        return total if self.compute_on_gpu else total + self.gpu_total_bytes
+
+    @property
+    def gpu_total_bytes(self) -> int:
+        return sum(self.gpu_bytes.values())
+
+    @property
+    def host_fits(self) -> bool:
+        return self.host_total_bytes <= self.hardware.host_memory_bytes
+
+    @property
+    def gpu_fits(self) -> bool:
+        return not self.compute_on_gpu or self.gpu_total_bytes <= self.hardware.gpu_memory_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.host_fits and self.gpu_fits
+
+    @property
+    def step_time_s(self) -> float:
+        return max(self.step_seconds.values())
+
+    @property
+    def bottleneck(self) -> str:
+        return max(self.step_seconds, key=self.step_seconds.__getitem__)
+
+    @property
+    def tokens_per_step(self) -> int:
+        s = self.settings
+        return s.batch_size * s.max_seq_len * s.accumulate_grad_batches
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_step / self.step_time_s
+
+    @property
+    def model_tflops(self) -> float:
+        """6 * N * T / step, the honest model TFLOP/s of the design brief."""
+        return 6 * self.shape.num_params * self.tokens_per_step / self.step_time_s / 1e12
+
+
+def plan(
+    hf_config: PretrainedConfig,
+    hardware: HardwareProfile,
+    *,
+    batch_size: int,
+    max_seq_len: int,
+    checkpoint_every: int,
+    num_slots: int = 2,
+    loss_chunk_tokens: int = 4096,
+    accumulate_grad_batches: int = 1,
+    optimizer: str = "adamw",
+    master_dtype: torch.dtype | str = torch.float32,
+    compute_dtype: torch.dtype | str = torch.bfloat16,
+    name: str | None = None,
+) -> Plan:
+    """Predict host memory, GPU memory and step time (formulas in the module docstring); allocates nothing."""
+    settings = PlanSettings(
+        batch_size=batch_size,
+        max_seq_len=max_seq_len,
+        checkpoint_every=checkpoint_every,
+        num_slots=num_slots,
+        loss_chunk_tokens=loss_chunk_tokens,
+        accumulate_grad_batches=accumulate_grad_batches,
+        optimizer=optimizer,
+        master_dtype=master_dtype,
+        compute_dtype=compute_dtype,
+    )
+    return plan_shape(model_shape(hf_config, name=name), hardware, settings)
+
+
+def plan_from_config(cfg: Any, vocab_size: int | None = None, hardware: HardwareProfile | None = None) -> Plan:
+    """The plan of a composed `sft.yaml` config (model, hardware, data, strategy, trainer, optim blocks).
+
+    `vocab_size` is the tokenizer's (needed when `model.vocab_size` is null); `hardware` defaults to
+    `load_profile(cfg.hardware)`.
+    """
+    model_cfg = ModelConfig.from_dict(cfg.model)
+    return plan(
+        build_hf_config(model_cfg, vocab_size=vocab_size),
+        hardware if hardware is not None else load_profile(cfg.hardware),
+        batch_size=cfg.data.batch_size,
+        max_seq_len=cfg.data.max_seq_len,
+        checkpoint_every=cfg.strategy.checkpoint_every,
+        num_slots=cfg.strategy.num_slots,
+        loss_chunk_tokens=cfg.strategy.loss_chunk_tokens,
+        accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
+        optimizer=cfg.optim.name,
+        compute_dtype=cfg.strategy.compute_dtype,
+        name=model_cfg.name,
+    )
+
+
+def plan_shape(shape: ModelShape, hardware: HardwareProfile, settings: PlanSettings) -> Plan:
+    """`plan` from already counted units (cheap: used to try alternative settings)."""
+    s = settings
+    n, num_layers = shape.num_params, shape.num_layers
+    hidden, inter, vocab = shape.hidden_size, shape.intermediate_size, shape.vocab_size
+    c = s.compute_dtype.itemsize
+    m = s.master_dtype.itemsize
+    unit = shape.largest_gpu_unit_params
+    k = s.checkpoint_every
+    b, seq = s.batch_size, s.max_seq_len
+    tokens = b * seq
+    state_bytes, optimizer_traffic = OPTIMIZERS[s.optimizer]
+
+    host = {
+        f"master weights ({_dtype_name(s.master_dtype)}, {m} B/param)": m * n,
+        f"optimizer state ({s.optimizer}, {state_bytes} B/param)": state_bytes * n,
+        f"gradients (fp32, {GRADIENT_BYTES_PER_PARAM} B/param)": GRADIENT_BYTES_PER_PARAM * n,
+        f"pinned upload staging ({s.num_slots} x largest unit)": s.num_slots * unit * c,
+        f"pinned gradient slabs ({PINNED_GRADIENT_SLABS} x largest unit)": PINNED_GRADIENT_SLABS * unit * c,
+        "process overhead": HOST_OVERHEAD_BYTES,
+    }
+    num_segments = math.ceil(num_layers / k)
+    gpu = {
+        f"weight slots ({s.num_slots} x largest unit)": s.num_slots * unit * c,
+        f"segment checkpoints ({num_segments} x B x S x H)": num_segments * tokens * hidden * c,
+        f"recompute working set (K = {min(k, num_layers)} layer(s))": min(k, num_layers)
+        * tokens
+        * (8 * hidden + 3 * inter)
+        * c,
+        "layer gradients (unit + flat copy)": 2 * unit * c,
+        "loss chunk (logits, fp32 upcast, fp32 grad)": min(s.loss_chunk_tokens, tokens) * vocab * (c + 4 + 4),
+        "head fp32 gradient accumulator": vocab * hidden * 4,
+        "CUDA context + allocator slack": CUDA_OVERHEAD_BYTES if hardware.has_gpu else 0,
+    }
+
+    # Layers that are not the last of their segment run forward once more (the no-graph recompute) when K > 1.
+    recomputed = [i for i in range(num_layers) if k > 1 and (i + 1) % k != 0 and i != num_layers - 1]
+    params_layers = sum(shape.layer_params)
+    params_recomputed = sum(shape.layer_params[i] for i in recomputed)
+    d_q = shape.num_attention_heads * shape.head_dim
+    attention_flops = 2 * b * seq * seq * d_q * (4 * num_layers + len(recomputed))
+    flops = 8 * params_layers * tokens + 2 * params_recomputed * tokens + 6 * vocab * hidden * tokens + attention_flops
+    upload = c * (2 * params_layers + params_recomputed + shape.head_params)
+    download = c * (params_layers + shape.head_params)
+    acc = s.accumulate_grad_batches
+    host_traffic = (optimizer_traffic + 2) * n + acc * (upload + 3 * download)
+    if hardware.has_gpu:
+        steps = {
+            "gpu compute": acc * flops / (hardware.gpu_bf16_tflops * 1e12),
+            "h2d upload": acc * upload / hardware.h2d_bytes_per_s,
+            "d2h gradients": acc * download / hardware.d2h_bytes_per_s,
+        }
+    else:
+        steps = {"cpu compute": acc * flops / (hardware.cpu_tflops * 1e12)}
+    steps["cpu optimizer"] = n / hardware.cpu_adam_params_per_s
+    steps["host memory traffic"] = host_traffic / hardware.host_memory_bytes_per_s
+    return Plan(shape=shape, hardware=hardware, settings=s, host_bytes=host, gpu_bytes=gpu, step_seconds=steps)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def _gb(num_bytes: float) -> str:
+    return f"{num_bytes / 1e9:10.2f}"
+
+
+def format_plan(plan: Plan) -> str:
+    """A readable table: memory by component against what is available, step-time terms and the bottleneck."""
+    s, hw, shape = plan.settings, plan.hardware, plan.shape
+    n = shape.num_params
+    lines = [
+        f"Plan: {shape.name} ({n / 1e9:.3f} B params, {shape.num_layers} layers, largest GPU unit "
+        f"{shape.largest_gpu_unit_params / 1e6:.0f} M params) on hardware {hw.name!r}",
+        f"  batch {s.batch_size} x {s.max_seq_len} tokens, accumulate {s.accumulate_grad_batches}, "
+        f"checkpoint_every {s.checkpoint_every}, num_slots {s.num_slots}, loss_chunk_tokens {s.loss_chunk_tokens}, "
+        f"{s.optimizer}, compute {_dtype_name(s.compute_dtype)}",
+        "",
+        f"{'Host memory':<52}{'GB':>10}",
+    ]
+    lines += [f"  {name:<50}{_gb(value)}" for name, value in plan.host_bytes.items()]
+    if not plan.compute_on_gpu:
+        lines.append(f"  {'compute working set (no GPU: below, in host RAM)':<50}{_gb(plan.gpu_total_bytes)}")
+    verdict = "fits" if plan.host_fits else "DOES NOT FIT"
+    lines.append(
+        f"  {'total':<50}{_gb(plan.host_total_bytes)}  of {hw.host_memory_bytes / 1e9:.2f} available "
+        f"({plan.host_total_bytes / n:.1f} B/param): {verdict}"
+    )
+    title = "GPU memory" if plan.compute_on_gpu else "Compute working set (CPU compute, counted in host memory)"
+    lines += ["", f"{title:<52}{'GB':>10}"]
+    lines += [f"  {name:<50}{_gb(value)}" for name, value in plan.gpu_bytes.items()]
+    if plan.compute_on_gpu:
+        verdict = "fits" if plan.gpu_fits else "DOES NOT FIT"
+        lines.append(
+            f"  {'total':<50}{_gb(plan.gpu_total_bytes)}  of {hw.gpu_memory_bytes / 1e9:.2f} available: {verdict}"
+        )
+    else:
+        lines.append(f"  {'total':<50}{_gb(plan.gpu_total_bytes)}")
+    lines += ["", f"{'Step time (terms overlap; step = the largest)':<52}{'s':>10}"]
+    for name, seconds in plan.step_seconds.items():
+        mark = "  <- bottleneck" if name == plan.bottleneck else ""
+        lines.append(f"  {name:<50}{seconds:10.3f}{mark}")
+    lines.append(
+        f"  {'predicted step':<50}{plan.step_time_s:10.3f}  {plan.tokens_per_step} tokens/step, "
+        f"{plan.tokens_per_s:,.0f} tokens/s, {plan.model_tflops:.3g} model TFLOP/s (6NT)"
+    )
+    return "\n".join(lines)
+
+
+# Single-setting changes tried when a run does not fit, as (config key, PlanSettings field).
+_KNOBS = (
+    ("strategy.loss_chunk_tokens", "loss_chunk_tokens"),
+    ("strategy.num_slots", "num_slots"),
+    ("strategy.checkpoint_every", "checkpoint_every"),
+    ("data.batch_size", "batch_size"),
+    ("data.max_seq_len", "max_seq_len"),
+)
+
+
+def _alternatives(plan: Plan, hardware: HardwareProfile) -> list[str]:
+    """Single-setting changes that make the plan fit (the mildest value of each), as CLI overrides."""
+    s = plan.settings
+    candidates: dict[str, list[int]] = {
+        "loss_chunk_tokens": [v for v in (2048, 1024, 512, 256) if v < s.loss_chunk_tokens],
+        "num_slots": [v for v in (2,) if v < s.num_slots],
+        "checkpoint_every": [v for v in (2, 4, 8, 16) if v != s.checkpoint_every],
+        "batch_size": [s.batch_size // 2**i for i in range(1, 8) if s.batch_size // 2**i >= 1],
+        "max_seq_len": [s.max_seq_len // 2**i for i in range(1, 6) if s.max_seq_len // 2**i >= 256],
+    }
+    found = []
+    for key, name in _KNOBS:
+        for value in candidates[name]:
+            trial = plan_shape(plan.shape, hardware, dataclasses.replace(s, **{name: value}))
+            if trial.fits:
+                found.append(f"{key}={value}")
+                break
+    return found
+
+
+def check_fits(plan: Plan, hardware: HardwareProfile | None = None) -> None:
+    """Raise `PlanError` (with the table and concrete suggestions) when host or GPU memory is exceeded.
+
+    With `hardware.gpu_memory_bytes == 0` compute runs on the CPU: only host memory is checked, with the compute
+    working set counted in it.
+    """
+    if hardware is not None and hardware != plan.hardware:
+        plan = plan_shape(plan.shape, hardware, plan.settings)
+    hardware = plan.hardware
+    if plan.fits:
+        return
+    problems, advice = [], []
+    if not plan.host_fits:
+        per_param = plan.host_total_bytes / plan.shape.num_params
+        problems.append(
+            f"host memory: needs {plan.host_total_bytes / 1e9:.1f} GB ({per_param:.1f} B/param for "
+            f"{plan.shape.num_params / 1e9:.2f} B params), {hardware.name!r} has {hardware.host_memory_bytes / 1e9:.1f} GB"
+        )
+        advice.append(
+            f"use a machine with at least {plan.host_total_bytes / 1e9:.0f} GB of host RAM (e.g. hardware=h200, "
+            "1.5 TB) or a smaller model"
+        )
+    if not plan.gpu_fits:
+        largest = max(plan.gpu_bytes, key=plan.gpu_bytes.__getitem__)
+        problems.append(
+            f"GPU memory: needs {plan.gpu_total_bytes / 1e9:.1f} GB, {hardware.name!r} has "
+            f"{hardware.gpu_memory_bytes / 1e9:.1f} GB (largest component: {largest})"
+        )
+    alternatives = _alternatives(plan, hardware)
+    if alternatives:
+        advice.append("any one of these fits: " + ", ".join(alternatives))
+    elif not plan.gpu_fits:
+        advice.append(
+            "no single setting makes it fit: lower data.batch_size and data.max_seq_len together, "
+            "or use a GPU with more memory"
+        )
+    raise PlanError(
+        "the run does not fit: "
+        + "; ".join(problems)
+        + ".\nSuggestion: "
+        + "; ".join(advice)
+        + ".\n\n"
+        + format_plan(plan)
+    )

@@ -1,0 +1,132 @@
+"""Every shipped config composes, and its keys are exactly the ones the code reads."""
+
+import dataclasses
+import inspect
+from pathlib import Path
+
+import lightning
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from lightning_horizon.hardware import HardwareProfile, load_profile
+from lightning_horizon.models import ModelConfig
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+HARDWARE = sorted(p.stem for p in (CONF_DIR / "hardware").glob("*.yaml"))
+
+DATA_KEYS = {
+    "path", "val_path", "format", "split", "max_seq_len", "batch_size", "pack", "shuffle", "seed", "skip_bad_rows",
+    "num_workers",
+}  # fmt: skip
+OPTIM_KEYS = {
+    "name", "lr", "weight_decay", "betas", "eps", "warmup_steps", "schedule", "min_lr_ratio",
+    "no_decay_norms_and_biases", "implementation",
+}  # fmt: skip
+STRATEGY_KEYS = {"checkpoint_every", "num_slots", "loss_chunk_tokens", "compute_dtype"}
+ROOT_KEYS = {"model", "data", "hardware", "trainer", "optim", "plan", "resume", "output_dir", "strategy"}
+
+
+def _compose(overrides: list[str] | None = None, return_hydra_config: bool = False):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("sft", overrides=overrides or [], return_hydra_config=return_hydra_config)
+
+
+def _resolved(cfg) -> dict:
+    """Everything resolved except output_dir (a Hydra runtime value, set only inside a real run)."""
+    cfg = OmegaConf.to_container(cfg, resolve=False)
+    del cfg["output_dir"]
+    return OmegaConf.to_container(OmegaConf.create(cfg), resolve=True)
+
+
+def test_expected_files_shipped():
+    assert set(MODELS) == {
+        "tiny", "qwen2_0_5b", "qwen2_1_5b", "qwen2_3b", "qwen2_7b", "qwen2_14b", "qwen2_32b", "qwen2_72b",
+        "llama3_8b", "llama3_70b",
+    }  # fmt: skip
+    assert set(HARDWARE) == {"auto", "h100", "h200", "a100_80g", "gh200", "rtx4090"}
+
+
+def test_default_run():
+    cfg = _compose()
+    assert set(cfg) == ROOT_KEYS
+    assert cfg.model.name == "tiny" and cfg.model.vocab_size is None
+    assert cfg.hardware.name == "auto"
+    assert cfg.data.path is None and set(cfg.data) == DATA_KEYS
+    assert set(cfg.optim) == OPTIM_KEYS and cfg.optim.name == "adamw" and cfg.optim.implementation == "torch"
+    assert set(cfg.strategy) == STRATEGY_KEYS
+    assert cfg.plan is False and cfg.resume is None
+    assert cfg.optim.lr == pytest.approx(1e-3)  # tiny trains from scratch
+    resolved = _resolved(cfg)
+    assert resolved["data"]["seed"] == resolved["trainer"]["seed"]
+    assert OmegaConf.to_container(cfg)["output_dir"] == "${hydra:runtime.output_dir}"
+
+
+def test_hydra_run_and_sweep_dirs():
+    hydra_cfg = OmegaConf.to_container(_compose(return_hydra_config=True).hydra, resolve=False)
+    assert hydra_cfg["run"]["dir"].startswith("outputs/${now:")
+    assert hydra_cfg["sweep"]["dir"].startswith("multirun/${now:")
+    assert hydra_cfg["job"]["chdir"] is False
+
+
+def test_trainer_keys_are_trainer_arguments():
+    cfg = _compose()
+    accepted = set(inspect.signature(lightning.Trainer.__init__).parameters)
+    trainer_args = set(cfg.trainer) - {"seed"}
+    assert trainer_args <= accepted, trainer_args - accepted
+    assert cfg.trainer.accelerator == "auto"
+
+
+def test_real_models_keep_fine_tuning_lr():
+    assert _compose(["model=qwen2_7b"]).optim.lr == pytest.approx(2e-5)
+    assert _compose(["optim.lr=3e-4"]).optim.lr == pytest.approx(3e-4)  # the CLI beats model=tiny's value
+
+
+@pytest.mark.parametrize("hardware", HARDWARE)
+@pytest.mark.parametrize("model", MODELS)
+def test_compose_every_model_and_hardware(model, hardware):
+    cfg = _compose([f"model={model}", f"hardware={hardware}"])
+    assert set(cfg) == ROOT_KEYS
+    model_cfg = ModelConfig.from_dict(cfg.model)
+    assert model_cfg.name == model
+    _resolved(cfg)
+    if hardware != "auto":  # auto is detected: covered (once) in test_hardware.py
+        profile = load_profile(cfg.hardware)
+        assert profile.name == hardware and profile.has_gpu
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_model_files_hold_every_field(model):
+    # Every field present in every file, so `model.<field>=...` overrides work without `+`.
+    cfg = _compose([f"model={model}"])
+    assert set(cfg.model) == {f.name for f in dataclasses.fields(ModelConfig)}
+
+
+@pytest.mark.parametrize("hardware", HARDWARE)
+def test_hardware_files_hold_every_field(hardware):
+    raw = OmegaConf.load(CONF_DIR / "hardware" / f"{hardware}.yaml")
+    assert set(raw) == {f.name for f in dataclasses.fields(HardwareProfile)}
+
+
+def test_unknown_override_is_rejected_naming_the_key():
+    with pytest.raises(ConfigCompositionException, match="hiden_size"):
+        _compose(["model.hiden_size=3"])
+    with pytest.raises(ConfigCompositionException, match="checkpoint_evry"):
+        _compose(["strategy.checkpoint_evry=4"])
+
+
+def test_unknown_key_added_with_plus_is_rejected_by_the_dataclass():
+    cfg = _compose(["+model.hiden_size=3"])
+    with pytest.raises(ValueError, match=r"model\.hiden_size \(did you mean model\.hidden_size\?\)"):
+        ModelConfig.from_dict(cfg.model)
+    cfg = _compose(["hardware=h200", "+hardware.gpu_mem=3"])
+    with pytest.raises(ValueError, match=r"hardware\.gpu_mem"):
+        load_profile(cfg.hardware)
+
+
+def test_overrides_reach_the_dataclasses():
+    cfg = _compose(["model=qwen2_7b", "model.num_hidden_layers=2", "hardware=h200", "hardware.cpu_cores=8"])
+    assert ModelConfig.from_dict(cfg.model).num_hidden_layers == 2
+    assert load_profile(cfg.hardware).cpu_cores == 8

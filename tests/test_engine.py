@@ -1,0 +1,169 @@
+"""Gradient parity of the streaming engine against plain Hugging Face autograd (FP32 on the CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_horizon import HorizonEngine
+from tests.helpers import VOCAB, clone, make_batch, rel_err, tiny_model
+
+FAMILIES = ["qwen2", "llama"]
+
+
+def reference_grads(model, batches, scale=1.0):
+    model.zero_grad()
+    losses = []
+    for batch in batches:
+        loss = model(**batch).loss
+        (loss * scale).backward()
+        losses.append(loss.item())
+    return losses, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def engine_grads(model, batches, scale=1.0, **config):
+    engine = HorizonEngine(model, device="cpu", compute_dtype="fp32", **config)
+    losses = []
+    try:
+        for batch in batches:
+            loss = model(**batch).loss
+            (loss * scale).backward()
+            losses.append(loss.item())
+        return losses, {n: p.grad.clone() for n, p in model.named_parameters()}
+    finally:
+        engine.close()
+
+
+def assert_grads_close(got, want, tol=1e-5):
+    assert got.keys() == want.keys()
+    for name in want:
+        err = rel_err(got[name], want[name])
+        assert err < tol, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_gradient_parity(family, tied, k):
+    ref = tiny_model(family, tied=tied, layers=4)
+    batch = make_batch(0)
+    want_losses, want = reference_grads(clone(ref), [batch])
+    got_losses, got = engine_grads(clone(ref), [batch], checkpoint_every=k)
+    assert got_losses == pytest.approx(want_losses, rel=1e-6)
+    assert_grads_close(got, want)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_accumulation_parity(family):
+    """Two micro-batches, loss / 2 each (what Lightning does with accumulate_grad_batches=2): FP32 sum on the host."""
+    ref = tiny_model(family, tied=True)
+    batches = [make_batch(1), make_batch(2)]
+    _, want = reference_grads(clone(ref), batches, scale=0.5)
+    _, got = engine_grads(clone(ref), batches, scale=0.5, checkpoint_every=2)
+    assert_grads_close(got, want)
+
+
+def test_logits_path_and_custom_loss():
+    """Without labels the model returns logits; a loss computed from them backpropagates through the engine."""
+    ref = tiny_model("llama")
+    batch = make_batch(3, pad=False)
+    ids = batch["input_ids"]
+
+    def custom(model):
+        logits = model(input_ids=ids).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB).float(), ids[:, 1:].reshape(-1))
+
+    r = clone(ref)
+    custom(r).backward()
+    want = {n: p.grad.clone() for n, p in r.named_parameters()}
+    m = clone(ref)
+    engine = HorizonEngine(m, device="cpu", compute_dtype="fp32")
+    with torch.no_grad():
+        assert torch.allclose(m(input_ids=ids).logits, r(input_ids=ids).logits, atol=1e-5)
+    custom(m).backward()
+    engine.finish_backward()
+    assert_grads_close({n: p.grad for n, p in m.named_parameters()}, want)
+    engine.close()
+
+
+def test_masters_stay_fp32_and_compute_is_bf16():
+    model = tiny_model("qwen2")
+    engine = HorizonEngine(model, device="cpu", compute_dtype="bf16")
+    try:
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert all(s.buf.dtype == torch.bfloat16 for s in engine.streamer.slots)
+        seen = []
+        hook = engine.parts.layers[0].register_forward_hook(lambda m, a, kw, out: seen.append(out), with_kwargs=True)
+        loss = model(**make_batch(0)).loss
+        hook.remove()
+        assert seen and seen[0].dtype == torch.bfloat16
+        loss.backward()
+        assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+    finally:
+        engine.close()
+
+
+def test_bf16_loss_close_to_fp32():
+    ref = tiny_model("qwen2")
+    batch = make_batch(4)
+    want = ref(**batch).loss.item()
+    m = clone(ref)
+    engine = HorizonEngine(m, device="cpu", compute_dtype="bf16")
+    got = m(**batch).loss.item()
+    engine.close()
+    assert abs(got - want) < 2e-2
+
+
+def test_state_dict_keys_unchanged_and_views_into_store():
+    ref = tiny_model("qwen2", tied=True)
+    keys = list(ref.state_dict().keys())
+    engine = HorizonEngine(ref, device="cpu", compute_dtype="fp32")
+    try:
+        assert list(ref.state_dict().keys()) == keys
+        embed = engine.store.by_name["embed"]
+        assert ref.lm_head.weight.data_ptr() == ref.model.embed_tokens.weight.data_ptr()
+        assert ref.model.embed_tokens.weight.data_ptr() == embed.master.data_ptr()
+        assert "lm_head" not in engine.store.by_name  # tied weights stored once
+        layer = engine.store.by_name["layers.1"]
+        ptrs = [p.data_ptr() for p in ref.model.layers[1].parameters()]
+        lo, hi = layer.master.data_ptr(), layer.master.data_ptr() + layer.master.numel() * 4
+        assert all(lo <= p < hi for p in ptrs)
+    finally:
+        engine.close()
+
+
+def test_refuses_non_decoder_model_with_clear_message():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    model = T5ForConditionalGeneration(T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, vocab_size=32))
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        HorizonEngine(model, device="cpu")
+
+
+def test_plain_pytorch_loop_matches_optimizer_step():
+    """The README's Lightning-free loop: engine.step(optimizer) equals optimizer.step() after the backward."""
+    ref = tiny_model("llama", tied=True)
+    m = clone(ref)
+    engine = HorizonEngine(m, device="cpu", compute_dtype="fp32", checkpoint_every=2)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+    for step in range(5):
+        batch = make_batch(10 + step)
+        loss_ref = ref(**batch).loss
+        loss_ref.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+        opt_ref.step()
+        opt_ref.zero_grad()
+        loss = m(**batch).loss
+        loss.backward()
+        engine.clip_grad_norm_(0.5)
+        engine.step(opt)
+        opt.zero_grad()
+        assert loss.item() == pytest.approx(loss_ref.item(), rel=1e-5)
+    engine.synchronize()
+    for (n, p), q in zip(m.named_parameters(), ref.parameters()):
+        assert rel_err(p, q) < 1e-5, n
+    sd, sd_ref = opt.state_dict(), opt_ref.state_dict()
+    assert sd["state"].keys() == sd_ref["state"].keys()
+    assert float(sd["state"][0]["step"]) == 5.0
+    engine.close()

@@ -1,0 +1,194 @@
+"""The planner: the engine's memory formulas, step-time terms, refusals with suggestions, no allocation."""
+
+import dataclasses
+import math
+import resource
+import tracemalloc
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from lightning_horizon.hardware import HardwareProfile, load_profile
+from lightning_horizon.models import ModelConfig, build_hf_config
+from lightning_horizon.planner import (
+    GiB,
+    PlanError,
+    check_fits,
+    format_plan,
+    model_shape,
+    plan,
+    plan_from_config,
+)
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def hf_config(name: str, vocab_size: int | None = None):
+    raw = OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml")
+    return build_hf_config(ModelConfig.from_dict(raw.model if "model" in raw else raw), vocab_size=vocab_size)
+
+
+def hardware(name: str) -> HardwareProfile:
+    return load_profile(OmegaConf.load(CONF_DIR / "hardware" / f"{name}.yaml"))
+
+
+def test_72b_on_h200_fits():
+    p = plan(hf_config("qwen2_72b"), hardware("h200"), batch_size=1, max_seq_len=4096, checkpoint_every=1)
+    n = p.shape.num_params
+    assert n / 1e9 == pytest.approx(72.7, rel=0.005)
+    assert 16.0 < p.host_total_bytes / n < 16.5
+    assert 1.15e12 < p.host_total_bytes < 1.2e12 < 1.5e12
+    assert p.gpu_total_bytes < 60e9  # of 141 GB
+    check_fits(p, hardware("h200"))
+    table = format_plan(p)
+    for text in ("Host memory", "GPU memory", "bottleneck", "tokens/s", "fits", "1500.00"):
+        assert text in table
+    assert "DOES NOT FIT" not in table
+    assert p.tokens_per_step == 4096 and p.tokens_per_s == pytest.approx(4096 / p.step_time_s)
+    assert p.step_seconds[p.bottleneck] == p.step_time_s
+
+
+@pytest.mark.parametrize("machine", ["h100", "rtx4090"])
+def test_72b_refused_on_small_hosts(machine):
+    p = plan(hf_config("qwen2_72b"), hardware(machine), batch_size=1, max_seq_len=4096, checkpoint_every=1)
+    assert not p.host_fits
+    with pytest.raises(PlanError, match="host memory: needs 1180") as err:
+        check_fits(p, hardware(machine))
+    assert "host RAM" in str(err.value) and "Host memory" in str(err.value)  # suggestion + the table
+
+
+def test_check_fits_against_another_machine():
+    p = plan(hf_config("qwen2_72b"), hardware("h200"), batch_size=1, max_seq_len=4096, checkpoint_every=1)
+    with pytest.raises(PlanError, match="'h100'"):
+        check_fits(p, hardware("h100"))
+
+
+def test_units_and_tied_embeddings():
+    shape = model_shape(hf_config("qwen2_0_5b"))
+    vocab, hidden = 151936, 896
+    assert shape.embedding_params == vocab * hidden
+    assert shape.head_params == vocab * hidden + hidden  # the (tied) lm_head still streams to the GPU
+    assert shape.num_params == shape.embedding_params + sum(shape.layer_params) + hidden  # stored once
+    assert shape.largest_gpu_unit_params == shape.head_params
+    assert len(shape.layer_params) == 24 and len(set(shape.layer_params)) == 1
+
+
+def test_memory_formulas():
+    shape_cfg = hf_config("qwen2_7b")
+    p = plan(shape_cfg, hardware("h200"), batch_size=2, max_seq_len=1024, checkpoint_every=4, num_slots=3)
+    n, unit = p.shape.num_params, p.shape.largest_gpu_unit_params
+    host = list(p.host_bytes.values())
+    assert host == [4 * n, 8 * n, 4 * n, 3 * unit * 2, 4 * unit * 2, 2 * GiB]
+    h, i, v, tokens = 3584, 18944, 152064, 2 * 1024
+    gpu = list(p.gpu_bytes.values())
+    assert gpu == [
+        3 * unit * 2,
+        math.ceil(28 / 4) * tokens * h * 2,
+        4 * tokens * (16 * h + 6 * i),
+        2 * unit * 2,
+        tokens * v * 10,  # loss chunk: min(4096, B*S) tokens
+        v * h * 4,
+        int(1.5 * GiB),
+    ]
+
+
+def test_uploads_and_recompute_grow_with_k():
+    cfg, hw = hf_config("qwen2_3b"), hardware("h200")
+    k1 = plan(cfg, hw, batch_size=8, max_seq_len=1024, checkpoint_every=1)
+    k4 = plan(cfg, hw, batch_size=8, max_seq_len=1024, checkpoint_every=4)
+    layers, head = sum(k1.shape.layer_params), k1.shape.head_params
+    assert k1.step_seconds["h2d upload"] == pytest.approx(2 * (2 * layers + head) / hw.h2d_bytes_per_s)
+    # 36 layers, K=4: 9 segments, 27 layers recomputed without a graph
+    assert k4.step_seconds["h2d upload"] == pytest.approx(
+        2 * (2 * layers + 27 / 36 * layers + head) / hw.h2d_bytes_per_s
+    )
+    assert k4.step_seconds["gpu compute"] > k1.step_seconds["gpu compute"]
+    assert k4.step_seconds["d2h gradients"] == k1.step_seconds["d2h gradients"]
+    assert list(k4.gpu_bytes.values())[1] < list(k1.gpu_bytes.values())[1]  # fewer checkpoints
+
+
+def test_3b_matches_the_design_ceilings():
+    # design.md: Qwen2.5-3B at 8192 tokens/step on the H200: compute 0.37 s, PCIe 0.22 s, host traffic ~1.0 s.
+    p = plan(hf_config("qwen2_3b"), hardware("h200"), batch_size=8, max_seq_len=1024, checkpoint_every=1)
+    assert p.step_seconds["gpu compute"] == pytest.approx(0.37, rel=0.1)
+    assert p.step_seconds["h2d upload"] == pytest.approx(0.22, rel=0.1)
+    assert p.step_seconds["host memory traffic"] == pytest.approx(1.0, rel=0.1)
+    assert p.bottleneck == "host memory traffic"
+
+
+def test_accumulation_scales_per_micro_batch_terms_only():
+    cfg, hw = hf_config("qwen2_3b"), hardware("h200")
+    one = plan(cfg, hw, batch_size=8, max_seq_len=1024, checkpoint_every=1)
+    four = plan(cfg, hw, batch_size=8, max_seq_len=1024, checkpoint_every=1, accumulate_grad_batches=4)
+    assert four.step_seconds["gpu compute"] == pytest.approx(4 * one.step_seconds["gpu compute"])
+    assert four.step_seconds["cpu optimizer"] == one.step_seconds["cpu optimizer"]
+    assert four.tokens_per_step == 4 * one.tokens_per_step
+
+
+def test_gpu_overflow_suggests_settings_that_fit():
+    cfg, hw = hf_config("qwen2_72b"), hardware("h200")
+    p = plan(cfg, hw, batch_size=64, max_seq_len=4096, checkpoint_every=1)
+    assert p.host_fits and not p.gpu_fits
+    with pytest.raises(PlanError, match="GPU memory: needs") as err:
+        check_fits(p)
+    message = str(err.value)
+    assert "data.batch_size=" in message
+    suggested = int(message.split("data.batch_size=")[1].split(",")[0].split(".")[0])
+    check_fits(plan(cfg, hw, batch_size=suggested, max_seq_len=4096, checkpoint_every=1))
+
+
+def test_cpu_compute_counts_the_working_set_in_host_memory():
+    values = dataclasses.asdict(hardware("h200"))
+    cpu = HardwareProfile(**{**values, "gpu_memory_bytes": 0, "h2d_bytes_per_s": 0, "d2h_bytes_per_s": 0,
+                             "gpu_bf16_tflops": 0, "host_memory_bytes": 8 * GiB})  # fmt: skip
+    p = plan(hf_config("tiny", vocab_size=512), cpu, batch_size=8, max_seq_len=256, checkpoint_every=1)
+    assert p.gpu_bytes["CUDA context + allocator slack"] == 0
+    assert p.host_total_bytes == sum(p.host_bytes.values()) + p.gpu_total_bytes
+    assert set(p.step_seconds) == {"cpu compute", "cpu optimizer", "host memory traffic"}
+    assert p.gpu_fits
+    check_fits(p)
+    big = plan(hf_config("tiny", vocab_size=512), cpu, batch_size=4096, max_seq_len=2048, checkpoint_every=1)
+    with pytest.raises(PlanError, match="host memory"):
+        check_fits(big)
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match="checkpoint_every must be >= 1"):
+        plan(hf_config("qwen2_0_5b"), hardware("h200"), batch_size=1, max_seq_len=8, checkpoint_every=0)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        plan(hf_config("qwen2_0_5b"), hardware("h200"), batch_size=1, max_seq_len=8, checkpoint_every=1, optimizer="x")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        plan(
+            hf_config("qwen2_0_5b"),
+            hardware("h200"),
+            batch_size=1,
+            max_seq_len=8,
+            checkpoint_every=1,
+            compute_dtype="bf8",
+        )
+
+
+def test_plan_allocates_nothing():
+    cfg, hw = hf_config("qwen2_72b"), hardware("h200")
+    plan(cfg, hw, batch_size=1, max_seq_len=4096, checkpoint_every=1)  # warm imports and caches
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    tracemalloc.start()
+    plan(cfg, hw, batch_size=1, max_seq_len=4096, checkpoint_every=1)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 100 * 2**20
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 300 * 2**10  # < 300 MiB (model: 290 GB)
+    assert not torch.empty(0).is_meta  # the meta device did not leak out of the planner
+
+
+def test_plan_from_composed_config():
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("sft", overrides=["model=qwen2_72b", "hardware=h200", "data.batch_size=1",
+                                        "data.max_seq_len=4096", "strategy.checkpoint_every=2"])  # fmt: skip
+    p = plan_from_config(cfg)
+    assert p.shape.name == "qwen2_72b" and p.settings.checkpoint_every == 2 and p.settings.batch_size == 1
+    assert p.settings.compute_dtype == torch.bfloat16
+    check_fits(p)

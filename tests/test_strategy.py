@@ -1,0 +1,132 @@
+"""`Trainer(strategy="horizon")` against the same LightningModule trained with plain PyTorch on the CPU."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import pytest
+import torch
+
+import lightning_horizon  # noqa: F401  (registers "horizon")
+from lightning_horizon import HorizonPrecision, HorizonStrategy, WorkerError
+from tests.helpers import LMModule, clone, loader, rel_err, tiny_model
+
+QUIET = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+# The true gradient of a key-projection bias is zero (softmax is shift-invariant), so every implementation's gradient
+# there is rounding noise, which Adam scales up to lr-sized steps: those tensors are compared with a looser bound.
+NOISE_ONLY = ("k_proj.bias",)
+
+
+def fit(strategy, model, steps=20, precision="32-true", **kw):
+    module = LMModule(model, total=steps)
+    trainer = L.Trainer(
+        strategy=strategy, accelerator="cpu", devices=1, max_steps=steps, precision=precision, **QUIET, **kw
+    )
+    trainer.fit(module, loader(8))  # 4 batches per epoch, seen again and again: the loss must fall
+    return module, trainer
+
+
+@pytest.mark.parametrize("family,accumulate", [("qwen2", 1), ("llama", 2)])
+def test_training_parity_with_plain_pytorch(family, accumulate):
+    ref = tiny_model(family, tied=family == "llama")
+    got, _ = fit("horizon", clone(ref), gradient_clip_val=1.0, accumulate_grad_batches=accumulate)
+    want, _ = fit("auto", clone(ref), gradient_clip_val=1.0, accumulate_grad_batches=accumulate)
+    assert len(got.losses) == len(want.losses) == 20 * accumulate
+    for a, b in zip(got.losses, want.losses):
+        assert a == pytest.approx(b, rel=1e-5)
+    assert got.losses[-1] < got.losses[0]
+    for (name, p), q in zip(got.model.named_parameters(), want.model.parameters()):
+        tol = 2e-4 if name.endswith(NOISE_ONLY) else 1e-5
+        assert rel_err(p, q) < tol, name
+
+
+def test_clip_by_value_parity():
+    ref = tiny_model("llama")
+    got, _ = fit("horizon", clone(ref), steps=5, gradient_clip_val=1e-3, gradient_clip_algorithm="value")
+    want, _ = fit("auto", clone(ref), steps=5, gradient_clip_val=1e-3, gradient_clip_algorithm="value")
+    for p, q in zip(got.model.parameters(), want.model.parameters()):
+        assert rel_err(p, q) < 1e-5
+
+
+def test_bf16_mixed_keeps_fp32_masters():
+    module, trainer = fit("horizon", tiny_model("qwen2"), steps=4, precision="bf16-mixed")
+    engine = trainer.strategy.engine
+    assert isinstance(trainer.strategy.precision_plugin, HorizonPrecision)
+    assert engine.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in module.model.parameters())
+    for state in trainer.optimizers[0].state.values():
+        assert state["exp_avg"].dtype == torch.float32
+    assert module.device == torch.device("cpu")
+
+
+def test_fit_then_validate_then_test_in_one_process():
+    module = LMModule(tiny_model("qwen2"), total=6)
+    trainer = L.Trainer(strategy="horizon", accelerator="cpu", devices=1, max_steps=6, precision="32-true", **QUIET)
+    trainer.fit(module, loader(12), loader(4))
+    engine = trainer.strategy.engine
+    val = trainer.validate(module, loader(4), verbose=False)
+    test = trainer.test(module, loader(4), verbose=False)
+    assert trainer.strategy.engine is engine  # the host store is not rebuilt
+    assert val[0]["val_loss"] == pytest.approx(test[0]["test_loss"], rel=1e-6)
+    # validation ran on the weights after the last update
+    engine.close()
+    trainer.strategy.engine = None
+    model = clone(module.model)
+    with torch.no_grad():
+        plain = [model(**batch).loss.item() for batch in loader(4)]
+    assert module.val_losses[-2:] == pytest.approx(plain, rel=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "64-true", "16-true"])
+def test_unsupported_precision_is_refused(precision):
+    with pytest.raises(ValueError, match="does not support precision"):
+        L.Trainer(strategy="horizon", accelerator="cpu", devices=1, precision=precision, **QUIET)
+
+
+def test_float16_mixed_is_refused():
+    # On the CPU Lightning itself turns 16-mixed into bf16-mixed; on a GPU it reaches the plugin, which refuses it.
+    with pytest.raises(ValueError, match="loss scaling"):
+        HorizonPrecision("16-mixed")
+
+
+def test_more_than_one_device_is_refused():
+    with pytest.raises(ValueError, match="exactly one device"):
+        L.Trainer(strategy="horizon", accelerator="cpu", devices=2, **QUIET)
+
+
+def test_strategy_options_are_validated():
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        HorizonStrategy(checkpoint_every=0)
+    assert isinstance(L.Trainer(strategy=HorizonStrategy(checkpoint_every=2), accelerator="cpu", **QUIET).strategy,
+                      HorizonStrategy)
+
+
+def test_optimizer_over_foreign_parameters_is_refused():
+    class Extra(LMModule):
+        def configure_optimizers(self):
+            return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))], lr=1e-3)
+
+    trainer = L.Trainer(strategy="horizon", accelerator="cpu", devices=1, max_steps=1, **QUIET)
+    with pytest.raises(ValueError, match="not part of the streamed"):
+        trainer.fit(Extra(tiny_model()), loader(4))
+
+
+@pytest.mark.parametrize("where", ["prefetch", "gradient", "optimizer"])
+def test_worker_exception_reaches_fit_quickly(where, monkeypatch):
+    from lightning_horizon.engine import gradients, optimizer, streamer
+
+    def boom(*a, **k):
+        raise RuntimeError(f"injected failure in the {where} worker")
+
+    target = {
+        "prefetch": (streamer.LayerStreamer, "_load"),
+        "gradient": (gradients.GradientSink, "_fold"),
+        "optimizer": (optimizer.LayerOptimizer, "_update"),
+    }[where]
+    monkeypatch.setattr(*target, boom)
+    trainer = L.Trainer(strategy="horizon", accelerator="cpu", devices=1, max_steps=3, precision="32-true", **QUIET)
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match=f"injected failure in the {where} worker"):
+        trainer.fit(LMModule(tiny_model()), loader(8))
+    assert time.monotonic() - start < 10
