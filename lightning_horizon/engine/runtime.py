@@ -208,12 +208,19 @@ class HorizonEngine:
                 hook.remove()
 
     @property
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, float]:
+        """Cumulative counters: bytes moved, uploads, and seconds spent by each worker and waiting for one."""
         return {
             "bytes_h2d": self.streamer.bytes_h2d,
             "bytes_d2h": self.sink.bytes_d2h,
             "num_uploads": self.streamer.num_uploads,
             "num_optimizer_steps": self.optim.num_steps,
+            "prefetch_busy_s": self.streamer.worker.busy_s,
+            "pack_s": self.streamer.pack_s,
+            "prefetch_update_wait_s": self.streamer.update_wait_s,
+            "compute_wait_s": self.streamer.wait_s,
+            "fold_busy_s": self.sink.worker.busy_s,
+            "optimizer_busy_s": self.optim.worker.busy_s,
         }
 
     # ------------------------------------------------------------------------------ called by the autograd nodes

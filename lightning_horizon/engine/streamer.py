@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -132,6 +133,12 @@ class LayerStreamer:
         self._loading = False
         self.bytes_h2d = 0
         self.num_uploads = 0
+        self.wait_s = 0.0
+        """Seconds the compute thread waited for a unit to be packed and queued."""
+        self.pack_s = 0.0
+        """Seconds the prefetch thread spent packing FP32 masters into staging."""
+        self.update_wait_s = 0.0
+        """Seconds the prefetch thread waited for a unit's optimizer update."""
         self.worker = Worker("prefetch", device)
         self.extra_checks: tuple[Worker, ...] = ()
         self.on_pack: Callable[[Unit], None] | None = None  # test hook
@@ -158,7 +165,9 @@ class LayerStreamer:
                 self._drop_plan()
                 self._plan.append(uid)
                 self._kick()
+            start = time.perf_counter()
             wait_until(self.cond, lambda: bool(self._ready), (self.worker, *self.extra_checks))
+            self.wait_s += time.perf_counter() - start
             got, slot = self._ready.popleft()
             assert got == uid
         if self.cuda:
@@ -255,12 +264,15 @@ class LayerStreamer:
 
     def _load(self, unit: Unit, slot: _Slot) -> None:
         slot.resident = None
+        start = time.perf_counter()
         for group in unit.groups:
             self.store.wait_updated(group, poll=self.poll)
+        self.update_wait_s += time.perf_counter() - start
         if self.on_pack is not None:
             self.on_pack(unit)
         if self.cuda:
             slot.copy_event.synchronize()  # the previous upload from this staging buffer is done
+        start = time.perf_counter()
         whole = unit.whole_group
         if whole is not None:
             slot.staging[: unit.numel].copy_(whole.master[: unit.numel])
@@ -268,6 +280,7 @@ class LayerStreamer:
             for b in unit.bindings:
                 src = b.group.master[b.entry.offset : b.entry.offset + b.entry.numel]
                 slot.staging[b.offset : b.offset + b.entry.numel].copy_(src)
+        self.pack_s += time.perf_counter() - start
         if self.cuda:
             with torch.cuda.stream(self.h2d_stream):
                 self.h2d_stream.wait_event(slot.free_event)

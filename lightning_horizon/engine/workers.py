@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +40,8 @@ class Worker:
         self._error: BaseException | None = None
         self._error_text = ""
         self._pending = 0
+        self.busy_s = 0.0
+        """Seconds spent running jobs (for the benchmark's step-time breakdown)."""
         self._idle = threading.Condition()
         self._thread = threading.Thread(target=self._run, name=f"horizon-{name}", daemon=True)
         self._thread.start()
@@ -81,11 +84,13 @@ class Worker:
             if job is None:
                 return
             if self._error is None:
+                start = time.perf_counter()
                 try:
                     job()
                 except BaseException as exc:  # noqa: BLE001 - handed to the main thread
                     self._error_text = traceback.format_exc()
                     self._error = exc
+                self.busy_s += time.perf_counter() - start
             with self._idle:
                 self._pending -= 1
                 self._idle.notify_all()
