@@ -83,12 +83,15 @@ class HorizonPrecision(Precision):
     def optimizer_step(  # type: ignore[override]
         self, optimizer: Optimizer, model: pl.LightningModule, closure: Callable[[], Any], **kwargs: Any
     ) -> Any:
+        engine = self._require_engine()
+        if _nothing_between_backward_and_step(model):
+            engine.begin_step(optimizer)  # each group's update starts as soon as its gradients are on the host
         closure_result = self._wrap_closure(model, optimizer, closure)
         if closure_result is None and model.automatic_optimization:
             return None  # training_step returned None: Lightning skips the step, so do we
         if kwargs:
             raise ValueError(f"optimizer.step() arguments {sorted(kwargs)} are not supported by the horizon strategy")
-        self._require_engine().step(optimizer)
+        engine.step(optimizer)
         return closure_result
 
     @override
@@ -98,3 +101,17 @@ class HorizonPrecision(Precision):
     @override
     def clip_grad_by_value(self, optimizer: Optimizer, clip_val: int | float) -> None:
         self._require_engine().clip_grad_value_(float(clip_val))
+
+
+def _nothing_between_backward_and_step(model: pl.LightningModule) -> bool:
+    """True when no clipping and no hook may read or change the gradients between the backward and the step."""
+    from lightning.pytorch import Callback, LightningModule
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    trainer = model.trainer
+    if trainer.gradient_clip_val:
+        return False
+    hooks = ("on_before_optimizer_step", "configure_gradient_clipping", "on_after_backward")
+    if any(is_overridden(h, model, parent=LightningModule) for h in hooks):
+        return False
+    return not any(is_overridden(h, cb, parent=Callback) for cb in trainer.callbacks for h in hooks[:1] + hooks[2:])

@@ -98,7 +98,39 @@ def test_masters_stay_fp32_and_compute_is_bf16():
         hook.remove()
         assert seen and seen[0].dtype == torch.bfloat16
         loss.backward()
+        # without accumulation, layer gradients stay in the compute dtype on the host; the optimizer upcasts them
+        layer = engine.store.by_name["layers.0"]
+        assert layer.grad_lp.dtype == torch.bfloat16 and layer.grad is None
+        assert all(engine.gradient(p).dtype == torch.float32 for p in model.parameters())
+    finally:
+        engine.close()
+
+
+def test_accumulation_keeps_fp32_gradients():
+    model = tiny_model("qwen2")
+    engine = HorizonEngine(model, device="cpu", compute_dtype="bf16", accumulate_grads=True)
+    try:
+        model(**make_batch(0)).loss.backward()
+        engine.finish_backward()
         assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+        assert engine.store.by_name["layers.0"].grad is not None
+    finally:
+        engine.close()
+
+
+def test_unannounced_accumulation_switches_to_fp32_with_a_warning():
+    ref = tiny_model("llama")
+    batches = [make_batch(5), make_batch(6)]
+    _, want = reference_grads(clone(ref), batches, scale=0.5)
+    m = clone(ref)
+    engine = HorizonEngine(m, device="cpu", compute_dtype="fp32")  # fp32 compute: exact, no warning needed
+    engine.sink.dtype = torch.bfloat16  # pretend the compute dtype is narrow to see the warning path
+    try:
+        (m(**batches[0]).loss * 0.5).backward()
+        with pytest.warns(UserWarning, match="gradient accumulation detected"):
+            (m(**batches[1]).loss * 0.5).backward()
+        engine.finish_backward()
+        assert_grads_close({n: p.grad for n, p in m.named_parameters()}, want)
     finally:
         engine.close()
 

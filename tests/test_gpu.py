@@ -55,8 +55,15 @@ def test_cuda_lightning_training_matches_cpu():
     for accelerator in ("gpu", "cpu"):
         module = LMModule(clone(ref), total=8)
         trainer = L.Trainer(
-            strategy="horizon", accelerator=accelerator, devices=1, max_steps=8, precision="32-true",
-            gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            strategy="horizon",
+            accelerator=accelerator,
+            devices=1,
+            max_steps=8,
+            precision="32-true",
+            gradient_clip_val=1.0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
         )
         trainer.fit(module, loader(8))
         if accelerator == "gpu":
@@ -73,8 +80,15 @@ def test_qwen2_1_5b_shape_trains_within_gpu_memory_bound():
     from lightning_horizon.benchmark import run
 
     cfg = Qwen2Config(
-        hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-        vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=4096, attn_implementation="sdpa",
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+        attn_implementation="sdpa",
     )
     result = run(cfg, batch_size=2, seq_len=1024, steps=10, warmup=2)
     print(result.row())

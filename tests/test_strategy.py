@@ -27,11 +27,22 @@ def fit(strategy, model, steps=20, precision="32-true", **kw):
     return module, trainer
 
 
-@pytest.mark.parametrize("family,accumulate", [("qwen2", 1), ("llama", 2)])
-def test_training_parity_with_plain_pytorch(family, accumulate):
+@pytest.mark.parametrize(
+    "family,accumulate,clip",
+    [
+        ("qwen2", 1, 1.0),  # clipping: updates run during the next forward
+        ("llama", 2, 1.0),  # accumulation: FP32 gradients on the host
+        ("qwen2", 1, None),  # nothing between backward and step: updates overlap the backward itself
+        ("llama", 2, None),
+    ],
+)
+def test_training_parity_with_plain_pytorch(family, accumulate, clip):
     ref = tiny_model(family, tied=family == "llama")
-    got, _ = fit("horizon", clone(ref), gradient_clip_val=1.0, accumulate_grad_batches=accumulate)
-    want, _ = fit("auto", clone(ref), gradient_clip_val=1.0, accumulate_grad_batches=accumulate)
+    got, trainer = fit("horizon", clone(ref), gradient_clip_val=clip, accumulate_grad_batches=accumulate)
+    want, _ = fit("auto", clone(ref), gradient_clip_val=clip, accumulate_grad_batches=accumulate)
+    engine = trainer.strategy.engine
+    assert engine.sink.direct == (accumulate == 1)
+    assert (engine.num_overlapped_updates > 0) == (clip is None)
     assert len(got.losses) == len(want.losses) == 20 * accumulate
     for a, b in zip(got.losses, want.losses):
         assert a == pytest.approx(b, rel=1e-5)
@@ -98,8 +109,9 @@ def test_more_than_one_device_is_refused():
 def test_strategy_options_are_validated():
     with pytest.raises(ValueError, match="checkpoint_every"):
         HorizonStrategy(checkpoint_every=0)
-    assert isinstance(L.Trainer(strategy=HorizonStrategy(checkpoint_every=2), accelerator="cpu", **QUIET).strategy,
-                      HorizonStrategy)
+    assert isinstance(
+        L.Trainer(strategy=HorizonStrategy(checkpoint_every=2), accelerator="cpu", **QUIET).strategy, HorizonStrategy
+    )
 
 
 def test_optimizer_over_foreign_parameters_is_refused():
@@ -121,7 +133,7 @@ def test_worker_exception_reaches_fit_quickly(where, monkeypatch):
 
     target = {
         "prefetch": (streamer.LayerStreamer, "_load"),
-        "gradient": (gradients.GradientSink, "_fold"),
+        "gradient": (gradients.GradientSink, "_report"),
         "optimizer": (optimizer.LayerOptimizer, "_update"),
     }[where]
     monkeypatch.setattr(*target, boom)

@@ -1,16 +1,26 @@
-"""Gradients from the compute device to FP32 host gradients.
+"""Gradients from the compute device to the host store.
 
-Per-layer gradients come off the GPU in the compute dtype on their own ``d2h_stream`` into a bounded pool of
-pinned slabs (the main thread blocks when all slabs are in flight: back-pressure, bounded pinned memory). A fold
-worker waits on each slab's event, adds the slab into the FP32 gradient buffers of the host store (overwriting on
-the first fold after an optimizer step) and returns the slab. FP32 accumulation on the host keeps gradient
-accumulation exact across micro-batches. With norm tracking on, the fold also records each parameter's gradient
-norm while the data is hot, so clipping by global norm needs no extra pass over the store.
+Two modes, chosen per engine (``direct`` is the default; the first accumulated backward switches to ``fold``):
+
+* ``direct`` (no gradient accumulation): every gradient is copied on its own ``d2h_stream`` straight into the
+  group's pinned gradient buffer in the compute dtype (``StoreGroup.grad_lp``). Nothing is folded: the CPU
+  optimizer upcasts one group at a time. Host cost: 2 bytes/param for BF16 compute.
+* ``fold`` (gradient accumulation): gradients arrive in a bounded pool of pinned slabs (the compute thread blocks
+  when all slabs are in flight: back-pressure, bounded pinned memory); a fold worker adds each slab into the group's
+  FP32 gradient buffer (overwriting on the first fold after an optimizer step), so accumulation over micro-batches
+  is exact FP32. Host cost: 4 bytes/param.
+
+Either way a gradient worker waits on each copy's event and then reports the groups whose gradients are complete
+(``on_final``), which lets the engine start their optimizer update while the backward goes on. With norm tracking
+on, per-parameter gradient norms are recorded (on the GPU in direct mode, during the fold otherwise), so clipping by
+global norm needs no extra pass over host memory.
 """
 
 from __future__ import annotations
 
 import queue
+import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -22,41 +32,166 @@ Target = tuple[StoreGroup, StoreParam]
 
 
 class GradientSink:
-    """Moves per-unit gradients to the host and folds them into the store's FP32 gradient buffers.
+    """Moves per-unit gradients to the host store (see the module docstring).
 
     Args:
         store: The host store.
         device: Compute device.
         dtype: Dtype gradients arrive in (the compute dtype).
-        slab_numel: Elements per pinned slab (the largest unit).
-        num_slabs: Slabs in the pool (bounds pinned memory and the number of gradients in flight).
+        slab_numel: Elements per pinned slab (the largest unit); slabs are allocated on the first fold.
+        num_slabs: Slabs in the pool (bounds pinned memory and the number of gradients in flight in fold mode).
+        direct: Start in direct mode.
     """
 
     def __init__(
-        self, store: HostStore, device: torch.device, dtype: torch.dtype, slab_numel: int, num_slabs: int = 3
+        self,
+        store: HostStore,
+        device: torch.device,
+        dtype: torch.dtype,
+        slab_numel: int,
+        num_slabs: int = 3,
+        direct: bool = True,
     ) -> None:
         self.store, self.device, self.dtype = store, device, dtype
         self.cuda = device.type == "cuda"
         self.track_norms = False
+        self.direct = direct
         self.worker = Worker("gradient", device)
         self.extra_checks: tuple[Worker, ...] = ()
+        self.on_final: Callable[[list[StoreGroup]], None] | None = None
         self.bytes_d2h = 0
+        self._slab_numel, self._num_slabs = slab_numel, num_slabs
         self._slabs: queue.Queue[torch.Tensor] = queue.Queue()
         self._all_slabs: list[torch.Tensor] = []
-        if self.cuda:
-            self.d2h_stream = torch.cuda.Stream(device)
-            for _ in range(num_slabs):
-                slab = pinned_empty(slab_numel, dtype, pin=True)
-                self._all_slabs.append(slab)
-                self._slabs.put(slab)
+        self.d2h_stream = torch.cuda.Stream(device) if self.cuda else None
+        if direct:
+            for group in store.groups:
+                self._ensure_lp(group)
 
-    def submit(self, targets: list[Target], grads: list[torch.Tensor | None]) -> None:
-        """Queues ``grads`` (on the compute device, produced on the current stream) to be folded into ``targets``."""
+    # ---------------------------------------------------------------------------------------- compute thread
+    def submit(self, targets: list[Target], grads: list[torch.Tensor | None], final: list[StoreGroup]) -> None:
+        """Queues ``grads`` (on the compute device, produced on the current stream) for ``targets``.
+
+        ``final`` lists the groups whose gradients are complete once these have landed (reported to ``on_final``).
+        """
         pairs = [(t, g) for t, g in zip(targets, grads) if g is not None]
-        if not pairs:
-            return
+        if self.direct and any(not sp.fresh for (_, sp), _ in pairs):
+            self._switch_to_fold()
+        if self.track_norms and self.direct:
+            for (_, sp), g in pairs:  # on the GPU, where the gradient already is
+                sp.grad_norm = torch.linalg.vector_norm(g, dtype=torch.float32)
+        if self.direct:
+            self._submit_direct(pairs, final)
+        else:
+            self._submit_fold(pairs, final)
+
+    def submit_embedding(
+        self, target: Target, ids: torch.Tensor, grad_hidden: torch.Tensor, padding_idx: int | None
+    ) -> None:
+        """Queues the embedding gradient: rows ``ids`` receive ``grad_hidden`` (as ``nn.Embedding`` would).
+
+        The embedding's gradient is dense on the host (its rows are scattered): it always uses the FP32 buffer.
+        """
+        ids = ids.reshape(-1).to("cpu")
+        rows = grad_hidden.reshape(ids.numel(), -1).to("cpu")
+        self.bytes_d2h += rows.numel() * rows.element_size() if self.cuda else 0
+        if padding_idx is not None:
+            keep = ids != padding_idx
+            ids, rows = ids[keep], rows[keep]
+        group, sp = target
+
+        def fold() -> None:
+            self._to_fp32(group, sp)
+            dst = group.grad_view(sp)
+            if sp.fresh:
+                dst.zero_()
+                sp.fresh = False
+            dst.index_add_(0, ids, rows.to(torch.float32))
+            if self.track_norms:
+                sp.grad_norm = torch.linalg.vector_norm(dst)
+            self._report([group])
+
+        self.worker.submit(fold)
+
+    def wait(self) -> None:
+        """Blocks until every queued gradient has landed."""
+        self.worker.drain(self.extra_checks)
+
+    def close(self) -> None:
+        self.worker.close()
+        for slab in self._all_slabs:
+            unregister_pinned(slab)
+        for group in self.store.groups:
+            if group.grad_lp is not None:
+                unregister_pinned(group.grad_lp)
+
+    def gradient(self, group: StoreGroup, sp: StoreParam) -> torch.Tensor | None:
+        """The current FP32 gradient of one parameter (a view in fold mode, an upcast copy in direct mode)."""
+        if sp.fresh:
+            return None
+        if group.grad is not None and not self._lp_holds(group, sp):
+            return group.grad_view(sp)
+        return group.lp_grad_view(sp).to(torch.float32)
+
+    def fp32_view(self, group: StoreGroup, sp: StoreParam) -> torch.Tensor | None:
+        """``param.grad``-compatible view (FP32 storage) or None when the gradient lives in the compute dtype."""
+        if sp.fresh:
+            return None
+        if self._lp_holds(group, sp):
+            return group.lp_grad_view(sp) if group.grad_lp.dtype == torch.float32 else None
+        return group.grad_view(sp)
+
+    # ------------------------------------------------------------------------------------------------ internals
+    @staticmethod
+    def _lp_holds(group: StoreGroup, sp: StoreParam) -> bool:
+        return sp.in_lp
+
+    def _ensure_lp(self, group: StoreGroup) -> None:
+        if group.grad_lp is None and group.trainable:
+            with torch.inference_mode(False):
+                group.grad_lp = pinned_empty(group.master.numel(), self.dtype, pin=self.cuda)
+
+    def _report(self, groups: list[StoreGroup]) -> None:
+        if groups and self.on_final is not None:
+            self.on_final(groups)
+
+    def _submit_direct(self, pairs: list[tuple[Target, torch.Tensor]], final: list[StoreGroup]) -> None:
+        for (group, _), _ in pairs:
+            self._ensure_lp(group)
+        for (_, sp), _ in pairs:
+            sp.in_lp, sp.fresh = True, False
         if not self.cuda:
-            self.worker.submit(lambda: self._fold(pairs))
+
+            def land() -> None:
+                for (group, sp), g in pairs:
+                    group.lp_grad_view(sp).copy_(g)
+                self._report(final)
+
+            self.worker.submit(land)
+            return
+        event = torch.cuda.Event()
+        self.d2h_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.d2h_stream):
+            for (group, sp), g in pairs:
+                group.lp_grad_view(sp).copy_(g, non_blocking=True)
+                g.record_stream(self.d2h_stream)
+                self.bytes_d2h += g.numel() * g.element_size()
+            event.record(self.d2h_stream)
+
+        def landed() -> None:
+            event.synchronize()
+            self._report(final)
+
+        self.worker.submit(landed)
+
+    def _submit_fold(self, pairs: list[tuple[Target, torch.Tensor]], final: list[StoreGroup]) -> None:
+        if not self.cuda:
+
+            def fold_now() -> None:
+                self._fold(pairs)
+                self._report(final)
+
+            self.worker.submit(fold_now)
             return
         slab = self._take_slab()
         event = torch.cuda.Event()
@@ -79,42 +214,38 @@ class GradientSink:
                 self._fold(views)
             finally:
                 self._slabs.put(slab)
+            self._report(final)
 
         self.worker.submit(fold)
 
-    def submit_embedding(
-        self, target: Target, ids: torch.Tensor, grad_hidden: torch.Tensor, padding_idx: int | None
-    ) -> None:
-        """Queues the embedding gradient: rows ``ids`` receive ``grad_hidden`` (as ``nn.Embedding`` would)."""
-        ids = ids.reshape(-1).to("cpu")
-        rows = grad_hidden.reshape(ids.numel(), -1).to("cpu")
-        self.bytes_d2h += rows.numel() * rows.element_size() if self.cuda else 0
-        if padding_idx is not None:
-            keep = ids != padding_idx
-            ids, rows = ids[keep], rows[keep]
-        group, sp = target
+    def _switch_to_fold(self) -> None:
+        """A second backward before the optimizer step: gradients must accumulate in FP32 from now on."""
+        self.wait()
+        if self.dtype != torch.float32:
+            warnings.warn(
+                "gradient accumulation detected: the horizon engine now keeps FP32 gradients on the host "
+                "(+2 bytes/param). Tell it up front (HorizonStrategy does this from accumulate_grad_batches).",
+                stacklevel=3,
+            )
+        self.direct = False
+        for group in self.store.groups:
+            for sp in group.params:
+                if not sp.fresh and sp.in_lp:
+                    self._to_fp32(group, sp)
 
-        def fold() -> None:
-            dst = group.ensure_grad()[sp.offset : sp.offset + sp.numel].view(sp.shape)
-            if sp.fresh:
-                dst.zero_()
-                sp.fresh = False
-            dst.index_add_(0, ids, rows.to(torch.float32))
-            if self.track_norms:
-                sp.grad_norm = torch.linalg.vector_norm(dst)
-
-        self.worker.submit(fold)
-
-    def wait(self) -> None:
-        """Blocks until every queued gradient has been folded."""
-        self.worker.drain(self.extra_checks)
-
-    def close(self) -> None:
-        self.worker.close()
-        for slab in self._all_slabs:
-            unregister_pinned(slab)
+    def _to_fp32(self, group: StoreGroup, sp: StoreParam) -> None:
+        group.ensure_grad()
+        if sp.in_lp:
+            if not sp.fresh:
+                group.grad_view(sp).copy_(group.lp_grad_view(sp))
+            sp.in_lp = False
 
     def _take_slab(self) -> torch.Tensor:
+        if not self._all_slabs:
+            for _ in range(self._num_slabs):
+                slab = pinned_empty(self._slab_numel, self.dtype, pin=True)
+                self._all_slabs.append(slab)
+                self._slabs.put(slab)
         while True:
             self.worker.check()
             try:
@@ -124,7 +255,8 @@ class GradientSink:
 
     def _fold(self, pairs: list[tuple[Target, torch.Tensor]]) -> None:
         for (group, sp), src in pairs:
-            dst = group.ensure_grad()[sp.offset : sp.offset + sp.numel]
+            self._to_fp32(group, sp)
+            dst = group.grad_view(sp).view(-1)
             src = src.reshape(-1)
             if sp.fresh:
                 dst.copy_(src)

@@ -1,35 +1,52 @@
 """The CPU optimizer, stepped group by group on a worker thread.
 
-``step(optimizer)`` does not update anything itself. It snapshots the hyper-parameters of every param group (the
-LR scheduler changes them as soon as ``step`` returns), takes the clipping decision made on the complete gradients,
-bumps every group's version and queues one update per store group, in the order the next forward pass needs them.
-The streamer uploads a group only after its update has been applied, so the next step's forward overlaps the
-optimizer: layer ``i`` is updated while layers ``< i`` already compute.
+A step has three moments. ``begin(optimizer)`` snapshots the hyper-parameters of every param group (the LR scheduler
+changes them as soon as the step returns). ``schedule(groups)`` queues the update of groups whose gradients are
+complete: the engine calls it from the gradient worker during the backward when nothing (clipping) needs the whole
+gradient first, so updates overlap the rest of the backward. ``step(optimizer)`` schedules every group not yet
+scheduled, in the order the next forward needs them, applying the clipping decided on the complete gradients. Each
+scheduled group's version is bumped; the streamer uploads a group only once its update has been applied, so the next
+forward overlaps whatever is still running.
 
 Each update runs the user's own optimizer class on a *shadow* instance that holds only that group's parameters:
-shadow parameters share storage with the masters, their ``.grad`` are the store's FP32 gradient views, and their
-state dicts are the very dict objects of the user's optimizer (``optimizer.state[p]``), so ``state_dict()``,
-checkpoints and LR schedulers see one ordinary optimizer. Any optimizer whose update is independent per parameter
-(AdamW, Adam, SGD, DeepSpeedCPUAdam, ...) therefore gives exactly the result of one ``optimizer.step()`` after the
-full backward. Parameters that received no gradient in the step are skipped, as PyTorch skips ``grad=None``.
+shadow parameters share storage with the masters, their ``.grad`` are FP32 views of the store's gradients (upcast in
+bounded chunks when the gradients were kept in the compute dtype), and their state dicts are the very dict objects of
+the user's optimizer (``optimizer.state[p]``), so ``state_dict()``, checkpoints and LR schedulers see one ordinary
+optimizer. Any optimizer whose update is independent per parameter (AdamW, Adam, SGD, DeepSpeedCPUAdam, ...) gives
+exactly the result of one ``optimizer.step()`` after the full backward. Parameters that received no gradient in the
+step are skipped, as PyTorch skips ``grad=None``. After the update the group's compute-dtype copy is refreshed.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 
 from .store import HostStore, StoreGroup, StoreParam
 from .workers import Worker
 
-_HP_SKIP = ("params",)
+_SCRATCH_MIN = 128 * 2**20  # elements of the FP32 upcast buffer (0.5 GiB), at least the largest parameter
 
 
 def _shadow_class(cls: type) -> type:
     # A subclass whose destructor does nothing: some optimizers (DeepSpeedCPUAdam) free native state in __del__.
     return type(f"_Shadow{cls.__name__}", (cls,), {"__del__": lambda self: None})
+
+
+@dataclass
+class _StepPlan:
+    optimizer: torch.optim.Optimizer
+    shadow: torch.optim.Optimizer
+    shadow_params: dict[int, torch.nn.Parameter]
+    hyper: list[dict]
+    group_of_param: dict[int, int]
+    index: int
+    clip_coef: torch.Tensor | None = None
+    clip_value: float | None = None
 
 
 class LayerOptimizer:
@@ -44,45 +61,77 @@ class LayerOptimizer:
         self.store = store
         self.worker = Worker("optimizer", device)
         self._shadows: dict[int, tuple[torch.optim.Optimizer, dict[int, torch.nn.Parameter]]] = {}
+        self._plan: _StepPlan | None = None
+        self._lock = threading.Lock()
         self.clip_coef: torch.Tensor | None = None
         """Set by clipping by norm; applied to every gradient by the next step (then cleared)."""
         self.clip_value: float | None = None
         self.num_steps = 0
+        largest = max((sp.numel for g in store.groups for sp in g.params), default=1)
+        biggest_group = max((g.master.numel() for g in store.groups), default=1)
+        self._scratch_numel = min(biggest_group, max(largest, _SCRATCH_MIN))
+        self._scratch: torch.Tensor | None = None
 
-    # --------------------------------------------------------------------------------------------- main thread
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Schedules one step of ``optimizer`` over every store group; returns at once."""
+    # ------------------------------------------------------------------------------------------------ step API
+    def begin(self, optimizer: torch.optim.Optimizer) -> None:
+        """Snapshots the hyper-parameters of the step about to be computed (idempotent within a step)."""
         self.worker.check()
-        shadow, shadow_params = self._shadow(optimizer)
-        hyper = [{k: _snapshot(v) for k, v in g.items() if k not in _HP_SKIP} for g in optimizer.param_groups]
-        group_of_param = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
-        for p in (p for g in optimizer.param_groups for p in g["params"]):
-            if id(p) not in self.store.by_param:
-                raise ValueError(
-                    "the optimizer holds a parameter that is not part of the streamed model's host store "
-                    f"(shape {tuple(p.shape)}); the horizon engine steps only the streamed model's parameters"
-                )
-        clip_coef, clip_value = self.clip_coef, self.clip_value
+        with self._lock:
+            if self._plan is not None:
+                if self._plan.optimizer is not optimizer:
+                    raise ValueError("the horizon engine steps one optimizer; a second one was passed")
+                return
+            shadow, shadow_params = self._shadow(optimizer)
+            hyper = [{k: _snapshot(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+            group_of_param = {}
+            for i, g in enumerate(optimizer.param_groups):
+                for p in g["params"]:
+                    if id(p) not in self.store.by_param:
+                        raise ValueError(
+                            "the optimizer holds a parameter that is not part of the streamed model's host store "
+                            f"(shape {tuple(p.shape)}); the horizon engine steps only the streamed model's parameters"
+                        )
+                    group_of_param[id(p)] = i
+            self._plan = _StepPlan(optimizer, shadow, shadow_params, hyper, group_of_param, self.num_steps)
+
+    def schedule(self, groups: list[StoreGroup]) -> None:
+        """Queues the updates of ``groups`` in the current step (no-op for groups already queued in it)."""
+        with self._lock:
+            plan = self._plan
+            if plan is None:
+                return
+            for group in groups:
+                if group.scheduled_step == plan.index:
+                    continue
+                group.scheduled_step = plan.index
+                entries = [
+                    (sp, plan.group_of_param[id(sp.param)], sp.in_lp)
+                    for sp in group.params
+                    if id(sp.param) in plan.group_of_param and not sp.fresh
+                ]
+                for sp in group.params:
+                    sp.param.grad = None
+                    sp.fresh = True
+                with self.store.cond:
+                    group.version += 1
+                    version = group.version
+                self.worker.submit(lambda g=group, e=entries, v=version, p=plan: self._update(g, e, v, p))
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Schedules every remaining group of this step (in forward order) and closes the step; returns at once."""
+        self.begin(optimizer)
+        assert self._plan is not None
+        self._plan.clip_coef, self._plan.clip_value = self.clip_coef, self.clip_value
         self.clip_coef = self.clip_value = None
-        for group in self.store.groups:
-            entries = [
-                (sp, group_of_param[id(sp.param)])
-                for sp in group.params
-                if id(sp.param) in group_of_param and not sp.fresh
-            ]
-            for sp in group.params:
-                sp.param.grad = None
-                sp.fresh = True
-            with self.store.cond:
-                group.version += 1
-                version = group.version
-            self.worker.submit(
-                lambda g=group, e=entries, v=version: self._update(
-                    g, e, v, optimizer, shadow, shadow_params, hyper, clip_coef, clip_value
-                )
-            )
-        self.num_steps += 1
+        self.schedule(self.store.groups)
+        with self._lock:
+            self._plan = None
+            self.num_steps += 1
         optimizer._opt_called = True  # what an LR scheduler's wrapper of optimizer.step() records  # type: ignore[attr-defined]
+
+    @property
+    def in_step(self) -> bool:
+        return self._plan is not None
 
     def wait(self) -> None:
         """Blocks until every scheduled update has been applied."""
@@ -92,39 +141,55 @@ class LayerOptimizer:
         self.worker.close()
 
     # ------------------------------------------------------------------------------------------------- worker
-    def _update(
-        self,
-        group: StoreGroup,
-        entries: list[tuple[StoreParam, int]],
-        version: int,
-        optimizer: torch.optim.Optimizer,
-        shadow: torch.optim.Optimizer,
-        shadow_params: dict[int, torch.nn.Parameter],
-        hyper: list[dict],
-        clip_coef: torch.Tensor | None,
-        clip_value: float | None,
-    ) -> None:
+    def _update(self, group: StoreGroup, entries: list[tuple[StoreParam, int, bool]], version: int, plan: _StepPlan):
         try:
-            if not entries:
-                return
-            by_pg: dict[int, list[torch.nn.Parameter]] = {}
-            shadow.state = {}
-            for sp, pg in entries:
-                grad = group.grad_view(sp)
-                if clip_coef is not None:
-                    grad.mul_(clip_coef)
-                if clip_value is not None:
-                    grad.clamp_(-clip_value, clip_value)
-                sh = shadow_params[id(sp.param)]
-                sh.grad = grad
-                shadow.state[sh] = optimizer.state[sp.param]  # the user's state dict object, updated in place
-                by_pg.setdefault(pg, []).append(sh)
-            shadow.param_groups = [dict(hyper[pg], params=params) for pg, params in by_pg.items()]
-            shadow.step()
-            for sh in (sh for params in by_pg.values() for sh in params):
-                sh.grad = None
+            chunk: list[tuple[StoreParam, int, bool]] = []
+            used = 0
+            for entry in entries:
+                sp, _, in_lp = entry
+                if in_lp and used + sp.numel > self._scratch_numel:
+                    self._apply(group, chunk, plan)
+                    chunk, used = [], 0
+                chunk.append(entry)
+                used += sp.numel if in_lp else 0
+            self._apply(group, chunk, plan)
+            if group.copy is not None and entries:
+                if group.h2d_event is not None:
+                    group.h2d_event.synchronize()  # no upload still reads the old copy
+                group.copy.copy_(group.master)
         finally:
             self.store.mark_updated(group, version)
+
+    def _apply(self, group: StoreGroup, chunk: list[tuple[StoreParam, int, bool]], plan: _StepPlan) -> None:
+        if not chunk:
+            return
+        shadow = plan.shadow
+        by_pg: dict[int, list[torch.nn.Parameter]] = {}
+        shadow.state = {}
+        offset = 0
+        for sp, pg, in_lp in chunk:
+            if in_lp:
+                if self._scratch is None:
+                    with torch.inference_mode(False):
+                        self._scratch = torch.empty(self._scratch_numel, dtype=torch.float32)
+                grad = self._scratch[offset : offset + sp.numel].view(sp.shape)
+                grad.copy_(group.lp_grad_view(sp))
+                offset += sp.numel
+            else:
+                grad = group.grad_view(sp)
+            if plan.clip_coef is not None:
+                grad.mul_(plan.clip_coef)
+            if plan.clip_value is not None:
+                grad.clamp_(-plan.clip_value, plan.clip_value)
+            sh = plan.shadow_params[id(sp.param)]
+            sh.grad = grad
+            shadow.state[sh] = plan.optimizer.state[sp.param]  # the user's state dict object, updated in place
+            by_pg.setdefault(pg, []).append(sh)
+        shadow.param_groups = [dict(plan.hyper[pg], params=params) for pg, params in by_pg.items()]
+        shadow.step()
+        for params in by_pg.values():
+            for sh in params:
+                sh.grad = None
 
     def _shadow(self, optimizer: torch.optim.Optimizer) -> tuple[torch.optim.Optimizer, dict[int, torch.nn.Parameter]]:
         key = id(optimizer)
@@ -158,6 +223,12 @@ def clip_coefficient(
     """Total norm and clip coefficient exactly as ``torch.nn.utils.clip_grad_norm_`` computes them."""
     if not norms:
         return torch.tensor(0.0), torch.tensor(1.0)
+    on_device = [i for i, n in enumerate(norms) if n.device.type != "cpu"]
+    if on_device:  # one transfer for every norm computed on the GPU
+        moved = torch.stack([norms[i] for i in on_device]).to("cpu", torch.float32)
+        norms = list(norms)
+        for j, i in enumerate(on_device):
+            norms[i] = moved[j]
     if math.isinf(norm_type):
         total = torch.stack(norms).max()
     else:

@@ -96,7 +96,7 @@ class _Slot:
         self.cuda = device.type == "cuda"
         with torch.inference_mode(False):
             self.buf = torch.empty(numel, dtype=dtype, device=device)
-            self.staging = pinned_empty(numel, dtype, pin=True) if self.cuda else self.buf
+            self.staging: torch.Tensor | None = None if self.cuda else self.buf  # allocated on the first pack
         self.copy_event = torch.cuda.Event() if self.cuda else None
         self.free_event = torch.cuda.Event() if self.cuda else None
         self.resident: tuple[int, tuple[int, ...]] | None = None
@@ -198,7 +198,8 @@ class LayerStreamer:
         self.worker.close()
         if self.cuda:
             for slot in self.slots:
-                unregister_pinned(slot.staging)
+                if slot.staging is not None:
+                    unregister_pinned(slot.staging)
 
     # ------------------------------------------------------------------------------------------------- internals
     def _drop_plan(self) -> None:
@@ -270,6 +271,43 @@ class LayerStreamer:
         self.update_wait_s += time.perf_counter() - start
         if self.on_pack is not None:
             self.on_pack(unit)
+        if all(g.copy is not None for g in unit.groups):
+            self._upload_copy(unit, slot)
+        else:
+            self._pack_and_upload(unit, slot)
+        self.bytes_h2d += unit.numel * slot.buf.element_size()
+        self.num_uploads += 1
+        slot.resident = (unit.uid, unit.version)
+
+    def _upload_copy(self, unit: Unit, slot: _Slot) -> None:
+        """Uploads straight from the groups' pinned compute-dtype copies: no packing on the way."""
+        whole = unit.whole_group
+        pairs = (
+            [(slot.buf[: unit.numel], whole.copy[: unit.numel])]
+            if whole is not None
+            else [
+                (
+                    slot.buf[b.offset : b.offset + b.entry.numel],
+                    b.group.copy[b.entry.offset : b.entry.offset + b.entry.numel],
+                )
+                for b in unit.bindings
+            ]
+        )
+        if not self.cuda:
+            for dst, src in pairs:
+                dst.copy_(src)
+            return
+        with torch.cuda.stream(self.h2d_stream):
+            self.h2d_stream.wait_event(slot.free_event)
+            for dst, src in pairs:
+                dst.copy_(src, non_blocking=True)
+            slot.copy_event.record(self.h2d_stream)
+        for group in unit.groups:
+            group.h2d_event = slot.copy_event  # a later record of this event only waits longer: still ordered
+
+    def _pack_and_upload(self, unit: Unit, slot: _Slot) -> None:
+        if slot.staging is None:
+            slot.staging = pinned_empty(slot.buf.numel(), slot.buf.dtype, pin=True)
         if self.cuda:
             slot.copy_event.synchronize()  # the previous upload from this staging buffer is done
         start = time.perf_counter()
@@ -286,9 +324,6 @@ class LayerStreamer:
                 self.h2d_stream.wait_event(slot.free_event)
                 slot.buf[: unit.numel].copy_(slot.staging[: unit.numel], non_blocking=True)
                 slot.copy_event.record(self.h2d_stream)
-        self.bytes_h2d += unit.numel * slot.buf.element_size()
-        self.num_uploads += 1
-        slot.resident = (unit.uid, unit.version)
 
     def _make_template(self, unit: Unit, slot: _Slot) -> nn.Module:
         memo = {id(p): None for p in unit.source.parameters()}
