@@ -13,7 +13,8 @@ Host memory (the engine must match these):
     optimizer state      8 * N for AdamW (two FP32 moments; step counters are negligible), 0 for SGD
     gradients            4 * N (FP32 accumulation)
     pinned upload staging    num_slots * U * c
-    pinned gradient slabs    4 * U * c
+    pinned gradient slabs    num_grad_slabs * U * c
+    pinned weight copy   c * N (with weight_copy)
     process overhead     2 GiB (torch, CUDA context on the host side, Python)
 
 GPU memory:
@@ -67,7 +68,7 @@ GiB = 1024**3
 HOST_OVERHEAD_BYTES = 2 * GiB
 CUDA_OVERHEAD_BYTES = int(1.5 * GiB)
 GRADIENT_BYTES_PER_PARAM = 4
-PINNED_GRADIENT_SLABS = 4
+PINNED_GRADIENT_SLABS = 4  # default of plan(); the recipe passes strategy.num_grad_slabs (3)
 
 # optimizer name -> (state bytes/param, host-memory traffic bytes/param of one update)
 OPTIMIZERS = {"adamw": (8, 28), "adam": (8, 28), "sgd": (0, 12)}
@@ -86,6 +87,19 @@ _DTYPES = {
 
 class PlanError(RuntimeError):
     """The run does not fit this machine; the message holds the plan table and what to change."""
+
+
+def precision_dtype(precision: Any) -> torch.dtype:
+    """The compute dtype of a Trainer `precision` flag the horizon strategy accepts (`bf16-mixed`, `32-true`)."""
+    key = str(precision)
+    if key in ("bf16-mixed", "bf16"):
+        return torch.bfloat16
+    if key in ("32-true", "32"):
+        return torch.float32
+    raise ValueError(
+        f"trainer.precision={precision!r} is not supported by the horizon strategy: use bf16-mixed (FP32 masters, "
+        "BF16 compute) or 32-true (FP32 compute)"
+    )
 
 
 def to_dtype(value: torch.dtype | str) -> torch.dtype:
@@ -173,8 +187,12 @@ class PlanSettings:
     """K: segment length in layers (strategy.checkpoint_every)."""
     num_slots: int = 2
     """GPU weight slots (strategy.num_slots)."""
-    loss_chunk_tokens: int = 4096
+    loss_chunk_tokens: int = 2048
     """Tokens per loss chunk (strategy.loss_chunk_tokens)."""
+    num_grad_slabs: int = PINNED_GRADIENT_SLABS
+    """Pinned host slabs for gradients in flight (strategy.num_grad_slabs)."""
+    weight_copy: bool = False
+    """A pinned compute-dtype copy of the masters, refreshed by the optimizer (strategy.weight_copy)."""
     accumulate_grad_batches: int = 1
     """Micro-batches per optimizer step (trainer.accumulate_grad_batches)."""
     optimizer: str = "adamw"
@@ -182,7 +200,7 @@ class PlanSettings:
     master_dtype: torch.dtype = torch.float32
     """dtype of the host master weights."""
     compute_dtype: torch.dtype = torch.bfloat16
-    """dtype of streamed weights and activations (strategy.compute_dtype)."""
+    """dtype of streamed weights and activations (from trainer.precision: bf16-mixed -> bf16, 32-true -> fp32)."""
 
     def __post_init__(self) -> None:
         for key in (
@@ -191,6 +209,7 @@ class PlanSettings:
             "checkpoint_every",
             "num_slots",
             "loss_chunk_tokens",
+            "num_grad_slabs",
             "accumulate_grad_batches",
         ):
             if getattr(self, key) < 1:
@@ -275,7 +294,9 @@ def plan(
     max_seq_len: int,
     checkpoint_every: int,
     num_slots: int = 2,
-    loss_chunk_tokens: int = 4096,
+    loss_chunk_tokens: int = 2048,
+    num_grad_slabs: int = PINNED_GRADIENT_SLABS,
+    weight_copy: bool = False,
     accumulate_grad_batches: int = 1,
     optimizer: str = "adamw",
     master_dtype: torch.dtype | str = torch.float32,
@@ -289,6 +310,8 @@ def plan(
         checkpoint_every=checkpoint_every,
         num_slots=num_slots,
         loss_chunk_tokens=loss_chunk_tokens,
+        num_grad_slabs=num_grad_slabs,
+        weight_copy=weight_copy,
         accumulate_grad_batches=accumulate_grad_batches,
         optimizer=optimizer,
         master_dtype=master_dtype,
@@ -304,17 +327,23 @@ def plan_from_config(cfg: Any, vocab_size: int | None = None, hardware: Hardware
     `load_profile(cfg.hardware)`.
     """
     model_cfg = ModelConfig.from_dict(cfg.model)
+    hardware = hardware if hardware is not None else load_profile(cfg.hardware)
+    precision = cfg.trainer.precision
+    if precision == "auto":  # the recipe's default: BF16 compute on a GPU, FP32 on the CPU
+        precision = "bf16-mixed" if hardware.has_gpu else "32-true"
     return plan(
         build_hf_config(model_cfg, vocab_size=vocab_size),
-        hardware if hardware is not None else load_profile(cfg.hardware),
+        hardware,
         batch_size=cfg.data.batch_size,
         max_seq_len=cfg.data.max_seq_len,
         checkpoint_every=cfg.strategy.checkpoint_every,
         num_slots=cfg.strategy.num_slots,
         loss_chunk_tokens=cfg.strategy.loss_chunk_tokens,
+        num_grad_slabs=cfg.strategy.num_grad_slabs,
+        weight_copy=cfg.strategy.get("weight_copy", False),
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
         optimizer=cfg.optim.name,
-        compute_dtype=cfg.strategy.compute_dtype,
+        compute_dtype=precision_dtype(precision),
         name=model_cfg.name,
     )
 
@@ -337,9 +366,11 @@ def plan_shape(shape: ModelShape, hardware: HardwareProfile, settings: PlanSetti
         f"optimizer state ({s.optimizer}, {state_bytes} B/param)": state_bytes * n,
         f"gradients (fp32, {GRADIENT_BYTES_PER_PARAM} B/param)": GRADIENT_BYTES_PER_PARAM * n,
         f"pinned upload staging ({s.num_slots} x largest unit)": s.num_slots * unit * c,
-        f"pinned gradient slabs ({PINNED_GRADIENT_SLABS} x largest unit)": PINNED_GRADIENT_SLABS * unit * c,
+        f"pinned gradient slabs ({s.num_grad_slabs} x largest unit)": s.num_grad_slabs * unit * c,
         "process overhead": HOST_OVERHEAD_BYTES,
     }
+    if s.weight_copy:
+        host[f"pinned weight copy ({_dtype_name(s.compute_dtype)}, {c} B/param)"] = c * n
     num_segments = math.ceil(num_layers / k)
     gpu = {
         f"weight slots ({s.num_slots} x largest unit)": s.num_slots * unit * c,

@@ -21,10 +21,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_horizon import checkpoint as horizon_ckpt
 from lightning_horizon.engine import EngineConfig, HorizonEngine, find_causal_lm
 from lightning_horizon.precision import HorizonPrecision
-
-_ENGINE_FIELDS = ("checkpoint_every", "num_slots", "num_grad_slabs", "loss_chunk_tokens", "pin_masters")
 
 
 class HorizonStrategy(SingleDeviceStrategy):
@@ -36,6 +35,8 @@ class HorizonStrategy(SingleDeviceStrategy):
         num_grad_slabs: Pinned slabs for gradients in flight to the host.
         loss_chunk_tokens: Rows of logits the chunked loss computes at once.
         pin_masters: Also page-lock the FP32 masters.
+        weight_copy: Keep a pinned compute-dtype copy of the masters (+2 bytes/param for BF16), refreshed by the
+            optimizer, so uploads need no FP32 -> BF16 packing. Turn off when host memory is short.
     """
 
     strategy_name = "horizon"
@@ -47,6 +48,7 @@ class HorizonStrategy(SingleDeviceStrategy):
         num_grad_slabs: int = 3,
         loss_chunk_tokens: int = 2048,
         pin_masters: bool = False,
+        weight_copy: bool = True,
         accelerator=None,
         precision_plugin: Precision | None = None,
     ) -> None:
@@ -57,6 +59,7 @@ class HorizonStrategy(SingleDeviceStrategy):
             num_grad_slabs=num_grad_slabs,
             loss_chunk_tokens=loss_chunk_tokens,
             pin_masters=pin_masters,
+            weight_copy=weight_copy,
         )
         EngineConfig(device="cpu", **self._engine_options)  # validate now, not at fit time
         self._parallel_devices: list[torch.device] | None = None
@@ -136,7 +139,10 @@ class HorizonStrategy(SingleDeviceStrategy):
             self.engine = None
         if self.engine is None:
             config = EngineConfig(
-                device=self.root_device, compute_dtype=self.precision_plugin.compute_dtype, **self._engine_options
+                device=self.root_device,
+                compute_dtype=self.precision_plugin.compute_dtype,
+                accumulate_grads=trainer.accumulate_grad_batches > 1,
+                **self._engine_options,
             )
             self.engine = HorizonEngine(model, config)
         clip_alg = getattr(trainer, "gradient_clip_algorithm", None)
@@ -145,6 +151,31 @@ class HorizonStrategy(SingleDeviceStrategy):
         module._device = self.root_device
 
     # --------------------------------------------------------------------------------------- checkpoint state
+    # Checkpoints are directories of per-group safetensors shards (see lightning_horizon/checkpoint.py), written
+    # straight from the store's views and restored after setup, straight into the store.
+    @property
+    @override
+    def checkpoint_io(self):
+        if self._checkpoint_io is None:
+            self._checkpoint_io = horizon_ckpt.HorizonCheckpointIO()
+        return self._checkpoint_io
+
+    @checkpoint_io.setter
+    @override
+    def checkpoint_io(self, io) -> None:
+        self._checkpoint_io = io
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        if self.engine is not None:
+            self.engine.synchronize()
+        return super().lightning_module_state_dict()
+
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         if self.engine is not None:
@@ -152,9 +183,42 @@ class HorizonStrategy(SingleDeviceStrategy):
         return super().optimizer_state(optimizer)
 
     @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        if self.engine is not None:
+            self.engine.synchronize()
+            if isinstance(self.checkpoint_io, horizon_ckpt.HorizonCheckpointIO):
+                optimizers = self.optimizers if "optimizer_states" in checkpoint else []
+                checkpoint = {
+                    **checkpoint,
+                    horizon_ckpt.LAYOUT_KEY: horizon_ckpt.store_layout(self.engine, self.lightning_module, optimizers),
+                }
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    @override
+    def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
+        state_dict = checkpoint["state_dict"]
+        if self.engine is None:
+            super().load_model_state_dict(checkpoint, strict=strict)
+            return
+        self.engine.synchronize()
+        if isinstance(state_dict, horizon_ckpt.ShardedStateDict):
+            horizon_ckpt.load_into_store(state_dict, self.engine, self.lightning_module, strict=strict)
+        else:
+            super().load_model_state_dict(checkpoint, strict=strict)
+        self.engine.invalidate()  # also re-derives the compute-dtype copies of the masters
+        horizon_ckpt.restore_rng(checkpoint.get("horizon_rng"))
+
+    @override
     def load_optimizer_state_dict(self, checkpoint) -> None:
         if self.engine is not None:
             self.engine.synchronize()
+            states = checkpoint["optimizer_states"]
+            if isinstance(states, horizon_ckpt.LazyOptimizerStates):
+                horizon_ckpt.check_optimizers(states.reader, self.optimizers, self.engine)
+            # Not super(): it moves the state to root_device, and the optimizer state stays in host memory.
+            for optimizer, opt_state in zip(self.optimizers, states):
+                optimizer.load_state_dict(opt_state)
+            return
         super().load_optimizer_state_dict(checkpoint)
 
     @override

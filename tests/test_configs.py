@@ -25,7 +25,7 @@ OPTIM_KEYS = {
     "name", "lr", "weight_decay", "betas", "eps", "warmup_steps", "schedule", "min_lr_ratio",
     "no_decay_norms_and_biases", "implementation",
 }  # fmt: skip
-STRATEGY_KEYS = {"checkpoint_every", "num_slots", "loss_chunk_tokens", "compute_dtype"}
+STRATEGY_KEYS = {"checkpoint_every", "num_slots", "num_grad_slabs", "loss_chunk_tokens", "pin_masters", "weight_copy"}
 ROOT_KEYS = {"model", "data", "hardware", "trainer", "optim", "plan", "resume", "output_dir", "strategy"}
 
 
@@ -42,7 +42,7 @@ def _resolved(cfg) -> dict:
 
 
 def test_expected_files_shipped():
-    assert set(MODELS) == {
+    assert set(MODELS) >= {  # the model-family work adds more
         "tiny", "qwen2_0_5b", "qwen2_1_5b", "qwen2_3b", "qwen2_7b", "qwen2_14b", "qwen2_32b", "qwen2_72b",
         "llama3_8b", "llama3_70b",
     }  # fmt: skip

@@ -28,10 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import DecoderParts, describe
+from .adapter import DecoderParts, bind_layer_state, describe
 from .gradients import GradientSink
 from .loss import ChunkedLoss, head_logits
+from .moe import RouterAuxFunction, RouterTap
 from .optimizer import LayerOptimizer, clip_coefficient
+from .pinned import unregister_pinned
 from .segments import (
     EmbedFunction,
     ForwardPass,
@@ -75,7 +77,13 @@ class EngineConfig:
     pin_masters: bool = False
     """Page-lock the FP32 master buffers too (uploads come from pinned BF16 staging, so this is rarely useful)."""
     track_grad_norm: bool = False
-    """Record per-parameter gradient norms while folding (makes clipping by norm free); the strategy sets it."""
+    """Record per-parameter gradient norms as gradients land (makes clipping by norm free); the strategy sets it."""
+    weight_copy: bool = True
+    """Keep a copy of the masters in the compute dtype in pinned host memory (+2 bytes/param for BF16), refreshed
+    by the optimizer: uploads then need no FP32 -> BF16 packing on the way. Off: every upload packs from FP32."""
+    accumulate_grads: bool = False
+    """Gradients are summed over several backward passes per step: keep them in FP32 on the host (4 bytes/param).
+    Off: they stay in the compute dtype (2 bytes/param for BF16); a second backward before a step switches over."""
 
     def __post_init__(self) -> None:
         if self.device is None:
@@ -117,7 +125,8 @@ class HorizonEngine:
                 )
         self.parts: DecoderParts = describe(model)
         self.model = model
-        self.store = HostStore(self.parts.store_groups(), pin=config.pin_masters and self.device.type == "cuda")
+        # adopt: a model loaded straight into the store's layout (lightning_horizon.loading) is taken over, not copied
+        self.store = HostStore.adopt(self.parts.store_groups(), pin=config.pin_masters and self.device.type == "cuda")
         self.units: list[Unit] = [
             make_unit(i, f"layers.{i}", self.parts.layer_structure_key(i), layer, self.store)
             for i, layer in enumerate(self.parts.layers)
@@ -127,8 +136,16 @@ class HorizonEngine:
         self.units.append(make_unit(self.head_uid, "head", ("head",), head, self.store))
         self.streamer = LayerStreamer(self.units, self.store, self.device, self.dtype, config.num_slots)
         slab = max(u.numel for u in self.units)
-        self.sink = GradientSink(self.store, self.device, self.dtype, slab, config.num_grad_slabs)
+        if config.weight_copy:
+            self._make_copies()
+        self.sink = GradientSink(
+            self.store, self.device, self.dtype, slab, config.num_grad_slabs, direct=not config.accumulate_grads
+        )
         self.sink.track_norms = config.track_grad_norm
+        self.sink.on_final = self._on_final
+        self._overlap = False
+        self.num_overlapped_updates = 0
+        """Group updates started during a backward (rather than after it)."""
         self.optim = LayerOptimizer(self.store, self.device)
         self.streamer.extra_checks = (self.sink.worker, self.optim.worker)
         self.sink.extra_checks = (self.streamer.worker, self.optim.worker)
@@ -140,15 +157,31 @@ class HorizonEngine:
         }
         self.anchor = torch.zeros(0, requires_grad=True)
         self._current: ForwardPass | None = None
-        self._stochastic = _has_dropout(self.parts)
+        self._stochastic = self.parts.is_stochastic()
         self._moved_buffers: list[tuple[nn.Module, str, torch.device]] = []
+        templates = [t for slot in self.streamer.slots for t in slot.templates.values()]
+        self.routers = RouterTap(templates, self.parts.router_spec())
+        self._record_routers = False
         self._install()
 
     # ------------------------------------------------------------------------------------------ public API
+    def begin_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Announces that the next backward completes the gradients of a step of ``optimizer`` and that nothing
+        (no clipping, no gradient edits) happens between that backward and :meth:`step`: each group's update then
+        starts as soon as its gradients are on the host, overlapping the rest of the backward."""
+        self.optim.begin(optimizer)
+        self._overlap = True
+
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         """Schedules ``optimizer``'s step on the CPU; equivalent to ``optimizer.step()`` after the full backward."""
         self.finish_backward()
+        self._overlap = False
         self.optim.step(optimizer)
+
+    def gradient(self, param: nn.Parameter) -> torch.Tensor | None:
+        """The current FP32 gradient of ``param`` (``param.grad`` is only set where the gradients are kept in FP32)."""
+        group, sp = self.store.entry(param)
+        return self.sink.gradient(group, sp)
 
     def clip_grad_norm_(
         self, max_norm: float, norm_type: float = 2.0, optimizer: torch.optim.Optimizer | None = None
@@ -162,9 +195,9 @@ class HorizonEngine:
         entries = self._grad_entries(optimizer)
         norms = []
         for group, sp in entries:
-            if sp.grad_norm is None or not self.sink.track_norms:
-                sp.grad_norm = torch.linalg.vector_norm(group.grad_view(sp), norm_type)
-            norms.append(sp.grad_norm if norm_type == 2.0 else torch.linalg.vector_norm(group.grad_view(sp), norm_type))
+            if norm_type != 2.0 or sp.grad_norm is None or not self.sink.track_norms:
+                sp.grad_norm = torch.linalg.vector_norm(self.sink.gradient(group, sp), norm_type)
+            norms.append(sp.grad_norm)
         total, coef = clip_coefficient(norms, float(max_norm), norm_type)
         self.optim.clip_coef = coef if float(coef) < 1.0 else None
         return total
@@ -179,7 +212,7 @@ class HorizonEngine:
         for group in self.store.groups:
             for sp in group.params:
                 if not sp.fresh and sp.trainable:
-                    sp.param.grad = group.grad_view(sp)
+                    sp.param.grad = self.sink.fp32_view(group, sp)
 
     def synchronize(self) -> None:
         """Waits for pending gradient folds and optimizer updates: the masters are then final."""
@@ -190,6 +223,11 @@ class HorizonEngine:
         """Call after changing masters outside the engine's optimizer (e.g. loading a checkpoint)."""
         self.synchronize()
         self.streamer.invalidate()
+        for group in self.store.groups:
+            if group.copy is not None:
+                if group.h2d_event is not None:
+                    group.h2d_event.synchronize()
+                group.copy.copy_(group.master)
 
     def close(self) -> None:
         """Stops the workers, restores the model's own forward methods and moves buffers back to the CPU."""
@@ -200,12 +238,17 @@ class HorizonEngine:
             self.sink.close()
             self.optim.close()
             self.store.close()
+            for group in self.store.groups:
+                if group.copy is not None:
+                    unregister_pinned(group.copy)
+                    group.copy = None
             for module in (self.parts.embed, self.parts.norm, self.parts.model, *self.parts.layers):
                 module.__dict__.pop("forward", None)
             for module, name, device in self._moved_buffers:
                 module._buffers[name] = module._buffers[name].to(device)
             for hook in self._hooks:
                 hook.remove()
+            self.routers.close()
 
     @property
     def stats(self) -> dict[str, float]:
@@ -215,6 +258,7 @@ class HorizonEngine:
             "bytes_d2h": self.sink.bytes_d2h,
             "num_uploads": self.streamer.num_uploads,
             "num_optimizer_steps": self.optim.num_steps,
+            "num_overlapped_updates": self.num_overlapped_updates,
             "prefetch_busy_s": self.streamer.worker.busy_s,
             "pack_s": self.streamer.pack_s,
             "prefetch_update_wait_s": self.streamer.update_wait_s,
@@ -304,12 +348,16 @@ class HorizonEngine:
         self, fpass: ForwardPass, index: int, hidden: torch.Tensor, kwargs: dict, grad: bool, grad_out=None
     ):
         slot, module = self.streamer.acquire(index)
+        bind_layer_state(module, self._layer_state[index])
         module.train(fpass.train_mode)
-        with _rng_replay(fpass, index, self.device, enabled=self._stochastic and fpass.train_mode and fpass.keep):
+        rng = _rng_replay(fpass, index, self.device, enabled=self._stochastic and fpass.train_mode and fpass.keep)
+        with rng, self.routers.record() as routed:
             if not grad:
                 with torch.no_grad():
                     out = module(hidden, **kwargs)
                 self.streamer.release(slot)
+                if fpass.router_logits is not None and routed and not fpass.backward_started:
+                    fpass.router_logits[index] = routed
                 if isinstance(out, tuple):
                     fpass.tuple_output = True
                     out = out[0]
@@ -319,7 +367,9 @@ class HorizonEngine:
             with torch.enable_grad():
                 out = module(hidden, **kwargs)
                 out = out[0] if isinstance(out, tuple) else out
-                grads = torch.autograd.grad(out, [hidden, *trainable], grad_out, allow_unused=True)
+                router_grads = fpass.router_grads.pop(index, [])  # d(aux loss)/d(router logits), see .moe
+                outputs, grad_outputs = [out, *routed[: len(router_grads)]], [grad_out, *router_grads]
+                grads = torch.autograd.grad(outputs, [hidden, *trainable], grad_outputs, allow_unused=True)
         self.streamer.release(slot)
         it = iter(grads[1:])
         self._submit(index, [next(it) if p.requires_grad else None for p in params])
@@ -328,7 +378,23 @@ class HorizonEngine:
     def _submit(self, uid: int, grads: list[torch.Tensor | None]) -> None:
         unit = self.units[uid]
         targets = [(b.group, b.entry) for b in unit.bindings]
-        self.sink.submit(targets, grads)
+        embed = self.store.entry(self.parts.embed.weight)[0]
+        # Every group of a unit is complete after its backward, except the embedding (tied lm_head): that one also
+        # receives the embedding's own gradient at the very end of the backward.
+        self.sink.submit(targets, grads, final=[g for g in unit.groups if g is not embed])
+
+    def _on_final(self, groups) -> None:
+        if self._overlap:
+            self.optim.schedule(groups)
+            self.num_overlapped_updates += len(groups)
+
+    def _make_copies(self) -> None:
+        from .pinned import pinned_empty
+
+        with torch.inference_mode(False):
+            for group in self.store.groups:
+                group.copy = pinned_empty(group.master.numel(), self.dtype, pin=self.device.type == "cuda")
+                group.copy.copy_(group.master)
 
     def _grad_entries(self, optimizer: torch.optim.Optimizer | None):
         if optimizer is not None:
@@ -343,6 +409,7 @@ class HorizonEngine:
             raise TypeError(f"decoder layer {index} got unexpected positional arguments; pass them by keyword")
         if index == 0 or self._current is None:
             self._current = ForwardPass(self, keep=torch.is_grad_enabled(), train_mode=self.model.training)
+            self._current.router_logits = {} if self._record_routers else None
             self.streamer.plan([*range(index, self.parts.num_layers), self.head_uid])
         fpass = self._current
         out = LayerFunction.apply(hidden_states, self.anchor, fpass, index, kwargs)
@@ -364,14 +431,16 @@ class HorizonEngine:
         num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs: Any,
     ):
-        from transformers.modeling_outputs import CausalLMOutputWithPast
+        from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
         if past_key_values is not None or use_cache:
             raise ValueError("the horizon engine trains without a KV cache: pass use_cache=False / no past_key_values")
         for key in ("output_attentions", "output_hidden_states", "return_dict"):
             kwargs.pop(key, None)
+        aux_spec = self.parts.aux_loss(kwargs.pop("output_router_logits", None))
         to_dev = (lambda t: t.to(self.device) if isinstance(t, torch.Tensor) else t)  # noqa: E731
         self._current = None
+        self._record_routers = aux_spec is not None
         try:
             out = self.parts.base(
                 input_ids=input_ids,
@@ -384,20 +453,29 @@ class HorizonEngine:
             hidden = out.last_hidden_state  # before the final norm: the head applies it
             fpass = self._current
             assert fpass is not None
+            aux = None
+            if aux_spec is not None:  # the routers' load-balancing loss (see .moe)
+                hidden, aux = RouterAuxFunction.apply(hidden, self.anchor, fpass, aux_spec, to_dev(attention_mask))
             if labels is not None:
                 loss_fn = ChunkedLoss(
                     hidden, labels, num_items_in_batch, self.config.loss_chunk_tokens, self.parts.logit_softcap()
                 )
                 loss = HeadLossFunction.apply(hidden, self.anchor, fpass, loss_fn)
-                return CausalLMOutputWithPast(loss=loss, logits=None)
+                if aux is None:
+                    return CausalLMOutputWithPast(loss=loss, logits=None)
+                loss = loss + aux_spec.coef * aux
+                return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux, logits=None)
             if isinstance(logits_to_keep, int) and logits_to_keep > 0:
                 hidden = hidden[:, -logits_to_keep:]
             elif isinstance(logits_to_keep, torch.Tensor):
                 hidden = hidden[:, logits_to_keep.to(hidden.device)]
             logits = HeadLogitsFunction.apply(hidden, self.anchor, fpass)
-            return CausalLMOutputWithPast(loss=None, logits=logits)
+            if aux is None:
+                return CausalLMOutputWithPast(loss=None, logits=logits)
+            return MoeCausalLMOutputWithPast(loss=None, aux_loss=aux, logits=logits)
         finally:
             self._current = None
+            self._record_routers = False
 
     def _install(self) -> None:
         parts = self.parts
@@ -406,7 +484,8 @@ class HorizonEngine:
             layer.forward = functools.partial(self._layer_call, i)
         parts.norm.forward = _identity
         parts.model.forward = self._causal_lm_forward
-        streamed = {id(m) for top in (parts.embed, parts.norm, parts.lm_head, *parts.layers) for m in top.modules()}
+        # Layer buffers move too: templates are bound to layer i's own buffers before running as layer i.
+        streamed = {id(m) for top in (parts.embed, parts.norm, parts.lm_head) for m in top.modules()}
         for module in parts.model.modules():
             if id(module) in streamed:
                 continue
@@ -414,6 +493,7 @@ class HorizonEngine:
                 if buf is not None and buf.device != self.device:
                     self._moved_buffers.append((module, name, buf.device))
                     module._buffers[name] = buf.to(self.device)
+        self._layer_state = [parts.layer_state(i) for i in range(parts.num_layers)]
         self._hooks = [
             parts.model.register_state_dict_pre_hook(lambda *a, **k: self.synchronize()),
             parts.model.register_load_state_dict_pre_hook(lambda *a, **k: self.synchronize()),
@@ -430,12 +510,6 @@ def _get_param(module: nn.Module, dotted: str) -> nn.Parameter:
     for p in path:
         module = getattr(module, p)
     return module._parameters[leaf]
-
-
-def _has_dropout(parts: DecoderParts) -> bool:
-    if float(getattr(parts.config, "attention_dropout", 0.0) or 0.0) > 0:
-        return True
-    return any(isinstance(m, nn.Dropout) and m.p > 0 for layer in parts.layers for m in layer.modules())
 
 
 class _rng_replay:

@@ -36,6 +36,10 @@ class ForwardPass:
         self.rng: dict[int, Any] = {}
         self.tuple_output = False
         self.backward_started = False
+        self.router_logits: dict[int, list[torch.Tensor]] | None = None
+        """Each MoE layer's router logits, graph-free, when the aux loss is on (see :mod:`.moe`)."""
+        self.router_grads: dict[int, list[torch.Tensor]] = {}
+        """d(aux loss)/d(router logits) per layer, set by the aux loss's backward for the layers' backward."""
 
     def start_backward(self) -> None:
         if not self.backward_started:

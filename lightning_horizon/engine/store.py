@@ -43,6 +43,8 @@ class StoreParam:
     shape: torch.Size
     fresh: bool = True
     """True until the first gradient fold after an optimizer step: that fold overwrites instead of adding."""
+    in_lp: bool = False
+    """The current gradient is in the group's compute-dtype buffer (``grad_lp``), not the FP32 one."""
     grad_norm: torch.Tensor | None = None
     """L2 norm of the current gradient (kept when norm tracking is on)."""
 
@@ -60,6 +62,14 @@ class StoreGroup:
     numel: int
     master: torch.Tensor
     grad: torch.Tensor | None = None
+    copy: torch.Tensor | None = None
+    """Masters in the compute dtype (pinned on CUDA), refreshed by the optimizer: uploads need no packing."""
+    grad_lp: torch.Tensor | None = None
+    """Gradients in the compute dtype (pinned on CUDA): the D2H target when no accumulation happens."""
+    h2d_event: object | None = None
+    """CUDA event after the last upload read ``copy``; the optimizer waits on it before rewriting ``copy``."""
+    scheduled_step: int = -1
+    """Index of the optimizer step whose update of this group was last scheduled."""
     version: int = 0
     """Bumped by the optimizer when it schedules an update of this group."""
     done_version: int = 0
@@ -72,6 +82,10 @@ class StoreGroup:
     def grad_view(self, sp: StoreParam) -> torch.Tensor:
         assert self.grad is not None
         return self.grad[sp.offset : sp.offset + sp.numel].view(sp.shape)
+
+    def lp_grad_view(self, sp: StoreParam) -> torch.Tensor:
+        assert self.grad_lp is not None
+        return self.grad_lp[sp.offset : sp.offset + sp.numel].view(sp.shape)
 
     def ensure_grad(self) -> torch.Tensor:
         if self.grad is None:
@@ -164,3 +178,83 @@ class HostStore:
         for t in self._pinned:
             unregister_pinned(t)
         self._pinned.clear()
+
+    # ------------------------------------------------------------------ building without copies (used by loading.py)
+    @classmethod
+    def from_meta(
+        cls, model: nn.Module, groups: list[tuple[str, list[tuple[str, nn.Parameter]]]], pin: bool = False
+    ) -> HostStore:
+        """A store for a model built on the meta device: allocates the flat buffers (uninitialised), nothing copied.
+
+        Every parameter listed in ``groups`` (meta or not) is replaced, in every module of ``model`` that holds it,
+        by a new ``nn.Parameter`` that is a view into its group's buffer (tied weights stay one Parameter). The
+        caller then fills the views (e.g. from safetensors); alignment gaps are zeroed. The layout is exactly the one
+        ``HostStore(groups)`` builds, so :meth:`adopt` takes these buffers over as they are.
+        """
+        replaced: dict[int, nn.Parameter] = {}
+        old: list[nn.Parameter] = []  # keeps the replaced objects alive: their ids stay unique until we are done
+        for _, named_params in groups:
+            unique = [(n, p) for n, p in named_params if id(p) not in replaced]
+            offsets, offset = [], 0
+            for pname, p in unique:
+                if not p.is_floating_point():
+                    raise ValueError(f"parameter {pname!r} has dtype {p.dtype}; only floating-point parameters are stored")
+                offsets.append(offset)
+                offset += _align(p.numel())
+            master = torch.empty(max(offset, 1), dtype=torch.float32)
+            with torch.no_grad():
+                for (_, p), start in zip(unique, offsets):
+                    end = start + p.numel()
+                    master[end : start + _align(p.numel())].zero_()
+                    replaced[id(p)] = nn.Parameter(master[start:end].view(p.shape), requires_grad=p.requires_grad)
+                    old.append(p)
+        for module in model.modules():
+            for key, p in module._parameters.items():
+                if p is not None and id(p) in replaced:
+                    module._parameters[key] = replaced[id(p)]
+        new_groups = [(name, [(n, replaced[id(p)]) for n, p in named]) for name, named in groups]
+        return cls.adopt(new_groups, pin=pin)
+
+    @classmethod
+    def adopt(cls, groups: list[tuple[str, list[tuple[str, nn.Parameter]]]], pin: bool = False) -> HostStore:
+        """Like ``HostStore(groups, pin)``, but takes over groups whose parameters already are views into one flat
+        FP32 buffer with the store's layout (as :meth:`from_meta` leaves them): those are not copied. Other groups
+        are built (copied) as the constructor does."""
+        store = cls.__new__(cls)
+        store.groups = []
+        store.by_param = {}
+        store.cond = threading.Condition()
+        store._pinned = []
+        for name, named_params in groups:
+            unique = [(n, p) for n, p in named_params if id(p) not in store.by_param]
+            if not unique:
+                continue
+            group = cls._adopt_group(name, unique) or cls._build_group(name, unique)
+            store.groups.append(group)
+            for sp in group.params:
+                store.by_param[id(sp.param)] = (group, sp)
+            if pin:
+                store._pinned.append(register_pinned(group.master))
+        store.by_name = {g.name: g for g in store.groups}
+        return store
+
+    @staticmethod
+    def _adopt_group(name: str, named_params: list[tuple[str, nn.Parameter]]) -> StoreGroup | None:
+        """The group over the parameters' existing flat buffer, or None when they are not laid out as a store's."""
+        storage = None
+        offset, entries = 0, []
+        for pname, p in named_params:
+            data = p.data
+            if data.device.type != "cpu" or data.dtype != torch.float32 or not data.is_contiguous():
+                return None
+            if storage is None:
+                storage = data.untyped_storage()
+            if data.untyped_storage().data_ptr() != storage.data_ptr() or data.storage_offset() != offset:
+                return None
+            entries.append(StoreParam(pname, p, offset, p.numel(), p.shape))
+            offset += _align(p.numel())
+        total = max(offset, 1)
+        if storage is None or storage.nbytes() != total * 4:
+            return None
+        master = torch.empty(0, dtype=torch.float32).set_(storage, 0, (total,))
+        return StoreGroup(name, entries, offset, master)

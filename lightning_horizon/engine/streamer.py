@@ -302,8 +302,12 @@ class LayerStreamer:
             for dst, src in pairs:
                 dst.copy_(src, non_blocking=True)
             slot.copy_event.record(self.h2d_stream)
+            # An event of its own (not the slot's, which later uploads re-record): the optimizer waits on it before
+            # it rewrites this copy, and must not wait for unrelated uploads.
+            done = torch.cuda.Event()
+            done.record(self.h2d_stream)
         for group in unit.groups:
-            group.h2d_event = slot.copy_event  # a later record of this event only waits longer: still ordered
+            group.h2d_event = done
 
     def _pack_and_upload(self, unit: Unit, slot: _Slot) -> None:
         if slot.staging is None:

@@ -1,0 +1,219 @@
+"""Streaming loader: a Hugging Face model directory straight into the host store, tensor by tensor.
+
+``load_hf_model(path)`` never materialises a second copy of the weights:
+
+1. The model is built with its *parameters* on the meta device (a patched ``nn.Module.register_parameter``, as
+   accelerate's ``init_empty_weights(include_buffers=False)`` does). Buffers are created for real on the CPU, so
+   non-persistent buffers such as the rotary ``inv_freq`` get their exact values from the model's own ``__init__``;
+   any buffer still on the meta device afterwards is re-initialised with the model's ``_init_weights``.
+2. For FP32 (what the engine keeps), :meth:`HostStore.from_meta` allocates the store's flat per-group buffers
+   (uninitialised) and turns every parameter into a view into them. ``HostStore.adopt`` later takes these buffers
+   over without a copy. Other dtypes get one plain tensor per parameter.
+3. Each safetensors file is opened with ``safetensors.safe_open`` and read one tensor at a time (large tensors in
+   row chunks) and cast into its view. The only extra memory is the file's pages mapped by ``safe_open`` (at most one
+   shard) plus one chunk.
+
+Missing, unexpected, mis-shaped or inconsistently tied tensors raise a ``ValueError`` naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from lightning_horizon.engine.adapter import describe
+from lightning_horizon.engine.store import HostStore
+
+_CHUNK_BYTES = 64 << 20
+_IGNORED_UNEXPECTED = (r"rotary_emb\.inv_freq$", r"rotary_emb\.original_inv_freq$")
+
+
+def load_hf_model(
+    path: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+) -> nn.Module:
+    """A ``...ForCausalLM`` with the weights of ``path`` (a local directory or a hub id), streamed from safetensors.
+
+    With ``dtype=torch.float32`` the parameters are views into flat buffers laid out as the engine's host store
+    (``HorizonEngine`` adopts them without copying once it builds its store with ``HostStore.adopt``). The model is
+    returned in eval mode, as ``from_pretrained`` does.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = _resolve(path)
+    config = AutoConfig.from_pretrained(directory)
+    with params_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    materialize(model, dtype)
+    load_safetensors_into(model, directory)
+    model.eval()
+    return model
+
+
+@contextlib.contextmanager
+def params_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device and their buffers on the CPU."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def materialize(model: nn.Module, dtype: torch.dtype = torch.float32) -> HostStore | None:
+    """Gives the meta parameters of ``model`` uninitialised host memory (store buffers when FP32 and supported)."""
+    store = None
+    if dtype == torch.float32:
+        try:
+            groups = describe(model).store_groups()
+        except ValueError:
+            groups = None
+        if groups is not None:
+            store = HostStore.from_meta(model, groups)
+    if store is None:
+        replaced: dict[int, nn.Parameter] = {}
+        for module in model.modules():
+            for key, p in module._parameters.items():
+                if p is not None and p.is_meta:
+                    if id(p) not in replaced:
+                        replaced[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=dtype), requires_grad=p.requires_grad)
+                    module._parameters[key] = replaced[id(p)]
+    _init_meta_buffers(model)
+    return store
+
+
+def _init_meta_buffers(model: nn.Module) -> None:
+    for module in model.modules():
+        meta = [k for k, b in module._buffers.items() if b is not None and b.is_meta]
+        if not meta:
+            continue
+        for key in meta:
+            module._buffers[key] = torch.empty_like(module._buffers[key], device="cpu")
+        init = getattr(model, "_init_weights", None)
+        if init is None:
+            raise ValueError(f"buffers {meta} of {type(module).__name__} were created on the meta device")
+        with torch.no_grad():
+            init(module)
+
+
+def weight_files(directory: str | os.PathLike) -> dict[str, list[str]]:
+    """``{file name: [keys]}`` of a Hugging Face directory (sharded with an index, or one ``model.safetensors``)."""
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files: dict[str, list[str]] = {}
+        for key, name in weight_map.items():
+            files.setdefault(name, []).append(key)
+        for name in files:
+            if not (directory / name).is_file():
+                raise ValueError(f"{index} names the shard {name}, which is missing from {directory}")
+        return files
+    single = directory / "model.safetensors"
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as f:
+            return {single.name: list(f.keys())}
+    raise ValueError(
+        f"no safetensors weights in {directory}: expected model.safetensors or model.safetensors.index.json "
+        "(convert .bin checkpoints with `save_pretrained(..., safe_serialization=True)` first)"
+    )
+
+
+def load_safetensors_into(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Copies every tensor of the safetensors files in ``directory`` into ``model``'s parameters and buffers."""
+    directory = Path(directory)
+    targets = _targets(model)
+    alias_of = {name: first for name, (_, first) in targets.items()}
+    loaded: dict[str, str] = {}  # first name of the tensor -> key and file it was loaded from
+    ignored = [
+        re.compile(p)
+        for p in (*_IGNORED_UNEXPECTED, *(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []))
+    ]
+    for file_name in sorted(weight_files(directory)):
+        file_path = directory / file_name
+        with safe_open(str(file_path), framework="pt") as f, torch.no_grad():
+            for key in f.keys():
+                if key not in targets:
+                    if any(p.search(key) for p in ignored):
+                        continue
+                    raise ValueError(
+                        f"unexpected key {key!r} in {file_path}: {type(model).__name__} has no parameter or buffer "
+                        "of that name (wrong model class or config?)"
+                    )
+                target, first = targets[key]
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != tuple(target.shape):
+                    raise ValueError(
+                        f"shape mismatch for {key!r} in {file_path}: the file has {shape}, the model expects "
+                        f"{tuple(target.shape)}"
+                    )
+                if first in loaded:  # tied weights present under both names: they must agree
+                    if not torch.equal(f.get_tensor(key).to(target.dtype), target):
+                        raise ValueError(
+                            f"{key!r} in {file_path} is tied to {loaded[first]} in the model but holds different "
+                            "values (set tie_word_embeddings to match the checkpoint)"
+                        )
+                    continue
+                _copy_chunked(f, key, target)
+                loaded[first] = f"{key!r} ({file_path.name})"
+    missing = sorted(n for n, first in alias_of.items() if first not in loaded and n == first and _persistent(model, n))
+    if missing:
+        raise ValueError(
+            f"{len(missing)} key(s) missing from the safetensors files in {directory}: {', '.join(missing[:8])}"
+            f"{', ...' if len(missing) > 8 else ''}"
+        )
+
+
+def _copy_chunked(f, key: str, target: torch.Tensor) -> None:
+    nbytes = target.numel() * target.element_size()
+    if target.dim() == 0 or nbytes <= _CHUNK_BYTES:
+        target.copy_(f.get_tensor(key))
+        return
+    sl = f.get_slice(key)
+    rows = target.shape[0]
+    step = max(1, rows * _CHUNK_BYTES // nbytes)
+    for start in range(0, rows, step):
+        target[start : start + step].copy_(sl[start : start + step])
+
+
+def _targets(model: nn.Module) -> dict[str, tuple[torch.Tensor, str]]:
+    """``{state-dict name: (tensor, name of the first alias)}``; tied parameters share the first alias."""
+    first_name: dict[int, str] = {}
+    out = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        out[name] = (p.data, first_name.setdefault(id(p), name))
+    for name, b in model.named_buffers(remove_duplicate=False):
+        out[name] = (b, first_name.setdefault(id(b), name))
+    return out
+
+
+def _persistent(model: nn.Module, name: str) -> bool:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    return leaf in module._parameters or leaf not in module._non_persistent_buffers_set
+
+
+def _resolve(path: str | os.PathLike) -> Path:
+    if Path(path).is_dir():
+        return Path(path)
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover
+        raise ValueError(f"{path} is not a directory (and huggingface_hub is not installed)") from None
+    return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))

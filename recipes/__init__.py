@@ -1,0 +1,1 @@
+"""Ready-to-run training recipes, each runnable as ``python -m recipes.NAME`` (Hydra configs in ``conf/``)."""
