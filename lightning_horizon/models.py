@@ -225,12 +225,11 @@ def build_model(
 def load_pretrained(
     path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
 ) -> PreTrainedModel:
-    """Real weights from a local directory or hub id.
+    """Real weights from a local directory or hub id, streamed safetensors tensor by tensor into the host store's
+    layout (no full model object materialised first, no second copy): see :mod:`lightning_horizon.loading`."""
+    from lightning_horizon.loading import load_hf_model
 
-    Placeholder: materializes the whole model in host memory through `from_pretrained`. The streaming loader
-    (safetensors shard by shard straight into the host store) replaces this function.
-    """
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    return load_hf_model(path, dtype=dtype, attn_implementation=attn_implementation)
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:

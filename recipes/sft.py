@@ -19,10 +19,7 @@ import csv
 import dataclasses
 import importlib.util
 import inspect
-import os
-import shutil
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +33,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig
 
 from lightning_horizon import HorizonStrategy
+from lightning_horizon import export as horizon_export
 from lightning_horizon.data import DataConfig, SFTDataModule, build_default_tokenizer, load_tokenizer
 from lightning_horizon.data.packing import prepare_model_for_packing
 from lightning_horizon.hardware import HardwareProfile, load_profile
@@ -134,27 +132,17 @@ def hardware_profile(cfg: DictConfig, trainer: dict[str, Any]) -> HardwareProfil
 
 
 def export_hf(module: SFTModule, tokenizer: Any, out_dir: Path) -> Path:
-    """Write ``module.model`` and ``tokenizer`` as a Hugging Face directory (written aside, then renamed into place)."""
+    """Write ``module.model`` and ``tokenizer`` as a Hugging Face directory (BF16 safetensors, streamed tensor by
+    tensor from the host store, written aside and renamed into place)."""
     strategy = module.trainer.strategy if module._trainer is not None else None
-    if getattr(strategy, "engine", None) is not None:
-        strategy.engine.synchronize()  # the last optimizer step runs on a worker thread
+    engine = getattr(strategy, "engine", None)
     model = module.model
-    # Masters are views into shared per-layer buffers: save contiguous copies (safetensors refuses shared storage).
-    state_dict = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    use_cache = model.config.use_cache
+    model.config.use_cache = True  # packing turned the cache off for training; generation wants it
     try:
-        use_cache = model.config.use_cache
-        model.config.use_cache = True  # packing turned the cache off for training; generation wants it
-        try:
-            model.save_pretrained(tmp, state_dict=state_dict)
-        finally:
-            model.config.use_cache = use_cache
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.rename(tmp, out_dir)
+        return horizon_export.export_hf(engine if engine is not None else model, out_dir, "bf16", tokenizer)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+        model.config.use_cache = use_cache
 
 
 def logged_losses(csv_dir: str) -> list[float]:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .activations import CheckpointOffloader, materialize, prefetch
 from .adapter import DecoderParts, bind_layer_state, describe
 from .gradients import GradientSink
 from .loss import ChunkedLoss, head_logits
@@ -81,6 +82,10 @@ class EngineConfig:
     weight_copy: bool = True
     """Keep a copy of the masters in the compute dtype in pinned host memory (+2 bytes/param for BF16), refreshed
     by the optimizer: uploads then need no FP32 -> BF16 packing on the way. Off: every upload packs from FP32."""
+    offload_checkpoints: bool | None = None
+    """Move segment checkpoints to pinned host memory during the forward and back one segment ahead in the
+    backward, so GPU memory does not grow with depth. None: only when a pass's checkpoints would take more than a
+    fifth of the GPU's memory. Ignored on the CPU."""
     accumulate_grads: bool = False
     """Gradients are summed over several backward passes per step: keep them in FP32 on the host (4 bytes/param).
     Off: they stay in the compute dtype (2 bytes/param for BF16); a second backward before a step switches over."""
@@ -143,6 +148,7 @@ class HorizonEngine:
         )
         self.sink.track_norms = config.track_grad_norm
         self.sink.on_final = self._on_final
+        self.offloader = CheckpointOffloader(self.device, config.offload_checkpoints)
         self._overlap = False
         self.num_overlapped_updates = 0
         """Group updates started during a backward (rather than after it)."""
@@ -290,18 +296,25 @@ class HorizonEngine:
     def layer_forward(self, fpass: ForwardPass, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         if fpass.keep:
             fpass.kwargs[index] = kwargs
-            if index % self.config.checkpoint_every == 0:
-                fpass.inputs[index] = hidden
+            k = self.config.checkpoint_every
+            if index == 0:
+                fpass.offload = self.offloader.decide(hidden, -(-self.parts.num_layers // k))
+            if index % k == 0:
+                fpass.inputs[index] = self.offloader.offload(hidden) if fpass.offload else hidden
         return self._run_layer(fpass, index, hidden, kwargs, grad=False)
 
     def layer_backward(self, fpass: ForwardPass, index: int, grad_out: torch.Tensor) -> torch.Tensor:
+        k = self.config.checkpoint_every
+        start = index - index % k
         if index not in fpass.inputs:
-            start = index - index % self.config.checkpoint_every
-            hidden = fpass.inputs[start]
+            hidden = materialize(fpass.inputs[start])
+            prefetch(fpass.inputs.get(start - k))  # the previous segment's checkpoint comes back meanwhile
             for j in range(start, index):
                 hidden = self._run_layer(fpass, j, hidden, fpass.kwargs[j], grad=False)
                 fpass.inputs[j + 1] = hidden
-        x = fpass.inputs.pop(index).detach().requires_grad_(True)
+        elif index == start:
+            prefetch(fpass.inputs.get(start - k))
+        x = materialize(fpass.inputs.pop(index)).detach().requires_grad_(True)
         _, grad_in = self._run_layer(fpass, index, x, fpass.kwargs.pop(index), grad=True, grad_out=grad_out)
         return grad_in
 
@@ -340,8 +353,10 @@ class HorizonEngine:
         return grads[0]
 
     def plan_backward(self, fpass: ForwardPass) -> None:
-        order = [self.head_uid] + [i for i, _ in segment_backward_order(self.parts.num_layers, self.config.checkpoint_every)]
+        k = self.config.checkpoint_every
+        order = [self.head_uid] + [i for i, _ in segment_backward_order(self.parts.num_layers, k)]
         self.streamer.plan(order)
+        prefetch(fpass.inputs.get((self.parts.num_layers - 1) // k * k))
 
     # ----------------------------------------------------------------------------------------------- internals
     def _run_layer(

@@ -36,6 +36,8 @@ class ForwardPass:
         self.rng: dict[int, Any] = {}
         self.tuple_output = False
         self.backward_started = False
+        self.offload = False
+        """Segment checkpoints of this pass live in pinned host memory (see .activations)."""
         self.router_logits: dict[int, list[torch.Tensor]] | None = None
         """Each MoE layer's router logits, graph-free, when the aux loss is on (see :mod:`.moe`)."""
         self.router_grads: dict[int, list[torch.Tensor]] = {}
