@@ -37,6 +37,8 @@ class HorizonStrategy(SingleDeviceStrategy):
         pin_masters: Also page-lock the FP32 masters.
         weight_copy: Keep a pinned compute-dtype copy of the masters (+2 bytes/param for BF16), refreshed by the
             optimizer, so uploads need no FP32 -> BF16 packing. Turn off when host memory is short.
+        offload_checkpoints: Keep segment checkpoints in pinned host memory (GPU memory then does not grow with
+            depth); None = only when they would take more than a fifth of the GPU's memory.
     """
 
     strategy_name = "horizon"
@@ -49,6 +51,7 @@ class HorizonStrategy(SingleDeviceStrategy):
         loss_chunk_tokens: int = 2048,
         pin_masters: bool = False,
         weight_copy: bool = True,
+        offload_checkpoints: bool | None = None,
         accelerator=None,
         precision_plugin: Precision | None = None,
     ) -> None:
@@ -60,6 +63,7 @@ class HorizonStrategy(SingleDeviceStrategy):
             loss_chunk_tokens=loss_chunk_tokens,
             pin_masters=pin_masters,
             weight_copy=weight_copy,
+            offload_checkpoints=offload_checkpoints,
         )
         EngineConfig(device="cpu", **self._engine_options)  # validate now, not at fit time
         self._parallel_devices: list[torch.device] | None = None

@@ -54,6 +54,7 @@ class StrategyConfig:
     loss_chunk_tokens: int = 2048
     pin_masters: bool = False
     weight_copy: bool = True
+    offload_checkpoints: bool | None = None
 
 
 @dataclass

@@ -25,7 +25,15 @@ OPTIM_KEYS = {
     "name", "lr", "weight_decay", "betas", "eps", "warmup_steps", "schedule", "min_lr_ratio",
     "no_decay_norms_and_biases", "implementation",
 }  # fmt: skip
-STRATEGY_KEYS = {"checkpoint_every", "num_slots", "num_grad_slabs", "loss_chunk_tokens", "pin_masters", "weight_copy"}
+STRATEGY_KEYS = {
+    "checkpoint_every",
+    "num_slots",
+    "num_grad_slabs",
+    "loss_chunk_tokens",
+    "pin_masters",
+    "weight_copy",
+    "offload_checkpoints",
+}
 ROOT_KEYS = {"model", "data", "hardware", "trainer", "optim", "plan", "resume", "output_dir", "strategy"}
 
 

@@ -13,8 +13,10 @@ build fails (one warning), and :func:`fused_adamw_` then runs the same formula w
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import platform
 import threading
 import warnings
 from pathlib import Path
@@ -46,7 +48,7 @@ def _load():
             from torch.utils.cpp_extension import load
 
             _module = load(
-                name="lightning_horizon_fused_adamw",
+                name=f"lightning_horizon_fused_adamw_{_cpu_tag()}",
                 sources=[str(_SOURCE)],
                 extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"],
                 extra_ldflags=["-fopenmp"],
@@ -62,6 +64,15 @@ def _load():
             )
             _module = None
         return _module
+
+
+def _cpu_tag() -> str:
+    """A short hash of the CPU's features: builds use -march=native, so a shared cache must not mix CPUs."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:8]
 
 
 def fused_adamw_available() -> bool:
@@ -142,3 +153,54 @@ def _reference(param, grad, exp_avg, exp_avg_sq, copy, lr, beta1, beta2, eps, we
             p.addcdiv_(m, denom, value=-step_size)
             if copy_flat is not None:
                 copy_flat[start : start + _FALLBACK_CHUNK].copy_(p)
+
+
+# ---------------------------------------------------------------------------------- torch.optim.AdamW integration
+def adamw_group_scalars(optimizer: torch.optim.Optimizer, group: dict) -> dict[str, float] | None:
+    """``lr, beta1, beta2, eps, weight_decay`` of one param group when :func:`fused_adamw_` computes exactly the
+    update ``optimizer`` would (a plain ``torch.optim.AdamW``, no amsgrad/maximize/capturable/differentiable, scalar
+    hyper-parameters); None otherwise."""
+    if type(optimizer) is not torch.optim.AdamW:
+        return None
+    if any(group.get(key, False) for key in ("amsgrad", "maximize", "capturable", "differentiable")):
+        return None
+    if not group.get("decoupled_weight_decay", True):
+        return None
+    try:
+        beta1, beta2 = group["betas"]
+        names = ("lr", "beta1", "beta2", "eps", "weight_decay")
+        values = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+        return {name: _as_float(value) for name, value in zip(names, values)}
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def adamw_state(state: dict, param: torch.Tensor, group: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(step, exp_avg, exp_avg_sq)`` of one parameter's AdamW state, initialised as torch's AdamW does on its first
+    step when empty; None when the state is not FP32 CPU tensors the kernel can update in place."""
+    if len(state) == 0:
+        with torch.inference_mode(False):
+            # torch.optim.Adam._init_group: a 0-dim CPU `step`, float32 for fused (the default dtype's otherwise)
+            fused = group.get("fused") or group.get("capturable")
+            dtype = torch.float64 if not fused and torch.get_default_dtype() == torch.float64 else torch.float32
+            state["step"] = torch.zeros((), dtype=dtype, device=param.device)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    step, exp_avg, exp_avg_sq = state.get("step"), state.get("exp_avg"), state.get("exp_avg_sq")
+    if not isinstance(step, torch.Tensor) or step.numel() != 1 or step.device.type != "cpu" or step.requires_grad:
+        return None
+    for t in (exp_avg, exp_avg_sq):
+        ok = isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type == "cpu"
+        if not ok or t.shape != param.shape or not t.is_contiguous() or t.requires_grad:
+            return None
+    return step, exp_avg, exp_avg_sq
+
+
+def _as_float(value) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.requires_grad:
+            raise ValueError("not a scalar")
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError("not a number")
+    return float(value)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .fused_adam import adamw_group_scalars, adamw_state, fused_adamw_, fused_adamw_available
 from .store import HostStore, StoreGroup, StoreParam
 from .workers import Worker
 
@@ -56,6 +57,9 @@ class LayerOptimizer:
         store: The host store whose masters the optimizer updates.
         device: Compute device (worker threads bind to it).
     """
+
+    use_fused = True
+    """Step plain ``torch.optim.AdamW`` groups with the one-pass kernel of :mod:`.fused_adam` when it is available."""
 
     def __init__(self, store: HostStore, device: torch.device) -> None:
         self.store = store
@@ -143,6 +147,9 @@ class LayerOptimizer:
     # ------------------------------------------------------------------------------------------------- worker
     def _update(self, group: StoreGroup, entries: list[tuple[StoreParam, int, bool]], version: int, plan: _StepPlan):
         try:
+            copy_stale = bool(entries)
+            if self.use_fused and entries:
+                entries, copy_stale = self._update_fused(group, entries, plan)
             chunk: list[tuple[StoreParam, int, bool]] = []
             used = 0
             for entry in entries:
@@ -153,7 +160,7 @@ class LayerOptimizer:
                 chunk.append(entry)
                 used += sp.numel if in_lp else 0
             self._apply(group, chunk, plan)
-            if group.copy is not None and entries:
+            if group.copy is not None and (entries or copy_stale):
                 if group.h2d_event is not None:
                     group.h2d_event.synchronize()  # no upload still reads the old copy
                 group.copy.copy_(group.master)
@@ -190,6 +197,41 @@ class LayerOptimizer:
         for params in by_pg.values():
             for sh in params:
                 sh.grad = None
+
+    # ----------------------------------------------------------------------------- one-pass AdamW (fused_adam.py)
+    def _update_fused(
+        self, group: StoreGroup, entries: list[tuple[StoreParam, int, bool]], plan: _StepPlan
+    ) -> tuple[list[tuple[StoreParam, int, bool]], bool]:
+        """Steps the entries of a plain ``torch.optim.AdamW`` with FP32 CPU state in one pass each: gradient read
+        straight from ``grad_lp``/``grad`` (no upcast), BF16 copy written in the same pass. Returns the entries left
+        to the shadow optimizer and whether the group's copy still needs a refresh for those it stepped."""
+        if type(plan.optimizer) is not torch.optim.AdamW or not fused_adamw_available():
+            return entries, bool(entries)
+        copy = group.copy if group.copy is not None and group.copy.dtype == torch.bfloat16 else None
+        scalars: dict[int, dict[str, float] | None] = {}
+        rest, waited = [], False
+        clip = {"clip_coef": None if plan.clip_coef is None else float(plan.clip_coef), "clip_value": plan.clip_value}
+        for sp, pg, in_lp in entries:
+            if pg not in scalars:
+                scalars[pg] = adamw_group_scalars(plan.optimizer, plan.hyper[pg])
+            hyper = scalars[pg]
+            state = None if hyper is None else adamw_state(plan.optimizer.state[sp.param], sp.param, plan.hyper[pg])
+            if state is None:
+                rest.append((sp, pg, in_lp))
+                continue
+            if copy is not None and not waited and group.h2d_event is not None:
+                group.h2d_event.synchronize()  # no upload still reads the old copy
+                waited = True
+            step, exp_avg, exp_avg_sq = state
+            step.add_(1)  # as torch's AdamW does before its update
+            span = slice(sp.offset, sp.offset + sp.numel)
+            grad = group.grad_lp if in_lp else group.grad
+            assert grad is not None
+            param, copy_span = group.master[span], None if copy is None else copy[span]
+            moments = exp_avg.view(-1), exp_avg_sq.view(-1)
+            fused_adamw_(param, grad[span], *moments, copy_span, step=step.item(), **clip, **hyper)
+        stepped = len(rest) < len(entries)
+        return rest, stepped and group.copy is not None and copy is None
 
     def _shadow(self, optimizer: torch.optim.Optimizer) -> tuple[torch.optim.Optimizer, dict[int, torch.nn.Parameter]]:
         key = id(optimizer)

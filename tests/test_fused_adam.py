@@ -1,0 +1,194 @@
+"""The one-pass AdamW kernel and its PyTorch fallback against ``torch.optim.AdamW``, and the engine's use of it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_horizon import HorizonEngine
+from lightning_horizon.engine import fused_adam
+from lightning_horizon.engine.fused_adam import fused_adamw_, fused_adamw_available
+from tests.helpers import clone, make_batch, rel_err, tiny_model
+
+PATHS = [
+    pytest.param(True, id="kernel"),
+    pytest.param(False, id="fallback"),
+]
+
+
+def _skip_without_kernel(use_extension: bool) -> None:
+    if use_extension and not fused_adamw_available():
+        pytest.skip("the fused AdamW extension could not be built here (no usable C++ compiler)")
+
+
+def _max_rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    # relative to each element, with a floor at the tensor's scale (moments pass through zero)
+    floor = want.abs().max().clamp_min(1e-30) * 1e-3
+    return ((got - want).abs() / want.abs().clamp_min(floor)).max().item()
+
+
+def _run_pair(n, grad_dtype, use_extension, torch_fused, weight_decay=0.1, clip_coef=None, clip_value=None, steps=10):
+    gen = torch.Generator().manual_seed(n)
+    p0 = torch.randn(n, generator=gen)
+    grads = [torch.randn(n, generator=gen).to(grad_dtype) for _ in range(steps)]
+    ref = p0.clone().requires_grad_()
+    hyper = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay)
+    opt = torch.optim.AdamW([ref], **hyper, fused=torch_fused, foreach=False if not torch_fused else None)
+    param, m, v = p0.clone(), torch.zeros(n), torch.zeros(n)
+    copy = torch.empty(n, dtype=torch.bfloat16)
+    for step, g in enumerate(grads, 1):
+        ref_grad = g.to(torch.float32, copy=True)  # what the engine's shadow path hands torch: the upcast gradient, clipped in place
+        if clip_coef is not None:
+            ref_grad.mul_(torch.tensor(clip_coef, dtype=torch.float32))
+        if clip_value is not None:
+            ref_grad.clamp_(-clip_value, clip_value)
+        ref.grad = ref_grad
+        opt.step()
+        fused_adamw_(
+            param, g, m, v, copy, lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=weight_decay, step=step,
+            clip_coef=clip_coef, clip_value=clip_value, use_extension=use_extension,
+        )  # fmt: skip
+    state = opt.state[ref]
+    return (param, m, v, copy), (ref.detach(), state["exp_avg"], state["exp_avg_sq"])
+
+
+@pytest.mark.parametrize("use_extension", PATHS)
+@pytest.mark.parametrize("torch_fused", [True, False], ids=["torch_fused", "torch_single"])
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16], ids=["fp32_grad", "bf16_grad"])
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(weight_decay=0.0), dict(clip_coef=0.37), dict(clip_value=0.5), dict(clip_coef=0.8, clip_value=0.3)],
+    ids=["wd", "no_wd", "clip_coef", "clip_value", "both"],
+)
+def test_matches_torch_adamw(use_extension, torch_fused, grad_dtype, options):
+    _skip_without_kernel(use_extension)
+    (param, m, v, copy), (ref_p, ref_m, ref_v) = _run_pair(4099, grad_dtype, use_extension, torch_fused, **options)
+    for name, got, want in [("param", param, ref_p), ("exp_avg", m, ref_m), ("exp_avg_sq", v, ref_v)]:
+        assert _max_rel(got, want) < 1e-6, name
+    assert torch.equal(copy, param.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("use_extension", PATHS)
+@pytest.mark.parametrize("n", [1, 7, 17, 1000003])
+def test_odd_sizes_and_tails(use_extension, n):
+    _skip_without_kernel(use_extension)
+    (param, m, v, copy), (ref_p, ref_m, ref_v) = _run_pair(n, torch.bfloat16, use_extension, True, steps=3)
+    for got, want in [(param, ref_p), (m, ref_m), (v, ref_v)]:
+        assert _max_rel(got, want) < 1e-6
+    assert torch.equal(copy, param.to(torch.bfloat16))
+
+
+def test_kernel_and_fallback_agree_and_copy_rounds_like_torch():
+    _skip_without_kernel(True)
+    n = 1 << 16
+    gen = torch.Generator().manual_seed(3)
+    results = []
+    for use_extension in (True, False):
+        param = torch.randn(n, generator=torch.Generator().manual_seed(1)) * 100
+        param[:8] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40, 3.3895e38, -1.0])
+        grad = torch.randn(n, generator=gen).to(torch.bfloat16)
+        m, v, copy = torch.zeros(n), torch.zeros(n), torch.empty(n, dtype=torch.bfloat16)
+        kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)
+        fused_adamw_(param, grad, m, v, copy, **kw, use_extension=use_extension)
+        want = param.to(torch.bfloat16)
+        finite = ~param.isnan()
+        assert torch.equal(copy[finite].view(torch.int16), want[finite].view(torch.int16))  # bit-exact, signed zeros
+        assert copy[~finite].isnan().all()
+        results.append((param, m, v))
+    for got, want in zip(*results):
+        assert torch.allclose(got, want, rtol=1e-6, atol=0, equal_nan=True)
+
+
+def test_env_var_forces_the_fallback(monkeypatch):
+    monkeypatch.setattr(fused_adam, "_tried", False)
+    monkeypatch.setattr(fused_adam, "_module", None)
+    monkeypatch.setenv("LIGHTNING_HORIZON_NO_EXTENSIONS", "1")
+    assert not fused_adamw_available()
+    with pytest.raises(RuntimeError, match="not available"):
+        fused_adamw_(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), None, lr=1, beta1=0.9,
+                     beta2=0.9, eps=1e-8, weight_decay=0, step=1, use_extension=True)  # fmt: skip
+
+
+def _train(use_fused: bool, steps: int = 5, clip: float | None = None):
+    model = tiny_model("qwen2")
+    engine = HorizonEngine(model, device="cpu", compute_dtype="bf16")
+    engine.optim.use_fused = use_fused
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+    calls = []
+    original = fused_adam.fused_adamw_
+    try:
+        import lightning_horizon.engine.optimizer as optimizer_module
+
+        optimizer_module.fused_adamw_ = lambda *a, **k: calls.append(1) or original(*a, **k)
+        for step in range(steps):
+            model(**make_batch(20 + step)).loss.backward()
+            if clip is not None:
+                engine.clip_grad_norm_(clip)
+            engine.step(opt)
+            opt.zero_grad()
+        engine.synchronize()
+        copies = {g.name: (g.copy.clone() if g.copy is not None else None, g.master.clone()) for g in engine.store.groups}
+    finally:
+        optimizer_module.fused_adamw_ = original
+        engine.close()
+    return model, opt, copies, len(calls)
+
+
+@pytest.mark.parametrize("clip", [None, 0.5], ids=["no_clip", "clip_norm"])
+def test_engine_fused_path_matches_shadow_path(clip):
+    _skip_without_kernel(True)
+    fused_model, fused_opt, fused_copies, fused_calls = _train(True, clip=clip)
+    plain_model, plain_opt, _, plain_calls = _train(False, clip=clip)
+    assert fused_calls > 0 and plain_calls == 0
+    for (name, p), q in zip(fused_model.named_parameters(), plain_model.parameters()):
+        assert rel_err(p, q) < 1e-5, name
+    for name, (copy, master) in fused_copies.items():
+        if copy is not None:
+            assert torch.equal(copy, master.to(copy.dtype)), name
+    sd, sd_plain = fused_opt.state_dict(), plain_opt.state_dict()
+    assert sd["param_groups"] == sd_plain["param_groups"]
+    assert sd["state"].keys() == sd_plain["state"].keys()
+    for i, state in sd["state"].items():
+        want = sd_plain["state"][i]
+        assert state.keys() == want.keys()
+        for key in state:
+            assert (state[key].shape, state[key].dtype, state[key].device) == (
+                want[key].shape,
+                want[key].dtype,
+                want[key].device,
+            ), (i, key)
+        assert float(state["step"]) == 5.0
+
+
+def test_state_dict_resumes_with_plain_torch_adamw():
+    """A checkpoint of the fused path loads into a plain AdamW, which continues as the fused path does."""
+    _skip_without_kernel(True)
+    model, opt, _, _ = _train(True, steps=2)
+    ref = clone(model)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+    ref_opt.load_state_dict(opt.state_dict())
+    engine = HorizonEngine(model, device="cpu", compute_dtype="fp32")
+    try:
+        batch = make_batch(99)
+        model(**batch).loss.backward()
+        ref_batch_loss = ref(**batch).loss
+        ref_batch_loss.backward()
+        engine.step(opt)
+        ref_opt.step()
+        engine.synchronize()
+    finally:
+        engine.close()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert rel_err(p, q) < 1e-5, name
+
+
+def test_non_adamw_optimizers_keep_the_shadow_path():
+    class MyAdamW(torch.optim.AdamW):
+        pass
+
+    model = torch.nn.Linear(3, 3)
+    assert fused_adam.adamw_group_scalars(MyAdamW(model.parameters()), MyAdamW(model.parameters()).param_groups[0]) is None
+    opt = torch.optim.AdamW(model.parameters(), amsgrad=True)
+    assert fused_adam.adamw_group_scalars(opt, opt.param_groups[0]) is None
+    opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-3))
+    assert fused_adam.adamw_group_scalars(opt, opt.param_groups[0])["lr"] == pytest.approx(1e-3)
