@@ -81,9 +81,9 @@ def test_odd_sizes_and_tails(use_extension, n):
 def test_kernel_and_fallback_agree_and_copy_rounds_like_torch():
     _skip_without_kernel(True)
     n = 1 << 16
-    gen = torch.Generator().manual_seed(3)
     results = []
     for use_extension in (True, False):
+        gen = torch.Generator().manual_seed(3)
         param = torch.randn(n, generator=torch.Generator().manual_seed(1)) * 100
         param[:8] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40, 3.3895e38, -1.0])
         grad = torch.randn(n, generator=gen).to(torch.bfloat16)
@@ -165,6 +165,7 @@ def test_state_dict_resumes_with_plain_torch_adamw():
     _skip_without_kernel(True)
     model, opt, _, _ = _train(True, steps=2)
     ref = clone(model)
+    ref.zero_grad(set_to_none=True)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
     ref_opt.load_state_dict(opt.state_dict())
     engine = HorizonEngine(model, device="cpu", compute_dtype="fp32")
