@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -35,9 +37,10 @@ def _run_pair(n, grad_dtype, use_extension, torch_fused, weight_decay=0.1, clip_
     hyper = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay)
     opt = torch.optim.AdamW([ref], **hyper, fused=torch_fused, foreach=False if not torch_fused else None)
     param, m, v = p0.clone(), torch.zeros(n), torch.zeros(n)
-    copy = torch.empty(n, dtype=torch.bfloat16)
+    lp_copy = torch.empty(n, dtype=torch.bfloat16)
     for step, g in enumerate(grads, 1):
-        ref_grad = g.to(torch.float32, copy=True)  # what the engine's shadow path hands torch: the upcast gradient, clipped in place
+        # what the engine's shadow path hands torch: the upcast gradient, clipped in place
+        ref_grad = g.to(torch.float32, copy=True)
         if clip_coef is not None:
             ref_grad.mul_(torch.tensor(clip_coef, dtype=torch.float32))
         if clip_value is not None:
@@ -45,11 +48,11 @@ def _run_pair(n, grad_dtype, use_extension, torch_fused, weight_decay=0.1, clip_
         ref.grad = ref_grad
         opt.step()
         fused_adamw_(
-            param, g, m, v, copy, lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=weight_decay, step=step,
+            param, g, m, v, lp_copy, lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=weight_decay, step=step,
             clip_coef=clip_coef, clip_value=clip_value, use_extension=use_extension,
         )  # fmt: skip
     state = opt.state[ref]
-    return (param, m, v, copy), (ref.detach(), state["exp_avg"], state["exp_avg_sq"])
+    return (param, m, v, lp_copy), (ref.detach(), state["exp_avg"], state["exp_avg_sq"])
 
 
 @pytest.mark.parametrize("use_extension", PATHS)
@@ -62,20 +65,20 @@ def _run_pair(n, grad_dtype, use_extension, torch_fused, weight_decay=0.1, clip_
 )
 def test_matches_torch_adamw(use_extension, torch_fused, grad_dtype, options):
     _skip_without_kernel(use_extension)
-    (param, m, v, copy), (ref_p, ref_m, ref_v) = _run_pair(4099, grad_dtype, use_extension, torch_fused, **options)
+    (param, m, v, lp_copy), (ref_p, ref_m, ref_v) = _run_pair(4099, grad_dtype, use_extension, torch_fused, **options)
     for name, got, want in [("param", param, ref_p), ("exp_avg", m, ref_m), ("exp_avg_sq", v, ref_v)]:
         assert _max_rel(got, want) < 1e-6, name
-    assert torch.equal(copy, param.to(torch.bfloat16))
+    assert torch.equal(lp_copy, param.to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("use_extension", PATHS)
 @pytest.mark.parametrize("n", [1, 7, 17, 1000003])
 def test_odd_sizes_and_tails(use_extension, n):
     _skip_without_kernel(use_extension)
-    (param, m, v, copy), (ref_p, ref_m, ref_v) = _run_pair(n, torch.bfloat16, use_extension, True, steps=3)
+    (param, m, v, lp_copy), (ref_p, ref_m, ref_v) = _run_pair(n, torch.bfloat16, use_extension, True, steps=3)
     for got, want in [(param, ref_p), (m, ref_m), (v, ref_v)]:
         assert _max_rel(got, want) < 1e-6
-    assert torch.equal(copy, param.to(torch.bfloat16))
+    assert torch.equal(lp_copy, param.to(torch.bfloat16))
 
 
 def test_kernel_and_fallback_agree_and_copy_rounds_like_torch():
@@ -87,13 +90,13 @@ def test_kernel_and_fallback_agree_and_copy_rounds_like_torch():
         param = torch.randn(n, generator=torch.Generator().manual_seed(1)) * 100
         param[:8] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40, 3.3895e38, -1.0])
         grad = torch.randn(n, generator=gen).to(torch.bfloat16)
-        m, v, copy = torch.zeros(n), torch.zeros(n), torch.empty(n, dtype=torch.bfloat16)
+        m, v, lp_copy = torch.zeros(n), torch.zeros(n), torch.empty(n, dtype=torch.bfloat16)
         kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)
-        fused_adamw_(param, grad, m, v, copy, **kw, use_extension=use_extension)
+        fused_adamw_(param, grad, m, v, lp_copy, **kw, use_extension=use_extension)
         want = param.to(torch.bfloat16)
         finite = ~param.isnan()
-        assert torch.equal(copy[finite].view(torch.int16), want[finite].view(torch.int16))  # bit-exact, signed zeros
-        assert copy[~finite].isnan().all()
+        assert torch.equal(lp_copy[finite].view(torch.int16), want[finite].view(torch.int16))  # bit-exact, signed zeros
+        assert lp_copy[~finite].isnan().all()
         results.append((param, m, v))
     for got, want in zip(*results):
         assert torch.allclose(got, want, rtol=1e-6, atol=0, equal_nan=True)
@@ -127,7 +130,9 @@ def _train(use_fused: bool, steps: int = 5, clip: float | None = None):
             engine.step(opt)
             opt.zero_grad()
         engine.synchronize()
-        copies = {g.name: (g.copy.clone() if g.copy is not None else None, g.master.clone()) for g in engine.store.groups}
+        copies = {
+            g.name: (g.copy.clone() if g.copy is not None else None, g.master.clone()) for g in engine.store.groups
+        }
     finally:
         optimizer_module.fused_adamw_ = original
         engine.close()
@@ -142,9 +147,9 @@ def test_engine_fused_path_matches_shadow_path(clip):
     assert fused_calls > 0 and plain_calls == 0
     for (name, p), q in zip(fused_model.named_parameters(), plain_model.parameters()):
         assert rel_err(p, q) < 1e-5, name
-    for name, (copy, master) in fused_copies.items():
-        if copy is not None:
-            assert torch.equal(copy, master.to(copy.dtype)), name
+    for name, (lp_copy, master) in fused_copies.items():
+        if lp_copy is not None:
+            assert torch.equal(lp_copy, master.to(lp_copy.dtype)), name
     sd, sd_plain = fused_opt.state_dict(), plain_opt.state_dict()
     assert sd["param_groups"] == sd_plain["param_groups"]
     assert sd["state"].keys() == sd_plain["state"].keys()
@@ -167,7 +172,7 @@ def test_state_dict_resumes_with_plain_torch_adamw():
     ref = clone(model)
     ref.zero_grad(set_to_none=True)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
-    ref_opt.load_state_dict(opt.state_dict())
+    ref_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # a checkpoint round trip (load_state_dict aliases)
     engine = HorizonEngine(model, device="cpu", compute_dtype="fp32")
     try:
         batch = make_batch(99)
@@ -188,7 +193,9 @@ def test_non_adamw_optimizers_keep_the_shadow_path():
         pass
 
     model = torch.nn.Linear(3, 3)
-    assert fused_adam.adamw_group_scalars(MyAdamW(model.parameters()), MyAdamW(model.parameters()).param_groups[0]) is None
+    assert (
+        fused_adam.adamw_group_scalars(MyAdamW(model.parameters()), MyAdamW(model.parameters()).param_groups[0]) is None
+    )
     opt = torch.optim.AdamW(model.parameters(), amsgrad=True)
     assert fused_adam.adamw_group_scalars(opt, opt.param_groups[0]) is None
     opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-3))

@@ -101,3 +101,57 @@ def test_qwen2_1_5b_shape_trains_within_gpu_memory_bound():
     loss_chunk = 2048 * 151936 * 12
     bound = 3 * unit_bytes + activations + loss_chunk + 2 * 2**30  # + CUDA context / allocator slack
     assert result.gpu_peak_gib * 2**30 < bound
+
+
+def test_no_device_wide_synchronisation_inside_a_step(monkeypatch):
+    """Slot reuse, uploads and gradient copies are ordered by events only: the engine never synchronises the device."""
+    calls = []
+    real = torch.cuda.synchronize
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    ref = tiny_model("qwen2", layers=6, hidden_size=256, intermediate_size=512, attn_implementation="sdpa")
+    engine = HorizonEngine(ref, device="cuda", compute_dtype="bf16")
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
+    try:
+        for step in range(3):
+            loss = ref(**make_batch(step, batch=2, seq=64)).loss
+            loss.backward()
+            engine.step(opt)
+        assert calls == []
+    finally:
+        engine.close()
+
+
+def _peak_after_steps(layers: int, offload: bool, steps: int = 2):
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model = tiny_model("llama", layers=layers, hidden_size=1024, intermediate_size=2816, attn_implementation="sdpa")
+    engine = HorizonEngine(model, device="cuda", compute_dtype="bf16", offload_checkpoints=offload)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    grads = None
+    try:
+        for step in range(steps):
+            batch = make_batch(0, batch=8, seq=1024)
+            batch["input_ids"] = batch["input_ids"] % 128
+            loss = model(**batch).loss
+            loss.backward()
+            if step == 0:
+                grads = {n: engine.gradient(p).clone() for n, p in model.named_parameters()}
+            engine.step(opt)
+        engine.synchronize()
+        return torch.cuda.max_memory_allocated(), grads
+    finally:
+        engine.close()
+
+
+def test_offloaded_checkpoints_keep_gpu_memory_independent_of_depth():
+    shallow, _ = _peak_after_steps(8, offload=True)
+    deep, grads_offloaded = _peak_after_steps(16, offload=True)
+    resident, grads_resident = _peak_after_steps(16, offload=False)
+    print(
+        f"peak allocated: 8 layers {shallow / 2**20:.0f} MiB, 16 layers {deep / 2**20:.0f} MiB (offloaded), "
+        f"16 layers {resident / 2**20:.0f} MiB (resident checkpoints)"
+    )
+    assert deep < 1.05 * shallow
+    assert resident > deep
+    for name, g in grads_resident.items():
+        assert torch.equal(g, grads_offloaded[name]), name

@@ -175,7 +175,9 @@ def adamw_group_scalars(optimizer: torch.optim.Optimizer, group: dict) -> dict[s
         return None
 
 
-def adamw_state(state: dict, param: torch.Tensor, group: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+def adamw_state(
+    state: dict, param: torch.Tensor, group: dict
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """``(step, exp_avg, exp_avg_sq)`` of one parameter's AdamW state, initialised as torch's AdamW does on its first
     step when empty; None when the state is not FP32 CPU tensors the kernel can update in place."""
     if len(state) == 0:

@@ -58,8 +58,9 @@ class LayerOptimizer:
         device: Compute device (worker threads bind to it).
     """
 
-    use_fused = True
-    """Step plain ``torch.optim.AdamW`` groups with the one-pass kernel of :mod:`.fused_adam` when it is available."""
+    use_fused = False
+    """Step plain ``torch.optim.AdamW`` groups with the one-pass kernel of :mod:`.fused_adam` when it is available
+    (the engine turns it on for CUDA compute, see ``EngineConfig.fused_optimizer``)."""
 
     def __init__(self, store: HostStore, device: torch.device) -> None:
         self.store = store

@@ -86,6 +86,10 @@ class EngineConfig:
     """Move segment checkpoints to pinned host memory during the forward and back one segment ahead in the
     backward, so GPU memory does not grow with depth. None: only when a pass's checkpoints would take more than a
     fifth of the GPU's memory. Ignored on the CPU."""
+    fused_optimizer: bool | None = None
+    """Step a plain ``torch.optim.AdamW`` with the one-pass CPU kernel of ``cuda/fused_adamw.cpp`` (reads the BF16
+    gradient, writes the BF16 weight copy in the same pass; matches ``AdamW(fused=True)`` to ~1 ulp). None: on for
+    CUDA compute, off on the CPU (where the tests compare with PyTorch's own AdamW bit for bit)."""
     accumulate_grads: bool = False
     """Gradients are summed over several backward passes per step: keep them in FP32 on the host (4 bytes/param).
     Off: they stay in the compute dtype (2 bytes/param for BF16); a second backward before a step switches over."""
@@ -153,6 +157,11 @@ class HorizonEngine:
         self.num_overlapped_updates = 0
         """Group updates started during a backward (rather than after it)."""
         self.optim = LayerOptimizer(self.store, self.device)
+        fused = config.fused_optimizer if config.fused_optimizer is not None else self.device.type == "cuda"
+        if fused:
+            from .fused_adam import fused_adamw_available
+
+            self.optim.use_fused = fused_adamw_available()  # builds the kernel now, not on the first step
         self.streamer.extra_checks = (self.sink.worker, self.optim.worker)
         self.sink.extra_checks = (self.streamer.worker, self.optim.worker)
         self.streamer.poll = self.optim.worker.check
