@@ -9,8 +9,10 @@ steps after warm-up. Host bytes/param = peak RSS / N; GPU peak = ``max_memory_re
 from __future__ import annotations
 
 import gc
+import os
 import resource
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,6 +113,33 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class RssSampler:
+    """Peak resident memory of this process while it runs (one run's own peak, unlike ``ru_maxrss``)."""
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        self.peak = current_rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval_s,), daemon=True)
+
+    def _run(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            self.peak = max(self.peak, current_rss_bytes())
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, current_rss_bytes())
+
+
 def run(
     hf_config,
     *,
@@ -125,9 +154,13 @@ def run(
     optimizer: str = "torch",
     system: str = "horizon",
 ) -> BenchResult:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    gc.collect()
+    sampler = RssSampler().__enter__()
     model = random_model(hf_config)
-    if strategy != "horizon" and not isinstance(strategy, L.pytorch.strategies.Strategy):
-        model.gradient_checkpointing_enable()
+    if not (strategy == "horizon" or type(strategy).__name__ == "HorizonStrategy"):
+        model.gradient_checkpointing_enable()  # peers: Hugging Face's activation checkpointing, like our recompute
     num_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     module = BenchModule(model, optimizer=optimizer)
     data = SyntheticTokens(hf_config.vocab_size, seq_len, batch_size * (steps + 1) * accumulate_grad_batches)
@@ -148,7 +181,10 @@ def run(
         enable_model_summary=False,
         callbacks=[timer],
     )
-    trainer.fit(module, DataLoader(data, batch_size=batch_size, num_workers=2))
+    try:
+        trainer.fit(module, DataLoader(data, batch_size=batch_size, num_workers=2))
+    finally:
+        sampler.__exit__()
     ends = timer.ends[accumulate_grad_batches - 1 :: accumulate_grad_batches]
     deltas = [b - a for a, b in zip(ends, ends[1:])][warmup:]
     step_s = statistics.median(deltas) if deltas else float("nan")
@@ -166,8 +202,8 @@ def run(
         tokens_per_s=tokens / step_s,
         model_tflops=6 * num_params * tokens / step_s / 1e12,
         num_params=num_params,
-        host_peak_gib=peak_rss_bytes() / 2**30,
-        host_bytes_per_param=peak_rss_bytes() / num_params,
+        host_peak_gib=sampler.peak / 2**30,
+        host_bytes_per_param=sampler.peak / num_params,
         gpu_peak_gib=gpu_peak,
         losses=[float(x) for x in module.losses],
         breakdown=breakdown,

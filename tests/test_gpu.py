@@ -153,5 +153,5 @@ def test_offloaded_checkpoints_keep_gpu_memory_independent_of_depth():
     )
     assert deep < 1.05 * shallow
     assert resident > deep
-    for name, g in grads_resident.items():
-        assert torch.equal(g, grads_offloaded[name]), name
+    for name, g in grads_resident.items():  # GPU attention backward is not bitwise deterministic run to run
+        assert normwise(grads_offloaded[name], g) < 1e-2, name

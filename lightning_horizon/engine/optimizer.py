@@ -64,7 +64,10 @@ class LayerOptimizer:
 
     def __init__(self, store: HostStore, device: torch.device) -> None:
         self.store = store
-        self.worker = Worker("optimizer", device)
+        # Prioritized by forward order: when several groups are ready (the end of a backward), the ones the next
+        # forward needs first (embedding, first layers) are updated first, so that forward can start sooner.
+        self.worker = Worker("optimizer", device, prioritized=True)
+        self._priority = {id(g): i for i, g in enumerate(store.groups)}
         self._shadows: dict[int, tuple[torch.optim.Optimizer, dict[int, torch.nn.Parameter]]] = {}
         self._plan: _StepPlan | None = None
         self._lock = threading.Lock()
@@ -120,7 +123,10 @@ class LayerOptimizer:
                 with self.store.cond:
                     group.version += 1
                     version = group.version
-                self.worker.submit(lambda g=group, e=entries, v=version, p=plan: self._update(g, e, v, p))
+                self.worker.submit(
+                    lambda g=group, e=entries, v=version, p=plan: self._update(g, e, v, p),
+                    priority=self._priority[id(group)],
+                )
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         """Schedules every remaining group of this step (in forward order) and closes the step; returns at once."""

@@ -46,8 +46,14 @@ from .segments import (
 from .store import HostStore
 from .streamer import LayerStreamer, Unit, make_unit
 
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
-           "fp16": torch.float16, "float16": torch.float16}
+_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def as_dtype(value: str | torch.dtype) -> torch.dtype:
@@ -368,9 +374,7 @@ class HorizonEngine:
         prefetch(fpass.inputs.get((self.parts.num_layers - 1) // k * k))
 
     # ----------------------------------------------------------------------------------------------- internals
-    def _run_layer(
-        self, fpass: ForwardPass, index: int, hidden: torch.Tensor, kwargs: dict, grad: bool, grad_out=None
-    ):
+    def _run_layer(self, fpass: ForwardPass, index: int, hidden: torch.Tensor, kwargs: dict, grad: bool, grad_out=None):
         slot, module = self.streamer.acquire(index)
         bind_layer_state(module, self._layer_state[index])
         module.train(fpass.train_mode)
@@ -462,7 +466,7 @@ class HorizonEngine:
         for key in ("output_attentions", "output_hidden_states", "return_dict"):
             kwargs.pop(key, None)
         aux_spec = self.parts.aux_loss(kwargs.pop("output_router_logits", None))
-        to_dev = (lambda t: t.to(self.device) if isinstance(t, torch.Tensor) else t)  # noqa: E731
+        to_dev = lambda t: t.to(self.device) if isinstance(t, torch.Tensor) else t  # noqa: E731
         self._current = None
         self._record_routers = aux_spec is not None
         try:
@@ -547,7 +551,10 @@ class _rng_replay:
             return
         cuda = self.device.type == "cuda"
         if self.index not in self.fpass.rng:
-            self.fpass.rng[self.index] = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None)
+            self.fpass.rng[self.index] = (
+                torch.get_rng_state(),
+                torch.cuda.get_rng_state(self.device) if cuda else None,
+            )
             self._restore = None
             return
         self._restore = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None)

@@ -33,10 +33,13 @@ class Worker:
         device: The compute device; CUDA workers bind to it (threads don't inherit the current device).
     """
 
-    def __init__(self, name: str, device: torch.device | None = None) -> None:
+    def __init__(self, name: str, device: torch.device | None = None, prioritized: bool = False) -> None:
         self.name = name
         self.device = device
-        self._jobs: queue.Queue[Callable[[], Any] | None] = queue.Queue()
+        # FIFO, or (prioritized) lowest priority value first, FIFO among equals.
+        self._jobs: queue.Queue = queue.PriorityQueue() if prioritized else queue.Queue()
+        self._prioritized = prioritized
+        self._seq = 0
         self._error: BaseException | None = None
         self._error_text = ""
         self._pending = 0
@@ -46,12 +49,14 @@ class Worker:
         self._thread = threading.Thread(target=self._run, name=f"horizon-{name}", daemon=True)
         self._thread.start()
 
-    def submit(self, job: Callable[[], Any]) -> None:
+    def submit(self, job: Callable[[], Any], priority: int = 0) -> None:
         """Queues ``job``; raises at once if the worker already failed."""
         self.check()
         with self._idle:
             self._pending += 1
-        self._jobs.put(job)
+            self._seq += 1
+            seq = self._seq
+        self._jobs.put((priority, seq, job) if self._prioritized else job)
 
     def check(self) -> None:
         """Re-raises the worker's exception, if it had one, in the calling thread."""
@@ -72,7 +77,7 @@ class Worker:
         return self._pending > 0
 
     def close(self) -> None:
-        self._jobs.put(None)
+        self._jobs.put((float("inf"), 0, None) if self._prioritized else None)
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
@@ -81,6 +86,8 @@ class Worker:
             torch.cuda.set_device(self.device)
         while True:
             job = self._jobs.get()
+            if self._prioritized:
+                job = job[2]
             if job is None:
                 return
             if self._error is None:
