@@ -10,6 +10,7 @@ directory. With ``peers=true`` the same LightningModule also runs under Lightnin
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,21 +23,39 @@ from lightning_horizon import HorizonStrategy, benchmark, planner
 from lightning_horizon.hardware import load_profile
 from lightning_horizon.models import ModelConfig, build_hf_config
 
+SYSTEMS = ("horizon", "deepspeed", "fsdp")
+NAMES = {
+    "horizon": "horizon",
+    "deepspeed": "lightning+deepspeed_zero3_offload",
+    "fsdp": "lightning+fsdp_cpu_offload",
+}
 
-def _peer_strategies(hf_config):
+
+def _strategy(system: str, hf_config, strategy_args: dict):
+    """The Lightning strategy and optimizer implementation of one system."""
+    if system == "horizon":
+        return HorizonStrategy(**strategy_args), None
+    if system == "deepspeed":
+        return "deepspeed_stage_3_offload", "deepspeed"
     from lightning.pytorch.strategies import FSDPStrategy
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         layer_cls = type(AutoModelForCausalLM.from_config(hf_config).get_decoder().layers[0])
-    return [
-        ("lightning+deepspeed_zero3_offload", "deepspeed_stage_3_offload", "deepspeed"),
-        (
-            "lightning+fsdp_cpu_offload",
-            FSDPStrategy(cpu_offload=True, auto_wrap_policy={layer_cls}, activation_checkpointing_policy={layer_cls}),
-            "torch",
-        ),
-    ]
+    policy = {layer_cls}
+    return FSDPStrategy(cpu_offload=True, auto_wrap_policy=policy, activation_checkpointing_policy=policy), "torch"
+
+
+def _run_peer(system: str, out_dir: Path) -> dict | None:
+    """Runs one peer in a fresh process (its own memory peak, and no leftovers from the previous system)."""
+    args = [a for a in sys.argv[1:] if not a.startswith(("peers=", "system=", "hydra.run.dir="))]
+    cmd = [sys.executable, "-m", "recipes.bench", *args, "peers=false", f"system={system}", f"hydra.run.dir={out_dir}"]
+    proc = subprocess.run(cmd, check=False)
+    result = out_dir / "bench.json"
+    if proc.returncode != 0 or not result.exists():
+        print(f"{NAMES[system]}: failed (exit code {proc.returncode})", file=sys.stderr)
+        return None
+    return json.loads(result.read_text())["runs"][0]
 
 
 @hydra.main(config_path="../conf", config_name="bench", version_base="1.3")
@@ -56,21 +75,20 @@ def main(cfg: DictConfig) -> None:
         gradient_clip_val=cfg.trainer.gradient_clip_val,
     )
     strategy_args = OmegaConf.to_container(cfg.strategy, resolve=True)
-    runs = [
-        benchmark.run(
-            hf_config,
-            strategy=HorizonStrategy(**strategy_args),
-            optimizer=cfg.optim.implementation,
-            system="horizon",
-            **common,
-        )
-    ]
+    system = str(cfg.system)
+    if system not in SYSTEMS:
+        raise SystemExit(f"error: system must be one of {', '.join(SYSTEMS)}, got {system!r}")
+    strategy, optimizer = _strategy(system, hf_config, strategy_args)
+    result = benchmark.run(
+        hf_config, strategy=strategy, optimizer=optimizer or cfg.optim.implementation, system=NAMES[system], **common
+    )
+    runs = [result.row() | {"losses": result.losses}]
+    print(f"{NAMES[system]}: {result.tokens_per_s:.0f} tokens/s, {result.model_tflops:.1f} TFLOP/s", flush=True)
     if cfg.peers:
-        for name, strategy, optimizer in _peer_strategies(hf_config):
-            try:
-                runs.append(benchmark.run(hf_config, strategy=strategy, optimizer=optimizer, system=name, **common))
-            except Exception as exc:  # a peer that cannot run here is reported, not fatal
-                print(f"{name}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        for peer in ("deepspeed", "fsdp"):
+            row = _run_peer(peer, Path(cfg.output_dir) / peer)
+            if row is not None:
+                runs.append(row)
     predicted = planner.plan(
         hf_config,
         hardware,
@@ -90,7 +108,7 @@ def main(cfg: DictConfig) -> None:
         "accumulate_grad_batches": accumulate,
         "ceilings_s": predicted.step_seconds,
         "predicted_bottleneck": predicted.bottleneck,
-        "runs": [r.row() | {"losses": r.losses} for r in runs],
+        "runs": runs,
     }
     print(format_report(report))
     out = Path(cfg.output_dir) / "bench.json"

@@ -64,9 +64,16 @@ class GradientSink:
         self._slabs: queue.Queue[torch.Tensor] = queue.Queue()
         self._all_slabs: list[torch.Tensor] = []
         self.d2h_stream = torch.cuda.Stream(device) if self.cuda else None
-        if direct:
-            for group in store.groups:
-                self._ensure_lp(group)
+        self.scattered: set[int] = set()
+        """Groups whose gradients always use the FP32 buffer (the embedding: its rows are scattered)."""
+        self._direct_at_start = direct
+
+    def allocate(self) -> None:
+        """Allocates the pinned compute-dtype gradient buffers up front (direct mode), not during the first backward."""
+        if self._direct_at_start:
+            for group in self.store.groups:
+                if id(group) not in self.scattered:
+                    self._ensure_lp(group)
 
     # ---------------------------------------------------------------------------------------- compute thread
     def submit(self, targets: list[Target], grads: list[torch.Tensor | None], final: list[StoreGroup]) -> None:

@@ -158,6 +158,8 @@ class HorizonEngine:
         )
         self.sink.track_norms = config.track_grad_norm
         self.sink.on_final = self._on_final
+        self.sink.scattered = {id(self.store.entry(self.parts.embed.weight)[0])}
+        self.sink.allocate()
         self.offloader = CheckpointOffloader(self.device, config.offload_checkpoints)
         self._overlap = False
         self.num_overlapped_updates = 0
