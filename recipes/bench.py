@@ -78,17 +78,19 @@ def main(cfg: DictConfig) -> None:
     system = str(cfg.system)
     if system not in SYSTEMS:
         raise SystemExit(f"error: system must be one of {', '.join(SYSTEMS)}, got {system!r}")
-    strategy, optimizer = _strategy(system, hf_config, strategy_args)
-    result = benchmark.run(
-        hf_config, strategy=strategy, optimizer=optimizer or cfg.optim.implementation, system=NAMES[system], **common
-    )
-    runs = [result.row() | {"losses": result.losses}]
-    print(f"{NAMES[system]}: {result.tokens_per_s:.0f} tokens/s, {result.model_tflops:.1f} TFLOP/s", flush=True)
-    if cfg.peers:
-        for peer in ("deepspeed", "fsdp"):
-            row = _run_peer(peer, Path(cfg.output_dir) / peer)
-            if row is not None:
-                runs.append(row)
+    if cfg.peers:  # every system in a fresh process of its own: one's memory never counts against the next
+        runs = [row for s in SYSTEMS if (row := _run_peer(s, Path(cfg.output_dir) / s)) is not None]
+    else:
+        strategy, optimizer = _strategy(system, hf_config, strategy_args)
+        result = benchmark.run(
+            hf_config,
+            strategy=strategy,
+            optimizer=optimizer or cfg.optim.implementation,
+            system=NAMES[system],
+            **common,
+        )
+        runs = [result.row() | {"losses": result.losses}]
+        print(f"{NAMES[system]}: {result.tokens_per_s:.0f} tokens/s, {result.model_tflops:.1f} TFLOP/s", flush=True)
     predicted = planner.plan(
         hf_config,
         hardware,
@@ -127,14 +129,15 @@ def format_report(report: dict) -> str:
         + f"  -> bound by {report['predicted_bottleneck']}",
         f"{'system':36s} {'tokens/s':>9s} {'TFLOP/s':>8s} {'step s':>7s} {'host B/param':>12s} {'GPU GiB':>8s}",
     ]
-    base = report["runs"][0]["tokens_per_s"] if report["runs"] else 1.0
+    horizon = [r for r in report["runs"] if r["system"] == "horizon"]
+    base = horizon[0]["tokens_per_s"] if horizon else None
     for r in report["runs"]:
-        ratio = f"  (horizon is {base / r['tokens_per_s']:.1f}x)" if r is not report["runs"][0] else ""
+        ratio = f"  (horizon is {base / r['tokens_per_s']:.1f}x faster)" if base and r["system"] != "horizon" else ""
         lines.append(
             f"{r['system']:36s} {r['tokens_per_s']:9.0f} {r['model_tflops']:8.1f} {r['step_s']:7.2f}"
             f" {r['host_bytes_per_param']:12.1f} {r['gpu_peak_gib']:8.1f}{ratio}"
         )
-    breakdown = report["runs"][0].get("breakdown") or {}
+    breakdown = (horizon[0].get("breakdown") if horizon else None) or {}
     if breakdown:
         lines.append("horizon per step: " + ", ".join(f"{k} {v:.3g}" for k, v in breakdown.items()))
     return "\n".join(lines)
