@@ -182,7 +182,7 @@ def run(
         callbacks=[timer],
     )
     try:
-        trainer.fit(module, DataLoader(data, batch_size=batch_size, num_workers=2))
+        trainer.fit(module, DataLoader(data, batch_size=batch_size))
     finally:
         sampler.__exit__()
     ends = timer.ends[accumulate_grad_batches - 1 :: accumulate_grad_batches]
