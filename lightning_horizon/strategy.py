@@ -18,6 +18,7 @@ from lightning.fabric.utilities.init import _EmptyInit
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -88,6 +89,19 @@ class HorizonStrategy(SingleDeviceStrategy):
     @property
     def is_distributed(self) -> bool:
         return False
+
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        workers = getattr(dataloader, "num_workers", 0)
+        context = getattr(dataloader, "multiprocessing_context", None)
+        start = context.get_start_method() if context is not None else torch.multiprocessing.get_start_method()
+        if workers and start == "fork":
+            rank_zero_warn(
+                f"a DataLoader forks {workers} worker processes: the kernel copies page-locked (pinned) memory eagerly "
+                "into a forked child, so each worker duplicates the horizon engine's pinned host buffers (gradients, "
+                "weight copy). Pass multiprocessing_context='spawn' (or 'forkserver') to the DataLoader."
+            )
+        return dataloader
 
     @property
     @override

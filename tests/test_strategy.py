@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import lightning as L
 import pytest
@@ -142,3 +143,19 @@ def test_worker_exception_reaches_fit_quickly(where, monkeypatch):
     with pytest.raises(WorkerError, match=f"injected failure in the {where} worker"):
         trainer.fit(LMModule(tiny_model()), loader(8))
     assert time.monotonic() - start < 10
+
+
+def test_forking_dataloader_workers_are_warned_about():
+    from torch.utils.data import DataLoader
+
+    from tests.helpers import RandomTokens
+
+    trainer = L.Trainer(strategy="horizon", accelerator="cpu", devices=1, max_steps=1, precision="32-true", **QUIET)
+    forked = DataLoader(RandomTokens(4), batch_size=2, num_workers=1, multiprocessing_context="fork")
+    with pytest.warns(UserWarning, match="page-locked"):
+        trainer.strategy.process_dataloader(forked)
+    spawned = DataLoader(RandomTokens(4), batch_size=2, num_workers=1, multiprocessing_context="spawn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.strategy.process_dataloader(spawned)
+    assert not [w for w in caught if "page-locked" in str(w.message)]

@@ -115,9 +115,7 @@ class SFTDataModule(pl.LightningDataModule):
         assert self.train_docs is not None
         cfg = self.config
         sampler = ResumableBatchSampler(len(self.train_rows), cfg.batch_size, cfg.shuffle, cfg.seed, cfg.drop_last)
-        return ResumableDataLoader(
-            self._dataset(self.train_docs, self.train_rows), sampler, num_workers=cfg.num_workers
-        )
+        return ResumableDataLoader(self._dataset(self.train_docs, self.train_rows), sampler, **self._worker_args())
 
     @override
     def val_dataloader(self) -> DataLoader | list:
@@ -130,5 +128,11 @@ class SFTDataModule(pl.LightningDataModule):
             self._dataset(self.val_docs, self.val_rows),
             batch_size=None,
             sampler=batches.batches(0),
-            num_workers=self.config.num_workers,
+            **self._worker_args(),
         )
+
+    def _worker_args(self) -> dict:
+        # Workers are spawned, not forked: the kernel copies page-locked memory eagerly into a forked child, so each
+        # forked worker of a horizon run would duplicate every pinned host buffer of the engine.
+        workers = self.config.num_workers
+        return {"num_workers": workers, "multiprocessing_context": "spawn" if workers else None}
