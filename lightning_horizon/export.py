@@ -27,16 +27,9 @@ from safetensors import safe_open
 from torch import nn
 
 from lightning_horizon.checkpoint import CheckpointReader, _publish, write_safetensors
+from lightning_horizon.engine.runtime import as_dtype
 
 MAX_SHARD_BYTES = 5 * 1024**3
-_DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
 
 Entry = tuple[str, Sequence[int], Callable[[], torch.Tensor]]
 """(name, shape, read): ``read()`` returns the tensor when it is written."""
@@ -166,11 +159,9 @@ def _numel(shape: Sequence[int]) -> int:
 
 
 def _dtype(value: str | torch.dtype) -> torch.dtype:
-    if isinstance(value, torch.dtype):
-        return value
     try:
-        return _DTYPES[value.lower()]
-    except KeyError:
+        return as_dtype(value)
+    except ValueError:
         raise ValueError(f"unknown export dtype {value!r}; use bf16 or fp32") from None
 
 

@@ -104,7 +104,9 @@ class HostStore:
             directly; the engine packs BF16 copies into its own pinned staging, so it is off by default).
     """
 
-    def __init__(self, groups: list[tuple[str, list[tuple[str, nn.Parameter]]]], pin: bool = False) -> None:
+    def __init__(
+        self, groups: list[tuple[str, list[tuple[str, nn.Parameter]]]], pin: bool = False, adopt: bool = False
+    ) -> None:
         self.groups: list[StoreGroup] = []
         self.by_param: dict[int, tuple[StoreGroup, StoreParam]] = {}
         self.cond = threading.Condition()
@@ -113,7 +115,7 @@ class HostStore:
             unique = [(n, p) for n, p in named_params if id(p) not in self.by_param]
             if not unique:
                 continue
-            group = self._build_group(name, unique)
+            group = (self._adopt_group(name, unique) if adopt else None) or self._build_group(name, unique)
             self.groups.append(group)
             for sp in group.params:
                 self.by_param[id(sp.param)] = (group, sp)
@@ -198,7 +200,9 @@ class HostStore:
             offsets, offset = [], 0
             for pname, p in unique:
                 if not p.is_floating_point():
-                    raise ValueError(f"parameter {pname!r} has dtype {p.dtype}; only floating-point parameters are stored")
+                    raise ValueError(
+                        f"parameter {pname!r} has dtype {p.dtype}; only floating-point parameters are stored"
+                    )
                 offsets.append(offset)
                 offset += _align(p.numel())
             master = torch.empty(max(offset, 1), dtype=torch.float32)
@@ -220,23 +224,7 @@ class HostStore:
         """Like ``HostStore(groups, pin)``, but takes over groups whose parameters already are views into one flat
         FP32 buffer with the store's layout (as :meth:`from_meta` leaves them): those are not copied. Other groups
         are built (copied) as the constructor does."""
-        store = cls.__new__(cls)
-        store.groups = []
-        store.by_param = {}
-        store.cond = threading.Condition()
-        store._pinned = []
-        for name, named_params in groups:
-            unique = [(n, p) for n, p in named_params if id(p) not in store.by_param]
-            if not unique:
-                continue
-            group = cls._adopt_group(name, unique) or cls._build_group(name, unique)
-            store.groups.append(group)
-            for sp in group.params:
-                store.by_param[id(sp.param)] = (group, sp)
-            if pin:
-                store._pinned.append(register_pinned(group.master))
-        store.by_name = {g.name: g for g in store.groups}
-        return store
+        return cls(groups, pin=pin, adopt=True)
 
     @staticmethod
     def _adopt_group(name: str, named_params: list[tuple[str, nn.Parameter]]) -> StoreGroup | None:
