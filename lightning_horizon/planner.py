@@ -331,21 +331,30 @@ def plan_from_config(cfg: Any, vocab_size: int | None = None, hardware: Hardware
     precision = cfg.trainer.precision
     if precision == "auto":  # the recipe's default: BF16 compute on a GPU, FP32 on the CPU
         precision = "bf16-mixed" if hardware.has_gpu else "32-true"
-    return plan(
-        build_hf_config(model_cfg, vocab_size=vocab_size),
-        hardware,
-        batch_size=cfg.data.batch_size,
-        max_seq_len=cfg.data.max_seq_len,
-        checkpoint_every=cfg.strategy.checkpoint_every,
-        num_slots=cfg.strategy.num_slots,
-        loss_chunk_tokens=cfg.strategy.loss_chunk_tokens,
-        num_grad_slabs=cfg.strategy.num_grad_slabs,
-        weight_copy=cfg.strategy.get("weight_copy", False),
-        accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
-        optimizer=cfg.optim.name,
-        compute_dtype=precision_dtype(precision),
-        name=model_cfg.name,
-    )
+
+    def planned(weight_copy: bool) -> Plan:
+        return plan(
+            build_hf_config(model_cfg, vocab_size=vocab_size),
+            hardware,
+            batch_size=cfg.data.batch_size,
+            max_seq_len=cfg.data.max_seq_len,
+            checkpoint_every=cfg.strategy.checkpoint_every,
+            num_slots=cfg.strategy.num_slots,
+            loss_chunk_tokens=cfg.strategy.loss_chunk_tokens,
+            num_grad_slabs=cfg.strategy.num_grad_slabs,
+            weight_copy=weight_copy,
+            accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
+            optimizer=cfg.optim.name,
+            compute_dtype=precision_dtype(precision),
+            name=model_cfg.name,
+        )
+
+    weight_copy = cfg.strategy.get("weight_copy", False)
+    if weight_copy is not None:
+        return planned(bool(weight_copy))
+    # null = auto: the copy saves re-packing every upload, but only when host memory has room for it
+    with_copy = planned(True)
+    return with_copy if with_copy.host_fits else planned(False)
 
 
 def plan_shape(shape: ModelShape, hardware: HardwareProfile, settings: PlanSettings) -> Plan:

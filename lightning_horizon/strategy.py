@@ -37,7 +37,8 @@ class HorizonStrategy(SingleDeviceStrategy):
         loss_chunk_tokens: Rows of logits the chunked loss computes at once.
         pin_masters: Also page-lock the FP32 masters.
         weight_copy: Keep a pinned compute-dtype copy of the masters (+2 bytes/param for BF16), refreshed by the
-            optimizer, so uploads need no FP32 -> BF16 packing. Turn off when host memory is short.
+            optimizer, so uploads need no FP32 -> BF16 packing. None: on when this machine's available host memory
+            has room for it beside the optimizer state and gradients still to be allocated.
         offload_checkpoints: Keep segment checkpoints in pinned host memory (GPU memory then does not grow with
             depth); None = only when they would take more than a fifth of the GPU's memory.
     """
@@ -51,7 +52,7 @@ class HorizonStrategy(SingleDeviceStrategy):
         num_grad_slabs: int = 3,
         loss_chunk_tokens: int = 2048,
         pin_masters: bool = False,
-        weight_copy: bool = True,
+        weight_copy: bool | None = None,
         offload_checkpoints: bool | None = None,
         accelerator=None,
         precision_plugin: Precision | None = None,
@@ -156,11 +157,15 @@ class HorizonStrategy(SingleDeviceStrategy):
             self.engine.close()
             self.engine = None
         if self.engine is None:
+            options = dict(self._engine_options)
+            accumulate = trainer.accumulate_grad_batches > 1
+            if options["weight_copy"] is None:
+                options["weight_copy"] = _room_for_weight_copy(model, self.precision_plugin.compute_dtype, accumulate)
             config = EngineConfig(
                 device=self.root_device,
                 compute_dtype=self.precision_plugin.compute_dtype,
-                accumulate_grads=trainer.accumulate_grad_batches > 1,
-                **self._engine_options,
+                accumulate_grads=accumulate,
+                **options,
             )
             self.engine = HorizonEngine(model, config)
         clip_alg = getattr(trainer, "gradient_clip_algorithm", None)
@@ -259,6 +264,24 @@ class HorizonStrategy(SingleDeviceStrategy):
                 cls,
                 description="Host-memory FP32 masters and optimizer, BF16 layers streamed to one GPU",
             )
+
+
+def _room_for_weight_copy(model: torch.nn.Module, dtype: torch.dtype, accumulate: bool) -> bool:
+    """Whether available host memory holds the weight copy beside what training still allocates (Adam moments,
+    gradients), with 2 GiB to spare. The planner (``lightning_horizon.planner``) makes the same decision up front."""
+    from lightning_horizon.hardware import _usable_host_memory_bytes
+
+    n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    low = torch.finfo(dtype).bits // 8
+    still_needed = n * (8 + (4 if accumulate else low))
+    room = _usable_host_memory_bytes() - still_needed - 2 * 2**30
+    if room < n * low:
+        rank_zero_warn(
+            f"not enough host memory for the {low}-byte/param weight copy: uploads will pack FP32 -> "
+            f"{dtype} on the way (pass weight_copy=True to force it)"
+        )
+        return False
+    return True
 
 
 def _check_optimizer(optimizer: Optimizer, engine: HorizonEngine | None) -> None:

@@ -53,7 +53,7 @@ class StrategyConfig:
     num_grad_slabs: int = 3
     loss_chunk_tokens: int = 2048
     pin_masters: bool = False
-    weight_copy: bool = True
+    weight_copy: bool | None = None
     offload_checkpoints: bool | None = None
 
 
@@ -172,6 +172,9 @@ def train(cfg: DictConfig) -> None:
         print(format_plan(plan))
         return
     check_fits(plan)
+    if run.strategy.weight_copy is None:  # auto: what the plan chose from this machine's host memory
+        run.strategy.weight_copy = plan.settings.weight_copy
+        print(f"strategy.weight_copy: {run.strategy.weight_copy} (chosen from host memory)")
 
     # Data: read and tokenised now, so that bad data stops the run before the model is built.
     datamodule = SFTDataModule(run.data, tokenizer)

@@ -192,3 +192,20 @@ def test_plan_from_composed_config():
     assert p.shape.name == "qwen2_72b" and p.settings.checkpoint_every == 2 and p.settings.batch_size == 1
     assert p.settings.compute_dtype == torch.bfloat16
     check_fits(p)
+
+
+@pytest.mark.parametrize(
+    "host_gib,expected",
+    [(1400, True), (125, False)],  # 7B: 16 B/param fits 125 GiB only without the BF16 weight copy
+)
+def test_weight_copy_auto_follows_host_memory(host_gib, expected):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "sft",
+            overrides=["model=qwen2_7b", "hardware=h200", f"hardware.host_memory_bytes={host_gib * 2**30}",
+                       "data.batch_size=8", "data.max_seq_len=2048"],  # fmt: skip
+        )
+    assert cfg.strategy.weight_copy is None
+    p = plan_from_config(cfg)
+    assert p.settings.weight_copy is expected
+    assert p.host_fits

@@ -159,3 +159,20 @@ def test_forking_dataloader_workers_are_warned_about():
         warnings.simplefilter("always")
         trainer.strategy.process_dataloader(spawned)
     assert not [w for w in caught if "page-locked" in str(w.message)]
+
+
+@pytest.mark.parametrize("available_gib,expected", [(64, True), (0.5, False)])
+def test_weight_copy_auto_follows_available_host_memory(available_gib, expected, monkeypatch):
+    from lightning_horizon import hardware
+
+    monkeypatch.setattr(hardware, "_usable_host_memory_bytes", lambda: int(available_gib * 2**30))
+    module = LMModule(tiny_model("qwen2"), total=2)
+    trainer = L.Trainer(strategy="horizon", accelerator="cpu", devices=1, max_steps=2, precision="32-true", **QUIET)
+    if expected:
+        trainer.fit(module, loader(4))
+    else:
+        with pytest.warns(UserWarning, match="weight copy"):
+            trainer.fit(module, loader(4))
+    engine = trainer.strategy.engine
+    assert engine.config.weight_copy is expected
+    assert (engine.store.by_name["layers.0"].copy is not None) is expected
