@@ -187,3 +187,15 @@ def test_lr_schedule_and_parameter_groups():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     with pytest.raises(ValueError, match="optim.lr"):
         OptimConfig(lr=0)
+
+
+def test_resume_auto_continues_from_the_last_checkpoint(tmp_path):
+    first = sft(*FAST, "trainer.max_steps=4", run_dir=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = sft(*FAST, "trainer.max_steps=6", "resume=auto", run_dir=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    log = second.stdout + second.stderr
+    assert "Restored all states from the checkpoint" in log, log[-3000:]
+    assert "last.ckpt" in log
+    # the resumed run trained only the two missing steps
+    assert len(losses(tmp_path)) == 2
