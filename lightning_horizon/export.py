@@ -27,7 +27,7 @@ from safetensors import safe_open
 from torch import nn
 
 from lightning_horizon.checkpoint import CheckpointReader, _publish, write_safetensors
-from lightning_horizon.engine.runtime import as_dtype
+from lightning_horizon.engine.config import as_dtype
 
 MAX_SHARD_BYTES = 5 * 1024**3
 

@@ -20,8 +20,6 @@ The engine knows nothing about Lightning. A plain PyTorch loop::
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,93 +28,19 @@ from torch import nn
 
 from .activations import CheckpointOffloader, materialize, prefetch
 from .adapter import DecoderParts, bind_layer_state, describe
+from .config import EngineConfig, as_dtype  # noqa: F401  (re-exported)
 from .gradients import GradientSink
+from .hooks import ModelHooks
 from .loss import ChunkedLoss, head_logits
-from .moe import RouterAuxFunction, RouterTap
+from .moe import RouterTap
 from .optimizer import LayerOptimizer, clip_coefficient
 from .pinned import unregister_pinned
-from .segments import (
-    EmbedFunction,
-    ForwardPass,
-    HeadLogitsFunction,
-    HeadLossFunction,
-    LayerFunction,
-    segment_backward_order,
-)
+from .segments import ForwardPass, _rng_replay, segment_backward_order
 from .store import HostStore
 from .streamer import LayerStreamer, Unit, make_unit
 
-_DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
 
-
-def as_dtype(value: str | torch.dtype) -> torch.dtype:
-    if isinstance(value, torch.dtype):
-        return value
-    try:
-        return _DTYPES[str(value).lower().removeprefix("torch.")]
-    except KeyError:
-        raise ValueError(f"unknown dtype {value!r}; use one of {sorted(_DTYPES)}") from None
-
-
-@dataclass
-class EngineConfig:
-    """Settings of the streaming engine (the same names are used by the strategy and the recipes' ``strategy:``)."""
-
-    device: str | torch.device | None = None
-    """Compute device; None picks ``cuda`` when available, else ``cpu``."""
-    compute_dtype: str | torch.dtype = "bf16"
-    """Dtype of the streamed weights and activations (masters stay FP32)."""
-    checkpoint_every: int = 1
-    """K: keep every K-th layer's input in the forward; backward recomputes the K-1 layers in between."""
-    num_slots: int = 2
-    """GPU weight slots (2 = double buffering)."""
-    num_grad_slabs: int = 3
-    """Pinned slabs for gradients in flight to the host."""
-    loss_chunk_tokens: int = 2048
-    """Rows of logits computed at once by the chunked loss."""
-    pin_masters: bool = False
-    """Page-lock the FP32 master buffers too (uploads come from pinned BF16 staging, so this is rarely useful)."""
-    track_grad_norm: bool = False
-    """Record per-parameter gradient norms as gradients land (makes clipping by norm free); the strategy sets it."""
-    weight_copy: bool = True
-    """Keep a copy of the masters in the compute dtype in pinned host memory (+2 bytes/param for BF16), refreshed
-    by the optimizer: uploads then need no FP32 -> BF16 packing on the way. Off: every upload packs from FP32."""
-    offload_checkpoints: bool | None = None
-    """Move segment checkpoints to pinned host memory during the forward and back one segment ahead in the
-    backward, so GPU memory does not grow with depth. None: only when a pass's checkpoints would take more than a
-    fifth of the GPU's memory. Ignored on the CPU."""
-    fused_optimizer: bool | None = None
-    """Step a plain ``torch.optim.AdamW`` with the one-pass CPU kernel of ``cuda/fused_adamw.cpp`` (reads the BF16
-    gradient, writes the BF16 weight copy in the same pass; matches ``AdamW(fused=True)`` to ~1 ulp). None: on for
-    CUDA compute, off on the CPU (where the tests compare with PyTorch's own AdamW bit for bit)."""
-    accumulate_grads: bool = False
-    """Gradients are summed over several backward passes per step: keep them in FP32 on the host (4 bytes/param).
-    Off: they stay in the compute dtype (2 bytes/param for BF16); a second backward before a step switches over."""
-
-    def __post_init__(self) -> None:
-        if self.device is None:
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(self.device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        if self.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"device must be a CUDA device or 'cpu', got {self.device}")
-        self.compute_dtype = as_dtype(self.compute_dtype)
-        for name in ("checkpoint_every", "loss_chunk_tokens", "num_grad_slabs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_slots < 2:
-            raise ValueError(f"num_slots must be >= 2 (double buffering), got {self.num_slots}")
-
-
-class HorizonEngine:
+class HorizonEngine(ModelHooks):
     """Streams a Hugging Face decoder-only causal LM from host memory (see the module docstring).
 
     Args:
@@ -434,140 +358,9 @@ class HorizonEngine:
             entries = [(g, sp) for g in self.store.groups for sp in g.params]
         return [(g, sp) for g, sp in entries if sp.trainable and not sp.fresh]
 
-    def _layer_call(self, index: int, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
-        if args:
-            raise TypeError(f"decoder layer {index} got unexpected positional arguments; pass them by keyword")
-        if index == 0 or self._current is None:
-            self._current = ForwardPass(self, keep=torch.is_grad_enabled(), train_mode=self.model.training)
-            self._current.router_logits = {} if self._record_routers else None
-            self.streamer.plan([*range(index, self.parts.num_layers), self.head_uid])
-        fpass = self._current
-        out = LayerFunction.apply(hidden_states, self.anchor, fpass, index, kwargs)
-        return (out,) if fpass.tuple_output else out
-
-    def _embed_call(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return EmbedFunction.apply(self.anchor, self, input_ids)
-
-    def _causal_lm_forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        past_key_values: Any = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        num_items_in_batch: int | torch.Tensor | None = None,
-        **kwargs: Any,
-    ):
-        from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
-
-        if past_key_values is not None or use_cache:
-            raise ValueError("the horizon engine trains without a KV cache: pass use_cache=False / no past_key_values")
-        for key in ("output_attentions", "output_hidden_states", "return_dict"):
-            kwargs.pop(key, None)
-        aux_spec = self.parts.aux_loss(kwargs.pop("output_router_logits", None))
-        to_dev = lambda t: t.to(self.device) if isinstance(t, torch.Tensor) else t  # noqa: E731
-        self._current = None
-        self._record_routers = aux_spec is not None
-        try:
-            out = self.parts.base(
-                input_ids=input_ids,
-                attention_mask=to_dev(attention_mask),
-                position_ids=to_dev(position_ids),
-                inputs_embeds=to_dev(inputs_embeds),
-                use_cache=False,
-                **{k: to_dev(v) for k, v in kwargs.items()},
-            )
-            hidden = out.last_hidden_state  # before the final norm: the head applies it
-            fpass = self._current
-            assert fpass is not None
-            aux = None
-            if aux_spec is not None:  # the routers' load-balancing loss (see .moe)
-                hidden, aux = RouterAuxFunction.apply(hidden, self.anchor, fpass, aux_spec, to_dev(attention_mask))
-            if labels is not None:
-                loss_fn = ChunkedLoss(
-                    hidden, labels, num_items_in_batch, self.config.loss_chunk_tokens, self.parts.logit_softcap()
-                )
-                loss = HeadLossFunction.apply(hidden, self.anchor, fpass, loss_fn)
-                if aux is None:
-                    return CausalLMOutputWithPast(loss=loss, logits=None)
-                loss = loss + aux_spec.coef * aux
-                return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux, logits=None)
-            if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-                hidden = hidden[:, -logits_to_keep:]
-            elif isinstance(logits_to_keep, torch.Tensor):
-                hidden = hidden[:, logits_to_keep.to(hidden.device)]
-            logits = HeadLogitsFunction.apply(hidden, self.anchor, fpass)
-            if aux is None:
-                return CausalLMOutputWithPast(loss=None, logits=logits)
-            return MoeCausalLMOutputWithPast(loss=None, aux_loss=aux, logits=logits)
-        finally:
-            self._current = None
-            self._record_routers = False
-
-    def _install(self) -> None:
-        parts = self.parts
-        parts.embed.forward = self._embed_call
-        for i, layer in enumerate(parts.layers):
-            layer.forward = functools.partial(self._layer_call, i)
-        parts.norm.forward = _identity
-        parts.model.forward = self._causal_lm_forward
-        # Layer buffers move too: templates are bound to layer i's own buffers before running as layer i.
-        streamed = {id(m) for top in (parts.embed, parts.norm, parts.lm_head) for m in top.modules()}
-        for module in parts.model.modules():
-            if id(module) in streamed:
-                continue
-            for name, buf in list(module._buffers.items()):
-                if buf is not None and buf.device != self.device:
-                    self._moved_buffers.append((module, name, buf.device))
-                    module._buffers[name] = buf.to(self.device)
-        self._layer_state = [parts.layer_state(i) for i in range(parts.num_layers)]
-        self._hooks = [
-            parts.model.register_state_dict_pre_hook(lambda *a, **k: self.synchronize()),
-            parts.model.register_load_state_dict_pre_hook(lambda *a, **k: self.synchronize()),
-            parts.model.register_load_state_dict_post_hook(lambda *a, **k: self.streamer.invalidate()),
-        ]
-
-
-def _identity(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    return hidden_states
-
 
 def _get_param(module: nn.Module, dotted: str) -> nn.Parameter:
     *path, leaf = dotted.split(".")
     for p in path:
         module = getattr(module, p)
     return module._parameters[leaf]
-
-
-class _rng_replay:
-    """Records the RNG state at a layer's first run and replays it on recomputation (dropout stays identical)."""
-
-    def __init__(self, fpass: ForwardPass, index: int, device: torch.device, enabled: bool) -> None:
-        self.fpass, self.index, self.device, self.enabled = fpass, index, device, enabled
-
-    def __enter__(self) -> None:
-        if not self.enabled:
-            return
-        cuda = self.device.type == "cuda"
-        if self.index not in self.fpass.rng:
-            self.fpass.rng[self.index] = (
-                torch.get_rng_state(),
-                torch.cuda.get_rng_state(self.device) if cuda else None,
-            )
-            self._restore = None
-            return
-        self._restore = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None)
-        cpu, gpu = self.fpass.rng[self.index]
-        torch.set_rng_state(cpu)
-        if cuda:
-            torch.cuda.set_rng_state(gpu, self.device)
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled and self._restore is not None:
-            cpu, gpu = self._restore
-            torch.set_rng_state(cpu)
-            if gpu is not None:
-                torch.cuda.set_rng_state(gpu, self.device)

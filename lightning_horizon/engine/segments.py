@@ -123,3 +123,34 @@ def segment_backward_order(num_layers: int, k: int) -> list[tuple[int, bool]]:
         order += [(i, True) for i in range(start, end - 1)]
         order += [(i, False) for i in reversed(range(start, end))]
     return order
+
+
+class _rng_replay:  # noqa: N801 (used as a context manager, like torch.no_grad)
+    """Records the RNG state at a layer's first run and replays it on recomputation (dropout stays identical)."""
+
+    def __init__(self, fpass: ForwardPass, index: int, device: torch.device, enabled: bool) -> None:
+        self.fpass, self.index, self.device, self.enabled = fpass, index, device, enabled
+
+    def __enter__(self) -> None:
+        if not self.enabled:
+            return
+        cuda = self.device.type == "cuda"
+        if self.index not in self.fpass.rng:
+            self.fpass.rng[self.index] = (
+                torch.get_rng_state(),
+                torch.cuda.get_rng_state(self.device) if cuda else None,
+            )
+            self._restore = None
+            return
+        self._restore = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None)
+        cpu, gpu = self.fpass.rng[self.index]
+        torch.set_rng_state(cpu)
+        if cuda:
+            torch.cuda.set_rng_state(gpu, self.device)
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled and self._restore is not None:
+            cpu, gpu = self._restore
+            torch.set_rng_state(cpu)
+            if gpu is not None:
+                torch.cuda.set_rng_state(gpu, self.device)

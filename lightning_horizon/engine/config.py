@@ -1,0 +1,76 @@
+"""Settings of the streaming engine, and the dtype names they accept."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+def as_dtype(value: str | torch.dtype) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    try:
+        return _DTYPES[str(value).lower().removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {value!r}; use one of {sorted(_DTYPES)}") from None
+
+
+@dataclass
+class EngineConfig:
+    """Settings of the streaming engine (the same names are used by the strategy and the recipes' ``strategy:``)."""
+
+    device: str | torch.device | None = None
+    """Compute device; None picks ``cuda`` when available, else ``cpu``."""
+    compute_dtype: str | torch.dtype = "bf16"
+    """Dtype of the streamed weights and activations (masters stay FP32)."""
+    checkpoint_every: int = 1
+    """K: keep every K-th layer's input in the forward; backward recomputes the K-1 layers in between."""
+    num_slots: int = 2
+    """GPU weight slots (2 = double buffering)."""
+    num_grad_slabs: int = 3
+    """Pinned slabs for gradients in flight to the host."""
+    loss_chunk_tokens: int = 2048
+    """Rows of logits computed at once by the chunked loss."""
+    pin_masters: bool = False
+    """Page-lock the FP32 master buffers too (uploads come from pinned BF16 staging, so this is rarely useful)."""
+    track_grad_norm: bool = False
+    """Record per-parameter gradient norms as gradients land (makes clipping by norm free); the strategy sets it."""
+    weight_copy: bool = True
+    """Keep a copy of the masters in the compute dtype in pinned host memory (+2 bytes/param for BF16), refreshed
+    by the optimizer: uploads then need no FP32 -> BF16 packing on the way. Off: every upload packs from FP32."""
+    offload_checkpoints: bool | None = None
+    """Move segment checkpoints to pinned host memory during the forward and back one segment ahead in the
+    backward, so GPU memory does not grow with depth. None: only when a pass's checkpoints would take more than a
+    fifth of the GPU's memory. Ignored on the CPU."""
+    fused_optimizer: bool | None = None
+    """Step a plain ``torch.optim.AdamW`` with the one-pass CPU kernel of ``cuda/fused_adamw.cpp`` (reads the BF16
+    gradient, writes the BF16 weight copy in the same pass; matches ``AdamW(fused=True)`` to ~1 ulp). None: on for
+    CUDA compute, off on the CPU (where the tests compare with PyTorch's own AdamW bit for bit)."""
+    accumulate_grads: bool = False
+    """Gradients are summed over several backward passes per step: keep them in FP32 on the host (4 bytes/param).
+    Off: they stay in the compute dtype (2 bytes/param for BF16); a second backward before a step switches over."""
+
+    def __post_init__(self) -> None:
+        if self.device is None:
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(self.device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be a CUDA device or 'cpu', got {self.device}")
+        self.compute_dtype = as_dtype(self.compute_dtype)
+        for name in ("checkpoint_every", "loss_chunk_tokens", "num_grad_slabs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_slots < 2:
+            raise ValueError(f"num_slots must be >= 2 (double buffering), got {self.num_slots}")
