@@ -41,6 +41,8 @@ class HorizonStrategy(SingleDeviceStrategy):
             has room for it beside the optimizer state and gradients still to be allocated.
         offload_checkpoints: Keep segment checkpoints in pinned host memory (GPU memory then does not grow with
             depth); None = only when they would take more than a fifth of the GPU's memory.
+        sparse_experts: Expert-sparse streaming of MoE layers: upload only the routed experts that received tokens
+            and send back only their gradients (exactly the dense result); False streams every expert.
     """
 
     strategy_name = "horizon"
@@ -54,6 +56,7 @@ class HorizonStrategy(SingleDeviceStrategy):
         pin_masters: bool = False,
         weight_copy: bool | None = None,
         offload_checkpoints: bool | None = None,
+        sparse_experts: bool = True,
         accelerator=None,
         precision_plugin: Precision | None = None,
     ) -> None:
@@ -66,6 +69,7 @@ class HorizonStrategy(SingleDeviceStrategy):
             pin_masters=pin_masters,
             weight_copy=weight_copy,
             offload_checkpoints=offload_checkpoints,
+            sparse_experts=sparse_experts,
         )
         EngineConfig(device="cpu", **self._engine_options)  # validate now, not at fit time
         self._parallel_devices: list[torch.device] | None = None

@@ -55,6 +55,7 @@ class StrategyConfig:
     pin_masters: bool = False
     weight_copy: bool | None = None
     offload_checkpoints: bool | None = None
+    sparse_experts: bool = True
 
 
 @dataclass

@@ -33,6 +33,7 @@ STRATEGY_KEYS = {
     "pin_masters",
     "weight_copy",
     "offload_checkpoints",
+    "sparse_experts",
 }
 ROOT_KEYS = {"model", "data", "hardware", "trainer", "optim", "plan", "resume", "output_dir", "strategy"}
 

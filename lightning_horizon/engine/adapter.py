@@ -27,6 +27,7 @@ is refused with a ``ValueError`` naming what is missing or unplaced.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -182,6 +183,10 @@ class DecoderParts:
             return None
         return AuxLossSpec(loss_fn, float(coef), int(num_experts), int(top_k))
 
+    def expert_modules(self, index: int) -> list[ExpertModule]:
+        """The routed-expert modules of layer ``index`` whose experts can be streamed sparsely (see :func:`find_experts`)."""
+        return find_experts(self.layers[index])
+
     # ------------------------------------------------------------------------------------------------ host store
     def store_groups(self) -> list[tuple[str, list[tuple[str, nn.Parameter]]]]:
         """The host store's groups, in the order a forward pass uses them."""
@@ -199,6 +204,53 @@ class DecoderParts:
                 f"{', ...' if len(rest) > 5 else ''}); the streaming engine cannot place them"
             )
         return groups
+
+
+@dataclass(frozen=True)
+class ExpertModule:
+    """A module holding a layer's routed experts as stacked parameters (expert ``e`` is ``param[e]``)."""
+
+    path: str
+    """Path of the module inside the decoder layer."""
+    num_experts: int
+    params: tuple[str, ...]
+    """Its parameters' names (each of shape ``(num_experts, ...)``)."""
+    index_arg: str
+    """Name of the forward argument carrying the routing indices (its second argument)."""
+
+
+def find_experts(layer: nn.Module) -> list[ExpertModule]:
+    """Expert modules of ``layer`` that only read (and only produce gradients for) the experts that tokens are routed to.
+
+    Recognised generically: a module with an integer ``num_experts`` whose own parameters all have ``num_experts`` as
+    their first dimension (stacked expert weights and biases, at least one of them 3D), with no parameters in its
+    submodules, and whose ``forward``'s second argument is the routing index (``top_k_index``, ``router_indices``:
+    the name mentions ``index``/``indices``). Hugging Face's ``...Experts`` of Mixtral, Qwen2/3-MoE, GPT-OSS,
+    DeepSeek-V3 and GLM-4.5 match, with every ``experts_implementation`` (eager, ``batched_mm``, ``grouped_mm``: the
+    weights of an expert without tokens are never read). Llama 4's experts (``forward(hidden_states)``, a dense bmm over
+    all experts) do not match and stay dense.
+    """
+    found = []
+    for path, module in layer.named_modules():
+        num = getattr(module, "num_experts", None)
+        if not isinstance(num, int) or isinstance(num, bool) or num < 2 or not path:
+            continue
+        own = list(module.named_parameters(recurse=False))
+        if not own or any(p.ndim < 2 or p.shape[0] != num for _, p in own) or not any(p.ndim == 3 for _, p in own):
+            continue
+        if any(True for c in module.children() for _ in c.parameters()):
+            continue
+        try:
+            sig = list(inspect.signature(type(module).forward).parameters.values())
+        except (TypeError, ValueError):
+            continue
+        if len(sig) < 3 or sig[2].kind not in (sig[2].POSITIONAL_OR_KEYWORD, sig[2].POSITIONAL_ONLY):
+            continue
+        name = sig[2].name.lower()
+        if "index" not in name and "indices" not in name:
+            continue
+        found.append(ExpertModule(path, num, tuple(n for n, _ in own), sig[2].name))
+    return found
 
 
 def bind_layer_state(template: nn.Module, state: list[tuple[str, str, Any]]) -> None:

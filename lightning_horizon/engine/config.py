@@ -56,6 +56,11 @@ class EngineConfig:
     """Step a plain ``torch.optim.AdamW`` with the one-pass CPU kernel of ``cuda/fused_adamw.cpp`` (reads the BF16
     gradient, writes the BF16 weight copy in the same pass; matches ``AdamW(fused=True)`` to ~1 ulp). None: on for
     CUDA compute, off on the CPU (where the tests compare with PyTorch's own AdamW bit for bit)."""
+    sparse_experts: bool = True
+    """Expert-sparse streaming of MoE layers: the prefetched upload of a layer leaves out its routed experts'
+    weights; just before the experts run, only the experts that received tokens are uploaded (those not already in
+    the slot), and only their gradients go back to the host (the others' are exactly zero; the host zero-fills them,
+    so the optimizer steps every expert as a dense run would). Off: every expert is streamed and sent back."""
     accumulate_grads: bool = False
     """Gradients are summed over several backward passes per step: keep them in FP32 on the host (4 bytes/param).
     Off: they stay in the compute dtype (2 bytes/param for BF16); a second backward before a step switches over."""

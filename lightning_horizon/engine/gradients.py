@@ -10,6 +10,12 @@ Two modes, chosen per engine (``direct`` is the default; the first accumulated b
   FP32 gradient buffer (overwriting on the first fold after an optimizer step), so accumulation over micro-batches
   is exact FP32. Host cost: 4 bytes/param.
 
+The gradient of a stacked expert parameter arrives as an :class:`ExpertGrad` (expert-sparse streaming): only the rows
+of the experts that received tokens are copied (the others are exactly zero); the host zero-fills the other rows on
+the first landing after an optimizer step and adds nothing to them afterwards, so the optimizer sees the dense
+gradient (AdamW still decays those experts' moments and applies weight decay). ``bytes_d2h`` counts what a GPU run
+copies (on a CPU compute device too, where nothing crosses a bus, so runs can be compared).
+
 Either way a gradient worker waits on each copy's event and then reports the groups whose gradients are complete
 (``on_final``), which lets the engine start their optimizer update while the backward goes on. With norm tracking
 on, per-parameter gradient norms are recorded (on the GPU in direct mode, during the fold otherwise), so clipping by
@@ -29,6 +35,58 @@ from .store import HostStore, StoreGroup, StoreParam
 from .workers import Worker
 
 Target = tuple[StoreGroup, StoreParam]
+
+
+class ExpertGrad:
+    """The gradient of a stacked expert parameter ``(num_experts, ...)`` of which only experts ``runs`` received tokens.
+
+    Only those experts' rows travel to the host; the others' gradient is exactly zero. On the host the first landing
+    after an optimizer step zero-fills the other rows (so the optimizer sees the dense gradient), later ones (gradient
+    accumulation) add nothing to them. ``grad`` is the full device gradient, or (``packed``) the hit rows back to back.
+    """
+
+    def __init__(self, grad: torch.Tensor, runs: list[tuple[int, int]], rows: int, packed: bool = False) -> None:
+        self.grad, self.runs, self.rows, self.packed = grad, runs, rows, packed
+        self.count = sum(z - a for a, z in runs)
+
+    def numel(self) -> int:
+        return self.count * self.per if self.runs else 0
+
+    @property
+    def per(self) -> int:
+        return self.grad.numel() // (self.count if self.packed else self.rows)
+
+    def element_size(self) -> int:
+        return self.grad.element_size()
+
+    def pieces(self):
+        """``(first expert, end expert, rows)`` per run."""
+        if not self.runs:
+            return
+        per = self.per
+        flat = self.grad.reshape(-1)
+        off = 0
+        for a, z in self.runs:
+            if self.packed:
+                yield a, z, flat[off : off + (z - a) * per].view(z - a, per)
+                off += (z - a) * per
+            else:
+                yield a, z, flat[a * per : z * per].view(z - a, per)
+
+    def zero_others(self, dst: torch.Tensor) -> None:
+        """Zero-fills the rows of ``dst`` (the parameter's host gradient) of experts outside ``runs``."""
+        rows = dst.reshape(self.rows, -1)
+        start = 0
+        for a, z in [*self.runs, (self.rows, self.rows)]:
+            if a > start:
+                rows[start:a].zero_()
+            start = z
+
+    def norm(self) -> torch.Tensor:
+        parts = [p for _, _, p in self.pieces()]
+        if not parts:
+            return torch.zeros((), dtype=torch.float32, device=self.grad.device)
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p, dtype=torch.float32) for p in parts]))
 
 
 class GradientSink:
@@ -86,7 +144,9 @@ class GradientSink:
             self._switch_to_fold()
         if self.track_norms and self.direct:
             for (_, sp), g in pairs:  # on the GPU, where the gradient already is
-                sp.grad_norm = torch.linalg.vector_norm(g, dtype=torch.float32)
+                sp.grad_norm = (
+                    g.norm() if isinstance(g, ExpertGrad) else torch.linalg.vector_norm(g, dtype=torch.float32)
+                )
         if self.direct:
             self._submit_direct(pairs, final)
         else:
@@ -101,7 +161,7 @@ class GradientSink:
         """
         ids = ids.reshape(-1).to("cpu")
         rows = grad_hidden.reshape(ids.numel(), -1).to("cpu")
-        self.bytes_d2h += rows.numel() * rows.element_size() if self.cuda else 0
+        self.bytes_d2h += rows.numel() * rows.element_size()
         if padding_idx is not None:
             keep = ids != padding_idx
             ids, rows = ids[keep], rows[keep]
@@ -171,21 +231,38 @@ class GradientSink:
 
             def land() -> None:
                 for (group, sp), g in pairs:
-                    group.lp_grad_view(sp).copy_(g)
+                    dst = group.lp_grad_view(sp)
+                    if isinstance(g, ExpertGrad):
+                        g.zero_others(dst)
+                        rows = dst.view(g.rows, -1)
+                        for a, z, piece in g.pieces():
+                            rows[a:z].copy_(piece)
+                    else:
+                        dst.copy_(g)
                 self._report(final)
 
+            self.bytes_d2h += sum(g.numel() * g.element_size() for _, g in pairs)
             self.worker.submit(land)
             return
         event = torch.cuda.Event()
         self.d2h_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.d2h_stream):
             for (group, sp), g in pairs:
-                group.lp_grad_view(sp).copy_(g, non_blocking=True)
-                g.record_stream(self.d2h_stream)
+                if isinstance(g, ExpertGrad):
+                    rows = group.lp_grad_view(sp).view(g.rows, -1)
+                    for a, z, piece in g.pieces():
+                        rows[a:z].copy_(piece, non_blocking=True)
+                    g.grad.record_stream(self.d2h_stream)
+                else:
+                    group.lp_grad_view(sp).copy_(g, non_blocking=True)
+                    g.record_stream(self.d2h_stream)
                 self.bytes_d2h += g.numel() * g.element_size()
             event.record(self.d2h_stream)
+        sparse = [((group, sp), g) for (group, sp), g in pairs if isinstance(g, ExpertGrad)]
 
         def landed() -> None:
+            for (group, sp), g in sparse:  # host rows the copies do not touch: disjoint from the ones in flight
+                g.zero_others(group.lp_grad_view(sp))
             event.synchronize()
             self._report(final)
 
@@ -198,6 +275,7 @@ class GradientSink:
                 self._fold(pairs)
                 self._report(final)
 
+            self.bytes_d2h += sum(g.numel() * g.element_size() for _, g in pairs)
             self.worker.submit(fold_now)
             return
         slab = self._take_slab()
@@ -208,9 +286,17 @@ class GradientSink:
             for target, g in pairs:
                 n = g.numel()
                 view = slab[offset : offset + n]
-                view.copy_(g.reshape(-1), non_blocking=True)
-                g.record_stream(self.d2h_stream)
-                views.append((target, view))
+                if isinstance(g, ExpertGrad):
+                    at = 0
+                    for _, _, piece in g.pieces():
+                        view[at : at + piece.numel()].copy_(piece.reshape(-1), non_blocking=True)
+                        at += piece.numel()
+                    g.grad.record_stream(self.d2h_stream)
+                    views.append((target, ExpertGrad(view, g.runs, g.rows, packed=True)))
+                else:
+                    view.copy_(g.reshape(-1), non_blocking=True)
+                    g.record_stream(self.d2h_stream)
+                    views.append((target, view))
                 offset += n
             event.record(self.d2h_stream)
         self.bytes_d2h += offset * slab.element_size()
@@ -264,6 +350,19 @@ class GradientSink:
         for (group, sp), src in pairs:
             self._to_fp32(group, sp)
             dst = group.grad_view(sp).view(-1)
+            if isinstance(src, ExpertGrad):
+                rows = dst.view(src.rows, -1)
+                if sp.fresh:
+                    src.zero_others(dst)
+                for a, z, piece in src.pieces():
+                    if sp.fresh:
+                        rows[a:z].copy_(piece)
+                    else:
+                        rows[a:z].add_(piece)
+                sp.fresh = False
+                if self.track_norms:
+                    sp.grad_norm = torch.linalg.vector_norm(dst)
+                continue
             src = src.reshape(-1)
             if sp.fresh:
                 dst.copy_(src)

@@ -20,6 +20,7 @@ The engine knows nothing about Lightning. A plain PyTorch loop::
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ from torch import nn
 from .activations import CheckpointOffloader, materialize, prefetch
 from .adapter import DecoderParts, bind_layer_state, describe
 from .config import EngineConfig, as_dtype  # noqa: F401  (re-exported)
-from .gradients import GradientSink
+from .gradients import ExpertGrad, GradientSink
 from .hooks import ModelHooks
 from .loss import ChunkedLoss, head_logits
 from .moe import RouterTap
@@ -37,7 +38,7 @@ from .optimizer import LayerOptimizer, clip_coefficient
 from .pinned import unregister_pinned
 from .segments import ForwardPass, _rng_replay, segment_backward_order
 from .store import HostStore
-from .streamer import LayerStreamer, Unit, make_unit
+from .streamer import ExpertSet, LayerStreamer, Unit, expert_runs, make_unit
 
 
 class HorizonEngine(ModelHooks):
@@ -70,6 +71,9 @@ class HorizonEngine(ModelHooks):
             make_unit(i, f"layers.{i}", self.parts.layer_structure_key(i), layer, self.store)
             for i, layer in enumerate(self.parts.layers)
         ]
+        if config.sparse_experts:
+            for i, unit in enumerate(self.units):
+                unit.experts = self._expert_sets(i, unit)
         head = nn.ModuleDict({"norm": self.parts.norm, "lm_head": self.parts.lm_head})
         self.head_uid = len(self.units)
         self.units.append(make_unit(self.head_uid, "head", ("head",), head, self.store))
@@ -108,6 +112,15 @@ class HorizonEngine(ModelHooks):
         self._moved_buffers: list[tuple[nn.Module, str, torch.device]] = []
         templates = [t for slot in self.streamer.slots for t in slot.templates.values()]
         self.routers = RouterTap(templates, self.parts.router_spec())
+        self._sparse_active: tuple | None = None  # (slot, unit, hit experts per path) of the layer running now
+        self._expert_hooks = []
+        for slot in self.streamer.slots:
+            for unit in {u.structure: u for u in self.units if u.experts}.values():
+                template = slot.templates[unit.structure]
+                for eset in unit.experts:
+                    module = template.get_submodule(eset.path)
+                    hook = functools.partial(self._experts_pre_hook, eset.path)
+                    self._expert_hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         self._record_routers = False
         self._install()
 
@@ -193,7 +206,7 @@ class HorizonEngine(ModelHooks):
                 module.__dict__.pop("forward", None)
             for module, name, device in self._moved_buffers:
                 module._buffers[name] = module._buffers[name].to(device)
-            for hook in self._hooks:
+            for hook in [*self._hooks, *self._expert_hooks]:
                 hook.remove()
             self.routers.close()
 
@@ -305,6 +318,14 @@ class HorizonEngine(ModelHooks):
         bind_layer_state(module, self._layer_state[index])
         module.train(fpass.train_mode)
         rng = _rng_replay(fpass, index, self.device, enabled=self._stochastic and fpass.train_mode and fpass.keep)
+        hits: dict[str, set[int]] = {}
+        self._sparse_active = (slot, self.units[index], hits) if self.units[index].experts else None
+        try:
+            return self._run_template(fpass, index, slot, module, hidden, kwargs, grad, grad_out, rng, hits)
+        finally:
+            self._sparse_active = None
+
+    def _run_template(self, fpass, index, slot, module, hidden, kwargs, grad, grad_out, rng, hits):
         with rng, self.routers.record() as routed:
             if not grad:
                 with torch.no_grad():
@@ -326,11 +347,49 @@ class HorizonEngine(ModelHooks):
                 grads = torch.autograd.grad(outputs, [hidden, *trainable], grad_outputs, allow_unused=True)
         self.streamer.release(slot)
         it = iter(grads[1:])
-        self._submit(index, [next(it) if p.requires_grad else None for p in params])
+        self._submit(index, [next(it) if p.requires_grad else None for p in params], hits)
         return out, grads[0]
 
-    def _submit(self, uid: int, grads: list[torch.Tensor | None]) -> None:
+    def _expert_sets(self, index: int, unit: Unit) -> list[ExpertSet]:
+        by_name = {b.name: b for b in unit.bindings}
+        sets = []
+        for em in self.parts.expert_modules(index):
+            bindings = [by_name.get(f"{em.path}.{n}") for n in em.params]
+            if any(b is None or b.entry.numel % em.num_experts or b.entry.shape[0] != em.num_experts for b in bindings):
+                continue  # a tied or reshaped parameter: keep it dense
+            sets.append(ExpertSet(em.path, em.num_experts, bindings, em.index_arg))
+        return sets
+
+    def _experts_pre_hook(self, path: str, module: nn.Module, args: tuple, kwargs: dict):
+        """Before a template's experts module runs: uploads the experts its tokens are routed to (one small sync)."""
+        active = self._sparse_active
+        if active is None:
+            return None
+        slot, unit, hits = active
+        eset = next((e for e in unit.experts if e.path == path), None)
+        if eset is None:
+            return None
+        index = args[1] if len(args) > 1 else kwargs.get(eset.index_arg)
+        if isinstance(index, torch.Tensor):
+            with torch.no_grad():
+                hit = [e for e in torch.unique(index.detach()).tolist() if 0 <= e < eset.num_experts]
+        else:  # no routing indices to read: every expert
+            hit = list(range(eset.num_experts))
+        hits.setdefault(path, set()).update(hit)
+        self.streamer.upload_experts(slot, eset, hit)
+        return None
+
+    def _submit(self, uid: int, grads: list[torch.Tensor | None], hits: dict[str, set[int]] | None = None) -> None:
         unit = self.units[uid]
+        if unit.experts and hits is not None:
+            grads = list(grads)
+            position = {id(b): j for j, b in enumerate(unit.bindings)}
+            for eset in unit.experts:
+                runs = expert_runs(list(hits.get(eset.path, ())))
+                for b in eset.bindings:
+                    j = position[id(b)]
+                    if grads[j] is not None:  # exactly zero outside the experts that received tokens
+                        grads[j] = ExpertGrad(grads[j], runs, eset.num_experts)
         targets = [(b.group, b.entry) for b in unit.bindings]
         embed = self.store.entry(self.parts.embed.weight)[0]
         # Every group of a unit is complete after its backward, except the embedding (tied lm_head): that one also

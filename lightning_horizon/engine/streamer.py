@@ -24,6 +24,14 @@ recomputed segment cost no upload. Eviction follows the plan (the slot whose res
 first). If the main thread asks for a unit that is not next in the plan, the plan is dropped and that unit is
 loaded on demand: unusual call orders stay correct, they only lose the prefetch.
 
+Expert-sparse streaming (MoE layers, ``EngineConfig.sparse_experts``): a unit's :class:`ExpertSet` lists the stacked
+expert parameters ``(num_experts, ...)`` of its routed-experts modules. The prefetched upload leaves their regions of
+the slot out; a forward pre-hook on the template's experts module (installed by the engine) reads the routing
+indices (one small device -> host sync), and :meth:`LayerStreamer.upload_experts` copies the experts that received
+tokens and are not yet in the slot, on the compute stream (so the experts' kernels are ordered after them and the
+slot's ``free_event`` covers them). ``_Slot.experts`` records which experts of the resident unit are in the slot; a
+load resets it, so a slot reused for the same unit and version (forward -> backward turn) keeps its experts.
+
 On a CPU compute device the same code runs: the slot is host memory, the copy is a plain copy, events are no-ops.
 """
 
@@ -55,6 +63,16 @@ class Binding:
 
 
 @dataclass(eq=False)
+class ExpertSet:
+    """The stacked expert parameters of one expert module of a unit: streamed expert by expert (see ``upload_experts``)."""
+
+    path: str
+    num_experts: int
+    bindings: list[Binding]
+    index_arg: str
+
+
+@dataclass(eq=False)
 class Unit:
     """A streamed unit: one template structure and the masters that fill it."""
 
@@ -65,6 +83,15 @@ class Unit:
     bindings: list[Binding]
     numel: int
     groups: list[StoreGroup] = field(default_factory=list)
+    experts: list[ExpertSet] = field(default_factory=list)
+    """Expert modules whose parameters are not part of the prefetched upload: the experts that tokens are routed to
+    are uploaded on demand, just before the experts module runs (expert-sparse streaming)."""
+
+    @property
+    def dense_bindings(self) -> list[Binding]:
+        """Bindings the prefetched upload covers (all but the expert parameters)."""
+        sparse = {id(b) for e in self.experts for b in e.bindings}
+        return [b for b in self.bindings if id(b) not in sparse]
 
     @property
     def version(self) -> tuple[int, ...]:
@@ -95,11 +122,13 @@ class _Slot:
         self.index = index
         self.cuda = device.type == "cuda"
         with torch.inference_mode(False):
-            self.buf = torch.empty(numel, dtype=dtype, device=device)
+            self.buf = torch.zeros(numel, dtype=dtype, device=device)  # finite everywhere, even where never uploaded
             self.staging: torch.Tensor | None = None if self.cuda else self.buf  # allocated on the first pack
         self.copy_event = torch.cuda.Event() if self.cuda else None
         self.free_event = torch.cuda.Event() if self.cuda else None
         self.resident: tuple[int, tuple[int, ...]] | None = None
+        self.experts: dict[str, set[int]] = {}
+        """Experts of the resident unit already in the slot, per expert module path (reset when a unit is loaded)."""
         self.claims = 0
         self.last_use = 0
         self.templates: dict[tuple, nn.Module] = {}
@@ -263,8 +292,51 @@ class LayerStreamer:
                 self._ready.append((uid, slot))
                 self.cond.notify_all()
 
+    def upload_experts(self, slot: _Slot, eset: ExpertSet, hit: list[int]) -> None:
+        """Makes experts ``hit`` of ``eset`` resident in ``slot`` (which holds their unit, acquired by the caller).
+
+        Called on the compute thread just before the experts module runs: the copies are issued on the current stream
+        (from the pinned compute-dtype copy, else cast from the FP32 masters through pinned memory), so the experts'
+        kernels are ordered after them and the slot's ``free_event`` covers them.
+        """
+        have = slot.experts.setdefault(eset.path, set())
+        missing = sorted(e for e in hit if e not in have)
+        if not missing:
+            return
+        runs = expert_runs(missing)
+        # An alias with its own version counter: the template's graph may already hold other parameters of this slot
+        # (views of ``buf``) for backward, and these regions were not read before, so autograd must not see a write.
+        raw = slot.buf.data
+        nbytes = 0
+        groups = []
+        for b in eset.bindings:
+            per = b.entry.numel // eset.num_experts
+            for a, z in runs:
+                dst = raw[b.offset + a * per : b.offset + z * per]
+                lo, hi = b.entry.offset + a * per, b.entry.offset + z * per
+                if b.group.copy is not None:
+                    src = b.group.copy[lo:hi]
+                else:
+                    src = b.group.master[lo:hi].to(self.dtype)
+                    if self.cuda:
+                        src = src.pin_memory()  # the caching host allocator keeps it until the copy is done
+                dst.copy_(src, non_blocking=self.cuda)
+                nbytes += (z - a) * per * dst.element_size()
+            if b.group not in groups:
+                groups.append(b.group)
+        if self.cuda:
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+            for group in groups:
+                if group.copy is not None:
+                    group.h2d_event = done
+        have.update(missing)
+        with self.cond:
+            self.bytes_h2d += nbytes
+
     def _load(self, unit: Unit, slot: _Slot) -> None:
         slot.resident = None
+        slot.experts = {}
         start = time.perf_counter()
         for group in unit.groups:
             self.store.wait_updated(group, poll=self.poll)
@@ -275,13 +347,17 @@ class LayerStreamer:
             self._upload_copy(unit, slot)
         else:
             self._pack_and_upload(unit, slot)
-        self.bytes_h2d += unit.numel * slot.buf.element_size()
+        with self.cond:
+            if unit.experts:
+                self.bytes_h2d += sum(b.entry.numel for b in unit.dense_bindings) * slot.buf.element_size()
+            else:
+                self.bytes_h2d += unit.numel * slot.buf.element_size()
         self.num_uploads += 1
         slot.resident = (unit.uid, unit.version)
 
     def _upload_copy(self, unit: Unit, slot: _Slot) -> None:
         """Uploads straight from the groups' pinned compute-dtype copies: no packing on the way."""
-        whole = unit.whole_group
+        whole = None if unit.experts else unit.whole_group
         pairs = (
             [(slot.buf[: unit.numel], whole.copy[: unit.numel])]
             if whole is not None
@@ -290,7 +366,7 @@ class LayerStreamer:
                     slot.buf[b.offset : b.offset + b.entry.numel],
                     b.group.copy[b.entry.offset : b.entry.offset + b.entry.numel],
                 )
-                for b in unit.bindings
+                for b in unit.dense_bindings
             ]
         )
         if not self.cuda:
@@ -315,18 +391,23 @@ class LayerStreamer:
         if self.cuda:
             slot.copy_event.synchronize()  # the previous upload from this staging buffer is done
         start = time.perf_counter()
-        whole = unit.whole_group
+        whole = None if unit.experts else unit.whole_group
         if whole is not None:
             slot.staging[: unit.numel].copy_(whole.master[: unit.numel])
         else:
-            for b in unit.bindings:
+            for b in unit.dense_bindings:
                 src = b.group.master[b.entry.offset : b.entry.offset + b.entry.numel]
                 slot.staging[b.offset : b.offset + b.entry.numel].copy_(src)
         self.pack_s += time.perf_counter() - start
         if self.cuda:
             with torch.cuda.stream(self.h2d_stream):
                 self.h2d_stream.wait_event(slot.free_event)
-                slot.buf[: unit.numel].copy_(slot.staging[: unit.numel], non_blocking=True)
+                if unit.experts:  # the expert parameters' regions are left out
+                    for b in unit.dense_bindings:
+                        region = slice(b.offset, b.offset + b.entry.numel)
+                        slot.buf[region].copy_(slot.staging[region], non_blocking=True)
+                else:
+                    slot.buf[: unit.numel].copy_(slot.staging[: unit.numel], non_blocking=True)
                 slot.copy_event.record(self.h2d_stream)
 
     def _make_template(self, unit: Unit, slot: _Slot) -> nn.Module:
@@ -343,6 +424,17 @@ class LayerStreamer:
                 owner, leaf = _owner(template, name)
                 owner._buffers[leaf] = buf.to(self.device)
         return template
+
+
+def expert_runs(experts: list[int]) -> list[tuple[int, int]]:
+    """Sorted expert ids as ``[start, end)`` runs of consecutive ids."""
+    runs: list[list[int]] = []
+    for e in sorted(experts):
+        if runs and runs[-1][1] == e:
+            runs[-1][1] = e + 1
+        else:
+            runs.append([e, e + 1])
+    return [(a, z) for a, z in runs]
 
 
 def _owner(root: nn.Module, dotted: str) -> tuple[nn.Module, str]:
