@@ -202,8 +202,13 @@ def test_weight_copy_auto_follows_host_memory(host_gib, expected):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(
             "sft",
-            overrides=["model=qwen2_7b", "hardware=h200", f"hardware.host_memory_bytes={host_gib * 2**30}",
-                       "data.batch_size=8", "data.max_seq_len=2048"],  # fmt: skip
+            overrides=[
+                "model=qwen2_7b",
+                "hardware=h200",
+                f"hardware.host_memory_bytes={host_gib * 2**30}",
+                "data.batch_size=8",
+                "data.max_seq_len=2048",
+            ],  # fmt: skip
         )
     assert cfg.strategy.weight_copy is None
     p = plan_from_config(cfg)
