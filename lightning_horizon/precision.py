@@ -111,7 +111,8 @@ def _nothing_between_backward_and_step(model: pl.LightningModule) -> bool:
     trainer = model.trainer
     if trainer.gradient_clip_val:
         return False
-    hooks = ("on_before_optimizer_step", "configure_gradient_clipping", "on_after_backward")
-    if any(is_overridden(h, model, parent=LightningModule) for h in hooks):
+    callback_hooks = ("on_before_optimizer_step", "on_after_backward")
+    module_hooks = (*callback_hooks, "configure_gradient_clipping")
+    if any(is_overridden(h, model, parent=LightningModule) for h in module_hooks):
         return False
-    return not any(is_overridden(h, cb, parent=Callback) for cb in trainer.callbacks for h in hooks[:1] + hooks[2:])
+    return not any(is_overridden(h, cb, parent=Callback) for cb in trainer.callbacks for h in callback_hooks)

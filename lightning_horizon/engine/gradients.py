@@ -196,7 +196,7 @@ class GradientSink:
         """The current FP32 gradient of one parameter (a view in fold mode, an upcast copy in direct mode)."""
         if sp.fresh:
             return None
-        if group.grad is not None and not self._lp_holds(group, sp):
+        if group.grad is not None and not sp.in_lp:
             return group.grad_view(sp)
         return group.lp_grad_view(sp).to(torch.float32)
 
@@ -204,15 +204,11 @@ class GradientSink:
         """``param.grad``-compatible view (FP32 storage) or None when the gradient lives in the compute dtype."""
         if sp.fresh:
             return None
-        if self._lp_holds(group, sp):
+        if sp.in_lp:
             return group.lp_grad_view(sp) if group.grad_lp.dtype == torch.float32 else None
         return group.grad_view(sp)
 
     # ------------------------------------------------------------------------------------------------ internals
-    @staticmethod
-    def _lp_holds(group: StoreGroup, sp: StoreParam) -> bool:
-        return sp.in_lp
-
     def _ensure_lp(self, group: StoreGroup) -> None:
         if group.grad_lp is None and group.trainable:
             with torch.inference_mode(False):

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .segments import local_grads
+
 IGNORE_INDEX = -100
 
 
@@ -71,26 +73,20 @@ class ChunkedLoss:
         return total / self.denom
 
     def backward(
-        self, head: nn.Module, hidden: torch.Tensor, grad_loss: torch.Tensor
+        self, head: nn.Module, params: list[nn.Parameter], hidden: torch.Tensor, grad_loss: torch.Tensor
     ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-        """Gradient w.r.t. ``hidden`` and the head's parameter gradients (FP32), for upstream ``grad_loss``."""
+        """Gradient w.r.t. ``hidden`` and the gradients (FP32) of the head's ``params``, for upstream ``grad_loss``."""
         flat = hidden.reshape(-1, hidden.shape[-1])
         grad_hidden = torch.zeros_like(flat)
-        params = [p for p in head.parameters()]
-        trainable = [p for p in params if p.requires_grad]
-        acc: list[torch.Tensor | None] = [None] * len(trainable)
+        acc: list[torch.Tensor | None] = [None] * len(params)
         scale = grad_loss.to(torch.float32) / self.denom if self.num_valid else grad_loss.to(torch.float32)
         for rows, targets in self.chunks():
             x = flat[rows].detach().requires_grad_(True)
             with torch.enable_grad():
                 logits = head_logits(head, x, self.softcap)
                 ce = F.cross_entropy(logits.float(), targets, reduction="sum")
-                grads = torch.autograd.grad(ce, [x, *trainable], grad_outputs=scale)
-            grad_hidden[rows] = grads[0]
-            for i, g in enumerate(grads[1:]):
-                acc[i] = g.float() if acc[i] is None else acc[i].add_(g)
-        out: list[torch.Tensor | None] = []
-        it = iter(acc)
-        for p in params:
-            out.append(next(it) if p.requires_grad else None)
-        return grad_hidden.view(self.shape), out
+                grad_hidden[rows], grads = local_grads(ce, scale, x, params)
+            for i, g in enumerate(grads):
+                if g is not None:
+                    acc[i] = g.float() if acc[i] is None else acc[i].add_(g)
+        return grad_hidden.view(self.shape), acc

@@ -140,10 +140,6 @@ class LayerOptimizer:
             self.num_steps += 1
         optimizer._opt_called = True  # what an LR scheduler's wrapper of optimizer.step() records  # type: ignore[attr-defined]
 
-    @property
-    def in_step(self) -> bool:
-        return self._plan is not None
-
     def wait(self) -> None:
         """Blocks until every scheduled update has been applied."""
         self.worker.drain()

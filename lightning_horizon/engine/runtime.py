@@ -36,7 +36,7 @@ from .loss import ChunkedLoss, head_logits
 from .moe import RouterTap
 from .optimizer import LayerOptimizer, clip_coefficient
 from .pinned import unregister_pinned
-from .segments import ForwardPass, _rng_replay, segment_backward_order
+from .segments import ForwardPass, _rng_replay, local_grads, segment_backward_order
 from .store import HostStore
 from .streamer import ExpertSet, LayerStreamer, Unit, expert_runs, make_unit
 
@@ -155,9 +155,10 @@ class HorizonEngine(ModelHooks):
         entries = self._grad_entries(optimizer)
         norms = []
         for group, sp in entries:
-            if norm_type != 2.0 or sp.grad_norm is None or not self.sink.track_norms:
-                sp.grad_norm = torch.linalg.vector_norm(self.sink.gradient(group, sp), norm_type)
-            norms.append(sp.grad_norm)
+            tracked = self.sink.track_norms and norm_type == 2.0 and sp.grad_norm is not None  # recorded as it landed
+            norms.append(
+                sp.grad_norm if tracked else torch.linalg.vector_norm(self.sink.gradient(group, sp), norm_type)
+            )
         total, coef = clip_coefficient(norms, float(max_norm), norm_type)
         self.optim.clip_coef = coef if float(coef) < 1.0 else None
         return total
@@ -219,6 +220,7 @@ class HorizonEngine(ModelHooks):
             "num_uploads": self.streamer.num_uploads,
             "num_optimizer_steps": self.optim.num_steps,
             "num_overlapped_updates": self.num_overlapped_updates,
+            "bytes_checkpoints_offloaded": self.offloader.bytes_offloaded,
             "prefetch_busy_s": self.streamer.worker.busy_s,
             "pack_s": self.streamer.pack_s,
             "prefetch_update_wait_s": self.streamer.update_wait_s,
@@ -281,7 +283,8 @@ class HorizonEngine(ModelHooks):
 
     def head_loss_backward(self, loss_fn: ChunkedLoss, hidden: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
         slot, head = self.streamer.acquire(self.head_uid)
-        grad_hidden, grads = loss_fn.backward(head, hidden, grad_loss)
+        params = self._template_params[(slot.index, ("head",))]
+        grad_hidden, grads = loss_fn.backward(head, params, hidden, grad_loss)
         self.streamer.release(slot)
         self._submit(self.head_uid, [None if g is None else g.to(self.dtype) for g in grads])
         return grad_hidden
@@ -296,15 +299,13 @@ class HorizonEngine(ModelHooks):
     def head_logits_backward(self, hidden: torch.Tensor, grad_logits: torch.Tensor) -> torch.Tensor:
         slot, head = self.streamer.acquire(self.head_uid)
         params = self._template_params[(slot.index, ("head",))]
-        trainable = [p for p in params if p.requires_grad]
         x = hidden.detach().requires_grad_(True)
         with torch.enable_grad():
             logits = head_logits(head, x, self.parts.logit_softcap())
-            grads = torch.autograd.grad(logits, [x, *trainable], grad_logits)
+            grad_x, grads = local_grads(logits, grad_logits, x, params)
         self.streamer.release(slot)
-        it = iter(grads[1:])
-        self._submit(self.head_uid, [next(it) if p.requires_grad else None for p in params])
-        return grads[0]
+        self._submit(self.head_uid, grads)
+        return grad_x
 
     def plan_backward(self, fpass: ForwardPass) -> None:
         k = self.config.checkpoint_every
@@ -338,17 +339,15 @@ class HorizonEngine(ModelHooks):
                     out = out[0]
                 return out
             params = self._template_params[(slot.index, self.units[index].structure)]
-            trainable = [p for p in params if p.requires_grad]
             with torch.enable_grad():
                 out = module(hidden, **kwargs)
                 out = out[0] if isinstance(out, tuple) else out
                 router_grads = fpass.router_grads.pop(index, [])  # d(aux loss)/d(router logits), see .moe
                 outputs, grad_outputs = [out, *routed[: len(router_grads)]], [grad_out, *router_grads]
-                grads = torch.autograd.grad(outputs, [hidden, *trainable], grad_outputs, allow_unused=True)
+                grad_in, grads = local_grads(outputs, grad_outputs, hidden, params, allow_unused=True)
         self.streamer.release(slot)
-        it = iter(grads[1:])
-        self._submit(index, [next(it) if p.requires_grad else None for p in params], hits)
-        return out, grads[0]
+        self._submit(index, grads, hits)
+        return out, grad_in
 
     def _expert_sets(self, index: int, unit: Unit) -> list[ExpertSet]:
         by_name = {b.name: b for b in unit.bindings}

@@ -115,6 +115,17 @@ class HeadLogitsFunction(torch.autograd.Function):
         return fpass.engine.head_logits_backward(hidden, grad_logits), None, None
 
 
+def local_grads(
+    outputs, grad_outputs, x: torch.Tensor, params: list[torch.nn.Parameter], allow_unused: bool = False
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Gradients of a graph local to one streamed unit: w.r.t. its input ``x`` and each of ``params`` (None for a
+    frozen parameter), in the order of ``params``."""
+    trainable = [p for p in params if p.requires_grad]
+    grads = torch.autograd.grad(outputs, [x, *trainable], grad_outputs, allow_unused=allow_unused)
+    it = iter(grads[1:])
+    return grads[0], [next(it) if p.requires_grad else None for p in params]
+
+
 def segment_backward_order(num_layers: int, k: int) -> list[tuple[int, bool]]:
     """Upload order of the backward: ``(layer, is_recompute)`` for each segment, last segment first."""
     order: list[tuple[int, bool]] = []

@@ -146,9 +146,6 @@ class HostStore:
                 sp.param.data = view  # the old storage is freed here: peak memory is one parameter over the store
         return StoreGroup(name, entries, offset, master)
 
-    def group_of(self, param: nn.Parameter) -> StoreGroup:
-        return self.by_param[id(param)][0]
-
     def entry(self, param: nn.Parameter) -> tuple[StoreGroup, StoreParam]:
         try:
             return self.by_param[id(param)]
@@ -158,10 +155,6 @@ class HostStore:
     @property
     def num_params(self) -> int:
         return sum(sp.numel for g in self.groups for sp in g.params)
-
-    @property
-    def master_bytes(self) -> int:
-        return sum(g.master.numel() * g.master.element_size() for g in self.groups)
 
     def wait_updated(self, group: StoreGroup, poll: callable | None = None) -> None:  # type: ignore[valid-type]
         """Blocks until every scheduled optimizer update of ``group`` has been applied."""

@@ -72,10 +72,6 @@ class Worker:
                 self._idle.wait(_POLL_S)
         self.check()
 
-    @property
-    def busy(self) -> bool:
-        return self._pending > 0
-
     def close(self) -> None:
         self._jobs.put((float("inf"), 0, None) if self._prioritized else None)
         self._thread.join(timeout=10)
