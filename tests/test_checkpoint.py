@@ -25,11 +25,11 @@ QUIET = dict(logger=False, enable_progress_bar=False, enable_model_summary=False
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def fit(model, steps, data, ckpt_path=None, callbacks=(), module_cls=LMModule, **kw):
+def fit(model, steps, data, ckpt_path=None, callbacks=(), module_cls=LMModule, accelerator="cpu", **kw):
     module = module_cls(model, total=20)
     trainer = L.Trainer(
         strategy="horizon",
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=1,
         max_steps=steps,
         precision="32-true",

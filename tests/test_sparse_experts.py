@@ -45,13 +45,13 @@ def optimizer_of(model):
     return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
 
 
-def run_engine(ref, sparse: bool, mode: str):
+def run_engine(ref, sparse: bool, mode: str, device: str = "cpu", dtype: str = "fp32"):
     model = clone(ref)
     micro = 2 if mode == "fold" else 1
     engine = HorizonEngine(
         model,
-        device="cpu",
-        compute_dtype="fp32",
+        device=device,
+        compute_dtype=dtype,
         sparse_experts=sparse,
         accumulate_grads=mode == "fold",
         weight_copy=mode != "nocopy",
