@@ -121,11 +121,13 @@ def test_no_device_wide_synchronisation_inside_a_step(monkeypatch):
         engine.close()
 
 
-def _peak_after_steps(layers: int, offload: bool, steps: int = 2):
+def _peak_after_steps(layers: int, offload: bool, dtype: str = "bf16", width: int = 1024, steps: int = 2):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    model = tiny_model("llama", layers=layers, hidden_size=1024, intermediate_size=2816, attn_implementation="sdpa")
-    engine = HorizonEngine(model, device="cuda", compute_dtype="bf16", offload_checkpoints=offload)
+    model = tiny_model(
+        "llama", layers=layers, hidden_size=width, intermediate_size=width * 11 // 4, attn_implementation="sdpa"
+    )
+    engine = HorizonEngine(model, device="cuda", compute_dtype=dtype, offload_checkpoints=offload)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     grads = None
     try:
@@ -145,46 +147,18 @@ def _peak_after_steps(layers: int, offload: bool, steps: int = 2):
 
 def test_offloaded_checkpoints_keep_gpu_memory_independent_of_depth():
     shallow, _ = _peak_after_steps(8, offload=True)
-    deep, grads_offloaded = _peak_after_steps(16, offload=True)
-    resident, grads_resident = _peak_after_steps(16, offload=False)
+    deep, _ = _peak_after_steps(16, offload=True)
+    resident, _ = _peak_after_steps(16, offload=False)
     print(
         f"peak allocated: 8 layers {shallow / 2**20:.0f} MiB, 16 layers {deep / 2**20:.0f} MiB (offloaded), "
         f"16 layers {resident / 2**20:.0f} MiB (resident checkpoints)"
     )
     assert deep < 1.05 * shallow
     assert resident > deep
-    for name, g in grads_resident.items():  # GPU attention backward is not bitwise deterministic run to run
-        assert normwise(grads_offloaded[name], g) < 1e-2, name
-
-
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_cuda_sparse_experts_match_dense(dtype):
-    """Expert-sparse streaming on CUDA: the routing pre-hook, partial uploads and partial gradient rows give the
-    dense engine's losses and weights after 3 AdamW steps, with fewer bytes each way."""
-    from tests.test_sparse_experts import moe_model, run_engine
-
-    ref = moe_model("mixtral")
-    dense = run_engine(ref, sparse=False, mode="direct", device="cuda", dtype=dtype)
-    sparse = run_engine(ref, sparse=True, mode="direct", device="cuda", dtype=dtype)
-    assert sparse[0] == pytest.approx(dense[0], rel=1e-6)
-    for name, w in dense[3].items():
-        assert normwise(sparse[3][name], w) < 1e-6, name
-    assert sparse[5]["bytes_h2d"] < 0.9 * dense[5]["bytes_h2d"]
-    assert sparse[5]["bytes_d2h"] < 0.9 * dense[5]["bytes_d2h"]
-
-
-def test_cuda_resume_from_checkpoint(tmp_path):
-    """A horizon checkpoint written during a CUDA run resumes on CUDA: 10 + resume + 10 steps equal 20 steps."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from tests.test_checkpoint import fit
-
+    # Same gradients either way, checked in FP32 (BF16 attention backward is not bitwise deterministic run to run,
+    # so a BF16 comparison only measures that noise).
     torch.backends.cuda.matmul.allow_tf32 = False
-    ref = tiny_model("llama", tied=True)
-    cb = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=10, save_top_k=-1)
-    full, _ = fit(clone(ref), 20, loader(20), callbacks=[cb], accelerator="gpu")
-    resumed, trainer = fit(clone(ref), 20, loader(20), ckpt_path=tmp_path / "epoch=0-step=10.ckpt", accelerator="gpu")
-    assert trainer.global_step == 20
-    assert resumed.losses == pytest.approx(full.losses[10:], rel=1e-5)
-    for (name, p), q in zip(resumed.model.named_parameters(), full.model.parameters()):
-        assert normwise(p, q) < 1e-5, name
+    _, offloaded = _peak_after_steps(4, offload=True, dtype="fp32", width=256, steps=1)
+    _, resident_grads = _peak_after_steps(4, offload=False, dtype="fp32", width=256, steps=1)
+    for name, g in resident_grads.items():
+        assert normwise(offloaded[name], g) < 1e-5, name

@@ -5,11 +5,17 @@ the compute dtype. On the GPU that term grows with the number of layers. When of
 copied to pinned host memory on ``d2h_stream`` as soon as it exists (the GPU tensor is released once the copy has
 run: ``record_stream`` keeps the allocator from reusing it earlier), and the backward brings it back on its own
 ``h2d_stream`` one segment ahead of use, ordered by events: at most two checkpoints are on the GPU at a time.
+The GPU copy of a checkpoint can only be reused by the allocator once its D2H copy has run; if the forward ran far
+ahead of ``d2h_stream`` (fast layers, slow copies), freed checkpoints would pile up on the GPU in proportion to the
+depth. So the forward waits (host-side, on that one copy's event) until the copy ``max_in_flight`` checkpoints back
+has finished: the GPU holds a bounded number of checkpoints whatever the depth.
 The host copies come from PyTorch's pinned caching allocator: checkpoint shapes repeat every step, so the blocks are
 reused rather than pinned again.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 import torch
 
@@ -56,12 +62,18 @@ class CheckpointOffloader:
         device: The CUDA compute device.
         mode: True (always offload), False (never) or None (offload when a pass's checkpoints would take more than
             ``auto_fraction`` of the GPU's memory).
+        auto_fraction: See ``mode``.
+        max_in_flight: Checkpoints whose D2H copy may still be running when the next one is offloaded.
     """
 
-    def __init__(self, device: torch.device, mode: bool | None, auto_fraction: float = 0.2) -> None:
+    def __init__(
+        self, device: torch.device, mode: bool | None, auto_fraction: float = 0.2, max_in_flight: int = 2
+    ) -> None:
         self.device = device
         self.mode = mode
         self.enabled = False
+        self.max_in_flight = max_in_flight
+        self._in_flight: deque[OffloadedTensor] = deque()
         if device.type == "cuda":
             self.d2h_stream = torch.cuda.Stream(device)
             self.h2d_stream = torch.cuda.Stream(device)
@@ -80,7 +92,11 @@ class CheckpointOffloader:
 
     def offload(self, tensor: torch.Tensor) -> OffloadedTensor:
         self.bytes_offloaded += tensor.numel() * tensor.element_size()
-        return OffloadedTensor(self, tensor)
+        moved = OffloadedTensor(self, tensor)
+        self._in_flight.append(moved)
+        if len(self._in_flight) > self.max_in_flight:
+            self._in_flight.popleft().d2h_event.synchronize()  # bounds the checkpoints awaiting their copy
+        return moved
 
 
 def materialize(value: torch.Tensor | OffloadedTensor) -> torch.Tensor:

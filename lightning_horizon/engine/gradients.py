@@ -5,8 +5,9 @@ Two modes, chosen per engine (``direct`` is the default; the first accumulated b
 * ``direct`` (no gradient accumulation): every gradient is copied on its own ``d2h_stream`` straight into the
   group's pinned gradient buffer in the compute dtype (``StoreGroup.grad_lp``). Nothing is folded: the CPU
   optimizer upcasts one group at a time. Host cost: 2 bytes/param for BF16 compute.
-* ``fold`` (gradient accumulation): gradients arrive in a bounded pool of pinned slabs (the compute thread blocks
-  when all slabs are in flight: back-pressure, bounded pinned memory); a fold worker adds each slab into the group's
+* ``fold`` (gradient accumulation): gradients arrive in a bounded pool of pinned slabs, each the size of a decoder
+  layer's gradient at most (larger gradients, the head's, are split across slabs; the compute thread blocks when all
+  slabs are in flight: back-pressure, bounded pinned memory); a fold worker adds each slab into the group's
   FP32 gradient buffer (overwriting on the first fold after an optimizer step), so accumulation over micro-batches
   is exact FP32. Host cost: 4 bytes/param.
 
@@ -30,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 
-from .pinned import pinned_empty, unregister_pinned
+from .pinned import chunk_spans, pinned_empty, unregister_pinned
 from .store import HostStore, StoreGroup, StoreParam
 from .workers import Worker
 
@@ -42,11 +43,11 @@ class ExpertGrad:
 
     Only those experts' rows travel to the host; the others' gradient is exactly zero. On the host the first landing
     after an optimizer step zero-fills the other rows (so the optimizer sees the dense gradient), later ones (gradient
-    accumulation) add nothing to them. ``grad`` is the full device gradient, or (``packed``) the hit rows back to back.
+    accumulation) add nothing to them. ``grad`` is the full device gradient.
     """
 
-    def __init__(self, grad: torch.Tensor, runs: list[tuple[int, int]], rows: int, packed: bool = False) -> None:
-        self.grad, self.runs, self.rows, self.packed = grad, runs, rows, packed
+    def __init__(self, grad: torch.Tensor, runs: list[tuple[int, int]], rows: int) -> None:
+        self.grad, self.runs, self.rows = grad, runs, rows
         self.count = sum(z - a for a, z in runs)
 
     def numel(self) -> int:
@@ -54,7 +55,7 @@ class ExpertGrad:
 
     @property
     def per(self) -> int:
-        return self.grad.numel() // (self.count if self.packed else self.rows)
+        return self.grad.numel() // self.rows
 
     def element_size(self) -> int:
         return self.grad.element_size()
@@ -65,13 +66,8 @@ class ExpertGrad:
             return
         per = self.per
         flat = self.grad.reshape(-1)
-        off = 0
         for a, z in self.runs:
-            if self.packed:
-                yield a, z, flat[off : off + (z - a) * per].view(z - a, per)
-                off += (z - a) * per
-            else:
-                yield a, z, flat[a * per : z * per].view(z - a, per)
+            yield a, z, flat[a * per : z * per].view(z - a, per)
 
     def zero_others(self, dst: torch.Tensor) -> None:
         """Zero-fills the rows of ``dst`` (the parameter's host gradient) of experts outside ``runs``."""
@@ -96,7 +92,8 @@ class GradientSink:
         store: The host store.
         device: Compute device.
         dtype: Dtype gradients arrive in (the compute dtype).
-        slab_numel: Elements per pinned slab (the largest unit); slabs are allocated on the first fold.
+        slab_numel: Elements per pinned slab (a decoder layer, capped); a larger gradient travels in several slabs.
+            Slabs are allocated on the first fold.
         num_slabs: Slabs in the pool (bounds pinned memory and the number of gradients in flight in fold mode).
         direct: Start in direct mode.
     """
@@ -265,47 +262,50 @@ class GradientSink:
         self.worker.submit(landed)
 
     def _submit_fold(self, pairs: list[tuple[Target, torch.Tensor]], final: list[StoreGroup]) -> None:
-        if not self.cuda:
+        """Sends the gradients in chunks of at most one slab (a gradient may span several) and folds each chunk
+        once it has landed; ``final`` is reported after the last chunk."""
+        spans = _spans(pairs)
+        self.bytes_d2h += sum(src.numel() for _, _, src in spans) * self.dtype.itemsize
+        chunks = list(chunk_spans(spans, self._slab_numel))
+        for chunk in chunks:
+            for landing, _, _ in chunk:
+                landing.left += 1
+        if self.cuda:
+            for g in {id(g): g for _, g in pairs}.values():
+                (g.grad if isinstance(g, ExpertGrad) else g).record_stream(self.d2h_stream)
+        for i, chunk in enumerate(chunks):
+            last = i == len(chunks) - 1
+            if not self.cuda:  # nothing crosses a bus: fold straight from the gradients
 
-            def fold_now() -> None:
-                self._fold(pairs)
-                self._report(final)
+                def fold_now(chunk=chunk, last=last) -> None:
+                    self._fold(chunk)
+                    if last:
+                        self._report(final)
 
-            self.bytes_d2h += sum(g.numel() * g.element_size() for _, g in pairs)
-            self.worker.submit(fold_now)
-            return
-        slab = self._take_slab()
-        event = torch.cuda.Event()
-        self.d2h_stream.wait_stream(torch.cuda.current_stream(self.device))
-        views, offset = [], 0
-        with torch.cuda.stream(self.d2h_stream):
-            for target, g in pairs:
-                n = g.numel()
-                view = slab[offset : offset + n]
-                if isinstance(g, ExpertGrad):
-                    at = 0
-                    for _, _, piece in g.pieces():
-                        view[at : at + piece.numel()].copy_(piece.reshape(-1), non_blocking=True)
-                        at += piece.numel()
-                    g.grad.record_stream(self.d2h_stream)
-                    views.append((target, ExpertGrad(view, g.runs, g.rows, packed=True)))
-                else:
-                    view.copy_(g.reshape(-1), non_blocking=True)
-                    g.record_stream(self.d2h_stream)
-                    views.append((target, view))
-                offset += n
-            event.record(self.d2h_stream)
-        self.bytes_d2h += offset * slab.element_size()
+                self.worker.submit(fold_now)
+                continue
+            slab = self._take_slab()  # blocks while every slab is in flight (back-pressure)
+            event = torch.cuda.Event()
+            self.d2h_stream.wait_stream(torch.cuda.current_stream(self.device))
+            landed, at = [], 0
+            with torch.cuda.stream(self.d2h_stream):
+                for landing, offset, src in chunk:
+                    view = slab[at : at + src.numel()]
+                    view.copy_(src, non_blocking=True)
+                    landed.append((landing, offset, view))
+                    at += src.numel()
+                event.record(self.d2h_stream)
 
-        def fold() -> None:
-            event.synchronize()
-            try:
-                self._fold(views)
-            finally:
-                self._slabs.put(slab)
-            self._report(final)
+            def fold(slab=slab, event=event, landed=landed, last=last) -> None:
+                event.synchronize()
+                try:
+                    self._fold(landed)
+                finally:
+                    self._slabs.put(slab)
+                if last:
+                    self._report(final)
 
-        self.worker.submit(fold)
+            self.worker.submit(fold)
 
     def _switch_to_fold(self) -> None:
         """A second backward before the optimizer step: gradients must accumulate in FP32 from now on."""
@@ -342,28 +342,48 @@ class GradientSink:
             except queue.Empty:
                 continue
 
-    def _fold(self, pairs: list[tuple[Target, torch.Tensor]]) -> None:
-        for (group, sp), src in pairs:
-            self._to_fp32(group, sp)
-            dst = group.grad_view(sp).view(-1)
-            if isinstance(src, ExpertGrad):
-                rows = dst.view(src.rows, -1)
-                if sp.fresh:
-                    src.zero_others(dst)
-                for a, z, piece in src.pieces():
-                    if sp.fresh:
-                        rows[a:z].copy_(piece)
-                    else:
-                        rows[a:z].add_(piece)
-                sp.fresh = False
-                if self.track_norms:
-                    sp.grad_norm = torch.linalg.vector_norm(dst)
-                continue
-            src = src.reshape(-1)
-            if sp.fresh:
+    def _fold(self, spans: list[tuple[_Landing, int, torch.Tensor]]) -> None:
+        """Adds (or, on the first landing after an optimizer step, copies) each span into the FP32 gradient."""
+        for landing, offset, src in spans:
+            group, sp = landing.target
+            if landing.fresh is None:  # the first span of this gradient
+                self._to_fp32(group, sp)
+                landing.fresh = sp.fresh
+                if sp.fresh and landing.expert is not None:
+                    landing.expert.zero_others(group.grad_view(sp))
+            dst = group.grad_view(sp).view(-1)[offset : offset + src.numel()]
+            if landing.fresh:
                 dst.copy_(src)
-                sp.fresh = False
             else:
                 dst.add_(src)
-            if self.track_norms:
-                sp.grad_norm = torch.linalg.vector_norm(dst)
+            landing.left -= 1
+            if landing.left == 0:
+                sp.fresh = False
+                if self.track_norms:
+                    sp.grad_norm = torch.linalg.vector_norm(group.grad_view(sp))
+
+
+class _Landing:
+    """One gradient on its way into the FP32 buffer, possibly in several spans (and slabs)."""
+
+    def __init__(self, target: Target, expert: ExpertGrad | None) -> None:
+        self.target, self.expert = target, expert
+        self.left = 0
+        """Spans of this gradient still to land."""
+        self.fresh: bool | None = None
+        """Whether the buffer held no gradient yet (decided when the first span lands)."""
+
+
+def _spans(pairs: list[tuple[Target, torch.Tensor | ExpertGrad]]) -> list[tuple[_Landing, int, torch.Tensor]]:
+    """Each gradient as ``(landing, offset in the flat parameter, flat source)`` spans; an expert gradient gives one
+    span per run of hit experts (at least one span, maybe empty, so a gradient with no hit expert still lands)."""
+    out = []
+    for target, g in pairs:
+        if isinstance(g, ExpertGrad):
+            per = g.per if g.runs else 0
+            parts = [(a * per, piece.reshape(-1)) for a, _, piece in g.pieces()] or [(0, g.grad.reshape(-1)[:0])]
+            landing = _Landing(target, g)
+            out.extend((landing, off, src) for off, src in parts)
+        else:
+            out.append((_Landing(target, None), 0, g.reshape(-1)))
+    return out

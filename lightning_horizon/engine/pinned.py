@@ -34,3 +34,24 @@ def pinned_empty(numel: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
     """A flat host tensor, page-locked when ``pin`` (and CUDA is present)."""
     t = torch.empty(numel, dtype=dtype)
     return register_pinned(t) if pin else t
+
+
+def chunk_spans(spans, cap: int):
+    """Groups ``(key, offset, flat tensor)`` spans into chunks of at most ``cap`` elements for a pinned buffer of that
+    size: a span crossing a chunk's end is split (the offset follows the split); empty spans are kept."""
+    chunk, used = [], 0
+    for key, offset, src in spans:
+        at = 0
+        while True:
+            n = min(src.numel() - at, cap - used)
+            if n > 0 or src.numel() == 0:
+                chunk.append((key, offset + at, src[at : at + n]))
+            used += n
+            at += n
+            if used == cap:
+                yield chunk
+                chunk, used = [], 0
+            if at >= src.numel():
+                break
+    if chunk:
+        yield chunk

@@ -36,6 +36,9 @@ from .loss import ChunkedLoss, head_logits
 from .moe import RouterTap
 from .optimizer import LayerOptimizer, clip_coefficient
 from .pinned import unregister_pinned
+
+MAX_SLAB_NUMEL = 256 * 2**20
+"""Largest pinned gradient slab (elements): 512 MiB in BF16; bigger layers are sent in several slabs."""
 from .segments import ForwardPass, _rng_replay, local_grads, segment_backward_order
 from .store import HostStore
 from .streamer import ExpertSet, LayerStreamer, Unit, expert_runs, make_unit
@@ -78,7 +81,8 @@ class HorizonEngine(ModelHooks):
         self.head_uid = len(self.units)
         self.units.append(make_unit(self.head_uid, "head", ("head",), head, self.store))
         self.streamer = LayerStreamer(self.units, self.store, self.device, self.dtype, config.num_slots)
-        slab = max(u.numel for u in self.units)
+        # A slab holds one decoder layer's gradient (capped): the head's larger gradient travels in several slabs.
+        slab = min(max(u.numel for u in self.units[: self.head_uid] or self.units), MAX_SLAB_NUMEL)
         if config.weight_copy:
             self._make_copies()
         self.sink = GradientSink(

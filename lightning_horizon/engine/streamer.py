@@ -47,9 +47,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .pinned import pinned_empty, unregister_pinned
+from .pinned import chunk_spans, pinned_empty, unregister_pinned
 from .store import HostStore, StoreGroup, StoreParam, _align
 from .workers import Worker, wait_until
+
+STAGING_NUMEL = 64 * 2**20
+"""Elements per pinned staging buffer (128 MiB in BF16); two buffers alternate."""
 
 
 @dataclass(eq=False)
@@ -123,7 +126,6 @@ class _Slot:
         self.cuda = device.type == "cuda"
         with torch.inference_mode(False):
             self.buf = torch.zeros(numel, dtype=dtype, device=device)  # finite everywhere, even where never uploaded
-            self.staging: torch.Tensor | None = None if self.cuda else self.buf  # allocated on the first pack
         self.copy_event = torch.cuda.Event() if self.cuda else None
         self.free_event = torch.cuda.Event() if self.cuda else None
         self.resident: tuple[int, tuple[int, ...]] | None = None
@@ -173,6 +175,9 @@ class LayerStreamer:
         self.on_pack: Callable[[Unit], None] | None = None  # test hook
         self.poll: Callable[[], None] | None = None  # raises if the optimizer worker failed
         self._pump_running = False
+        self._staging: list[tuple[torch.Tensor, torch.cuda.Event]] = []
+        """Pinned buffers FP32 masters are packed into for upload (CUDA, units without a compute-dtype copy)."""
+        self._next_staging = 0
         for slot in self.slots:  # templates are created up front: never lazily under inference_mode
             for unit in {u.structure: u for u in units}.values():
                 slot.templates[unit.structure] = self._make_template(unit, slot)
@@ -225,10 +230,8 @@ class LayerStreamer:
         with self.cond:
             self._drop_plan()
         self.worker.close()
-        if self.cuda:
-            for slot in self.slots:
-                if slot.staging is not None:
-                    unregister_pinned(slot.staging)
+        for staging, _ in self._staging:
+            unregister_pinned(staging)
 
     # ------------------------------------------------------------------------------------------------- internals
     def _drop_plan(self) -> None:
@@ -386,29 +389,48 @@ class LayerStreamer:
             group.h2d_event = done
 
     def _pack_and_upload(self, unit: Unit, slot: _Slot) -> None:
-        if slot.staging is None:
-            slot.staging = pinned_empty(slot.buf.numel(), slot.buf.dtype, pin=True)
-        if self.cuda:
-            slot.copy_event.synchronize()  # the previous upload from this staging buffer is done
-        start = time.perf_counter()
+        """Casts the unit's FP32 masters to the compute dtype and uploads them, through a small pool of pinned staging
+        buffers (``STAGING_NUMEL`` elements each): packing one chunk overlaps the upload of the previous one, and the
+        pinned memory does not grow with the largest unit."""
         whole = None if unit.experts else unit.whole_group
         if whole is not None:
-            slot.staging[: unit.numel].copy_(whole.master[: unit.numel])
-        else:
-            for b in unit.dense_bindings:
-                src = b.group.master[b.entry.offset : b.entry.offset + b.entry.numel]
-                slot.staging[b.offset : b.offset + b.entry.numel].copy_(src)
-        self.pack_s += time.perf_counter() - start
-        if self.cuda:
+            spans = [(None, 0, whole.master[: unit.numel])]
+        else:  # expert parameters of an expert-sparse unit are left out (uploaded by upload_experts)
+            spans = [
+                (None, b.offset, b.group.master[b.entry.offset : b.entry.offset + b.entry.numel])
+                for b in unit.dense_bindings
+            ]
+        if not self.cuda:
+            start = time.perf_counter()
+            for _, offset, src in spans:
+                slot.buf[offset : offset + src.numel()].copy_(src)
+            self.pack_s += time.perf_counter() - start
+            return
+        if not self._staging:
+            numel = min(STAGING_NUMEL, slot.buf.numel())
+            self._staging = [(pinned_empty(numel, self.dtype, pin=True), torch.cuda.Event()) for _ in range(2)]
+        waited_free = False
+        for chunk in chunk_spans(spans, self._staging[0][0].numel()):
+            staging, copied = self._staging[self._next_staging]
+            self._next_staging = (self._next_staging + 1) % len(self._staging)
+            copied.synchronize()  # the previous upload from this buffer is done
+            start = time.perf_counter()
+            at = 0
+            for _, _, src in chunk:
+                staging[at : at + src.numel()].copy_(src)
+                at += src.numel()
+            self.pack_s += time.perf_counter() - start
             with torch.cuda.stream(self.h2d_stream):
-                self.h2d_stream.wait_event(slot.free_event)
-                if unit.experts:  # the expert parameters' regions are left out
-                    for b in unit.dense_bindings:
-                        region = slice(b.offset, b.offset + b.entry.numel)
-                        slot.buf[region].copy_(slot.staging[region], non_blocking=True)
-                else:
-                    slot.buf[: unit.numel].copy_(slot.staging[: unit.numel], non_blocking=True)
-                slot.copy_event.record(self.h2d_stream)
+                if not waited_free:
+                    self.h2d_stream.wait_event(slot.free_event)
+                    waited_free = True
+                at = 0
+                for _, offset, src in chunk:
+                    slot.buf[offset : offset + src.numel()].copy_(staging[at : at + src.numel()], non_blocking=True)
+                    at += src.numel()
+                copied.record(self.h2d_stream)
+        with torch.cuda.stream(self.h2d_stream):
+            slot.copy_event.record(self.h2d_stream)
 
     def _make_template(self, unit: Unit, slot: _Slot) -> nn.Module:
         memo = {id(p): None for p in unit.source.parameters()}
