@@ -5,7 +5,7 @@
 Compares, on N parameters of one flat FP32 group with a BF16 gradient and a BF16 copy of the weights:
   * torch: upcast the BF16 gradient into an FP32 scratch buffer, ``torch.optim.AdamW(fused=True).step()``, refresh
     the BF16 copy with ``copy_`` (what the engine's shadow path does, ~46 bytes/param of host-memory traffic);
-  * kernel: ``lightning_horizon.engine.fused_adam.fused_adamw_`` (one pass, ~28 bytes/param with a BF16 gradient);
+  * kernel: ``lightning_horizon.engine.host_kernels.fused_adamw_`` (one pass, ~28 bytes/param with a BF16 gradient);
   * deepspeed: ``DeepSpeedCPUAdam(adamw_mode=True)`` (+ upcast + copy), when DeepSpeed is importable.
 Each row is the median of R timed updates after one warm-up update.
 """
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from lightning_horizon.engine.fused_adam import fused_adamw_, fused_adamw_available
+from lightning_horizon.engine.host_kernels import fused_adamw_, host_kernels_available
 
 HYPER = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
@@ -75,7 +75,7 @@ def main() -> None:
     n = args.n
     rows = []
     rows.append(("torch fused AdamW + upcast + copy", 46, lambda: _shadow_update(torch.optim.AdamW, n, fused=True)))
-    if fused_adamw_available():
+    if host_kernels_available():
         rows.append(("fused_adamw_ kernel (bf16 grad, copy)", 28, lambda: _kernel_update(n, True)))
     else:
         print("(the fused kernel is not available: its row is missing)")

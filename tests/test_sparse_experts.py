@@ -192,7 +192,9 @@ def test_gradients_split_across_slabs_fold_exactly(monkeypatch, sparse):
     whole = run_engine(ref, sparse=sparse, mode="fold")
     chunks = []
     real = gradients.chunk_spans
-    monkeypatch.setattr(gradients, "chunk_spans", lambda spans, cap: chunks.append(list(real(spans, cap))) or chunks[-1])
+    monkeypatch.setattr(
+        gradients, "chunk_spans", lambda spans, cap: chunks.append(list(real(spans, cap))) or chunks[-1]
+    )
     monkeypatch.setattr(runtime, "MAX_SLAB_NUMEL", 777)
     split = run_engine(ref, sparse=sparse, mode="fold")
     assert max(len(c) for c in chunks) > 3  # gradients really were split

@@ -52,10 +52,15 @@ class EngineConfig:
     """Move segment checkpoints to pinned host memory during the forward and back one segment ahead in the
     backward, so GPU memory does not grow with depth. None: only when a pass's checkpoints would take more than a
     fifth of the GPU's memory. Ignored on the CPU."""
-    fused_optimizer: bool | None = None
-    """Step a plain ``torch.optim.AdamW`` with the one-pass CPU kernel of ``cuda/fused_adamw.cpp`` (reads the BF16
-    gradient, writes the BF16 weight copy in the same pass; matches ``AdamW(fused=True)`` to ~1 ulp). None: on for
-    CUDA compute, off on the CPU (where the tests compare with PyTorch's own AdamW bit for bit)."""
+    host_kernels: bool | None = None
+    """Use the compiled one-pass host kernels of ``lightning_horizon/csrc/host_kernels.cpp`` (built on first use):
+    a plain ``torch.optim.AdamW`` steps in one pass (reads the BF16 gradient, writes the BF16 weight copy; matches
+    ``AdamW(fused=True)`` to ~1 ulp), accumulated gradients fold into FP32 with their norm in the same pass, and
+    uploads pack FP32 -> BF16 with a bounded thread count. None: on for CUDA compute, off on the CPU (where the
+    tests compare with PyTorch's own AdamW bit for bit, and a CPU run does not wait for a compiler)."""
+    host_threads: int | None = None
+    """CPU threads the host workers share: the optimizer uses all of them, the gradient fold half, upload packing a
+    quarter (they overlap; each would otherwise start one thread per core). None: ``torch.get_num_threads()``."""
     sparse_experts: bool = True
     """Expert-sparse streaming of MoE layers: the prefetched upload of a layer leaves out its routed experts'
     weights; just before the experts run, only the experts that received tokens are uploaded (those not already in
@@ -74,7 +79,9 @@ class EngineConfig:
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be a CUDA device or 'cpu', got {self.device}")
         self.compute_dtype = as_dtype(self.compute_dtype)
-        for name in ("checkpoint_every", "loss_chunk_tokens", "num_grad_slabs"):
+        if self.host_threads is None:
+            self.host_threads = torch.get_num_threads()
+        for name in ("checkpoint_every", "loss_chunk_tokens", "num_grad_slabs", "host_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_slots < 2:

@@ -25,12 +25,14 @@ global norm needs no extra pass over host memory.
 
 from __future__ import annotations
 
+import math
 import queue
 import warnings
 from collections.abc import Callable
 
 import torch
 
+from .host_kernels import fold_
 from .pinned import chunk_spans, pinned_empty, unregister_pinned
 from .store import HostStore, StoreGroup, StoreParam
 from .workers import Worker
@@ -122,6 +124,10 @@ class GradientSink:
         self.scattered: set[int] = set()
         """Groups whose gradients always use the FP32 buffer (the embedding: its rows are scattered)."""
         self._direct_at_start = direct
+        self.kernels = False
+        """Fold with :func:`.host_kernels.fold_` (one pass, the norm on the way); else torch's ``copy_``/``add_``."""
+        self.threads: int | None = None
+        """Threads of the fold kernel."""
 
     def allocate(self) -> None:
         """Allocates the pinned compute-dtype gradient buffers up front (direct mode), not during the first backward."""
@@ -352,15 +358,22 @@ class GradientSink:
                 if sp.fresh and landing.expert is not None:
                     landing.expert.zero_others(group.grad_view(sp))
             dst = group.grad_view(sp).view(-1)[offset : offset + src.numel()]
-            if landing.fresh:
-                dst.copy_(src)
+            if self.kernels and src.device.type == "cpu" and src.is_contiguous():
+                landing.sumsq += fold_(dst, src, overwrite=landing.fresh, num_threads=self.threads)
             else:
-                dst.add_(src)
+                landing.sumsq = None  # no statistic from this path: the norm is computed at the end
+                if landing.fresh:
+                    dst.copy_(src)
+                else:
+                    dst.add_(src)
             landing.left -= 1
             if landing.left == 0:
                 sp.fresh = False
                 if self.track_norms:
-                    sp.grad_norm = torch.linalg.vector_norm(group.grad_view(sp))
+                    if landing.sumsq is not None and landing.expert is None:  # the spans covered the whole gradient
+                        sp.grad_norm = torch.tensor(math.sqrt(landing.sumsq), dtype=torch.float32)
+                    else:
+                        sp.grad_norm = torch.linalg.vector_norm(group.grad_view(sp))
 
 
 class _Landing:
@@ -372,6 +385,8 @@ class _Landing:
         """Spans of this gradient still to land."""
         self.fresh: bool | None = None
         """Whether the buffer held no gradient yet (decided when the first span lands)."""
+        self.sumsq: float | None = 0.0
+        """Sum of squares of the folded result over the spans so far (None when a span was folded without it)."""
 
 
 def _spans(pairs: list[tuple[Target, torch.Tensor | ExpertGrad]]) -> list[tuple[_Landing, int, torch.Tensor]]:

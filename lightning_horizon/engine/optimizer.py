@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .fused_adam import adamw_group_scalars, adamw_state, fused_adamw_, fused_adamw_available
+from .host_kernels import adamw_group_scalars, adamw_state, fused_adamw_, host_kernels_available
 from .store import HostStore, StoreGroup, StoreParam
 from .workers import Worker
 
@@ -59,8 +59,10 @@ class LayerOptimizer:
     """
 
     use_fused = False
-    """Step plain ``torch.optim.AdamW`` groups with the one-pass kernel of :mod:`.fused_adam` when it is available
-    (the engine turns it on for CUDA compute, see ``EngineConfig.fused_optimizer``)."""
+    """Step plain ``torch.optim.AdamW`` groups with the one-pass kernel of :mod:`.host_kernels` when it is available
+    (the engine turns it on for CUDA compute, see ``EngineConfig.host_kernels``)."""
+    threads: int | None = None
+    """Threads of the one-pass kernel (None: ``torch.get_num_threads()``)."""
 
     def __init__(self, store: HostStore, device: torch.device) -> None:
         self.store = store
@@ -201,14 +203,14 @@ class LayerOptimizer:
             for sh in params:
                 sh.grad = None
 
-    # ----------------------------------------------------------------------------- one-pass AdamW (fused_adam.py)
+    # ----------------------------------------------------------------------------- one-pass AdamW (host_kernels.py)
     def _update_fused(
         self, group: StoreGroup, entries: list[tuple[StoreParam, int, bool]], plan: _StepPlan
     ) -> tuple[list[tuple[StoreParam, int, bool]], bool]:
         """Steps the entries of a plain ``torch.optim.AdamW`` with FP32 CPU state in one pass each: gradient read
         straight from ``grad_lp``/``grad`` (no upcast), BF16 copy written in the same pass. Returns the entries left
         to the shadow optimizer and whether the group's copy still needs a refresh for those it stepped."""
-        if type(plan.optimizer) is not torch.optim.AdamW or not fused_adamw_available():
+        if type(plan.optimizer) is not torch.optim.AdamW or not host_kernels_available():
             return entries, bool(entries)
         copy = group.copy if group.copy is not None and group.copy.dtype == torch.bfloat16 else None
         scalars: dict[int, dict[str, float] | None] = {}
@@ -232,7 +234,9 @@ class LayerOptimizer:
             assert grad is not None
             param, copy_span = group.master[span], None if copy is None else copy[span]
             moments = exp_avg.view(-1), exp_avg_sq.view(-1)
-            fused_adamw_(param, grad[span], *moments, copy_span, step=step.item(), **clip, **hyper)
+            fused_adamw_(
+                param, grad[span], *moments, copy_span, step=step.item(), num_threads=self.threads, **clip, **hyper
+            )
         stepped = len(rest) < len(entries)
         return rest, stepped and group.copy is not None and copy is None
 

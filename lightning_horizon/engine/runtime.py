@@ -36,12 +36,12 @@ from .loss import ChunkedLoss, head_logits
 from .moe import RouterTap
 from .optimizer import LayerOptimizer, clip_coefficient
 from .pinned import unregister_pinned
-
-MAX_SLAB_NUMEL = 256 * 2**20
-"""Largest pinned gradient slab (elements): 512 MiB in BF16; bigger layers are sent in several slabs."""
 from .segments import ForwardPass, _rng_replay, local_grads, segment_backward_order
 from .store import HostStore
 from .streamer import ExpertSet, LayerStreamer, Unit, expert_runs, make_unit
+
+MAX_SLAB_NUMEL = 256 * 2**20
+"""Largest pinned gradient slab (elements): 512 MiB in BF16; bigger layers are sent in several slabs."""
 
 
 class HorizonEngine(ModelHooks):
@@ -97,11 +97,15 @@ class HorizonEngine(ModelHooks):
         self.num_overlapped_updates = 0
         """Group updates started during a backward (rather than after it)."""
         self.optim = LayerOptimizer(self.store, self.device)
-        fused = config.fused_optimizer if config.fused_optimizer is not None else self.device.type == "cuda"
-        if fused:
-            from .fused_adam import fused_adamw_available
+        kernels = config.host_kernels if config.host_kernels is not None else self.device.type == "cuda"
+        if kernels:
+            from .host_kernels import host_kernels_available
 
-            self.optim.use_fused = fused_adamw_available()  # builds the kernel now, not on the first step
+            kernels = host_kernels_available()  # builds the kernels now, not on the first step
+        threads = config.host_threads
+        self.optim.use_fused, self.optim.threads = kernels, threads
+        self.sink.kernels, self.sink.threads = kernels, max(1, threads // 2)
+        self.streamer.kernels, self.streamer.pack_threads = kernels, max(1, threads // 4)
         self.streamer.extra_checks = (self.sink.worker, self.optim.worker)
         self.sink.extra_checks = (self.streamer.worker, self.optim.worker)
         self.streamer.poll = self.optim.worker.check

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .host_kernels import pack_bf16_
 from .pinned import chunk_spans, pinned_empty, unregister_pinned
 from .store import HostStore, StoreGroup, StoreParam, _align
 from .workers import Worker, wait_until
@@ -178,6 +179,9 @@ class LayerStreamer:
         self._staging: list[tuple[torch.Tensor, torch.cuda.Event]] = []
         """Pinned buffers FP32 masters are packed into for upload (CUDA, units without a compute-dtype copy)."""
         self._next_staging = 0
+        self.kernels = False
+        """Pack with :func:`.host_kernels.pack_bf16_` (a bounded thread count); else torch's ``copy_``."""
+        self.pack_threads: int | None = None
         for slot in self.slots:  # templates are created up front: never lazily under inference_mode
             for unit in {u.structure: u for u in units}.values():
                 slot.templates[unit.structure] = self._make_template(unit, slot)
@@ -417,7 +421,11 @@ class LayerStreamer:
             start = time.perf_counter()
             at = 0
             for _, _, src in chunk:
-                staging[at : at + src.numel()].copy_(src)
+                dst = staging[at : at + src.numel()]
+                if self.kernels:
+                    pack_bf16_(dst, src, num_threads=self.pack_threads)
+                else:
+                    dst.copy_(src)
                 at += src.numel()
             self.pack_s += time.perf_counter() - start
             with torch.cuda.stream(self.h2d_stream):

@@ -1,4 +1,5 @@
-"""The one-pass AdamW kernel and its PyTorch fallback against ``torch.optim.AdamW``, and the engine's use of it."""
+"""The host kernels (one-pass AdamW, gradient fold, BF16 pack) and their PyTorch fallbacks against torch, and the
+engine's use of them."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import pytest
 import torch
 
 from lightning_horizon import HorizonEngine
-from lightning_horizon.engine import fused_adam
-from lightning_horizon.engine.fused_adam import fused_adamw_, fused_adamw_available
+from lightning_horizon.engine import host_kernels
+from lightning_horizon.engine.host_kernels import fold_, fused_adamw_, host_kernels_available, pack_bf16_
 from tests.helpers import clone, make_batch, rel_err, tiny_model
 
 PATHS = [
@@ -19,7 +20,7 @@ PATHS = [
 
 
 def _skip_without_kernel(use_extension: bool) -> None:
-    if use_extension and not fused_adamw_available():
+    if use_extension and not host_kernels_available():
         pytest.skip("the fused AdamW extension could not be built here (no usable C++ compiler)")
 
 
@@ -103,10 +104,10 @@ def test_kernel_and_fallback_agree_and_copy_rounds_like_torch():
 
 
 def test_env_var_forces_the_fallback(monkeypatch):
-    monkeypatch.setattr(fused_adam, "_tried", False)
-    monkeypatch.setattr(fused_adam, "_module", None)
+    monkeypatch.setattr(host_kernels, "_tried", False)
+    monkeypatch.setattr(host_kernels, "_module", None)
     monkeypatch.setenv("LIGHTNING_HORIZON_NO_EXTENSIONS", "1")
-    assert not fused_adamw_available()
+    assert not host_kernels_available()
     with pytest.raises(RuntimeError, match="not available"):
         fused_adamw_(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), None, lr=1, beta1=0.9,
                      beta2=0.9, eps=1e-8, weight_decay=0, step=1, use_extension=True)  # fmt: skip
@@ -118,7 +119,7 @@ def _train(use_fused: bool, steps: int = 5, clip: float | None = None):
     engine.optim.use_fused = use_fused
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
     calls = []
-    original = fused_adam.fused_adamw_
+    original = host_kernels.fused_adamw_
     try:
         import lightning_horizon.engine.optimizer as optimizer_module
 
@@ -194,9 +195,78 @@ def test_non_adamw_optimizers_keep_the_shadow_path():
 
     model = torch.nn.Linear(3, 3)
     assert (
-        fused_adam.adamw_group_scalars(MyAdamW(model.parameters()), MyAdamW(model.parameters()).param_groups[0]) is None
+        host_kernels.adamw_group_scalars(MyAdamW(model.parameters()), MyAdamW(model.parameters()).param_groups[0])
+        is None
     )
     opt = torch.optim.AdamW(model.parameters(), amsgrad=True)
-    assert fused_adam.adamw_group_scalars(opt, opt.param_groups[0]) is None
+    assert host_kernels.adamw_group_scalars(opt, opt.param_groups[0]) is None
     opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-3))
-    assert fused_adam.adamw_group_scalars(opt, opt.param_groups[0])["lr"] == pytest.approx(1e-3)
+    assert host_kernels.adamw_group_scalars(opt, opt.param_groups[0])["lr"] == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("use_extension", PATHS)
+@pytest.mark.parametrize("src_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n", [0, 7, 3 * 16384 + 5])
+def test_fold_is_copy_or_add_with_the_sum_of_squares(use_extension, src_dtype, n):
+    _skip_without_kernel(use_extension)
+    gen = torch.Generator().manual_seed(n)
+    src = torch.randn(n, generator=gen).to(src_dtype)
+    start = torch.randn(n, generator=gen)
+    for overwrite in (True, False):
+        dst = start.clone()
+        sumsq = fold_(dst, src, overwrite, num_threads=3, use_extension=use_extension)
+        want = src.float() if overwrite else start + src.float()  # torch's add_ computes in FP32: same rounding
+        assert torch.equal(dst, want)
+        assert sumsq == pytest.approx(float((want.double() ** 2).sum()), rel=1e-5, abs=1e-30)
+
+
+@pytest.mark.parametrize("use_extension", PATHS)
+def test_pack_bf16_rounds_as_torch(use_extension):
+    _skip_without_kernel(use_extension)
+    src = torch.randn(2 * 16384 + 11, generator=torch.Generator().manual_seed(0)) * 1e3
+    src[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.0e38])
+    src[4:8] = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 2**-130])  # ties to even, a subnormal
+    got = torch.empty(src.numel(), dtype=torch.bfloat16)
+    pack_bf16_(got, src, num_threads=2, use_extension=use_extension)
+    want = src.to(torch.bfloat16)
+    assert torch.isnan(got[0])  # NaN stays NaN (its payload may differ from torch's vectorised cast)
+    assert torch.equal(got[1:].view(torch.int16), want[1:].view(torch.int16))
+
+
+def _accumulate(kernels: bool, weight_copy: bool, steps: int = 3, micro: int = 3):
+    """Gradient accumulation with clipping by norm through the engine, with or without the host kernels."""
+    model = tiny_model("llama", tied=True)
+    engine = HorizonEngine(
+        model, device="cpu", compute_dtype="bf16", host_kernels=kernels, weight_copy=weight_copy,
+        accumulate_grads=True, track_grad_norm=True, host_threads=2,
+    )  # fmt: skip
+    assert engine.sink.kernels == kernels and engine.streamer.kernels == kernels
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    norms, grads = [], None
+    try:
+        for step in range(steps):
+            for m in range(micro):
+                model(**make_batch(100 * step + m)).loss.backward()
+            engine.finish_backward()
+            if grads is None:
+                grads = {n: engine.gradient(p).clone() for n, p in model.named_parameters()}
+            norms.append(float(engine.clip_grad_norm_(0.5)))
+            engine.step(opt)
+        engine.synchronize()
+        return norms, grads, {n: p.detach().clone() for n, p in model.named_parameters()}
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("weight_copy", [True, False], ids=["copy", "pack"])
+def test_engine_host_kernels_fold_and_pack_match_torch_ops(weight_copy):
+    """The fold kernel lands the same FP32 gradients as copy_/add_ and its norm matches vector_norm's; packing
+    uploads the same BF16 weights: training with and without the kernels agrees."""
+    _skip_without_kernel(True)
+    k_norms, k_grads, k_weights = _accumulate(True, weight_copy)
+    t_norms, t_grads, t_weights = _accumulate(False, weight_copy)
+    for name, g in t_grads.items():
+        assert torch.equal(k_grads[name], g), name
+    assert k_norms == pytest.approx(t_norms, rel=1e-6)
+    for name, w in t_weights.items():
+        assert rel_err(k_weights[name], w) < 1e-5, name

@@ -1,14 +1,22 @@
-"""One-pass AdamW on flat host buffers, with an optional C++ kernel and a pure-PyTorch fallback.
+"""Host-memory kernels (one pass each over flat CPU buffers), with a C++ build and a pure-PyTorch fallback.
+
+* :func:`fused_adamw_`: one-pass AdamW (below).
+* :func:`fold_`: gradient accumulation, ``dst (+)= src`` from a BF16 slab into the FP32 gradient, returning the sum of
+  squares of the result (the clip-by-norm statistic in the same pass: 10 bytes/param instead of 14).
+* :func:`pack_bf16_`: FP32 masters -> BF16 pinned staging (what ``copy_`` does), with an explicit thread count.
+
+Every kernel takes ``num_threads``: the engine runs several host workers at once (optimizer, gradient fold,
+upload packing) and gives each a share of the cores rather than letting each start one OpenMP thread per core.
 
 The CPU optimizer is bound by host-memory bandwidth. Upcasting a BF16 gradient, stepping ``torch.optim.AdamW`` and
 refreshing the BF16 copy of the weights as three passes moves ~46 bytes/param; :func:`fused_adamw_` does it in one
 pass (~34 bytes/param with FP32 gradients, ~28 with BF16 ones): clip coefficient and clip-by-value on the gradient,
 the AdamW update exactly as torch's CPU ``fused=True`` kernel computes it, and the BF16 copy of the new parameter.
 
-The kernel (``cuda/fused_adamw.cpp``) is compiled with ``torch.utils.cpp_extension.load`` on first use (never at
-import), into ``TORCH_EXTENSIONS_DIR`` (torch's default cache when unset). :func:`fused_adamw_available` is the
-``HAS_FUSED_ADAMW`` flag, evaluated once, lazily: it is False when ``LIGHTNING_HORIZON_NO_EXTENSIONS=1`` or when the
-build fails (one warning), and :func:`fused_adamw_` then runs the same formula with torch ops.
+The kernels (``lightning_horizon/csrc/host_kernels.cpp``) are compiled with ``torch.utils.cpp_extension.load`` on
+first use (never at import), into ``TORCH_EXTENSIONS_DIR`` (torch's default cache when unset). :func:`host_kernels_available` is the
+``HAS_HOST_KERNELS`` flag, evaluated once, lazily: it is False when ``LIGHTNING_HORIZON_NO_EXTENSIONS=1`` or when the
+build fails (one warning), and every function then computes the same values with torch ops.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).resolve().parents[2] / "cuda" / "fused_adamw.cpp"
+_SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "host_kernels.cpp"
 _FALLBACK_CHUNK = 1 << 22  # elements per chunk of the fallback (bounds its temporaries)
 
 _lock = threading.Lock()
@@ -48,7 +56,7 @@ def _load():
             from torch.utils.cpp_extension import load
 
             _module = load(
-                name=f"lightning_horizon_fused_adamw_{_cpu_tag()}",
+                name=f"lightning_horizon_host_kernels_{_cpu_tag()}",
                 sources=[str(_SOURCE)],
                 extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"],
                 extra_ldflags=["-fopenmp"],
@@ -75,8 +83,8 @@ def _cpu_tag() -> str:
     return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:8]
 
 
-def fused_adamw_available() -> bool:
-    """``HAS_FUSED_ADAMW``: whether the C++ kernel is usable (builds it on the first call)."""
+def host_kernels_available() -> bool:
+    """``HAS_HOST_KERNELS``: whether the C++ kernels are usable (builds them on the first call)."""
     return _load() is not None
 
 
@@ -116,9 +124,21 @@ def fused_adamw_(
     if use_extension and module is None:
         raise RuntimeError("the fused AdamW extension is not available (see the warning issued when it was built)")
     if module is not None:
-        threads = torch.get_num_threads() if num_threads is None else num_threads
         module.fused_adamw(
-            param, grad, exp_avg, exp_avg_sq, copy, lr, beta1, beta2, eps, weight_decay, step, coef, value, threads
+            param,
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            copy,
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            step,
+            coef,
+            value,
+            _threads(num_threads),
         )
         return
     _reference(param, grad, exp_avg, exp_avg_sq, copy, lr, beta1, beta2, eps, weight_decay, step, coef, value)
@@ -153,6 +173,44 @@ def _reference(param, grad, exp_avg, exp_avg_sq, copy, lr, beta1, beta2, eps, we
             p.addcdiv_(m, denom, value=-step_size)
             if copy_flat is not None:
                 copy_flat[start : start + _FALLBACK_CHUNK].copy_(p)
+
+
+def fold_(
+    dst: torch.Tensor,
+    src: torch.Tensor,
+    overwrite: bool,
+    num_threads: int | None = None,
+    use_extension: bool | None = None,
+) -> float:
+    """``dst.copy_(src)`` (``overwrite``) or ``dst.add_(src)`` on flat contiguous CPU tensors (``dst`` FP32, ``src``
+    FP32 or BF16: the same values as those torch ops), returning ``(dst ** 2).sum()`` of the result."""
+    module = _load() if use_extension is not False else None
+    if use_extension and module is None:
+        raise RuntimeError("the host kernels extension is not available (see the warning issued when it was built)")
+    if module is not None:
+        return module.fold(dst, src, overwrite, _threads(num_threads))
+    if overwrite:
+        dst.copy_(src)
+    else:
+        dst.add_(src)
+    return float(torch.linalg.vector_norm(dst, dtype=torch.float64) ** 2)
+
+
+def pack_bf16_(
+    dst: torch.Tensor, src: torch.Tensor, num_threads: int | None = None, use_extension: bool | None = None
+) -> None:
+    """``dst.copy_(src)`` from a flat FP32 tensor into a flat BF16 one (round to nearest even, bit for bit as torch)."""
+    module = _load() if use_extension is not False and dst.dtype == torch.bfloat16 else None
+    if use_extension and module is None:
+        raise RuntimeError("the host kernels extension is not available (see the warning issued when it was built)")
+    if module is not None and src.dtype == torch.float32 and src.is_contiguous() and dst.is_contiguous():
+        module.pack_bf16(dst, src, _threads(num_threads))
+    else:
+        dst.copy_(src)
+
+
+def _threads(num_threads: int | None) -> int:
+    return torch.get_num_threads() if num_threads is None else max(1, int(num_threads))
 
 
 # ---------------------------------------------------------------------------------- torch.optim.AdamW integration

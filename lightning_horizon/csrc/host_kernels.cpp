@@ -1,3 +1,9 @@
+// Host-memory kernels of the horizon engine, each one pass over memory with an explicit thread count:
+//   * fused_adamw: AdamW (below);
+//   * fold: adds (or copies) a BF16/FP32 gradient into an FP32 accumulator and returns the sum of squares of the
+//     result (gradient accumulation with the clip-by-norm statistic in the same pass: 10 bytes/param, not 14);
+//   * pack_bf16: FP32 -> BF16 (round to nearest even, as torch's .to(torch.bfloat16)) into pinned staging.
+//
 // One-pass CPU AdamW over flat FP32 buffers: optional gradient scaling (clip coefficient) and clamping (clip by
 // value), the update exactly as torch's CPU fused AdamW (ATen/native/cpu/FusedAdamKernel.cpp, vectorised path)
 // computes it, and the BF16 copy of the new parameter, in a single read/write of each buffer.
@@ -101,6 +107,14 @@ void dispatch(float* p, const G* g, float* m, float* v, uint16_t* c, int64_t n, 
   }
 }
 
+int resolve_threads(int64_t num_threads) {
+#ifdef _OPENMP
+  return num_threads > 0 ? static_cast<int>(num_threads) : omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
 void check_flat(const torch::Tensor& t, torch::ScalarType dtype, int64_t numel, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
   TORCH_CHECK(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(), ", expected ", dtype);
@@ -138,12 +152,7 @@ void fused_adamw(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg,
   k.clip_lo = -cv;
   k.clip_hi = cv;
 
-  int threads = static_cast<int>(num_threads);
-#ifdef _OPENMP
-  if (threads <= 0) threads = omp_get_max_threads();
-#else
-  threads = 1;
-#endif
+  const int threads = resolve_threads(num_threads);
 
   float* p = param.data_ptr<float>();
   float* m = exp_avg.data_ptr<float>();
@@ -161,6 +170,70 @@ void fused_adamw(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg,
   }
 }
 
+// ------------------------------------------------------------------------------------------- fold and pack
+template <typename S>
+double fold_all(float* dst, const S* src, int64_t n, bool overwrite, int threads) {
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  double total = 0.0;
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : total) if (blocks > 1 && threads > 1)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t start = b * kBlock;
+    const int64_t len = std::min(kBlock, n - start);
+    float* __restrict d = dst + start;
+    const S* __restrict s = src + start;
+    float acc = 0.0f;
+    if (overwrite) {
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = 0; i < len; ++i) {
+        const float v = load_grad(s, i);
+        d[i] = v;
+        acc += v * v;
+      }
+    } else {
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = 0; i < len; ++i) {
+        const float v = d[i] + load_grad(s, i);
+        d[i] = v;
+        acc += v * v;
+      }
+    }
+    total += static_cast<double>(acc);
+  }
+  return total;
+}
+
+double fold(torch::Tensor dst, torch::Tensor src, bool overwrite, int64_t num_threads) {
+  const int64_t n = dst.numel();
+  check_flat(dst, torch::kFloat32, n, "dst");
+  TORCH_CHECK(src.scalar_type() == torch::kFloat32 || src.scalar_type() == torch::kBFloat16,
+              "src must be float32 or bfloat16, got ", src.scalar_type());
+  check_flat(src, src.scalar_type(), n, "src");
+  const int threads = resolve_threads(num_threads);
+  float* d = dst.data_ptr<float>();
+  pybind11::gil_scoped_release no_gil;
+  if (src.scalar_type() == torch::kBFloat16) {
+    return fold_all(d, reinterpret_cast<const uint16_t*>(src.data_ptr<at::BFloat16>()), n, overwrite, threads);
+  }
+  return fold_all(d, src.data_ptr<float>(), n, overwrite, threads);
+}
+
+void pack_bf16(torch::Tensor dst, torch::Tensor src, int64_t num_threads) {
+  const int64_t n = src.numel();
+  check_flat(src, torch::kFloat32, n, "src");
+  check_flat(dst, torch::kBFloat16, n, "dst");
+  const int threads = resolve_threads(num_threads);
+  const float* s = src.data_ptr<float>();
+  uint16_t* d = reinterpret_cast<uint16_t*>(dst.data_ptr<at::BFloat16>());
+  pybind11::gil_scoped_release no_gil;
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+#pragma omp parallel for schedule(static) num_threads(threads) if (blocks > 1 && threads > 1)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t start = b * kBlock;
+    const int64_t len = std::min(kBlock, n - start);
+    for (int64_t i = 0; i < len; ++i) d[start + i] = float_to_bf16(s[start + i]);
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
@@ -169,4 +242,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           pybind11::arg("copy"), pybind11::arg("lr"), pybind11::arg("beta1"), pybind11::arg("beta2"),
           pybind11::arg("eps"), pybind11::arg("weight_decay"), pybind11::arg("step"), pybind11::arg("clip_coef"),
           pybind11::arg("clip_value"), pybind11::arg("num_threads"));
+  mod.def("fold", &fold, "dst (+)= src over flat CPU buffers; returns the sum of squares of the new dst",
+          pybind11::arg("dst"), pybind11::arg("src"), pybind11::arg("overwrite"), pybind11::arg("num_threads"));
+  mod.def("pack_bf16", &pack_bf16, "dst = src.to(bfloat16) over flat CPU buffers", pybind11::arg("dst"),
+          pybind11::arg("src"), pybind11::arg("num_threads"));
 }
