@@ -33,6 +33,9 @@ class HorizonStrategy(SingleDeviceStrategy):
     Args:
         checkpoint_every: K, segment length of the recomputation (keep every K-th layer's input).
         num_slots: GPU weight slots (2 = double buffering).
+        resident_layers: Extra GPU slots (one decoder layer each) that keep layers resident between uses, so the
+            backward and later micro-batches reuse them; None = after the first step, as many as the measured unused
+            GPU memory holds with a fifth of the device left free; 0 = none.
         num_grad_slabs: Pinned slabs for gradients in flight to the host.
         loss_chunk_tokens: Rows of logits the chunked loss computes at once.
         pin_masters: Also page-lock the FP32 masters.
@@ -51,6 +54,7 @@ class HorizonStrategy(SingleDeviceStrategy):
         self,
         checkpoint_every: int = 1,
         num_slots: int = 2,
+        resident_layers: int | None = None,
         num_grad_slabs: int = 3,
         loss_chunk_tokens: int = 2048,
         pin_masters: bool = False,
@@ -64,6 +68,7 @@ class HorizonStrategy(SingleDeviceStrategy):
         self._engine_options = dict(
             checkpoint_every=checkpoint_every,
             num_slots=num_slots,
+            resident_layers=resident_layers,
             num_grad_slabs=num_grad_slabs,
             loss_chunk_tokens=loss_chunk_tokens,
             pin_masters=pin_masters,

@@ -199,3 +199,38 @@ def test_plain_pytorch_loop_matches_optimizer_step():
     assert sd["state"].keys() == sd_ref["state"].keys()
     assert float(sd["state"][0]["step"]) == 5.0
     engine.close()
+
+
+def _train_resident(resident: int, steps: int = 3, micro: int = 2):
+    model = tiny_model("qwen2", layers=4)
+    engine = HorizonEngine(model, device="cpu", compute_dtype="fp32", resident_layers=resident, accumulate_grads=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    losses, uploads = [], []
+    try:
+        assert engine.num_resident_slots == min(resident, 3)  # 4 layers + head = 5 units, 2 slots already
+        for step in range(steps):
+            before = engine.stats["num_uploads"]
+            for m in range(micro):
+                loss = model(**make_batch(10 * step + m)).loss
+                loss.backward()
+                losses.append(loss.item())
+            engine.step(opt)
+            engine.synchronize()
+            uploads.append(engine.stats["num_uploads"] - before)
+        return losses, uploads, {n: p.detach().clone() for n, p in model.named_parameters()}
+    finally:
+        engine.close()
+
+
+def test_resident_slots_reuse_layers_between_passes_and_micro_batches():
+    """With a slot for every unit, each unit is uploaded once per weight version (once per step), not once per pass;
+    results are the same as with two slots."""
+    base_losses, base_uploads, base_weights = _train_resident(0)
+    losses, uploads, weights = _train_resident(10)
+    assert base_uploads[0] > 2 * 5  # two slots: each micro-batch's forward and backward upload again
+    assert uploads == [5, 5, 5]  # every slot: 4 layers + head, once per step
+    assert losses == base_losses
+    for name, w in base_weights.items():
+        assert torch.equal(weights[name], w), name
+    _, some, _ = _train_resident(1)
+    assert 5 < some[0] < base_uploads[0]

@@ -37,6 +37,11 @@ class EngineConfig:
     """K: keep every K-th layer's input in the forward; backward recomputes the K-1 layers in between."""
     num_slots: int = 2
     """GPU weight slots (2 = double buffering)."""
+    resident_layers: int | None = None
+    """Extra GPU slots, one decoder layer each, that keep layers resident between uses: the backward finds the
+    layers the forward left, and micro-batches of one step reuse them (uploads and FP32 -> BF16 packing happen once
+    per weight version instead of once per pass). None: on CUDA, after the first step, as many as the measured
+    unused GPU memory holds while a fifth of the device stays free (up to every layer); 0: none."""
     num_grad_slabs: int = 3
     """Pinned slabs for gradients in flight to the host."""
     loss_chunk_tokens: int = 2048
@@ -84,5 +89,7 @@ class EngineConfig:
         for name in ("checkpoint_every", "loss_chunk_tokens", "num_grad_slabs", "host_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.resident_layers is not None and self.resident_layers < 0:
+            raise ValueError(f"resident_layers must be >= 0 or None, got {self.resident_layers}")
         if self.num_slots < 2:
             raise ValueError(f"num_slots must be >= 2 (double buffering), got {self.num_slots}")

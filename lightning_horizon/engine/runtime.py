@@ -21,6 +21,7 @@ The engine knows nothing about Lightning. A plain PyTorch loop::
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 import torch
@@ -39,6 +40,11 @@ from .pinned import unregister_pinned
 from .segments import ForwardPass, _rng_replay, local_grads, segment_backward_order
 from .store import HostStore
 from .streamer import ExpertSet, LayerStreamer, Unit, expert_runs, make_unit
+
+log = logging.getLogger(__name__)
+
+RESIDENT_HEADROOM = 0.2
+"""Fraction of the GPU's memory left free when resident slots are sized from the first step's peak."""
 
 MAX_SLAB_NUMEL = 256 * 2**20
 """Largest pinned gradient slab (elements): 512 MiB in BF16; bigger layers are sent in several slabs."""
@@ -104,16 +110,16 @@ class HorizonEngine(ModelHooks):
             kernels = host_kernels_available()  # builds the kernels now, not on the first step
         threads = config.host_threads
         self.optim.use_fused, self.optim.threads = kernels, threads
-        self.sink.kernels, self.sink.threads = kernels, max(1, threads // 2)
-        self.streamer.kernels, self.streamer.pack_threads = kernels, max(1, threads // 4)
+        self.sink.kernels, self.sink.threads = kernels, threads
+        self.streamer.kernels, self.streamer.pack_threads = kernels, threads
         self.streamer.extra_checks = (self.sink.worker, self.optim.worker)
         self.sink.extra_checks = (self.streamer.worker, self.optim.worker)
         self.streamer.poll = self.optim.worker.check
-        self._template_params = {
-            (slot.index, u.structure): [_get_param(slot.templates[u.structure], b.name) for b in u.bindings]
-            for slot in self.streamer.slots
-            for u in self.units
-        }
+        self._template_params: dict[tuple[int, tuple], list[nn.Parameter]] = {}
+        self._register_templates(self.streamer.slots)
+        self._resident_pending = config.resident_layers is None and self.device.type == "cuda"
+        if config.resident_layers:
+            self._add_resident_slots(config.resident_layers)
         self.anchor = torch.zeros(0, requires_grad=True)
         self._current: ForwardPass | None = None
         self._stochastic = self.parts.is_stochastic()
@@ -145,6 +151,14 @@ class HorizonEngine(ModelHooks):
         self.finish_backward()
         self._overlap = False
         self.optim.step(optimizer)
+        if self._resident_pending:  # the first step's memory peak is known now
+            self._resident_pending = False
+            self._add_resident_slots(self._affordable_resident_slots())
+
+    @property
+    def num_resident_slots(self) -> int:
+        """GPU slots beyond ``num_slots`` (``EngineConfig.resident_layers``)."""
+        return len(self.streamer.slots) - self.config.num_slots
 
     def gradient(self, param: nn.Parameter) -> torch.Tensor | None:
         """The current FP32 gradient of ``param`` (``param.grad`` is only set where the gradients are kept in FP32)."""
@@ -402,6 +416,37 @@ class HorizonEngine(ModelHooks):
         # Every group of a unit is complete after its backward, except the embedding (tied lm_head): that one also
         # receives the embedding's own gradient at the very end of the backward.
         self.sink.submit(targets, grads, final=[g for g in unit.groups if g is not embed])
+
+    def _register_templates(self, slots) -> None:
+        for slot in slots:
+            for u in self.units:
+                if u.structure in slot.templates:
+                    names = [b.name for b in u.bindings]
+                    self._template_params[(slot.index, u.structure)] = [
+                        _get_param(slot.templates[u.structure], n) for n in names
+                    ]
+
+    def _layer_slot_numel(self) -> int:
+        return max(u.numel for u in self.units[: self.head_uid] or self.units)
+
+    def _affordable_resident_slots(self) -> int:
+        """Layer slots that fit in the GPU memory the first step left unused, keeping ``RESIDENT_HEADROOM`` of the
+        device free (later batches may be longer than the first)."""
+        free, total = torch.cuda.mem_get_info(self.device)
+        reserved = torch.cuda.memory_reserved(self.device)
+        peak = torch.cuda.max_memory_reserved(self.device)
+        spare = free + reserved - peak - RESIDENT_HEADROOM * total
+        return max(0, int(spare // (self._layer_slot_numel() * self.dtype.itemsize)))
+
+    def _add_resident_slots(self, count: int) -> None:
+        """Adds up to ``count`` slots of one decoder layer each, so that layers stay on the GPU between uses."""
+        count = min(count, len(self.units) - len(self.streamer.slots))  # every layer and the head resident
+        if count <= 0:
+            return
+        slots = self.streamer.make_slots(count, self._layer_slot_numel())
+        self._register_templates(slots)
+        self.streamer.attach(slots)
+        log.info("horizon: %d extra GPU slots keep layers resident between uses", count)
 
     def _on_final(self, groups) -> None:
         if self._overlap:

@@ -183,8 +183,7 @@ class LayerStreamer:
         """Pack with :func:`.host_kernels.pack_bf16_` (a bounded thread count); else torch's ``copy_``."""
         self.pack_threads: int | None = None
         for slot in self.slots:  # templates are created up front: never lazily under inference_mode
-            for unit in {u.structure: u for u in units}.values():
-                slot.templates[unit.structure] = self._make_template(unit, slot)
+            self._make_templates(slot)
 
     # ----------------------------------------------------------------------------------------------- main thread
     def plan(self, uids: list[int]) -> None:
@@ -223,6 +222,20 @@ class LayerStreamer:
             slot.last_use = self._tick
             self._kick()
 
+    def make_slots(self, count: int, numel: int) -> list[_Slot]:
+        """``count`` more slots of ``numel`` elements with their templates (for the units that fit), not yet used."""
+        first = len(self.slots)
+        slots = [_Slot(first + i, numel, self.device, self.dtype) for i in range(count)]
+        for slot in slots:
+            self._make_templates(slot)
+        return slots
+
+    def attach(self, slots: list[_Slot]) -> None:
+        """Makes slots from :meth:`make_slots` available to the prefetch thread."""
+        with self.cond:
+            self.slots.extend(slots)
+            self._kick()
+
     def invalidate(self) -> None:
         """Forgets resident copies (after masters changed outside the optimizer, e.g. a checkpoint load)."""
         with self.cond:
@@ -257,15 +270,17 @@ class LayerStreamer:
         for slot in self.slots:
             if slot.resident == (uid, version):
                 return slot, False
-        free = [s for s in self.slots if s.claims == 0]
+        numel = self.units[uid].numel
+        free = [s for s in self.slots if s.claims == 0 and s.buf.numel() >= numel]
         if not free:
             return None, False
         upcoming = list(self._plan)
 
         def next_use(slot: _Slot) -> tuple[int, int]:
             if slot.resident is not None and slot.resident[0] in upcoming:
-                return (upcoming.index(slot.resident[0]), -slot.last_use)
-            return (len(upcoming) + 1, -slot.last_use)
+                if slot.resident[1] == self.units[slot.resident[0]].version:
+                    return (upcoming.index(slot.resident[0]), -slot.last_use)
+            return (len(upcoming) + 1, -slot.last_use)  # empty, stale or not needed again: evicted first
 
         return max(free, key=next_use), True
 
@@ -439,6 +454,10 @@ class LayerStreamer:
                 copied.record(self.h2d_stream)
         with torch.cuda.stream(self.h2d_stream):
             slot.copy_event.record(self.h2d_stream)
+
+    def _make_templates(self, slot: _Slot) -> None:
+        for unit in {u.structure: u for u in self.units if u.numel <= slot.buf.numel()}.values():
+            slot.templates[unit.structure] = self._make_template(unit, slot)
 
     def _make_template(self, unit: Unit, slot: _Slot) -> nn.Module:
         memo = {id(p): None for p in unit.source.parameters()}
