@@ -28,6 +28,7 @@ OPTIM_KEYS = {
 STRATEGY_KEYS = {
     "checkpoint_every",
     "num_slots",
+    "resident_layers",
     "num_grad_slabs",
     "loss_chunk_tokens",
     "pin_masters",

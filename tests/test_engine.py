@@ -234,3 +234,34 @@ def test_resident_slots_reuse_layers_between_passes_and_micro_batches():
         assert torch.equal(weights[name], w), name
     _, some, _ = _train_resident(1)
     assert 5 < some[0] < base_uploads[0]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mixtral"])
+def test_resident_slots_added_after_the_first_step(family, monkeypatch):
+    """The automatic path: slots added once the first step has run (hooks installed, MoE router and expert hooks on
+    the new templates) train exactly like two slots."""
+    from tests.test_sparse_experts import moe_model
+
+    ref = moe_model("mixtral") if family == "mixtral" else tiny_model("qwen2", layers=4)
+    runs = []
+    for extra in (0, 8):
+        model = clone(ref)
+        engine = HorizonEngine(model, device="cpu", compute_dtype="fp32", resident_layers=0)
+        engine._resident_pending = True  # as on CUDA with resident_layers=None
+        monkeypatch.setattr(engine, "_affordable_resident_slots", lambda extra=extra: extra)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses = []
+        try:
+            for step in range(3):
+                loss = model(**make_batch(step, batch=1, seq=5, pad=False)).loss
+                loss.backward()
+                losses.append(loss.item())
+                engine.step(opt)
+            engine.synchronize()
+            assert engine.num_resident_slots == (min(extra, len(engine.units) - 2))
+            runs.append((losses, {n: p.detach().clone() for n, p in model.named_parameters()}))
+        finally:
+            engine.close()
+    assert runs[0][0] == runs[1][0]
+    for name, w in runs[0][1].items():
+        assert torch.equal(runs[1][1][name], w), name

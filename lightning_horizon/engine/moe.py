@@ -38,10 +38,14 @@ class RouterTap:
         self.spec = spec
         self._active: list[torch.Tensor] | None = None
         self._handles = []
-        if spec is not None:
+        self.add(templates)
+
+    def add(self, templates: Iterable[nn.Module]) -> None:
+        """Hooks the routers of more templates (slots added later)."""
+        if self.spec is not None:
             for template in templates:
                 for module in template.modules():
-                    if spec.matches(module):
+                    if self.spec.matches(module):
                         self._handles.append(module.register_forward_hook(self._hook))
 
     @property

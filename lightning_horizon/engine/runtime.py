@@ -115,26 +115,18 @@ class HorizonEngine(ModelHooks):
         self.streamer.extra_checks = (self.sink.worker, self.optim.worker)
         self.sink.extra_checks = (self.streamer.worker, self.optim.worker)
         self.streamer.poll = self.optim.worker.check
-        self._template_params: dict[tuple[int, tuple], list[nn.Parameter]] = {}
-        self._register_templates(self.streamer.slots)
-        self._resident_pending = config.resident_layers is None and self.device.type == "cuda"
-        if config.resident_layers:
-            self._add_resident_slots(config.resident_layers)
         self.anchor = torch.zeros(0, requires_grad=True)
         self._current: ForwardPass | None = None
         self._stochastic = self.parts.is_stochastic()
         self._moved_buffers: list[tuple[nn.Module, str, torch.device]] = []
-        templates = [t for slot in self.streamer.slots for t in slot.templates.values()]
-        self.routers = RouterTap(templates, self.parts.router_spec())
+        self.routers = RouterTap([], self.parts.router_spec())
         self._sparse_active: tuple | None = None  # (slot, unit, hit experts per path) of the layer running now
         self._expert_hooks = []
-        for slot in self.streamer.slots:
-            for unit in {u.structure: u for u in self.units if u.experts}.values():
-                template = slot.templates[unit.structure]
-                for eset in unit.experts:
-                    module = template.get_submodule(eset.path)
-                    hook = functools.partial(self._experts_pre_hook, eset.path)
-                    self._expert_hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        self._template_params: dict[tuple[int, tuple], list[nn.Parameter]] = {}
+        self._wire_templates(self.streamer.slots)
+        self._resident_pending = config.resident_layers is None and self.device.type == "cuda"
+        if config.resident_layers:
+            self._add_resident_slots(config.resident_layers)
         self._record_routers = False
         self._install()
 
@@ -417,7 +409,8 @@ class HorizonEngine(ModelHooks):
         # receives the embedding's own gradient at the very end of the backward.
         self.sink.submit(targets, grads, final=[g for g in unit.groups if g is not embed])
 
-    def _register_templates(self, slots) -> None:
+    def _wire_templates(self, slots) -> None:
+        """The engine's view of new slots' templates: their parameters by binding, router and expert hooks."""
         for slot in slots:
             for u in self.units:
                 if u.structure in slot.templates:
@@ -425,6 +418,13 @@ class HorizonEngine(ModelHooks):
                     self._template_params[(slot.index, u.structure)] = [
                         _get_param(slot.templates[u.structure], n) for n in names
                     ]
+            self.routers.add(slot.templates.values())
+            for unit in {u.structure: u for u in self.units if u.experts}.values():
+                template = slot.templates.get(unit.structure)
+                for eset in unit.experts if template is not None else ():
+                    module = template.get_submodule(eset.path)
+                    hook = functools.partial(self._experts_pre_hook, eset.path)
+                    self._expert_hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
     def _layer_slot_numel(self) -> int:
         return max(u.numel for u in self.units[: self.head_uid] or self.units)
@@ -444,7 +444,7 @@ class HorizonEngine(ModelHooks):
         if count <= 0:
             return
         slots = self.streamer.make_slots(count, self._layer_slot_numel())
-        self._register_templates(slots)
+        self._wire_templates(slots)
         self.streamer.attach(slots)
         log.info("horizon: %d extra GPU slots keep layers resident between uses", count)
 

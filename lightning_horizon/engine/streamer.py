@@ -182,6 +182,9 @@ class LayerStreamer:
         self.kernels = False
         """Pack with :func:`.host_kernels.pack_bf16_` (a bounded thread count); else torch's ``copy_``."""
         self.pack_threads: int | None = None
+        self._prototypes: dict[tuple, nn.Module] = {}
+        for unit in units:
+            self._prototype(unit)
         for slot in self.slots:  # templates are created up front: never lazily under inference_mode
             self._make_templates(slot)
 
@@ -459,12 +462,20 @@ class LayerStreamer:
         for unit in {u.structure: u for u in self.units if u.numel <= slot.buf.numel()}.values():
             slot.templates[unit.structure] = self._make_template(unit, slot)
 
+    def _prototype(self, unit: Unit) -> nn.Module:
+        """A parameterless copy of the unit's module, taken before the engine hooks the model (slots made later copy
+        it, never the hooked source)."""
+        if unit.structure not in self._prototypes:
+            memo = {}
+            with torch.inference_mode(False):
+                for p in unit.source.parameters():
+                    memo[id(p)] = nn.Parameter(torch.empty(0), requires_grad=p.requires_grad)
+                self._prototypes[unit.structure] = copy.deepcopy(unit.source, memo)
+        return self._prototypes[unit.structure]
+
     def _make_template(self, unit: Unit, slot: _Slot) -> nn.Module:
-        memo = {id(p): None for p in unit.source.parameters()}
         with torch.inference_mode(False):
-            for p in unit.source.parameters():
-                memo[id(p)] = nn.Parameter(torch.empty(0), requires_grad=p.requires_grad)
-            template = copy.deepcopy(unit.source, memo)
+            template = copy.deepcopy(self._prototype(unit))
             for b in unit.bindings:
                 owner, leaf = _owner(template, b.name)
                 view = slot.buf[b.offset : b.offset + b.entry.numel].view(b.entry.shape)
