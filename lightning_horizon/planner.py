@@ -11,14 +11,17 @@ bf16), m = bytes of master_dtype (4 for fp32).
 Host memory (the engine must match these):
     master weights       m * N
     optimizer state      8 * N for AdamW (two FP32 moments; step counters are negligible), 0 for SGD
-    gradients            4 * N (FP32 accumulation)
-    pinned upload staging    num_slots * U * c
-    pinned gradient slabs    num_grad_slabs * U * c
+    gradients            4 * N with A > 1 (FP32 accumulation); with A = 1 c * N in the compute dtype, the embedding's
+                         rows in FP32 (+ (4 - c) * its parameters)
+    pinned upload staging    2 * min(64 Mi, U) * c, without weight_copy (FP32 -> BF16 packing in 128 MiB chunks)
+    pinned gradient slabs    num_grad_slabs * min(256 Mi, largest layer) * c, with A > 1 (larger gradients are
+                         split across slabs)
     pinned weight copy   c * N (with weight_copy)
     process overhead     2 GiB (torch, CUDA context on the host side, Python)
 
 GPU memory:
-    weight slots         num_slots * U * c
+    weight slots         num_slots * U * c (resident slots, `resident_layers`, are sized after the first step from
+                         the GPU memory this plan leaves unused: not counted here)
     segment checkpoints  ceil(L / K) * B * S * H * c
     recompute working set    min(K, L) * B * S * (8 * H + 3 * I) * c -- one layer's saved activations with an
                          SDPA/flash kernel, ~B*S*(16H + 6I) bytes in bf16 (8 hidden-sized tensors: norm in/out,
@@ -61,14 +64,17 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
+from lightning_horizon.engine.runtime import MAX_SLAB_NUMEL
+from lightning_horizon.engine.streamer import STAGING_NUMEL
 from lightning_horizon.hardware import HardwareProfile, load_profile
 from lightning_horizon.models import ModelConfig, build_hf_config
 
 GiB = 1024**3
 HOST_OVERHEAD_BYTES = 2 * GiB
 CUDA_OVERHEAD_BYTES = int(1.5 * GiB)
+
 GRADIENT_BYTES_PER_PARAM = 4
-PINNED_GRADIENT_SLABS = 4  # default of plan(); the recipe passes strategy.num_grad_slabs (3)
+PINNED_GRADIENT_SLABS = 3  # as HorizonStrategy(num_grad_slabs=3); the recipe passes strategy.num_grad_slabs
 
 # optimizer name -> (state bytes/param, host-memory traffic bytes/param of one update)
 OPTIMIZERS = {"adamw": (8, 28), "adam": (8, 28), "sgd": (0, 12)}
@@ -370,12 +376,21 @@ def plan_shape(shape: ModelShape, hardware: HardwareProfile, settings: PlanSetti
     tokens = b * seq
     state_bytes, optimizer_traffic = OPTIMIZERS[s.optimizer]
 
+    accumulate = s.accumulate_grad_batches > 1
+    if accumulate:
+        grads = (f"gradients (fp32, {GRADIENT_BYTES_PER_PARAM} B/param)", GRADIENT_BYTES_PER_PARAM * n)
+    else:  # direct mode: compute-dtype gradients, the embedding's scattered rows in FP32
+        extra = (GRADIENT_BYTES_PER_PARAM - c) * shape.embedding_params
+        grads = (f"gradients ({_dtype_name(s.compute_dtype)}, embedding fp32)", c * n + extra)
+    largest_layer = max(shape.layer_params, default=unit)
     host = {
         f"master weights ({_dtype_name(s.master_dtype)}, {m} B/param)": m * n,
         f"optimizer state ({s.optimizer}, {state_bytes} B/param)": state_bytes * n,
-        f"gradients (fp32, {GRADIENT_BYTES_PER_PARAM} B/param)": GRADIENT_BYTES_PER_PARAM * n,
-        f"pinned upload staging ({s.num_slots} x largest unit)": s.num_slots * unit * c,
-        f"pinned gradient slabs ({s.num_grad_slabs} x largest unit)": s.num_grad_slabs * unit * c,
+        grads[0]: grads[1],
+        "pinned upload staging (2 x 128 MiB chunks)": 0 if s.weight_copy else 2 * min(STAGING_NUMEL, unit) * c,
+        f"pinned gradient slabs ({s.num_grad_slabs} x one layer)": (
+            s.num_grad_slabs * min(MAX_SLAB_NUMEL, largest_layer) * c if accumulate else 0
+        ),
         "process overhead": HOST_OVERHEAD_BYTES,
     }
     if s.weight_copy:
