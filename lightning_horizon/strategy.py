@@ -35,7 +35,8 @@ class HorizonStrategy(SingleDeviceStrategy):
         num_slots: GPU weight slots (2 = double buffering).
         resident_layers: Extra GPU slots (one decoder layer each) that keep layers resident between uses, so the
             backward and later micro-batches reuse them; None = after the first step, as many as the measured unused
-            GPU memory holds with a fifth of the device left free; 0 = none.
+            GPU memory holds, leaving free a fifth of the device or the first step's working set again if larger;
+            0 = none (set a number when later batches can be much longer than the first).
         num_grad_slabs: Pinned slabs for gradients in flight to the host.
         loss_chunk_tokens: Rows of logits the chunked loss computes at once.
         pin_masters: Also page-lock the FP32 masters.

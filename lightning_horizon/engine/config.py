@@ -41,7 +41,9 @@ class EngineConfig:
     """Extra GPU slots, one decoder layer each, that keep layers resident between uses: the backward finds the
     layers the forward left, and micro-batches of one step reuse them (uploads and FP32 -> BF16 packing happen once
     per weight version instead of once per pass). None: on CUDA, after the first step, as many as the measured
-    unused GPU memory holds while a fifth of the device stays free (up to every layer); 0: none."""
+    unused GPU memory holds (up to every layer) while a fifth of the device, or as much again as the first step's
+    working set if that is more, stays free; 0: none. Set a number (or 0) when later batches can be much longer
+    than the first."""
     num_grad_slabs: int = 3
     """Pinned slabs for gradients in flight to the host."""
     loss_chunk_tokens: int = 2048

@@ -430,12 +430,15 @@ class HorizonEngine(ModelHooks):
         return max(u.numel for u in self.units[: self.head_uid] or self.units)
 
     def _affordable_resident_slots(self) -> int:
-        """Layer slots that fit in the GPU memory the first step left unused, keeping ``RESIDENT_HEADROOM`` of the
-        device free (later batches may be longer than the first)."""
+        """Layer slots that fit in the GPU memory the first step left unused, keeping free ``RESIDENT_HEADROOM`` of
+        the device or, if larger, as much again as the first step's working set beyond the weight slots (a later
+        batch may be longer than the first)."""
         free, total = torch.cuda.mem_get_info(self.device)
         reserved = torch.cuda.memory_reserved(self.device)
         peak = torch.cuda.max_memory_reserved(self.device)
-        spare = free + reserved - peak - RESIDENT_HEADROOM * total
+        slots = sum(s.buf.numel() * s.buf.element_size() for s in self.streamer.slots)
+        headroom = max(RESIDENT_HEADROOM * total, peak - slots)
+        spare = free + reserved - peak - headroom
         return max(0, int(spare // (self._layer_slot_numel() * self.dtype.itemsize)))
 
     def _add_resident_slots(self, count: int) -> None:
