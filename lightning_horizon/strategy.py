@@ -37,6 +37,9 @@ class HorizonStrategy(SingleDeviceStrategy):
             backward and later micro-batches reuse them; None = after the first step, as many as the measured unused
             GPU memory holds, leaving free a fifth of the device or the first step's working set again if larger;
             0 = none (set a number when later batches can be much longer than the first).
+        keep_activations: Decoder layers at the end of the stack that keep their forward graph (activations) on the
+            GPU so their backward skips the recomputation (each holds a weight slot until then); 0 = recompute
+            every layer; None = after the first step, as many as the measured unused GPU memory holds.
         num_grad_slabs: Pinned slabs for gradients in flight to the host.
         loss_chunk_tokens: Rows of logits the chunked loss computes at once.
         pin_masters: Also page-lock the FP32 masters.
@@ -56,6 +59,7 @@ class HorizonStrategy(SingleDeviceStrategy):
         checkpoint_every: int = 1,
         num_slots: int = 2,
         resident_layers: int | None = None,
+        keep_activations: int | None = 0,
         num_grad_slabs: int = 3,
         loss_chunk_tokens: int = 2048,
         pin_masters: bool = False,
@@ -70,6 +74,7 @@ class HorizonStrategy(SingleDeviceStrategy):
             checkpoint_every=checkpoint_every,
             num_slots=num_slots,
             resident_layers=resident_layers,
+            keep_activations=keep_activations,
             num_grad_slabs=num_grad_slabs,
             loss_chunk_tokens=loss_chunk_tokens,
             pin_masters=pin_masters,

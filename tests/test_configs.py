@@ -29,6 +29,7 @@ STRATEGY_KEYS = {
     "checkpoint_every",
     "num_slots",
     "resident_layers",
+    "keep_activations",
     "num_grad_slabs",
     "loss_chunk_tokens",
     "pin_masters",

@@ -248,7 +248,7 @@ def test_resident_slots_added_after_the_first_step(family, monkeypatch):
         model = clone(ref)
         engine = HorizonEngine(model, device="cpu", compute_dtype="fp32", resident_layers=0)
         engine._resident_pending = True  # as on CUDA with resident_layers=None
-        monkeypatch.setattr(engine, "_affordable_resident_slots", lambda extra=extra: extra)
+        monkeypatch.setattr(engine, "_affordable_resident_slots", lambda reserved=0, extra=extra: extra)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         losses = []
         try:
@@ -265,3 +265,75 @@ def test_resident_slots_added_after_the_first_step(family, monkeypatch):
     assert runs[0][0] == runs[1][0]
     for name, w in runs[0][1].items():
         assert torch.equal(runs[1][1][name], w), name
+
+
+def _train_kept(ref, keep: int, k: int, steps: int = 3, resident: int = 8):
+    model = clone(ref)
+    engine = HorizonEngine(
+        model, device="cpu", compute_dtype="fp32", checkpoint_every=k, resident_layers=resident, keep_activations=keep
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    runs = []
+    real = engine._run_layer
+    engine._run_layer = lambda *a, **kw: runs.append(1) or real(*a, **kw)
+    losses, grads = [], None
+    try:
+        for step in range(steps):
+            loss = model(**make_batch(step, batch=1, seq=5, pad=False)).loss
+            loss.backward()
+            losses.append(loss.item())
+            if grads is None:
+                grads = {n: engine.gradient(p).clone() for n, p in model.named_parameters()}
+            engine.step(opt)
+        engine.synchronize()
+        assert engine.streamer.num_unclaimed() == len(engine.streamer.slots)  # every kept slot was released
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+        return losses, grads, weights, len(runs)
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("family,k,keep", [("qwen2", 1, 2), ("qwen2", 2, 3), ("qwen2", 1, 4), ("mixtral", 1, 1)])
+def test_kept_layers_match_recomputation(family, k, keep):
+    """Layers that keep their forward graph give exactly the gradients and weights of recomputation, and their
+    forward runs once instead of twice (MoE: router aux loss and expert-sparse streaming through kept layers)."""
+    from tests.test_sparse_experts import moe_model
+
+    ref = moe_model("mixtral") if family == "mixtral" else tiny_model("qwen2", layers=4)
+    base_losses, base_grads, base_weights, base_runs = _train_kept(ref, 0, k)
+    losses, grads, weights, runs = _train_kept(ref, keep, k)
+    assert losses == base_losses
+    for name, g in base_grads.items():
+        assert torch.equal(grads[name], g), name
+    for name, w in base_weights.items():
+        assert torch.equal(weights[name], w), name
+    layers = len(ref.model.layers)
+    kept = layers - -(-(layers - min(keep, layers)) // k) * k  # whole segments at the end
+    assert kept > 0 and base_runs - runs >= 3 * kept  # each step: no recompute of kept layers
+
+
+def test_kept_layers_are_capped_by_free_slots():
+    """Without spare slots nothing is kept (two slots must stay free for streaming), and training is unchanged."""
+    ref = tiny_model("qwen2", layers=4)
+    base = _train_kept(ref, 0, 1, resident=0)
+    capped = _train_kept(ref, 10, 1, resident=0)
+    assert capped[0] == base[0] and capped[3] == base[3]
+
+
+def test_dropped_pass_releases_kept_slots():
+    """A forward whose loss is dropped without a backward does not leak the kept layers' slots."""
+    model = tiny_model("qwen2", layers=4)
+    engine = HorizonEngine(model, device="cpu", compute_dtype="fp32", resident_layers=8, keep_activations=3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    try:
+        total = len(engine.streamer.slots)
+        loss = model(**make_batch(0)).loss
+        assert engine.streamer.num_unclaimed() == total - 3
+        del loss
+        for step in range(2):
+            model(**make_batch(step)).loss.backward()
+            engine.step(opt)
+        engine.synchronize()
+        assert engine.streamer.num_unclaimed() == total
+    finally:
+        engine.close()

@@ -77,6 +77,14 @@ class EngineConfig:
     """Gradients are summed over several backward passes per step: keep them in FP32 on the host (4 bytes/param).
     Off: they stay in the compute dtype (2 bytes/param for BF16); a second backward before a step switches over."""
 
+    keep_activations: int | None = 0
+    """Decoder layers at the end of the stack whose forward keeps its autograd graph (activations) on the GPU, so
+    their backward runs without recomputing them (whole segments of ``checkpoint_every`` layers). Each keeps its
+    weight slot claimed until its backward, so at most (unclaimed slots - 2) layers are kept: give slots with
+    ``resident_layers``. 0: every layer is recomputed. None: on CUDA, after the first step, as many as the measured
+    unused GPU memory holds (the first step measures one layer's graph), with the slots they need; resident slots
+    then take what is left."""
+
     def __post_init__(self) -> None:
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -91,6 +99,8 @@ class EngineConfig:
         for name in ("checkpoint_every", "loss_chunk_tokens", "num_grad_slabs", "host_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.keep_activations is not None and self.keep_activations < 0:
+            raise ValueError(f"keep_activations must be >= 0 or None, got {self.keep_activations}")
         if self.resident_layers is not None and self.resident_layers < 0:
             raise ValueError(f"resident_layers must be >= 0 or None, got {self.resident_layers}")
         if self.num_slots < 2:

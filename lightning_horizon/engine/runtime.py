@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from typing import Any
 
 import torch
@@ -124,7 +125,12 @@ class HorizonEngine(ModelHooks):
         self._expert_hooks = []
         self._template_params: dict[tuple[int, tuple], list[nn.Parameter]] = {}
         self._wire_templates(self.streamer.slots)
-        self._resident_pending = config.resident_layers is None and self.device.type == "cuda"
+        cuda = self.device.type == "cuda"
+        self._resident_pending = config.resident_layers is None and cuda
+        self._keep_pending = config.keep_activations is None and cuda
+        self._keep_layers = config.keep_activations or 0
+        self._graph_bytes = 0
+        """Largest GPU memory one layer's recompute graph took (measured in the first backward, CUDA)."""
         if config.resident_layers:
             self._add_resident_slots(config.resident_layers)
         self._record_routers = False
@@ -143,9 +149,8 @@ class HorizonEngine(ModelHooks):
         self.finish_backward()
         self._overlap = False
         self.optim.step(optimizer)
-        if self._resident_pending:  # the first step's memory peak is known now
-            self._resident_pending = False
-            self._add_resident_slots(self._affordable_resident_slots())
+        if self._keep_pending or self._resident_pending:  # the first step's memory peak is known now
+            self._size_from_first_step()
 
     @property
     def num_resident_slots(self) -> int:
@@ -264,6 +269,8 @@ class HorizonEngine(ModelHooks):
         self.sink.submit_embedding(self.store.entry(weight), input_ids, grad_hidden, self.parts.padding_idx())
 
     def layer_forward(self, fpass: ForwardPass, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        if fpass.keep and index >= fpass.first_kept:
+            return self._run_layer_kept(fpass, index, hidden, kwargs)
         if fpass.keep:
             fpass.kwargs[index] = kwargs
             k = self.config.checkpoint_every
@@ -274,6 +281,8 @@ class HorizonEngine(ModelHooks):
         return self._run_layer(fpass, index, hidden, kwargs, grad=False)
 
     def layer_backward(self, fpass: ForwardPass, index: int, grad_out: torch.Tensor) -> torch.Tensor:
+        if index in fpass.kept:
+            return self._kept_backward(fpass, index, grad_out)
         k = self.config.checkpoint_every
         start = index - index % k
         if index not in fpass.inputs:
@@ -323,9 +332,11 @@ class HorizonEngine(ModelHooks):
 
     def plan_backward(self, fpass: ForwardPass) -> None:
         k = self.config.checkpoint_every
-        order = [self.head_uid] + [i for i, _ in segment_backward_order(self.parts.num_layers, k)]
+        recomputed = min(fpass.first_kept, self.parts.num_layers)  # kept layers hold their slots already
+        order = [self.head_uid] + [i for i, _ in segment_backward_order(recomputed, k)]
         self.streamer.plan(order)
-        prefetch(fpass.inputs.get((self.parts.num_layers - 1) // k * k))
+        if recomputed:
+            prefetch(fpass.inputs.get((recomputed - 1) // k * k))
 
     # ----------------------------------------------------------------------------------------------- internals
     def _run_layer(self, fpass: ForwardPass, index: int, hidden: torch.Tensor, kwargs: dict, grad: bool, grad_out=None):
@@ -340,6 +351,56 @@ class HorizonEngine(ModelHooks):
         finally:
             self._sparse_active = None
 
+    # ------------------------------------------------------------------ kept layers (no recomputation in backward)
+    def _start_keeping(self, fpass: ForwardPass) -> None:
+        """Decides which layers of a new pass keep their graph: the last ``keep_activations`` (whole segments),
+        as long as two unclaimed slots remain for streaming the others and the head."""
+        num_layers, k = self.parts.num_layers, self.config.checkpoint_every
+        count = min(self._keep_layers, max(0, self.streamer.num_unclaimed() - 2), num_layers)
+        if count:
+            fpass.first_kept = -(-(num_layers - count) // k) * k  # rounded up to a segment start
+            weakref.finalize(fpass, self._release_kept, fpass.kept)
+
+    def _release_kept(self, kept: dict[int, tuple]) -> None:
+        """Frees the slots of kept layers whose backward never ran (the pass was dropped)."""
+        for slot, *_ in kept.values():
+            self.streamer.release(slot)
+        kept.clear()
+
+    def _run_layer_kept(self, fpass: ForwardPass, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """Runs a kept layer with a graph local to it and keeps graph and slot for its backward."""
+        slot, module = self.streamer.acquire(index)
+        bind_layer_state(module, self._layer_state[index])
+        module.train(fpass.train_mode)
+        hits: dict[str, set[int]] = {}
+        self._sparse_active = (slot, self.units[index], hits) if self.units[index].experts else None
+        try:
+            with self.routers.record() as routed, torch.enable_grad():
+                x = hidden.detach().requires_grad_(True)
+                out = module(x, **kwargs)
+        except BaseException:
+            self.streamer.release(slot)
+            raise
+        finally:
+            self._sparse_active = None
+        if isinstance(out, tuple):
+            fpass.tuple_output = True
+            out = out[0]
+        if fpass.router_logits is not None and routed:
+            fpass.router_logits[index] = [r.detach() for r in routed]
+        fpass.kept[index] = (slot, x, out, routed, hits)
+        return out.detach()
+
+    def _kept_backward(self, fpass: ForwardPass, index: int, grad_out: torch.Tensor) -> torch.Tensor:
+        slot, x, out, routed, hits = fpass.kept.pop(index)
+        params = self._template_params[(slot.index, self.units[index].structure)]
+        router_grads = fpass.router_grads.pop(index, [])
+        outputs, grad_outputs = [out, *routed[: len(router_grads)]], [grad_out, *router_grads]
+        grad_in, grads = local_grads(outputs, grad_outputs, x, params, allow_unused=True)
+        self.streamer.release(slot)
+        self._submit(index, grads, hits)
+        return grad_in
+
     def _run_template(self, fpass, index, slot, module, hidden, kwargs, grad, grad_out, rng, hits):
         with rng, self.routers.record() as routed:
             if not grad:
@@ -353,8 +414,12 @@ class HorizonEngine(ModelHooks):
                     out = out[0]
                 return out
             params = self._template_params[(slot.index, self.units[index].structure)]
+            measure = self._keep_pending  # CUDA only: the first backward measures one layer's graph
+            before = torch.cuda.memory_allocated(self.device) if measure else 0
             with torch.enable_grad():
                 out = module(hidden, **kwargs)
+                if measure:
+                    self._graph_bytes = max(self._graph_bytes, torch.cuda.memory_allocated(self.device) - before)
                 out = out[0] if isinstance(out, tuple) else out
                 router_grads = fpass.router_grads.pop(index, [])  # d(aux loss)/d(router logits), see .moe
                 outputs, grad_outputs = [out, *routed[: len(router_grads)]], [grad_out, *router_grads]
@@ -429,17 +494,36 @@ class HorizonEngine(ModelHooks):
     def _layer_slot_numel(self) -> int:
         return max(u.numel for u in self.units[: self.head_uid] or self.units)
 
-    def _affordable_resident_slots(self) -> int:
-        """Layer slots that fit in the GPU memory the first step left unused, keeping free ``RESIDENT_HEADROOM`` of
-        the device or, if larger, as much again as the first step's working set beyond the weight slots (a later
-        batch may be longer than the first)."""
+    def _spare_gpu_bytes(self) -> float:
+        """GPU memory the first step left unused, keeping free ``RESIDENT_HEADROOM`` of the device or, if larger, as
+        much again as the first step's working set beyond the weight slots (a later batch may be longer)."""
         free, total = torch.cuda.mem_get_info(self.device)
         reserved = torch.cuda.memory_reserved(self.device)
         peak = torch.cuda.max_memory_reserved(self.device)
         slots = sum(s.buf.numel() * s.buf.element_size() for s in self.streamer.slots)
         headroom = max(RESIDENT_HEADROOM * total, peak - slots)
-        spare = free + reserved - peak - headroom
-        return max(0, int(spare // (self._layer_slot_numel() * self.dtype.itemsize)))
+        return free + reserved - peak - headroom
+
+    def _affordable_resident_slots(self, reserved: float = 0.0) -> int:
+        """Layer slots that fit in the spare GPU memory (see ``_spare_gpu_bytes``) less ``reserved`` bytes."""
+        slot_bytes = self._layer_slot_numel() * self.dtype.itemsize
+        return max(0, int((self._spare_gpu_bytes() - reserved) // slot_bytes))
+
+    def _size_from_first_step(self) -> None:
+        """Kept layers first (with the slots they hold), then resident slots, from the first step's measurements."""
+        slot_bytes = self._layer_slot_numel() * self.dtype.itemsize
+        if self._keep_pending:
+            self._keep_pending = False
+            per_layer = self._graph_bytes + slot_bytes
+            keep = min(self.parts.num_layers, max(0, int(self._spare_gpu_bytes() // per_layer)))
+            if keep and self._graph_bytes:
+                self._add_resident_slots(max(0, keep + 2 - len(self.streamer.slots)))
+                self._keep_layers = min(keep, len(self.streamer.slots) - 2)
+                log.info("horizon: the last %d layers keep their activations (no recomputation)", self._keep_layers)
+        if self._resident_pending:
+            self._resident_pending = False
+            graphs = self._keep_layers * self._graph_bytes  # not allocated yet: the next step's kept graphs
+            self._add_resident_slots(self._affordable_resident_slots(reserved=graphs))
 
     def _add_resident_slots(self, count: int) -> None:
         """Adds up to ``count`` slots of one decoder layer each, so that layers stay on the GPU between uses."""

@@ -42,6 +42,11 @@ class ForwardPass:
         """Each MoE layer's router logits, graph-free, when the aux loss is on (see :mod:`.moe`)."""
         self.router_grads: dict[int, list[torch.Tensor]] = {}
         """d(aux loss)/d(router logits) per layer, set by the aux loss's backward for the layers' backward."""
+        self.first_kept = 1 << 30
+        """Layers from this index on keep their forward graph (``EngineConfig.keep_activations``)."""
+        self.kept: dict[int, tuple] = {}
+        """Kept layers: ``(slot, input, output, router logits, hit experts)``; the slot stays claimed until the
+        layer's backward (its weights are part of the graph)."""
 
     def start_backward(self) -> None:
         if not self.backward_started:

@@ -225,6 +225,11 @@ class LayerStreamer:
             slot.last_use = self._tick
             self._kick()
 
+    def num_unclaimed(self) -> int:
+        """Slots no plan entry or caller holds now."""
+        with self.cond:
+            return sum(1 for s in self.slots if s.claims == 0)
+
     def make_slots(self, count: int, numel: int) -> list[_Slot]:
         """``count`` more slots of ``numel`` elements with their templates (for the units that fit), not yet used."""
         first = len(self.slots)
@@ -277,6 +282,8 @@ class LayerStreamer:
         free = [s for s in self.slots if s.claims == 0 and s.buf.numel() >= numel]
         if not free:
             return None, False
+        smallest = min(s.buf.numel() for s in free)  # keep the large slots for the units only they can hold
+        free = [s for s in free if s.buf.numel() == smallest]
         upcoming = list(self._plan)
 
         def next_use(slot: _Slot) -> tuple[int, int]:
