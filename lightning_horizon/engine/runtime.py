@@ -21,8 +21,6 @@ The engine knows nothing about Lightning. A plain PyTorch loop::
 from __future__ import annotations
 
 import functools
-import logging
-import weakref
 from typing import Any
 
 import torch
@@ -38,20 +36,16 @@ from .loss import ChunkedLoss, head_logits
 from .moe import RouterTap
 from .optimizer import LayerOptimizer, clip_coefficient
 from .pinned import unregister_pinned
+from .residency import Residency
 from .segments import ForwardPass, _rng_replay, local_grads, segment_backward_order
 from .store import HostStore
 from .streamer import ExpertSet, LayerStreamer, Unit, expert_runs, make_unit
-
-log = logging.getLogger(__name__)
-
-RESIDENT_HEADROOM = 0.2
-"""Fraction of the GPU's memory left free when resident slots are sized from the first step's peak."""
 
 MAX_SLAB_NUMEL = 256 * 2**20
 """Largest pinned gradient slab (elements): 512 MiB in BF16; bigger layers are sent in several slabs."""
 
 
-class HorizonEngine(ModelHooks):
+class HorizonEngine(ModelHooks, Residency):
     """Streams a Hugging Face decoder-only causal LM from host memory (see the module docstring).
 
     Args:
@@ -151,11 +145,6 @@ class HorizonEngine(ModelHooks):
         self.optim.step(optimizer)
         if self._keep_pending or self._resident_pending:  # the first step's memory peak is known now
             self._size_from_first_step()
-
-    @property
-    def num_resident_slots(self) -> int:
-        """GPU slots beyond ``num_slots`` (``EngineConfig.resident_layers``)."""
-        return len(self.streamer.slots) - self.config.num_slots
 
     def gradient(self, param: nn.Parameter) -> torch.Tensor | None:
         """The current FP32 gradient of ``param`` (``param.grad`` is only set where the gradients are kept in FP32)."""
@@ -351,56 +340,6 @@ class HorizonEngine(ModelHooks):
         finally:
             self._sparse_active = None
 
-    # ------------------------------------------------------------------ kept layers (no recomputation in backward)
-    def _start_keeping(self, fpass: ForwardPass) -> None:
-        """Decides which layers of a new pass keep their graph: the last ``keep_activations`` (whole segments),
-        as long as two unclaimed slots remain for streaming the others and the head."""
-        num_layers, k = self.parts.num_layers, self.config.checkpoint_every
-        count = min(self._keep_layers, max(0, self.streamer.num_unclaimed() - 2), num_layers)
-        if count:
-            fpass.first_kept = -(-(num_layers - count) // k) * k  # rounded up to a segment start
-            weakref.finalize(fpass, self._release_kept, fpass.kept)
-
-    def _release_kept(self, kept: dict[int, tuple]) -> None:
-        """Frees the slots of kept layers whose backward never ran (the pass was dropped)."""
-        for slot, *_ in kept.values():
-            self.streamer.release(slot)
-        kept.clear()
-
-    def _run_layer_kept(self, fpass: ForwardPass, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        """Runs a kept layer with a graph local to it and keeps graph and slot for its backward."""
-        slot, module = self.streamer.acquire(index)
-        bind_layer_state(module, self._layer_state[index])
-        module.train(fpass.train_mode)
-        hits: dict[str, set[int]] = {}
-        self._sparse_active = (slot, self.units[index], hits) if self.units[index].experts else None
-        try:
-            with self.routers.record() as routed, torch.enable_grad():
-                x = hidden.detach().requires_grad_(True)
-                out = module(x, **kwargs)
-        except BaseException:
-            self.streamer.release(slot)
-            raise
-        finally:
-            self._sparse_active = None
-        if isinstance(out, tuple):
-            fpass.tuple_output = True
-            out = out[0]
-        if fpass.router_logits is not None and routed:
-            fpass.router_logits[index] = [r.detach() for r in routed]
-        fpass.kept[index] = (slot, x, out, routed, hits)
-        return out.detach()
-
-    def _kept_backward(self, fpass: ForwardPass, index: int, grad_out: torch.Tensor) -> torch.Tensor:
-        slot, x, out, routed, hits = fpass.kept.pop(index)
-        params = self._template_params[(slot.index, self.units[index].structure)]
-        router_grads = fpass.router_grads.pop(index, [])
-        outputs, grad_outputs = [out, *routed[: len(router_grads)]], [grad_out, *router_grads]
-        grad_in, grads = local_grads(outputs, grad_outputs, x, params, allow_unused=True)
-        self.streamer.release(slot)
-        self._submit(index, grads, hits)
-        return grad_in
-
     def _run_template(self, fpass, index, slot, module, hidden, kwargs, grad, grad_out, rng, hits):
         with rng, self.routers.record() as routed:
             if not grad:
@@ -490,50 +429,6 @@ class HorizonEngine(ModelHooks):
                     module = template.get_submodule(eset.path)
                     hook = functools.partial(self._experts_pre_hook, eset.path)
                     self._expert_hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-
-    def _layer_slot_numel(self) -> int:
-        return max(u.numel for u in self.units[: self.head_uid] or self.units)
-
-    def _spare_gpu_bytes(self) -> float:
-        """GPU memory the first step left unused, keeping free ``RESIDENT_HEADROOM`` of the device or, if larger, as
-        much again as the first step's working set beyond the weight slots (a later batch may be longer)."""
-        free, total = torch.cuda.mem_get_info(self.device)
-        reserved = torch.cuda.memory_reserved(self.device)
-        peak = torch.cuda.max_memory_reserved(self.device)
-        slots = sum(s.buf.numel() * s.buf.element_size() for s in self.streamer.slots)
-        headroom = max(RESIDENT_HEADROOM * total, peak - slots)
-        return free + reserved - peak - headroom
-
-    def _affordable_resident_slots(self, reserved: float = 0.0) -> int:
-        """Layer slots that fit in the spare GPU memory (see ``_spare_gpu_bytes``) less ``reserved`` bytes."""
-        slot_bytes = self._layer_slot_numel() * self.dtype.itemsize
-        return max(0, int((self._spare_gpu_bytes() - reserved) // slot_bytes))
-
-    def _size_from_first_step(self) -> None:
-        """Kept layers first (with the slots they hold), then resident slots, from the first step's measurements."""
-        slot_bytes = self._layer_slot_numel() * self.dtype.itemsize
-        if self._keep_pending:
-            self._keep_pending = False
-            per_layer = self._graph_bytes + slot_bytes
-            keep = min(self.parts.num_layers, max(0, int(self._spare_gpu_bytes() // per_layer)))
-            if keep and self._graph_bytes:
-                self._add_resident_slots(max(0, keep + 2 - len(self.streamer.slots)))
-                self._keep_layers = min(keep, len(self.streamer.slots) - 2)
-                log.info("horizon: the last %d layers keep their activations (no recomputation)", self._keep_layers)
-        if self._resident_pending:
-            self._resident_pending = False
-            graphs = self._keep_layers * self._graph_bytes  # not allocated yet: the next step's kept graphs
-            self._add_resident_slots(self._affordable_resident_slots(reserved=graphs))
-
-    def _add_resident_slots(self, count: int) -> None:
-        """Adds up to ``count`` slots of one decoder layer each, so that layers stay on the GPU between uses."""
-        count = min(count, len(self.units) - len(self.streamer.slots))  # every layer and the head resident
-        if count <= 0:
-            return
-        slots = self.streamer.make_slots(count, self._layer_slot_numel())
-        self._wire_templates(slots)
-        self.streamer.attach(slots)
-        log.info("horizon: %d extra GPU slots keep layers resident between uses", count)
 
     def _on_final(self, groups) -> None:
         if self._overlap:
