@@ -273,6 +273,9 @@ class GradientSink:
         spans = _spans(pairs)
         self.bytes_d2h += sum(src.numel() for _, _, src in spans) * self.dtype.itemsize
         chunks = list(chunk_spans(spans, self._slab_numel))
+        if not chunks:  # nothing trainable in this unit: still report it complete, in order
+            self.worker.submit(lambda: self._report(final))
+            return
         for chunk in chunks:
             for landing, _, _ in chunk:
                 landing.left += 1
