@@ -374,3 +374,16 @@ def test_frozen_parameters_match_plain_pytorch(frozen, micro):
                 assert engine.gradient(p) is None, name
     finally:
         engine.close()
+
+
+def test_kept_layers_leave_the_large_slots_to_the_head():
+    """A head larger than a layer fits only the two original slots: with three layers holding slots until their
+    backward, the head still streams and results match recomputation."""
+    ref = tiny_model("qwen2", layers=4, vocab_size=4096)  # head 4096 x 32 > one layer
+    engine = HorizonEngine(clone(ref), device="cpu", compute_dtype="fp32", resident_layers=8, keep_activations=8)
+    head, layer = engine.units[engine.head_uid].numel, engine._layer_slot_numel()
+    engine.close()
+    assert head > layer
+    base = _train_kept(ref, 0, 1)
+    kept = _train_kept(ref, 8, 1)  # capped at (5 slots - 2) = 3 kept layers
+    assert kept[0] == base[0] and base[3] - kept[3] == 3 * 2 * 3

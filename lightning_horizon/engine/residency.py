@@ -7,8 +7,8 @@
   and keep it, with their weight slot claimed, until their backward, which then needs no recomputation. At most
   (unclaimed slots - 2) layers are kept, whole segments only; a pass dropped before its backward releases its slots.
 
-The slot choice of the streamer prefers the smallest slot a unit fits in, so kept layers take the one-layer slots
-first and the two large slots stay for the head.
+With kept layers configured, the streamer loads a unit into the smallest slot it fits in, so kept layers take the
+one-layer slots first and the two large slots stay for the head.
 """
 
 from __future__ import annotations

@@ -123,6 +123,7 @@ class HorizonEngine(ModelHooks, Residency):
         self._resident_pending = config.resident_layers is None and cuda
         self._keep_pending = config.keep_activations is None and cuda
         self._keep_layers = config.keep_activations or 0
+        self.streamer.prefer_small_slots = config.keep_activations != 0
         self._graph_bytes = 0
         """Largest GPU memory one layer's recompute graph took (measured in the first backward, CUDA)."""
         if config.resident_layers:

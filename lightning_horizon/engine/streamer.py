@@ -179,6 +179,9 @@ class LayerStreamer:
         self._staging: list[tuple[torch.Tensor, torch.cuda.Event]] = []
         """Pinned buffers FP32 masters are packed into for upload (CUDA, units without a compute-dtype copy)."""
         self._next_staging = 0
+        self.prefer_small_slots = False
+        """Load a unit into the smallest free slot it fits in (set when layers may hold slots across a pass, so the
+        large slots stay free for the head); otherwise any free slot, by next use."""
         self.kernels = False
         """Pack with :func:`.host_kernels.pack_bf16_` (a bounded thread count); else torch's ``copy_``."""
         self.pack_threads: int | None = None
@@ -282,8 +285,9 @@ class LayerStreamer:
         free = [s for s in self.slots if s.claims == 0 and s.buf.numel() >= numel]
         if not free:
             return None, False
-        smallest = min(s.buf.numel() for s in free)  # keep the large slots for the units only they can hold
-        free = [s for s in free if s.buf.numel() == smallest]
+        if self.prefer_small_slots:  # keep the large slots for the units only they can hold
+            smallest = min(s.buf.numel() for s in free)
+            free = [s for s in free if s.buf.numel() == smallest]
         upcoming = list(self._plan)
 
         def next_use(slot: _Slot) -> tuple[int, int]:
