@@ -30,7 +30,6 @@ optimizer update until the group is written. Writing runs at disk speed (crc32 a
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import pickle
@@ -38,8 +37,7 @@ import random
 import re
 import shutil
 import uuid
-import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,93 +46,17 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from safetensors import safe_open
 from typing_extensions import override
 
+from lightning_horizon.files import file_crc32, fsync_dir, publish, remove_stale, write_safetensors
+
 FORMAT_VERSION = 1
 META_FILE = "horizon.json"
 TRAINER_FILE = "trainer.pt"
 LAYOUT_KEY = "horizon_layout"
 """Key under which the strategy passes the store layout inside Lightning's checkpoint dict (removed on save)."""
 
-_ST_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-_READ_BYTES = 16 << 20
-
 
 class CheckpointError(ValueError):
     """A checkpoint that is incomplete, corrupted, or does not fit the model/optimizer being restored."""
-
-
-# ------------------------------------------------------------------------------------------------ safetensors I/O
-def write_safetensors(
-    path: str | os.PathLike,
-    specs: Sequence[tuple[str, torch.dtype, Sequence[int]]],
-    produce: Callable[[str], torch.Tensor],
-    metadata: Mapping[str, str] | None = None,
-    fsync: bool = True,
-) -> dict[str, Any]:
-    """Writes a safetensors file tensor by tensor; returns ``{"bytes", "crc32"}`` of the file.
-
-    ``specs`` lists ``(name, dtype, shape)`` in file order (the header is written first); ``produce(name)`` returns
-    each tensor when its turn comes (so at most one converted tensor exists at a time). CPU tensors of the declared
-    dtype that are contiguous are written from their own memory, without a copy.
-    """
-    header: dict[str, Any] = {}
-    offset = 0
-    for name, dtype, shape in specs:
-        nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    if metadata:
-        header["__metadata__"] = dict(metadata)
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    head = len(raw).to_bytes(8, "little") + raw
-    crc = zlib.crc32(head)
-    total = len(head)
-    with open(path, "wb") as f:
-        f.write(head)
-        for name, dtype, shape in specs:
-            t = produce(name)
-            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-                raise ValueError(f"{name}: expected {dtype} {tuple(shape)}, got {t.dtype} {tuple(t.shape)}")
-            t = t.detach().to("cpu").contiguous().reshape(-1)
-            if t.numel() == 0:
-                continue
-            mv = memoryview(t.view(torch.uint8).numpy())
-            f.write(mv)
-            crc = zlib.crc32(mv, crc)
-            total += len(mv)
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
-    return {"bytes": total, "crc32": f"{crc:08x}"}
-
-
-def file_crc32(path: str | os.PathLike) -> tuple[int, str]:
-    crc, total = 0, 0
-    buf = bytearray(_READ_BYTES)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            crc = zlib.crc32(view[:n], crc)
-            total += n
-    return total, f"{crc:08x}"
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 # -------------------------------------------------------------------------------------------------------- saving
@@ -146,7 +68,7 @@ def save_sharded(checkpoint: dict[str, Any], path: str | os.PathLike, fsync: boo
     state_dict = checkpoint.pop("state_dict", None) or {}
     optimizer_states = checkpoint.pop("optimizer_states", None)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(path)
+    remove_stale(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -177,10 +99,10 @@ def save_sharded(checkpoint: dict[str, Any], path: str | os.PathLike, fsync: boo
                 os.fsync(f.fileno())
         if fsync:
             for sub in (tmp, *(p for p in tmp.iterdir() if p.is_dir())):
-                _fsync_dir(sub)
-        _publish(tmp, path)
+                fsync_dir(sub)
+        publish(tmp, path)
         if fsync:
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -283,71 +205,6 @@ def _write_optimizer(
     }
     rest = {"param_groups": groups, "scalar_state": scalars}
     return meta, rest
-
-
-def _publish(tmp: Path, path: Path) -> None:
-    if not os.path.lexists(path):
-        os.rename(tmp, path)
-        return
-    if _rename_exchange(tmp, path):
-        _remove(tmp)  # now holds the previous checkpoint
-        return
-    trash = path.parent / f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    os.rename(path, trash)
-    os.rename(tmp, path)
-    _remove(trash)
-
-
-def _rename_exchange(a: Path, b: Path) -> bool:
-    """Atomically swaps two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.lexists(path):
-        os.remove(path)
-
-
-def _remove_stale(path: Path) -> None:
-    """Removes temporary directories of earlier saves of ``path`` whose process is gone."""
-    if not path.parent.is_dir():
-        return
-    for entry in path.parent.glob(f".{glob_escape(path.name)}.*-*-*"):
-        m = re.search(r"\.(?:tmp|old)-(\d+)-[0-9a-f]+$", entry.name)
-        if m and not _pid_alive(int(m.group(1))):
-            _remove(entry)
-
-
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _rng_state() -> dict[str, Any]:

@@ -26,8 +26,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from lightning_horizon.checkpoint import CheckpointReader, _publish, write_safetensors
+from lightning_horizon.checkpoint import CheckpointReader
 from lightning_horizon.engine.config import as_dtype
+from lightning_horizon.files import numel, publish, write_safetensors
 
 MAX_SHARD_BYTES = 5 * 1024**3
 
@@ -107,7 +108,7 @@ def _export(
         shards: list[list[Entry]] = [[]]
         used = 0
         for e in entries:
-            nbytes = _numel(e[1]) * size
+            nbytes = numel(e[1]) * size
             if shards[-1] and used + nbytes > max_shard:
                 shards.append([])
                 used = 0
@@ -131,7 +132,7 @@ def _export(
             )
             weight_map.update({n: file for n, _, _ in shard})
         if len(shards) > 1:
-            total = sum(_numel(s) * size for _, s, _ in entries)
+            total = sum(numel(s) * size for _, s, _ in entries)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         config = dict(config)
@@ -144,18 +145,11 @@ def _export(
 
                 tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
             tokenizer.save_pretrained(str(tmp))
-        _publish(tmp, out)
+        publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 def _dtype(value: str | torch.dtype) -> torch.dtype:
