@@ -64,6 +64,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
+from lightning_horizon.engine.config import as_dtype
 from lightning_horizon.engine.runtime import MAX_SLAB_NUMEL
 from lightning_horizon.engine.streamer import STAGING_NUMEL
 from lightning_horizon.hardware import HardwareProfile, load_profile
@@ -78,17 +79,6 @@ PINNED_GRADIENT_SLABS = 3  # as HorizonStrategy(num_grad_slabs=3); the recipe pa
 
 # optimizer name -> (state bytes/param, host-memory traffic bytes/param of one update)
 OPTIMIZERS = {"adamw": (8, 28), "adam": (8, 28), "sgd": (0, 12)}
-
-_DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "16": torch.float16,
-}
 
 
 class PlanError(RuntimeError):
@@ -106,16 +96,6 @@ def precision_dtype(precision: Any) -> torch.dtype:
         f"trainer.precision={precision!r} is not supported by the horizon strategy: use bf16-mixed (FP32 masters, "
         "BF16 compute) or 32-true (FP32 compute)"
     )
-
-
-def to_dtype(value: torch.dtype | str) -> torch.dtype:
-    """`torch.bfloat16` or one of the config spellings (`bf16`, `fp32`, `fp16`, ...)."""
-    if isinstance(value, torch.dtype):
-        return value
-    try:
-        return _DTYPES[str(value).lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {value!r}: use one of {', '.join(_DTYPES)}") from None
 
 
 @dataclass(frozen=True)
@@ -222,8 +202,8 @@ class PlanSettings:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        object.__setattr__(self, "master_dtype", to_dtype(self.master_dtype))
-        object.__setattr__(self, "compute_dtype", to_dtype(self.compute_dtype))
+        object.__setattr__(self, "master_dtype", as_dtype(self.master_dtype))
+        object.__setattr__(self, "compute_dtype", as_dtype(self.compute_dtype))
 
 
 @dataclass
