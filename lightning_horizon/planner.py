@@ -69,6 +69,7 @@ from lightning_horizon.engine.runtime import MAX_SLAB_NUMEL
 from lightning_horizon.engine.streamer import STAGING_NUMEL
 from lightning_horizon.hardware import HardwareProfile, load_profile
 from lightning_horizon.models import ModelConfig, build_hf_config
+from lightning_horizon.precision import SUPPORTED, normalize_precision
 
 GiB = 1024**3
 HOST_OVERHEAD_BYTES = 2 * GiB
@@ -86,16 +87,11 @@ class PlanError(RuntimeError):
 
 
 def precision_dtype(precision: Any) -> torch.dtype:
-    """The compute dtype of a Trainer `precision` flag the horizon strategy accepts (`bf16-mixed`, `32-true`)."""
-    key = str(precision)
-    if key in ("bf16-mixed", "bf16"):
-        return torch.bfloat16
-    if key in ("32-true", "32"):
-        return torch.float32
-    raise ValueError(
-        f"trainer.precision={precision!r} is not supported by the horizon strategy: use bf16-mixed (FP32 masters, "
-        "BF16 compute) or 32-true (FP32 compute)"
-    )
+    """The compute dtype of a Trainer ``precision`` flag the horizon strategy accepts (``bf16-mixed``, ``32-true``)."""
+    try:
+        return SUPPORTED[normalize_precision(precision)]
+    except ValueError as err:
+        raise ValueError(f"trainer.precision: {err}") from None
 
 
 @dataclass(frozen=True)
