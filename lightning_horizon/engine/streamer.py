@@ -8,20 +8,23 @@ a layer (one per distinct layer structure, per slot) whose parameters are views 
 means: fill a slot with layer ``i``'s weights, then call the template bound to that slot.
 
 A prefetch thread walks a *plan* (the unit ids the main thread will ask for, in order) and, for each entry, picks a
-slot, waits until the unit's pending optimizer update has been applied on the host, packs FP32 masters into the
-slot's pinned staging buffer (cast to BF16 on the CPU) and issues the H2D copy on its own ``h2d_stream``. Ordering is
+slot, waits until the unit's pending optimizer update has been applied on the host, and issues the H2D copy on its
+own ``h2d_stream``: from the group's pinned BF16 copy of the weights when there is one, otherwise by packing the FP32
+masters (cast to BF16 on the CPU) into two alternating 128 MiB pinned staging buffers, chunk by chunk. Ordering is
 kept by events only, never by device-wide synchronisation:
 
 * ``copy_event`` (recorded on ``h2d_stream`` after the copy): the compute stream waits on it before it runs the
-  template; the prefetch thread synchronises on it before it writes the staging buffer again.
+  template. Each staging buffer has an event of its own, which the prefetch thread synchronises on before it packs
+  into that buffer again.
 * ``free_event`` (recorded on the compute stream after the last kernel that reads the slot): ``h2d_stream`` waits on
   it before it overwrites the slot with another unit.
 
 A slot is *claimed* from the moment the prefetch thread assigns it to a plan entry until the main thread releases
 it, so a claimed slot is never overwritten. When a unit is still resident (same unit, same weight version) the
 entry reuses that slot without any copy: the forward -> backward turn (head, last layer) and the layer that ends a
-recomputed segment cost no upload. Eviction follows the plan (the slot whose resident unit is needed latest goes
-first). If the main thread asks for a unit that is not next in the plan, the plan is dropped and that unit is
+recomputed segment cost no upload; with resident slots (``EngineConfig.resident_layers``) every layer can stay.
+Eviction follows the plan (a slot whose resident unit is stale or not needed again goes first, then the one needed
+latest). If the main thread asks for a unit that is not next in the plan, the plan is dropped and that unit is
 loaded on demand: unusual call orders stay correct, they only lose the prefetch.
 
 Expert-sparse streaming (MoE layers, ``EngineConfig.sparse_experts``): a unit's :class:`ExpertSet` lists the stacked
