@@ -66,8 +66,8 @@ class EngineConfig:
     uploads pack FP32 -> BF16 with a bounded thread count. None: on for CUDA compute, off on the CPU (where the
     tests compare with PyTorch's own AdamW bit for bit, and a CPU run does not wait for a compiler)."""
     host_threads: int | None = None
-    """CPU threads the host workers share: the optimizer uses all of them, the gradient fold half, upload packing a
-    quarter (they overlap; each would otherwise start one thread per core). None: ``torch.get_num_threads()``."""
+    """CPU threads of each host kernel (optimizer, gradient fold, upload packing; they may run at once: on a
+    16-core H200 host, sharing the cores beat splitting them). None: ``torch.get_num_threads()``."""
     sparse_experts: bool = True
     """Expert-sparse streaming of MoE layers: the prefetched upload of a layer leaves out its routed experts'
     weights; just before the experts run, only the experts that received tokens are uploaded (those not already in

@@ -280,7 +280,7 @@ class GradientSink:
             for landing, _, _ in chunk:
                 landing.left += 1
         if self.cuda:
-            for g in {id(g): g for _, g in pairs}.values():
+            for _, g in pairs:
                 (g.grad if isinstance(g, ExpertGrad) else g).record_stream(self.d2h_stream)
         for i, chunk in enumerate(chunks):
             last = i == len(chunks) - 1

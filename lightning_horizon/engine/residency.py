@@ -18,8 +18,7 @@ import weakref
 
 import torch
 
-from .adapter import bind_layer_state
-from .segments import ForwardPass, local_grads
+from .segments import ForwardPass
 
 log = logging.getLogger(__name__)
 
@@ -96,22 +95,16 @@ class Residency:
             self.streamer.release(slot)
         kept.clear()
 
-    def _run_layer_kept(self, fpass: ForwardPass, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        """Runs a kept layer with a graph local to it and keeps graph and slot for its backward."""
-        slot, module = self.streamer.acquire(index)
-        bind_layer_state(module, self._layer_state[index])
-        module.train(fpass.train_mode)
-        hits: dict[str, set[int]] = {}
-        self._sparse_active = (slot, self.units[index], hits) if self.units[index].experts else None
+    def _run_kept(self, fpass: ForwardPass, index: int, slot, module, hidden, kwargs, rng, hits) -> torch.Tensor:
+        """The forward of a kept layer (acquired and set up by ``_run_layer``): runs it with a graph local to it and
+        keeps graph and slot for its backward."""
         try:
-            with self.routers.record() as routed, torch.enable_grad():
+            with rng, self.routers.record() as routed, torch.enable_grad():
                 x = hidden.detach().requires_grad_(True)
                 out = module(x, **kwargs)
         except BaseException:
             self.streamer.release(slot)
             raise
-        finally:
-            self._sparse_active = None
         if isinstance(out, tuple):
             fpass.tuple_output = True
             out = out[0]
@@ -122,10 +115,4 @@ class Residency:
 
     def _kept_backward(self, fpass: ForwardPass, index: int, grad_out: torch.Tensor) -> torch.Tensor:
         slot, x, out, routed, hits = fpass.kept.pop(index)
-        params = self._template_params[(slot.index, self.units[index].structure)]
-        router_grads = fpass.router_grads.pop(index, [])
-        outputs, grad_outputs = [out, *routed[: len(router_grads)]], [grad_out, *router_grads]
-        grad_in, grads = local_grads(outputs, grad_outputs, x, params, allow_unused=True)
-        self.streamer.release(slot)
-        self._submit(index, grads, hits)
-        return grad_in
+        return self._local_backward(fpass, index, slot, x, out, routed, hits, grad_out)

@@ -259,8 +259,8 @@ class HorizonEngine(ModelHooks, Residency):
         self.sink.submit_embedding(self.store.entry(weight), input_ids, grad_hidden, self.parts.padding_idx())
 
     def layer_forward(self, fpass: ForwardPass, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        if fpass.keep and index >= fpass.first_kept:
-            return self._run_layer_kept(fpass, index, hidden, kwargs)
+        if fpass.keep and index >= fpass.first_kept:  # keeps its graph and slot for the backward (.residency)
+            return self._run_layer(fpass, index, hidden, kwargs, grad=False, keep=True)
         if fpass.keep:
             fpass.kwargs[index] = kwargs
             k = self.config.checkpoint_every
@@ -329,7 +329,9 @@ class HorizonEngine(ModelHooks, Residency):
             prefetch(fpass.inputs.get((recomputed - 1) // k * k))
 
     # ----------------------------------------------------------------------------------------------- internals
-    def _run_layer(self, fpass: ForwardPass, index: int, hidden: torch.Tensor, kwargs: dict, grad: bool, grad_out=None):
+    def _run_layer(
+        self, fpass: ForwardPass, index: int, hidden: torch.Tensor, kwargs: dict, grad: bool, grad_out=None, keep=False
+    ):
         slot, module = self.streamer.acquire(index)
         bind_layer_state(module, self._layer_state[index])
         module.train(fpass.train_mode)
@@ -337,6 +339,8 @@ class HorizonEngine(ModelHooks, Residency):
         hits: dict[str, set[int]] = {}
         self._sparse_active = (slot, self.units[index], hits) if self.units[index].experts else None
         try:
+            if keep:
+                return self._run_kept(fpass, index, slot, module, hidden, kwargs, rng, hits)
             return self._run_template(fpass, index, slot, module, hidden, kwargs, grad, grad_out, rng, hits)
         finally:
             self._sparse_active = None
@@ -353,7 +357,6 @@ class HorizonEngine(ModelHooks, Residency):
                     fpass.tuple_output = True
                     out = out[0]
                 return out
-            params = self._template_params[(slot.index, self.units[index].structure)]
             measure = self._keep_pending  # CUDA only: the first backward measures one layer's graph
             before = torch.cuda.memory_allocated(self.device) if measure else 0
             with torch.enable_grad():
@@ -361,12 +364,19 @@ class HorizonEngine(ModelHooks, Residency):
                 if measure:
                     self._graph_bytes = max(self._graph_bytes, torch.cuda.memory_allocated(self.device) - before)
                 out = out[0] if isinstance(out, tuple) else out
-                router_grads = fpass.router_grads.pop(index, [])  # d(aux loss)/d(router logits), see .moe
-                outputs, grad_outputs = [out, *routed[: len(router_grads)]], [grad_out, *router_grads]
-                grad_in, grads = local_grads(outputs, grad_outputs, hidden, params, allow_unused=True)
+                grad_in = self._local_backward(fpass, index, slot, hidden, out, routed, hits, grad_out)
+        return out, grad_in
+
+    def _local_backward(self, fpass, index, slot, x, out, routed, hits, grad_out) -> torch.Tensor:
+        """Backward through one layer's own graph (recomputed, or kept from the forward): the gradient of its input
+        ``x`` and of its weights, which go to the host; the layer's slot is released."""
+        params = self._template_params[(slot.index, self.units[index].structure)]
+        router_grads = fpass.router_grads.pop(index, [])  # d(aux loss)/d(router logits), see .moe
+        outputs, grad_outputs = [out, *routed[: len(router_grads)]], [grad_out, *router_grads]
+        grad_in, grads = local_grads(outputs, grad_outputs, x, params, allow_unused=True)
         self.streamer.release(slot)
         self._submit(index, grads, hits)
-        return out, grad_in
+        return grad_in
 
     def _expert_sets(self, index: int, unit: Unit) -> list[ExpertSet]:
         by_name = {b.name: b for b in unit.bindings}
