@@ -11,12 +11,6 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_horizon.data import DataConfig, SFTDataModule, count_real_tokens, prepare_model_for_packing
-from lightning_horizon.data.tokenizer import build_default_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return build_default_tokenizer(str(tmp_path_factory.mktemp("tok")))
 
 
 @pytest.fixture
@@ -112,18 +106,12 @@ def test_resume_continues_with_the_next_batches(tokenizer, small_jsonl, tmp_path
 
 @pytest.mark.slow
 def test_bundled_data_is_learnable(tokenizer):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from tests.helpers import tiny_model
 
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-    )
-    model = Qwen2ForCausalLM(config)
+    model = tiny_model(
+        "qwen2", layers=2, hidden_size=64, intermediate_size=128, vocab_size=len(tokenizer),
+        attn_implementation=None, max_position_embeddings=32768,
+    )  # fmt: skip
     prepare_model_for_packing(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     dm = SFTDataModule(DataConfig(max_seq_len=256, batch_size=4), tokenizer)

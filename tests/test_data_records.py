@@ -13,16 +13,10 @@ from lightning_horizon.data.config import DataConfig
 from lightning_horizon.data.encode import IGNORE_INDEX, encode_records
 from lightning_horizon.data.errors import DataError
 from lightning_horizon.data.records import Record, read_records
-from lightning_horizon.data.tokenizer import build_default_tokenizer
 
 CHAT = {"messages": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "2 + 2 = 4"}]}
 PAIR = {"prompt": "Spell 'cat' backwards.", "response": "tac", "system": "Be brief."}
 TEXT = {"text": "The quick brown fox."}
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return build_default_tokenizer(str(tmp_path_factory.mktemp("tok")))
 
 
 def write_jsonl(path, rows) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2ForCausalLM
 from transformers.masking_utils import find_packed_sequence_indices
 
 from lightning_horizon.data.encode import IGNORE_INDEX, EncodedDocs, encode_records
@@ -19,12 +19,7 @@ from lightning_horizon.data.packing import (
 )
 from lightning_horizon.data.records import read_records
 from lightning_horizon.data.sft import BUNDLED_VAL
-from lightning_horizon.data.tokenizer import build_default_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return build_default_tokenizer(str(tmp_path_factory.mktemp("tok")))
+from tests.helpers import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -82,17 +77,10 @@ def test_count_real_tokens_full_row_and_padded(docs, tokenizer):
 
 
 def _tiny_qwen2(vocab_size: int, attn_implementation: str) -> Qwen2ForCausalLM:
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab_size,
-        attn_implementation=attn_implementation,
-    )
-    model = Qwen2ForCausalLM(config).float()
+    model = tiny_model(
+        "qwen2", layers=2, hidden_size=64, intermediate_size=128, vocab_size=vocab_size,
+        attn_implementation=attn_implementation, max_position_embeddings=32768,
+    )  # fmt: skip
     assert model.config._attn_implementation == attn_implementation
     return model
 

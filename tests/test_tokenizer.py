@@ -18,11 +18,6 @@ from lightning_horizon.data.tokenizer import (
 )
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return build_default_tokenizer(str(tmp_path_factory.mktemp("tok")))
-
-
 def test_training_is_deterministic():
     data = bundled_data_path().read_bytes()
     first, second = train_tokenizer(data), train_tokenizer(data)
