@@ -50,6 +50,7 @@ class HorizonStrategy(SingleDeviceStrategy):
             depth); None = only when they would take more than a fifth of the GPU's memory.
         sparse_experts: Expert-sparse streaming of MoE layers: upload only the routed experts that received tokens
             and send back only their gradients (exactly the dense result); False streams every expert.
+        compile_layers: Run the decoder layers through ``torch.compile`` (the first step compiles).
     """
 
     strategy_name = "horizon"
@@ -66,6 +67,7 @@ class HorizonStrategy(SingleDeviceStrategy):
         weight_copy: bool | None = None,
         offload_checkpoints: bool | None = None,
         sparse_experts: bool = True,
+        compile_layers: bool = False,
         accelerator=None,
         precision_plugin: Precision | None = None,
     ) -> None:
@@ -81,6 +83,7 @@ class HorizonStrategy(SingleDeviceStrategy):
             weight_copy=weight_copy,
             offload_checkpoints=offload_checkpoints,
             sparse_experts=sparse_experts,
+            compile_layers=compile_layers,
         )
         EngineConfig(device="cpu", **self._engine_options)  # validate now, not at fit time
         self._parallel_devices: list[torch.device] | None = None

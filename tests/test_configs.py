@@ -36,6 +36,7 @@ STRATEGY_KEYS = {
     "weight_copy",
     "offload_checkpoints",
     "sparse_experts",
+    "compile_layers",
 }
 ROOT_KEYS = {"model", "data", "hardware", "trainer", "optim", "plan", "resume", "output_dir", "strategy"}
 

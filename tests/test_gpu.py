@@ -265,3 +265,27 @@ def test_cuda_kept_layers_match_recomputation(keep):
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
     for name, w in results[0][1].items():
         assert normwise(results[1][1][name], w) < 1e-5, name
+
+
+def test_cuda_compiled_layers_match_eager():
+    """compile_layers on CUDA (Inductor/Triton kernels) trains like eager layers in BF16."""
+    ref = tiny_model("qwen2", layers=4, hidden_size=256, intermediate_size=512, attn_implementation="sdpa")
+    results = []
+    for compiled in (False, True):
+        model = clone(ref)
+        engine = HorizonEngine(model, device="cuda", compute_dtype="bf16", compile_layers=compiled)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-1)
+        losses = []
+        try:
+            for step in range(3):
+                loss = model(**make_batch(step, batch=2, seq=64)).loss
+                loss.backward()
+                losses.append(loss.item())
+                engine.step(opt)
+            engine.synchronize()
+        finally:
+            engine.close()
+        results.append((losses, {n: p.detach().clone() for n, p in model.named_parameters()}))
+    assert results[1][0] == pytest.approx(results[0][0], rel=2e-2)
+    for name, w in results[0][1].items():
+        assert normwise(results[1][1][name], w) < 1e-2, name

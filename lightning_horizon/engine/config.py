@@ -85,6 +85,11 @@ class EngineConfig:
     unused GPU memory holds (the first step measures one layer's graph), with the slots they need; resident slots
     then take what is left."""
 
+    compile_layers: bool = False
+    """Run the decoder layers through ``torch.compile`` (Inductor fuses the norms, rotary embedding, activation and
+    residual adds around the matmuls). The slots' layer templates share compiled graphs (weights are graph
+    inputs): the first step compiles, later steps reuse. Off: eager PyTorch."""
+
     def __post_init__(self) -> None:
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -425,8 +425,14 @@ class HorizonEngine(ModelHooks, Residency):
         self.sink.submit(targets, grads, final=[g for g in unit.groups if g is not embed])
 
     def _wire_templates(self, slots) -> None:
-        """The engine's view of new slots' templates: their parameters by binding, router and expert hooks."""
+        """The engine's view of new slots' templates: their parameters by binding, router and expert hooks (and
+        ``torch.compile`` of the decoder layers' templates when asked)."""
+        layer_structures = {u.structure for u in self.units[: self.head_uid]}
         for slot in slots:
+            if self.config.compile_layers:
+                for structure, template in slot.templates.items():
+                    if structure in layer_structures:
+                        template.compile()
             for u in self.units:
                 if u.structure in slot.templates:
                     names = [b.name for b in u.bindings]
