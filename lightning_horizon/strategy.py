@@ -50,7 +50,8 @@ class HorizonStrategy(SingleDeviceStrategy):
             depth); None = only when they would take more than a fifth of the GPU's memory.
         sparse_experts: Expert-sparse streaming of MoE layers: upload only the routed experts that received tokens
             and send back only their gradients (exactly the dense result); False streams every expert.
-        compile_layers: Run the decoder layers through ``torch.compile`` (the first step compiles).
+        compile_layers: Run the decoder layers through ``torch.compile`` (the first step compiles; layers with routed
+            experts stay eager); None = on for CUDA, off on the CPU.
     """
 
     strategy_name = "horizon"
@@ -67,7 +68,7 @@ class HorizonStrategy(SingleDeviceStrategy):
         weight_copy: bool | None = None,
         offload_checkpoints: bool | None = None,
         sparse_experts: bool = True,
-        compile_layers: bool = False,
+        compile_layers: bool | None = None,
         accelerator=None,
         precision_plugin: Precision | None = None,
     ) -> None:

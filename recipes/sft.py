@@ -58,7 +58,7 @@ class StrategyConfig:
     weight_copy: bool | None = None
     offload_checkpoints: bool | None = None
     sparse_experts: bool = True
-    compile_layers: bool = False
+    compile_layers: bool | None = None
 
 
 @dataclass

@@ -288,4 +288,5 @@ def test_cuda_compiled_layers_match_eager():
         results.append((losses, {n: p.detach().clone() for n, p in model.named_parameters()}))
     assert results[1][0] == pytest.approx(results[0][0], rel=2e-2)
     for name, w in results[0][1].items():
-        assert normwise(results[1][1][name], w) < 1e-2, name
+        if not name.endswith(NOISE_ONLY):  # zero gradient in exact arithmetic: only rounding noise to compare
+            assert normwise(results[1][1][name], w) < 1e-2, name

@@ -85,10 +85,13 @@ class EngineConfig:
     unused GPU memory holds (the first step measures one layer's graph), with the slots they need; resident slots
     then take what is left."""
 
-    compile_layers: bool = False
+    compile_layers: bool | None = None
     """Run the decoder layers through ``torch.compile`` (Inductor fuses the norms, rotary embedding, activation and
-    residual adds around the matmuls). The slots' layer templates share compiled graphs (weights are graph
-    inputs): the first step compiles, later steps reuse. Off: eager PyTorch."""
+    residual adds around the matmuls; +18% per 7B layer and +31% per 3B layer on an H200). The slots' layer
+    templates share compiled graphs (weights are graph inputs): the first step compiles (~10 s), later steps reuse.
+    Layers with routed experts always run eager (their expert upload reads the routing mid-layer), and so do models
+    with dropout (the recomputation replays the forward's random masks through PyTorch's own RNG). None: on for CUDA
+    compute, off on the CPU; False: eager PyTorch."""
 
     def __post_init__(self) -> None:
         if self.device is None:

@@ -118,6 +118,18 @@ class HorizonEngine(ModelHooks, Residency):
         self._sparse_active: tuple | None = None  # (slot, unit, hit experts per path) of the layer running now
         self._expert_hooks = []
         self._template_params: dict[tuple[int, tuple], list[nn.Parameter]] = {}
+        compile_layers = config.compile_layers if config.compile_layers is not None else self.device.type == "cuda"
+        self._compiled_structures = {
+            u.structure for i, u in enumerate(self.units[: self.head_uid]) if not self.parts.expert_modules(i)
+        } if compile_layers and not self._stochastic else set()  # fmt: skip
+        """Layer templates run through ``torch.compile`` (dense layers, when compile_layers is on)."""
+        if self._compiled_structures:
+            import torch._dynamo
+
+            # Hugging Face layer forwards share one decorated code object, and Dynamo caches a bounded number of
+            # variants per code object: make room for each template with and without grad, static and dynamic shapes.
+            needed = 8 + 4 * len(self._compiled_structures)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, needed)
         self._wire_templates(self.streamer.slots)
         cuda = self.device.type == "cuda"
         self._resident_pending = config.resident_layers is None and cuda
@@ -427,12 +439,10 @@ class HorizonEngine(ModelHooks, Residency):
     def _wire_templates(self, slots) -> None:
         """The engine's view of new slots' templates: their parameters by binding, router and expert hooks (and
         ``torch.compile`` of the decoder layers' templates when asked)."""
-        layer_structures = {u.structure for u in self.units[: self.head_uid]}
         for slot in slots:
-            if self.config.compile_layers:
-                for structure, template in slot.templates.items():
-                    if structure in layer_structures:
-                        template.compile()
+            for structure, template in slot.templates.items():
+                if structure in self._compiled_structures:
+                    template.forward = torch.compile(template.forward)
             for u in self.units:
                 if u.structure in slot.templates:
                     names = [b.name for b in u.bindings]
