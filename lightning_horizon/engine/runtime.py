@@ -24,6 +24,7 @@ import functools
 from typing import Any
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 from torch import nn
 
@@ -124,8 +125,6 @@ class HorizonEngine(ModelHooks, Residency):
         } if compile_layers and not self._stochastic else set()  # fmt: skip
         """Layer templates run through ``torch.compile`` (dense layers, when compile_layers is on)."""
         if self._compiled_structures:
-            import torch._dynamo
-
             # Hugging Face layer forwards share one decorated code object, and Dynamo caches a bounded number of
             # variants per code object: make room for each template with and without grad, static and dynamic shapes.
             needed = 8 + 4 * len(self._compiled_structures)
