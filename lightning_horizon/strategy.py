@@ -39,7 +39,8 @@ class HorizonStrategy(SingleDeviceStrategy):
             0 = none (set a number when later batches can be much longer than the first).
         keep_activations: Decoder layers at the end of the stack that keep their forward graph (activations) on the
             GPU so their backward skips the recomputation (each holds a weight slot until then); 0 = recompute
-            every layer; None = after the first step, as many as the measured unused GPU memory holds.
+            every layer; None = after the first step, as many as the measured unused GPU memory holds (fewer for a
+            pass with more tokens than the first).
         num_grad_slabs: Pinned slabs for gradients in flight to the host.
         loss_chunk_tokens: Rows of logits the chunked loss computes at once.
         pin_masters: Also page-lock the FP32 masters.
@@ -61,7 +62,7 @@ class HorizonStrategy(SingleDeviceStrategy):
         checkpoint_every: int = 1,
         num_slots: int = 2,
         resident_layers: int | None = None,
-        keep_activations: int | None = 0,
+        keep_activations: int | None = None,
         num_grad_slabs: int = 3,
         loss_chunk_tokens: int = 2048,
         pin_masters: bool = False,

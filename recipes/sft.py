@@ -51,7 +51,7 @@ class StrategyConfig:
     checkpoint_every: int = 1
     num_slots: int = 2
     resident_layers: int | None = None
-    keep_activations: int | None = 0
+    keep_activations: int | None = None
     num_grad_slabs: int = 3
     loss_chunk_tokens: int = 2048
     pin_masters: bool = False

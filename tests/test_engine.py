@@ -346,6 +346,23 @@ def test_dropped_pass_releases_kept_slots():
         engine.close()
 
 
+def test_sized_kept_count_shrinks_for_longer_passes():
+    """keep_activations=None: the count sized from the first step (set here as a CUDA step would) holds for passes
+    of up to that step's tokens, and shrinks in proportion for longer ones (a layer's graph grows with its tokens)."""
+    model = tiny_model("qwen2", layers=6)
+    engine = HorizonEngine(model, device="cpu", compute_dtype="fp32", resident_layers=8, keep_activations=None)
+    try:
+        total = len(engine.streamer.slots)
+        engine._keep_layers, engine._graph_tokens = 4, 24  # the first step measured 2 x 12 tokens
+        for seq, kept in ((12, 4), (6, 4), (24, 2), (48, 1), (60, 0)):
+            loss = model(**make_batch(0, seq=seq)).loss
+            assert total - engine.streamer.num_unclaimed() == kept, seq
+            loss.backward()
+            assert engine.streamer.num_unclaimed() == total
+    finally:
+        engine.close()
+
+
 @pytest.mark.parametrize("micro", [1, 2], ids=["direct", "fold"])
 @pytest.mark.parametrize("frozen", ["embedding_and_layer0", "layer1_attention"])
 def test_frozen_parameters_match_plain_pytorch(frozen, micro):

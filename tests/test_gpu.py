@@ -92,8 +92,9 @@ def test_qwen2_1_5b_shape_trains_within_gpu_memory_bound():
         max_position_embeddings=4096,
         attn_implementation="sdpa",
     )
-    # resident_layers=0: the bound is for streaming alone (resident slots would use spare GPU memory on purpose)
-    result = run(cfg, batch_size=2, seq_len=1024, steps=10, warmup=2, strategy=HorizonStrategy(resident_layers=0))
+    # The bound is for streaming alone: resident slots and kept layers use spare GPU memory on purpose.
+    strategy = HorizonStrategy(resident_layers=0, keep_activations=0)
+    result = run(cfg, batch_size=2, seq_len=1024, steps=10, warmup=2, strategy=strategy)
     print(result.row())
     assert result.losses[-1] < result.losses[0]
     layer = 1536 * (1536 + 2 * 256 + 1536) + 3 * 1536 * 8960 + 1536 * 2 + 2 * 256  # weights of one layer
@@ -129,7 +130,9 @@ def _peak_after_steps(layers: int, offload: bool, dtype: str = "bf16", width: in
     model = tiny_model(
         "llama", layers=layers, hidden_size=width, intermediate_size=width * 11 // 4, attn_implementation="sdpa"
     )
-    engine = HorizonEngine(model, device="cuda", compute_dtype=dtype, offload_checkpoints=offload, resident_layers=0)
+    engine = HorizonEngine(
+        model, device="cuda", compute_dtype=dtype, offload_checkpoints=offload, resident_layers=0, keep_activations=0
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     grads = None
     try:
@@ -267,13 +270,16 @@ def test_cuda_kept_layers_match_recomputation(keep):
         assert normwise(results[1][1][name], w) < 1e-5, name
 
 
-def test_cuda_compiled_layers_match_eager():
-    """compile_layers on CUDA (Inductor/Triton kernels) trains like eager layers in BF16."""
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_cuda_compiled_layers_match_eager(dtype):
+    """compile_layers on CUDA (Inductor/Triton kernels) trains like eager layers: FP32 weights to 1e-5 after three
+    steps; BF16 losses to BF16 rounding (fused kernels round at other places than eager ones)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
     ref = tiny_model("qwen2", layers=4, hidden_size=256, intermediate_size=512, attn_implementation="sdpa")
     results = []
     for compiled in (False, True):
         model = clone(ref)
-        engine = HorizonEngine(model, device="cuda", compute_dtype="bf16", compile_layers=compiled)
+        engine = HorizonEngine(model, device="cuda", compute_dtype=dtype, compile_layers=compiled)
         opt = torch.optim.SGD(model.parameters(), lr=1e-1)
         losses = []
         try:
@@ -286,7 +292,7 @@ def test_cuda_compiled_layers_match_eager():
         finally:
             engine.close()
         results.append((losses, {n: p.detach().clone() for n, p in model.named_parameters()}))
-    assert results[1][0] == pytest.approx(results[0][0], rel=2e-2)
-    for name, w in results[0][1].items():
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5 if dtype == "fp32" else 2e-2)
+    for name, w in results[0][1].items() if dtype == "fp32" else ():
         if not name.endswith(NOISE_ONLY):  # zero gradient in exact arithmetic: only rounding noise to compare
-            assert normwise(results[1][1][name], w) < 1e-2, name
+            assert normwise(results[1][1][name], w) < 1e-5, name

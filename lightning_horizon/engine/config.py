@@ -77,13 +77,14 @@ class EngineConfig:
     """Gradients are summed over several backward passes per step: keep them in FP32 on the host (4 bytes/param).
     Off: they stay in the compute dtype (2 bytes/param for BF16); a second backward before a step switches over."""
 
-    keep_activations: int | None = 0
+    keep_activations: int | None = None
     """Decoder layers at the end of the stack whose forward keeps its autograd graph (activations) on the GPU, so
     their backward runs without recomputing them (whole segments of ``checkpoint_every`` layers). Each keeps its
     weight slot claimed until its backward, so at most (unclaimed slots - 2) layers are kept: give slots with
     ``resident_layers``. 0: every layer is recomputed. None: on CUDA, after the first step, as many as the measured
-    unused GPU memory holds (the first step measures one layer's graph), with the slots they need; resident slots
-    then take what is left."""
+    unused GPU memory holds (the first step measures one layer's graph; the headroom of ``resident_layers`` stays
+    free), with the slots they need, fewer in proportion for a later pass with more tokens than the first; resident
+    slots then take what is left. On the CPU None keeps none."""
 
     compile_layers: bool | None = None
     """Run the decoder layers through ``torch.compile`` (Inductor fuses the norms, rotary embedding, activation and

@@ -30,7 +30,7 @@ class ModelHooks:
             self._current = ForwardPass(self, keep=torch.is_grad_enabled(), train_mode=self.model.training)
             self._current.router_logits = {} if self._record_routers else None
             if self._current.keep:
-                self._start_keeping(self._current)
+                self._start_keeping(self._current, hidden_states.shape[:-1].numel())
             self.streamer.plan([*range(index, self.parts.num_layers), self.head_uid])
         fpass = self._current
         out = LayerFunction.apply(hidden_states, self.anchor, fpass, index, kwargs)

@@ -80,11 +80,15 @@ class Residency:
         log.info("horizon: %d extra GPU slots keep layers resident between uses", count)
 
     # ------------------------------------------------------------------ kept layers (no recomputation in backward)
-    def _start_keeping(self, fpass: ForwardPass) -> None:
-        """Decides which layers of a new pass keep their graph: the last ``keep_activations`` (whole segments),
-        as long as two unclaimed slots remain for streaming the others and the head."""
+    def _start_keeping(self, fpass: ForwardPass, tokens: int) -> None:
+        """Decides which layers of a new pass of ``tokens`` tokens keep their graph: the last ``keep_activations``
+        (whole segments), as long as two unclaimed slots remain for streaming the others and the head. A count sized
+        from the first step (None) shrinks in proportion for a pass with more tokens than that step's."""
         num_layers, k = self.parts.num_layers, self.config.checkpoint_every
-        count = min(self._keep_layers, max(0, self.streamer.num_unclaimed() - 2), num_layers)
+        count = self._keep_layers
+        if self.config.keep_activations is None and tokens > self._graph_tokens > 0:
+            count = count * self._graph_tokens // tokens  # a layer's graph grows with its tokens
+        count = min(count, max(0, self.streamer.num_unclaimed() - 2), num_layers)
         if count:
             fpass.first_kept = -(-(num_layers - count) // k) * k  # rounded up to a segment start
             weakref.finalize(fpass, self._release_kept, fpass.kept)

@@ -137,6 +137,8 @@ class HorizonEngine(ModelHooks, Residency):
         self.streamer.prefer_small_slots = config.keep_activations != 0
         self._graph_bytes = 0
         """Largest GPU memory one layer's recompute graph took (measured in the first backward, CUDA)."""
+        self._graph_tokens = 0
+        """Tokens of the pass ``_graph_bytes`` was measured on."""
         if config.resident_layers:
             self._add_resident_slots(config.resident_layers)
         self._record_routers = False
@@ -372,8 +374,9 @@ class HorizonEngine(ModelHooks, Residency):
             before = torch.cuda.memory_allocated(self.device) if measure else 0
             with torch.enable_grad():
                 out = module(hidden, **kwargs)
-                if measure:
-                    self._graph_bytes = max(self._graph_bytes, torch.cuda.memory_allocated(self.device) - before)
+                if measure and torch.cuda.memory_allocated(self.device) - before > self._graph_bytes:
+                    self._graph_bytes = torch.cuda.memory_allocated(self.device) - before
+                    self._graph_tokens = hidden.shape[:-1].numel()
                 out = out[0] if isinstance(out, tuple) else out
                 grad_in = self._local_backward(fpass, index, slot, hidden, out, routed, hits, grad_out)
         return out, grad_in
