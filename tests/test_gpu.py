@@ -106,16 +106,20 @@ def test_qwen2_1_5b_shape_trains_within_gpu_memory_bound():
     assert result.gpu_peak_gib * 2**30 < bound
 
 
-def test_no_device_wide_synchronisation_inside_a_step(monkeypatch):
-    """Slot reuse, uploads and gradient copies are ordered by events only: the engine never synchronises the device."""
+@pytest.mark.parametrize("compiled", [False, None], ids=["eager", "default"])
+def test_no_device_wide_synchronisation_inside_a_step(monkeypatch, compiled):
+    """Slot reuse, uploads and gradient copies are ordered by events only: the engine never synchronises the device
+    (with compiled layers, from the second step on: Inductor's compilation in the first step synchronises)."""
     calls = []
     real = torch.cuda.synchronize
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: (calls.append(1), real(*a, **k)))
     ref = tiny_model("qwen2", layers=6, hidden_size=256, intermediate_size=512, attn_implementation="sdpa")
-    engine = HorizonEngine(ref, device="cuda", compute_dtype="bf16")
+    engine = HorizonEngine(ref, device="cuda", compute_dtype="bf16", compile_layers=compiled)
     opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
     try:
-        for step in range(3):
+        for step in range(4):
+            if step == 1 and compiled is None:
+                calls.clear()
             loss = ref(**make_batch(step, batch=2, seq=64)).loss
             loss.backward()
             engine.step(opt)
