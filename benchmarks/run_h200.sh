@@ -17,11 +17,13 @@ if [[ $what == tests || $what == all ]]; then
   python -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider
 fi
 if [[ $what == bench || $what == all ]]; then
-  bench b8_peers model=qwen2_3b data.batch_size=8 data.max_seq_len=1024 steps=6 warmup=2 peers=true
+  bench b8 model=qwen2_3b data.batch_size=8 data.max_seq_len=1024 steps=8 warmup=2
+  bench b8_fsdp model=qwen2_3b data.batch_size=8 data.max_seq_len=1024 steps=6 warmup=2 system=fsdp
+  bench b8_deepspeed model=qwen2_3b data.batch_size=8 data.max_seq_len=1024 steps=6 warmup=2 system=deepspeed
   bench b32 model=qwen2_3b data.batch_size=32 data.max_seq_len=1024 steps=6
+  bench b32_eager model=qwen2_3b data.batch_size=32 data.max_seq_len=1024 steps=6 strategy.compile_layers=false strategy.keep_activations=0
   bench q7b16 model=qwen2_7b data.batch_size=16 data.max_seq_len=2048 steps=5 warmup=2 strategy.weight_copy=false
-  bench q7b16_r0 model=qwen2_7b data.batch_size=16 data.max_seq_len=2048 steps=5 warmup=2 strategy.weight_copy=false strategy.resident_layers=0
-  bench q7b16_keep model=qwen2_7b data.batch_size=16 data.max_seq_len=2048 steps=5 warmup=2 strategy.weight_copy=false strategy.keep_activations=null
+  bench q7b16_nokeep model=qwen2_7b data.batch_size=16 data.max_seq_len=2048 steps=5 warmup=2 strategy.weight_copy=false strategy.keep_activations=0
   bench q7acc model=qwen2_7b data.batch_size=8 data.max_seq_len=2048 steps=4 warmup=1 strategy.weight_copy=false strategy.num_grad_slabs=2 trainer.gradient_clip_val=1.0 trainer.accumulate_grad_batches=4
 fi
 if [[ $what == moe || $what == all ]]; then
@@ -33,4 +35,6 @@ fi
 if [[ $what == kernels || $what == all ]]; then
   python cuda/bench_adamw.py 200000000   # includes DeepSpeedCPUAdam when deepspeed is importable
   python cuda/bench_host_threads.py
+  python cuda/bench_layer_compile.py --shape 7b --batch 16 --seq 2048 --repeats 4
+  python cuda/bench_layer_compile.py --shape 3b --batch 8 --seq 1024 --repeats 6
 fi
