@@ -28,7 +28,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig
 
@@ -42,6 +42,21 @@ from lightning_horizon.models import ModelConfig, build_model, from_mapping, to_
 from lightning_horizon.planner import PlanError, check_fits, format_plan, plan_from_config, precision_dtype
 
 ROOT_KEYS = ("model", "data", "hardware", "trainer", "optim", "strategy", "plan", "resume", "output_dir")
+
+
+class StepBoundProgressBar(RichProgressBar):
+    """Lightning's Rich progress bar, without the "Epoch N/-2" it shows when only ``max_steps`` bounds the run
+    (``max_epochs=-1``; Lightning issue #21925): then the description is "Epoch N"."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs >= 0:
+            return super()._get_train_description(current_epoch)
+        return f"{f'Epoch {current_epoch}':{len(self.validation_description)}}"
+
+
+def progress_bar() -> RichProgressBar | TQDMProgressBar:
+    """The recipe's progress bar: Rich when it is installed (as Lightning's default), else tqdm."""
+    return StepBoundProgressBar() if importlib.util.find_spec("rich") is not None else TQDMProgressBar()
 
 
 @dataclass
@@ -201,7 +216,7 @@ def train(cfg: DictConfig) -> None:
     trainer = L.Trainer(
         strategy=HorizonStrategy(**dataclasses.asdict(run.strategy)),
         logger=loggers,
-        callbacks=[checkpointing],
+        callbacks=[checkpointing, progress_bar()],
         enable_progress_bar=True,
         **run.trainer,
     )

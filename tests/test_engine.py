@@ -444,3 +444,16 @@ def test_compiled_layers_match_eager():
     assert_grads_close(grads, want_grads, tol=1e-4)
     assert_grads_close(weights, want_weights, tol=1e-5)
     assert 1 <= counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
+
+
+def test_default_compiles_only_where_kernels_can_be_built(monkeypatch):
+    """compile_layers=None: eager on the CPU; on CUDA eager (with a log note) when Triton or a C compiler is missing."""
+    from lightning_horizon.engine import runtime
+
+    engine = HorizonEngine(tiny_model("qwen2", layers=2), device="cpu", compute_dtype="fp32")
+    try:
+        assert engine._compiled_structures == set()
+    finally:
+        engine.close()
+    monkeypatch.setattr(runtime.shutil, "which", lambda name: None)
+    assert runtime._can_compile() is False

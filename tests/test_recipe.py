@@ -199,3 +199,15 @@ def test_resume_auto_continues_from_the_last_checkpoint(tmp_path):
     assert "last.ckpt" in log
     # the resumed run trained only the two missing steps
     assert len(losses(tmp_path)) == 2
+
+
+def test_progress_bar_names_the_epoch_without_a_negative_total():
+    from types import SimpleNamespace
+
+    from recipes.sft import StepBoundProgressBar
+
+    bar = StepBoundProgressBar()
+    bar._trainer = SimpleNamespace(max_epochs=-1)  # only max_steps bounds the run
+    assert bar._get_train_description(5).strip() == "Epoch 5"
+    bar._trainer = SimpleNamespace(max_epochs=3)
+    assert bar._get_train_description(1).strip() == "Epoch 1/2"

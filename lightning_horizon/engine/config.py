@@ -92,7 +92,7 @@ class EngineConfig:
     templates share compiled graphs (weights are graph inputs): the first step compiles (~10 s), later steps reuse.
     Layers with routed experts always run eager (their expert upload reads the routing mid-layer), and so do models
     with dropout (the recomputation replays the forward's random masks through PyTorch's own RNG). None: on for CUDA
-    compute, off on the CPU; False: eager PyTorch."""
+    compute where Triton and a C compiler are installed, off on the CPU; False: eager PyTorch."""
 
     def __post_init__(self) -> None:
         if self.device is None:

@@ -21,6 +21,9 @@ The engine knows nothing about Lightning. A plain PyTorch loop::
 from __future__ import annotations
 
 import functools
+import importlib.util
+import logging
+import shutil
 from typing import Any
 
 import torch
@@ -41,6 +44,8 @@ from .residency import Residency
 from .segments import ForwardPass, _rng_replay, local_grads, segment_backward_order
 from .store import HostStore
 from .streamer import ExpertSet, LayerStreamer, Unit, expert_runs, make_unit
+
+log = logging.getLogger(__name__)
 
 MAX_SLAB_NUMEL = 256 * 2**20
 """Largest pinned gradient slab (elements): 512 MiB in BF16; bigger layers are sent in several slabs."""
@@ -119,7 +124,9 @@ class HorizonEngine(ModelHooks, Residency):
         self._sparse_active: tuple | None = None  # (slot, unit, hit experts per path) of the layer running now
         self._expert_hooks = []
         self._template_params: dict[tuple[int, tuple], list[nn.Parameter]] = {}
-        compile_layers = config.compile_layers if config.compile_layers is not None else self.device.type == "cuda"
+        compile_layers = config.compile_layers
+        if compile_layers is None:
+            compile_layers = self.device.type == "cuda" and _can_compile()
         self._compiled_structures = {
             u.structure for i, u in enumerate(self.units[: self.head_uid]) if not self.parts.expert_modules(i)
         } if compile_layers and not self._stochastic else set()  # fmt: skip
@@ -479,6 +486,19 @@ class HorizonEngine(ModelHooks, Residency):
         else:
             entries = [(g, sp) for g in self.store.groups for sp in g.params]
         return [(g, sp) for g, sp in entries if sp.trainable and not sp.fresh]
+
+
+def _can_compile() -> bool:
+    """Whether ``torch.compile`` can build GPU kernels here (Triton, and the C compiler its launchers need); the
+    default then compiles the layers, otherwise they run eager with a note in the log."""
+    missing = []
+    if importlib.util.find_spec("triton") is None:
+        missing.append("triton")
+    if not any(shutil.which(c) for c in ("cc", "gcc", "clang")):
+        missing.append("a C compiler")
+    if missing:
+        log.info("horizon: layers run eager (compile_layers needs %s)", " and ".join(missing))
+    return not missing
 
 
 def _get_param(module: nn.Module, dotted: str) -> nn.Parameter:
