@@ -448,12 +448,12 @@ def test_compiled_layers_match_eager():
 
 def test_default_compiles_only_where_kernels_can_be_built(monkeypatch):
     """compile_layers=None: eager on the CPU; on CUDA eager (with a log note) when Triton or a C compiler is missing."""
-    from lightning_horizon.engine import runtime
+    from lightning_horizon.engine import templates
 
     engine = HorizonEngine(tiny_model("qwen2", layers=2), device="cpu", compute_dtype="fp32")
     try:
         assert engine._compiled_structures == set()
     finally:
         engine.close()
-    monkeypatch.setattr(runtime.shutil, "which", lambda name: None)
-    assert runtime._can_compile() is False
+    monkeypatch.setattr(templates.shutil, "which", lambda name: None)
+    assert templates._can_compile() is False

@@ -20,14 +20,9 @@ The engine knows nothing about Lightning. A plain PyTorch loop::
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import logging
-import shutil
 from typing import Any
 
 import torch
-import torch._dynamo
 import torch.nn.functional as F
 from torch import nn
 
@@ -43,15 +38,14 @@ from .pinned import unregister_pinned
 from .residency import Residency
 from .segments import ForwardPass, _rng_replay, local_grads, segment_backward_order
 from .store import HostStore
-from .streamer import ExpertSet, LayerStreamer, Unit, expert_runs, make_unit
-
-log = logging.getLogger(__name__)
+from .streamer import LayerStreamer, Unit, expert_runs, make_unit
+from .templates import Templates
 
 MAX_SLAB_NUMEL = 256 * 2**20
 """Largest pinned gradient slab (elements): 512 MiB in BF16; bigger layers are sent in several slabs."""
 
 
-class HorizonEngine(ModelHooks, Residency):
+class HorizonEngine(ModelHooks, Residency, Templates):
     """Streams a Hugging Face decoder-only causal LM from host memory (see the module docstring).
 
     Args:
@@ -121,22 +115,7 @@ class HorizonEngine(ModelHooks, Residency):
         self._stochastic = self.parts.is_stochastic()
         self._moved_buffers: list[tuple[nn.Module, str, torch.device]] = []
         self.routers = RouterTap([], self.parts.router_spec())
-        self._sparse_active: tuple | None = None  # (slot, unit, hit experts per path) of the layer running now
-        self._expert_hooks = []
-        self._template_params: dict[tuple[int, tuple], list[nn.Parameter]] = {}
-        compile_layers = config.compile_layers
-        if compile_layers is None:
-            compile_layers = self.device.type == "cuda" and _can_compile()
-        self._compiled_structures = {
-            u.structure for i, u in enumerate(self.units[: self.head_uid]) if not self.parts.expert_modules(i)
-        } if compile_layers and not self._stochastic else set()  # fmt: skip
-        """Layer templates run through ``torch.compile`` (dense layers, when compile_layers is on)."""
-        if self._compiled_structures:
-            # Hugging Face layer forwards share one decorated code object, and Dynamo caches a bounded number of
-            # variants per code object: make room for each template with and without grad, static and dynamic shapes.
-            needed = 8 + 4 * len(self._compiled_structures)
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, needed)
-        self._wire_templates(self.streamer.slots)
+        self._setup_templates(config)
         cuda = self.device.type == "cuda"
         self._resident_pending = config.resident_layers is None and cuda
         self._keep_pending = config.keep_activations is None and cuda
@@ -399,35 +378,6 @@ class HorizonEngine(ModelHooks, Residency):
         self._submit(index, grads, hits)
         return grad_in
 
-    def _expert_sets(self, index: int, unit: Unit) -> list[ExpertSet]:
-        by_name = {b.name: b for b in unit.bindings}
-        sets = []
-        for em in self.parts.expert_modules(index):
-            bindings = [by_name.get(f"{em.path}.{n}") for n in em.params]
-            if any(b is None or b.entry.numel % em.num_experts or b.entry.shape[0] != em.num_experts for b in bindings):
-                continue  # a tied or reshaped parameter: keep it dense
-            sets.append(ExpertSet(em.path, em.num_experts, bindings, em.index_arg))
-        return sets
-
-    def _experts_pre_hook(self, path: str, module: nn.Module, args: tuple, kwargs: dict):
-        """Before a template's experts module runs: uploads the experts its tokens are routed to (one small sync)."""
-        active = self._sparse_active
-        if active is None:
-            return None
-        slot, unit, hits = active
-        eset = next((e for e in unit.experts if e.path == path), None)
-        if eset is None:
-            return None
-        index = args[1] if len(args) > 1 else kwargs.get(eset.index_arg)
-        if isinstance(index, torch.Tensor):
-            with torch.no_grad():
-                hit = [e for e in torch.unique(index.detach()).tolist() if 0 <= e < eset.num_experts]
-        else:  # no routing indices to read: every expert
-            hit = list(range(eset.num_experts))
-        hits.setdefault(path, set()).update(hit)
-        self.streamer.upload_experts(slot, eset, hit)
-        return None
-
     def _submit(self, uid: int, grads: list[torch.Tensor | None], hits: dict[str, set[int]] | None = None) -> None:
         unit = self.units[uid]
         if unit.experts and hits is not None:
@@ -444,27 +394,6 @@ class HorizonEngine(ModelHooks, Residency):
         # Every group of a unit is complete after its backward, except the embedding (tied lm_head): that one also
         # receives the embedding's own gradient at the very end of the backward.
         self.sink.submit(targets, grads, final=[g for g in unit.groups if g is not embed])
-
-    def _wire_templates(self, slots) -> None:
-        """The engine's view of new slots' templates: their parameters by binding, router and expert hooks (and
-        ``torch.compile`` of the decoder layers' templates when asked)."""
-        for slot in slots:
-            for structure, template in slot.templates.items():
-                if structure in self._compiled_structures:
-                    template.forward = torch.compile(template.forward)
-            for u in self.units:
-                if u.structure in slot.templates:
-                    names = [b.name for b in u.bindings]
-                    self._template_params[(slot.index, u.structure)] = [
-                        _get_param(slot.templates[u.structure], n) for n in names
-                    ]
-            self.routers.add(slot.templates.values())
-            for unit in {u.structure: u for u in self.units if u.experts}.values():
-                template = slot.templates.get(unit.structure)
-                for eset in unit.experts if template is not None else ():
-                    module = template.get_submodule(eset.path)
-                    hook = functools.partial(self._experts_pre_hook, eset.path)
-                    self._expert_hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
     def _on_final(self, groups) -> None:
         if self._overlap:
@@ -486,23 +415,3 @@ class HorizonEngine(ModelHooks, Residency):
         else:
             entries = [(g, sp) for g in self.store.groups for sp in g.params]
         return [(g, sp) for g, sp in entries if sp.trainable and not sp.fresh]
-
-
-def _can_compile() -> bool:
-    """Whether ``torch.compile`` can build GPU kernels here (Triton, and the C compiler its launchers need); the
-    default then compiles the layers, otherwise they run eager with a note in the log."""
-    missing = []
-    if importlib.util.find_spec("triton") is None:
-        missing.append("triton")
-    if not any(shutil.which(c) for c in ("cc", "gcc", "clang")):
-        missing.append("a C compiler")
-    if missing:
-        log.info("horizon: layers run eager (compile_layers needs %s)", " and ".join(missing))
-    return not missing
-
-
-def _get_param(module: nn.Module, dotted: str) -> nn.Parameter:
-    *path, leaf = dotted.split(".")
-    for p in path:
-        module = getattr(module, p)
-    return module._parameters[leaf]
