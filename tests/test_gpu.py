@@ -243,32 +243,44 @@ def test_cuda_host_kernels_match_torch_ops(mode):
         assert normwise(k_weights[name], w) < 1e-5, name
 
 
+def _train_on_cuda(ref, steps: int, optimizer, check=None, **config):
+    """``steps`` optimizer steps of a clone of ``ref`` streamed to CUDA: (losses, weights); ``check(engine)`` runs
+    after the last step."""
+    model = clone(ref)
+    engine = HorizonEngine(model, device="cuda", **config)
+    opt = optimizer(model.parameters())
+    losses = []
+    try:
+        for step in range(steps):
+            loss = model(**make_batch(step, batch=2, seq=64)).loss
+            loss.backward()
+            losses.append(loss.item())
+            engine.step(opt)
+        engine.synchronize()
+        if check is not None:
+            check(engine)
+    finally:
+        engine.close()
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
 @pytest.mark.parametrize("keep", [2, None])
 def test_cuda_kept_layers_match_recomputation(keep):
     """On CUDA: layers that keep their graph (a fixed count, or sized from the first step's measured memory)
     train like full recomputation (FP32)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     ref = tiny_model("llama", layers=6, hidden_size=256, intermediate_size=512, attn_implementation="sdpa")
-    results = []
-    for setting in (0, keep):
-        model = clone(ref)
-        engine = HorizonEngine(model, device="cuda", compute_dtype="fp32", keep_activations=setting,
-                               resident_layers=None if setting is None else 6)  # fmt: skip
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        losses = []
-        try:
-            for step in range(4):
-                loss = model(**make_batch(step, batch=2, seq=64)).loss
-                loss.backward()
-                losses.append(loss.item())
-                engine.step(opt)
-            engine.synchronize()
-            if setting is None:
-                assert engine._keep_layers > 0  # an H200/H100 has room for every graph of this model
-            assert engine.streamer.num_unclaimed() == len(engine.streamer.slots)
-        finally:
-            engine.close()
-        results.append((losses, {n: p.detach().clone() for n, p in model.named_parameters()}))
+
+    def check(engine):
+        if engine.config.keep_activations is None:
+            assert engine._keep_layers > 0  # an H200/H100 has room for every graph of this model
+        assert engine.streamer.num_unclaimed() == len(engine.streamer.slots)
+
+    results = [
+        _train_on_cuda(ref, 4, lambda ps: torch.optim.AdamW(ps, lr=1e-3), check, compute_dtype="fp32",
+                       keep_activations=setting, resident_layers=None if setting is None else 6)
+        for setting in (0, keep)
+    ]  # fmt: skip
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
     for name, w in results[0][1].items():
         assert normwise(results[1][1][name], w) < 1e-5, name
@@ -280,22 +292,10 @@ def test_cuda_compiled_layers_match_eager(dtype):
     steps; BF16 losses to BF16 rounding (fused kernels round at other places than eager ones)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     ref = tiny_model("qwen2", layers=4, hidden_size=256, intermediate_size=512, attn_implementation="sdpa")
-    results = []
-    for compiled in (False, True):
-        model = clone(ref)
-        engine = HorizonEngine(model, device="cuda", compute_dtype=dtype, compile_layers=compiled)
-        opt = torch.optim.SGD(model.parameters(), lr=1e-1)
-        losses = []
-        try:
-            for step in range(3):
-                loss = model(**make_batch(step, batch=2, seq=64)).loss
-                loss.backward()
-                losses.append(loss.item())
-                engine.step(opt)
-            engine.synchronize()
-        finally:
-            engine.close()
-        results.append((losses, {n: p.detach().clone() for n, p in model.named_parameters()}))
+    results = [
+        _train_on_cuda(ref, 3, lambda ps: torch.optim.SGD(ps, lr=1e-1), compute_dtype=dtype, compile_layers=compiled)
+        for compiled in (False, True)
+    ]
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-5 if dtype == "fp32" else 2e-2)
     for name, w in results[0][1].items() if dtype == "fp32" else ():
         if not name.endswith(NOISE_ONLY):  # zero gradient in exact arithmetic: only rounding noise to compare
