@@ -56,7 +56,29 @@ from .store import HostStore, StoreGroup, StoreParam, _align
 from .workers import Worker, wait_until
 
 STAGING_NUMEL = 64 * 2**20
-"""Elements per pinned staging buffer (128 MiB in BF16); two buffers alternate."""
+"""Elements per pinned staging buffer of layer uploads (128 MiB in BF16); two buffers alternate."""
+EXPERT_STAGING_NUMEL = 16 * 2**20
+"""Elements per pinned staging buffer of expert uploads without a compute-dtype copy (32 MiB in BF16; two)."""
+
+
+class StagingPool:
+    """Two pinned host buffers used in turn for packed uploads, each with the event of the last copy out of it."""
+
+    def __init__(self, numel: int, dtype: torch.dtype) -> None:
+        self.numel = numel
+        self.buffers = [(pinned_empty(numel, dtype, pin=True), torch.cuda.Event()) for _ in range(2)]
+        self._next = 0
+
+    def take(self) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """The next buffer, once the previous copy out of it is done, and its event."""
+        staging, copied = self.buffers[self._next]
+        self._next = (self._next + 1) % len(self.buffers)
+        copied.synchronize()
+        return staging, copied
+
+    def close(self) -> None:
+        for staging, _ in self.buffers:
+            unregister_pinned(staging)
 
 
 @dataclass(eq=False)
@@ -179,9 +201,10 @@ class LayerStreamer:
         self.on_pack: Callable[[Unit], None] | None = None  # test hook
         self.poll: Callable[[], None] | None = None  # raises if the optimizer worker failed
         self._pump_running = False
-        self._staging: list[tuple[torch.Tensor, torch.cuda.Event]] = []
+        self._staging: StagingPool | None = None
         """Pinned buffers FP32 masters are packed into for upload (CUDA, units without a compute-dtype copy)."""
-        self._next_staging = 0
+        self._expert_staging: StagingPool | None = None
+        """The same for expert uploads, which run on the compute thread."""
         self.prefer_small_slots = False
         """Load a unit into the smallest free slot it fits in (set when layers may hold slots across a pass, so the
         large slots stay free for the head); otherwise any free slot, by next use."""
@@ -261,8 +284,9 @@ class LayerStreamer:
         with self.cond:
             self._drop_plan()
         self.worker.close()
-        for staging, _ in self._staging:
-            unregister_pinned(staging)
+        for pool in (self._staging, self._expert_staging):
+            if pool is not None:
+                pool.close()
 
     # ------------------------------------------------------------------------------------------------- internals
     def _drop_plan(self) -> None:
@@ -348,21 +372,25 @@ class LayerStreamer:
         raw = slot.buf.data
         nbytes = 0
         groups = []
+        packed = []  # (None, offset in the slot, FP32 master rows) of groups without a compute-dtype copy
         for b in eset.bindings:
             per = b.entry.numel // eset.num_experts
             for a, z in runs:
-                dst = raw[b.offset + a * per : b.offset + z * per]
                 lo, hi = b.entry.offset + a * per, b.entry.offset + z * per
                 if b.group.copy is not None:
-                    src = b.group.copy[lo:hi]
+                    raw[b.offset + a * per : b.offset + z * per].copy_(b.group.copy[lo:hi], non_blocking=self.cuda)
                 else:
-                    src = b.group.master[lo:hi].to(self.dtype)
-                    if self.cuda:
-                        src = src.pin_memory()  # the caching host allocator keeps it until the copy is done
-                dst.copy_(src, non_blocking=self.cuda)
-                nbytes += (z - a) * per * dst.element_size()
+                    packed.append((None, b.offset + a * per, b.group.master[lo:hi]))
+                nbytes += (z - a) * per * raw.element_size()
             if b.group not in groups:
                 groups.append(b.group)
+        if packed and not self.cuda:
+            for _, offset, src in packed:
+                raw[offset : offset + src.numel()].copy_(src)
+        elif packed:  # through a small pinned pool: host memory does not grow with the number of experts hit
+            if self._expert_staging is None:
+                self._expert_staging = StagingPool(EXPERT_STAGING_NUMEL, self.dtype)
+            self._staged_copy(self._expert_staging, packed, raw, torch.cuda.current_stream(self.device))
         if self.cuda:
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(self.device))
@@ -442,35 +470,38 @@ class LayerStreamer:
                 slot.buf[offset : offset + src.numel()].copy_(src)
             self.pack_s += time.perf_counter() - start
             return
-        if not self._staging:
-            numel = min(STAGING_NUMEL, slot.buf.numel())
-            self._staging = [(pinned_empty(numel, self.dtype, pin=True), torch.cuda.Event()) for _ in range(2)]
-        waited_free = False
-        for chunk in chunk_spans(spans, self._staging[0][0].numel()):
-            staging, copied = self._staging[self._next_staging]
-            self._next_staging = (self._next_staging + 1) % len(self._staging)
-            copied.synchronize()  # the previous upload from this buffer is done
+        if self._staging is None:
+            self._staging = StagingPool(min(STAGING_NUMEL, slot.buf.numel()), self.dtype)
+        self.pack_s += self._staged_copy(self._staging, spans, slot.buf, self.h2d_stream, after=slot.free_event)
+        with torch.cuda.stream(self.h2d_stream):
+            slot.copy_event.record(self.h2d_stream)
+
+    def _staged_copy(self, pool: StagingPool, spans, dst: torch.Tensor, stream, after=None) -> float:
+        """Packs FP32 ``spans`` (``(key, offset in dst, source)``) into ``pool``'s buffers chunk by chunk and copies
+        each chunk into ``dst`` on ``stream`` (ordered after the event ``after``): packing one chunk overlaps the
+        copy of the previous one. Returns the seconds spent packing."""
+        packing = 0.0
+        for chunk in chunk_spans(spans, pool.numel):
+            staging, copied = pool.take()
             start = time.perf_counter()
             at = 0
             for _, _, src in chunk:
-                dst = staging[at : at + src.numel()]
                 if self.kernels:
-                    pack_bf16_(dst, src, num_threads=self.pack_threads)
+                    pack_bf16_(staging[at : at + src.numel()], src, num_threads=self.pack_threads)
                 else:
-                    dst.copy_(src)
+                    staging[at : at + src.numel()].copy_(src)
                 at += src.numel()
-            self.pack_s += time.perf_counter() - start
-            with torch.cuda.stream(self.h2d_stream):
-                if not waited_free:
-                    self.h2d_stream.wait_event(slot.free_event)
-                    waited_free = True
+            packing += time.perf_counter() - start
+            with torch.cuda.stream(stream):
+                if after is not None:
+                    stream.wait_event(after)
+                    after = None
                 at = 0
                 for _, offset, src in chunk:
-                    slot.buf[offset : offset + src.numel()].copy_(staging[at : at + src.numel()], non_blocking=True)
+                    dst[offset : offset + src.numel()].copy_(staging[at : at + src.numel()], non_blocking=True)
                     at += src.numel()
-                copied.record(self.h2d_stream)
-        with torch.cuda.stream(self.h2d_stream):
-            slot.copy_event.record(self.h2d_stream)
+                copied.record(stream)
+        return packing
 
     def _make_templates(self, slot: _Slot) -> None:
         for unit in {u.structure: u for u in self.units if u.numel <= slot.buf.numel()}.values():
