@@ -38,8 +38,9 @@ from .pinned import unregister_pinned
 from .residency import Residency
 from .segments import ForwardPass, _rng_replay, local_grads, segment_backward_order
 from .store import HostStore
-from .streamer import LayerStreamer, Unit, expert_runs, make_unit
+from .streamer import LayerStreamer
 from .templates import Templates
+from .units import Unit, expert_runs, make_unit
 
 MAX_SLAB_NUMEL = 256 * 2**20
 """Largest pinned gradient slab (elements): 512 MiB in BF16; bigger layers are sent in several slabs."""

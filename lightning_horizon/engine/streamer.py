@@ -45,105 +45,20 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .host_kernels import pack_bf16_
-from .pinned import chunk_spans, pinned_empty, unregister_pinned
-from .store import HostStore, StoreGroup, StoreParam, _align
+from .pinned import StagingPool, staged_copy
+from .store import HostStore
+from .units import ExpertSet, Unit, expert_runs
 from .workers import Worker, wait_until
 
 STAGING_NUMEL = 64 * 2**20
 """Elements per pinned staging buffer of layer uploads (128 MiB in BF16); two buffers alternate."""
 EXPERT_STAGING_NUMEL = 16 * 2**20
 """Elements per pinned staging buffer of expert uploads without a compute-dtype copy (32 MiB in BF16; two)."""
-
-
-class StagingPool:
-    """Two pinned host buffers used in turn for packed uploads, each with the event of the last copy out of it."""
-
-    def __init__(self, numel: int, dtype: torch.dtype) -> None:
-        self.numel = numel
-        self.buffers = [(pinned_empty(numel, dtype, pin=True), torch.cuda.Event()) for _ in range(2)]
-        self._next = 0
-
-    def take(self) -> tuple[torch.Tensor, torch.cuda.Event]:
-        """The next buffer, once the previous copy out of it is done, and its event."""
-        staging, copied = self.buffers[self._next]
-        self._next = (self._next + 1) % len(self.buffers)
-        copied.synchronize()
-        return staging, copied
-
-    def close(self) -> None:
-        for staging, _ in self.buffers:
-            unregister_pinned(staging)
-
-
-@dataclass(eq=False)
-class Binding:
-    """One template parameter and the master it is filled from."""
-
-    name: str
-    group: StoreGroup
-    entry: StoreParam
-    offset: int
-
-
-@dataclass(eq=False)
-class ExpertSet:
-    """The stacked expert parameters of one expert module of a unit: streamed expert by expert (see ``upload_experts``)."""
-
-    path: str
-    num_experts: int
-    bindings: list[Binding]
-    index_arg: str
-
-
-@dataclass(eq=False)
-class Unit:
-    """A streamed unit: one template structure and the masters that fill it."""
-
-    uid: int
-    name: str
-    structure: tuple
-    source: nn.Module
-    bindings: list[Binding]
-    numel: int
-    groups: list[StoreGroup] = field(default_factory=list)
-    experts: list[ExpertSet] = field(default_factory=list)
-    """Expert modules whose parameters are not part of the prefetched upload: the experts that tokens are routed to
-    are uploaded on demand, just before the experts module runs (expert-sparse streaming)."""
-
-    @property
-    def dense_bindings(self) -> list[Binding]:
-        """Bindings the prefetched upload covers (all but the expert parameters)."""
-        sparse = {id(b) for e in self.experts for b in e.bindings}
-        return [b for b in self.bindings if id(b) not in sparse]
-
-    @property
-    def version(self) -> tuple[int, ...]:
-        return tuple(g.version for g in self.groups)
-
-    @property
-    def whole_group(self) -> StoreGroup | None:
-        """The group when the unit is exactly one group with the same layout (packing is one cast-copy)."""
-        if len(self.groups) == 1 and len(self.bindings) == len(self.groups[0].params):
-            if all(b.offset == b.entry.offset for b in self.bindings):
-                return self.groups[0]
-        return None
-
-
-def make_unit(uid: int, name: str, structure: tuple, source: nn.Module, store: HostStore) -> Unit:
-    bindings, offset, groups = [], 0, []
-    for pname, p in source.named_parameters(remove_duplicate=False):
-        group, entry = store.entry(p)
-        bindings.append(Binding(pname, group, entry, offset))
-        offset += _align(entry.numel)
-        if group not in groups:
-            groups.append(group)
-    return Unit(uid, name, structure, source, bindings, offset, groups)
 
 
 class _Slot:
@@ -390,7 +305,7 @@ class LayerStreamer:
         elif packed:  # through a small pinned pool: host memory does not grow with the number of experts hit
             if self._expert_staging is None:
                 self._expert_staging = StagingPool(EXPERT_STAGING_NUMEL, self.dtype)
-            self._staged_copy(self._expert_staging, packed, raw, torch.cuda.current_stream(self.device))
+            staged_copy(self._expert_staging, packed, raw, torch.cuda.current_stream(self.device), self._pack)
         if self.cuda:
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(self.device))
@@ -472,36 +387,15 @@ class LayerStreamer:
             return
         if self._staging is None:
             self._staging = StagingPool(min(STAGING_NUMEL, slot.buf.numel()), self.dtype)
-        self.pack_s += self._staged_copy(self._staging, spans, slot.buf, self.h2d_stream, after=slot.free_event)
+        self.pack_s += staged_copy(self._staging, spans, slot.buf, self.h2d_stream, self._pack, after=slot.free_event)
         with torch.cuda.stream(self.h2d_stream):
             slot.copy_event.record(self.h2d_stream)
 
-    def _staged_copy(self, pool: StagingPool, spans, dst: torch.Tensor, stream, after=None) -> float:
-        """Packs FP32 ``spans`` (``(key, offset in dst, source)``) into ``pool``'s buffers chunk by chunk and copies
-        each chunk into ``dst`` on ``stream`` (ordered after the event ``after``): packing one chunk overlaps the
-        copy of the previous one. Returns the seconds spent packing."""
-        packing = 0.0
-        for chunk in chunk_spans(spans, pool.numel):
-            staging, copied = pool.take()
-            start = time.perf_counter()
-            at = 0
-            for _, _, src in chunk:
-                if self.kernels:
-                    pack_bf16_(staging[at : at + src.numel()], src, num_threads=self.pack_threads)
-                else:
-                    staging[at : at + src.numel()].copy_(src)
-                at += src.numel()
-            packing += time.perf_counter() - start
-            with torch.cuda.stream(stream):
-                if after is not None:
-                    stream.wait_event(after)
-                    after = None
-                at = 0
-                for _, offset, src in chunk:
-                    dst[offset : offset + src.numel()].copy_(staging[at : at + src.numel()], non_blocking=True)
-                    at += src.numel()
-                copied.record(stream)
-        return packing
+    def _pack(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        if self.kernels:
+            pack_bf16_(dst, src, num_threads=self.pack_threads)
+        else:
+            dst.copy_(src)
 
     def _make_templates(self, slot: _Slot) -> None:
         for unit in {u.structure: u for u in self.units if u.numel <= slot.buf.numel()}.values():
@@ -529,17 +423,6 @@ class LayerStreamer:
                 owner, leaf = _owner(template, name)
                 owner._buffers[leaf] = buf.to(self.device)
         return template
-
-
-def expert_runs(experts: list[int]) -> list[tuple[int, int]]:
-    """Sorted expert ids as ``[start, end)`` runs of consecutive ids."""
-    runs: list[list[int]] = []
-    for e in sorted(experts):
-        if runs and runs[-1][1] == e:
-            runs[-1][1] = e + 1
-        else:
-            runs.append([e, e + 1])
-    return [(a, z) for a, z in runs]
 
 
 def _owner(root: nn.Module, dotted: str) -> tuple[nn.Module, str]:

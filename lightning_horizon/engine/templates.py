@@ -14,7 +14,7 @@ import torch._dynamo
 from torch import nn
 
 from .config import EngineConfig
-from .streamer import ExpertSet, Unit
+from .units import ExpertSet, Unit
 
 log = logging.getLogger(__name__)
 
