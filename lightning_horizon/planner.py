@@ -20,8 +20,9 @@ Host memory (the engine must match these):
     process overhead     2 GiB (torch, CUDA context on the host side, Python)
 
 GPU memory:
-    weight slots         num_slots * U * c (resident slots, `resident_layers`, are sized after the first step from
-                         the GPU memory this plan leaves unused: not counted here)
+    weight slots         num_slots * U * c (resident slots and kept activations, `resident_layers` and
+                         `keep_activations`, are sized after the first step from the GPU memory this plan leaves
+                         unused: not counted here)
     segment checkpoints  ceil(L / K) * B * S * H * c
     recompute working set    min(K, L) * B * S * (8 * H + 3 * I) * c -- one layer's saved activations with an
                          SDPA/flash kernel, ~B*S*(16H + 6I) bytes in bf16 (8 hidden-sized tensors: norm in/out,
@@ -42,7 +43,9 @@ Step time (per optimizer step; the terms overlap, the step is their maximum and 
                   (2 + 2 + 4). With K > 1 a segment's inputs are first recomputed without a graph: the layers that
                   are not the last of their segment (L_rec of them, P_rec parameters) run forward once more.
                   6 V H T: lm_head forward + backward (chunked, never recomputed). The attention term counts
-                  causal QK^T and PV (d_q = heads * head_dim) for the same passes.
+                  causal QK^T and PV (d_q = heads * head_dim) for the same passes. This is eager layers with
+                  every layer recomputed, at the profile's measured eager rate: kept activations skip the
+                  recompute of the last layers and compiled layers run faster, so on CUDA it is an upper bound.
     h2d upload    A * c * (2 * P_layers + P_rec + P_head) / h2d_bytes_per_s: each layer goes up for the forward and
                   for the backward, the L_rec layers once more for the recompute ("3x minus the last of each
                   segment"); the head once per micro-batch.
@@ -446,6 +449,7 @@ def format_plan(plan: Plan) -> str:
         lines.append(
             f"  {'total':<50}{_gb(plan.gpu_total_bytes)}  of {hw.gpu_memory_bytes / 1e9:.2f} available: {verdict}"
         )
+        lines.append("  (after the first step, resident slots and kept activations use the memory left unused)")
     else:
         lines.append(f"  {'total':<50}{_gb(plan.gpu_total_bytes)}")
     lines += ["", f"{'Step time (terms overlap; step = the largest)':<52}{'s':>10}"]
