@@ -20,7 +20,7 @@ temporary directory is removed by the next save into the same folder.
 
 Tensors are written straight from their memory (the store's group views, the optimizer's state tensors) with the
 file's crc32 computed on the same bytes: the save needs no memory beyond the store. Loading verifies every file's
-size and checksum *before* anything is restored, then hands Lightning lazy views (:class:`ShardedStateDict`,
+size and checksum *before* anything is restored (:mod:`.checkpoint_reader`), then hands Lightning lazy views (:class:`ShardedStateDict`,
 :class:`LazyOptimizerStates`) that the strategy streams tensor by tensor into the store.
 
 The writer is synchronous: a background writer would either need a snapshot of the masters and optimizer state
@@ -32,31 +32,33 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import random
 import re
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
-from safetensors import safe_open
 from typing_extensions import override
 
+from lightning_horizon.checkpoint_reader import (  # noqa: F401  (re-exported: the checkpoint API is this module)
+    FORMAT_VERSION,
+    META_FILE,
+    TRAINER_FILE,
+    CheckpointError,
+    CheckpointReader,
+    LazyOptimizerStates,
+    ShardedStateDict,
+    is_horizon_checkpoint,
+    load_sharded,
+)
 from lightning_horizon.files import file_crc32, fsync_dir, publish, remove_stale, write_safetensors
 
-FORMAT_VERSION = 1
-META_FILE = "horizon.json"
-TRAINER_FILE = "trainer.pt"
 LAYOUT_KEY = "horizon_layout"
 """Key under which the strategy passes the store layout inside Lightning's checkpoint dict (removed on save)."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is incomplete, corrupted, or does not fit the model/optimizer being restored."""
 
 
 # -------------------------------------------------------------------------------------------------------- saving
@@ -233,153 +235,7 @@ def restore_rng(state: Mapping[str, Any] | None) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# ------------------------------------------------------------------------------------------------------- loading
-class CheckpointReader:
-    """A horizon checkpoint directory, verified on open (sizes and crc32 of every file)."""
-
-    def __init__(self, path: str | os.PathLike, verify: bool = True) -> None:
-        self.path = Path(path)
-        meta_path = self.path / META_FILE
-        if not meta_path.is_file():
-            what = "does not exist" if not self.path.exists() else f"has no {META_FILE}"
-            raise CheckpointError(
-                f"{self.path} {what}: not a complete horizon checkpoint (an interrupted save leaves the previous "
-                "checkpoint in place and never a partial one under the final name)"
-            )
-        try:
-            self.meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{meta_path} is corrupted: {err}") from err
-        version = self.meta.get("format_version")
-        if version != FORMAT_VERSION:
-            raise CheckpointError(
-                f"{self.path} has checkpoint format version {version}; this build reads {FORMAT_VERSION}"
-            )
-        if verify:
-            self.verify()
-
-    def verify(self) -> None:
-        for rel, want in self.meta["files"].items():
-            file = self.path / rel
-            if not file.is_file():
-                raise CheckpointError(f"checkpoint file {file} is missing")
-            size = file.stat().st_size
-            if size != want["bytes"]:
-                raise CheckpointError(
-                    f"checkpoint file {file} is truncated or corrupted: {size} bytes, expected {want['bytes']}"
-                )
-            _, crc = file_crc32(file)
-            if crc != want["crc32"]:
-                raise CheckpointError(f"checkpoint file {file} is corrupted: crc32 {crc}, expected {want['crc32']}")
-
-    @property
-    def model_config(self) -> dict | None:
-        return self.meta["model"].get("config")
-
-    @property
-    def model_class(self) -> str | None:
-        return self.meta["model"].get("class")
-
-    def trainer_state(self) -> dict[str, Any]:
-        with open(self.path / TRAINER_FILE, "rb") as f:
-            try:
-                return torch.load(f, map_location="cpu", weights_only=False)
-            except (pickle.UnpicklingError, EOFError, RuntimeError) as err:
-                raise CheckpointError(f"{self.path / TRAINER_FILE} cannot be read: {err}") from err
-
-    def param_groups(self) -> list[tuple[str, list[tuple[str, tuple[int, ...]]]]]:
-        """``[(group name, [(parameter name, shape), ...])]`` of the saved model (store groups; extra excluded)."""
-        return [
-            (g["name"], [(n, tuple(s)) for n, s in g["params"]])
-            for g in self.meta["model"]["groups"]
-            if g["name"] != "extra"
-        ]
-
-    def iter_model(self) -> Iterator[tuple[str, str, torch.Tensor]]:
-        """``(group name, key, tensor)`` for every saved model tensor, one file open at a time."""
-        for g in self.meta["model"]["groups"]:
-            with safe_open(str(self.path / g["file"]), framework="pt") as f:
-                for name, _ in g["params"]:
-                    yield g["name"], name, f.get_tensor(name)
-
-    def optimizer_tensors(self, index: int) -> Iterator[tuple[str, str, torch.Tensor]]:
-        """``(parameter name, state key, tensor)`` for optimizer ``index``."""
-        for rel in self.meta["optimizers"][index]["files"]:
-            with safe_open(str(self.path / rel), framework="pt") as f:
-                for key in f.keys():
-                    pname, _, skey = key.rpartition(".")
-                    yield pname, skey, f.get_tensor(key)
-
-
-class ShardedStateDict(Mapping):
-    """The LightningModule's state dict of a horizon checkpoint, read tensor by tensor on access.
-
-    The horizon strategy streams it into the host store; any other consumer (``load_state_dict``) still works.
-    """
-
-    def __init__(self, reader: CheckpointReader) -> None:
-        self.reader = reader
-        model = reader.meta["model"]
-        self.prefix = model["prefix"]
-        self._where: dict[str, tuple[str, str]] = {}
-        for g in model["groups"]:
-            for name, _ in g["params"]:
-                key = name if g["name"] == "extra" else self.prefix + name
-                self._where[key] = (g["file"], name)
-        for alias, target in model["aliases"].items():
-            self._where[alias] = self._where[target]
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        file, name = self._where[key]
-        with safe_open(str(self.reader.path / file), framework="pt") as f:
-            return f.get_tensor(name)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)
-
-
-class LazyOptimizerStates(Sequence):
-    """``checkpoint["optimizer_states"]``: optimizer ``i``'s state dict is read from its shards when indexed."""
-
-    def __init__(self, reader: CheckpointReader, trainer_entries: list[dict[str, Any]]) -> None:
-        self.reader = reader
-        self.entries = trainer_entries
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
-        if isinstance(index, slice):
-            return [self[i] for i in range(len(self))[index]]  # type: ignore[return-value]
-        entry = self.entries[index]
-        names = self.reader.meta["optimizers"][index]["param_names"]
-        ids = [i for g in entry["param_groups"] for i in g["params"]]
-        id_of = dict(zip(names, ids))
-        state: dict[int, dict[str, Any]] = {}
-        for pname, skey, tensor in self.reader.optimizer_tensors(index):
-            state.setdefault(id_of[pname], {})[skey] = tensor
-        for pname, values in entry.get("scalar_state", {}).items():
-            state.setdefault(id_of[pname], {}).update(values)
-        return {"state": state, "param_groups": entry["param_groups"]}
-
-
-def load_sharded(path: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
-    """Lightning's checkpoint dict of a horizon checkpoint, with lazy ``state_dict`` and ``optimizer_states``."""
-    reader = CheckpointReader(path, verify=verify)
-    checkpoint = reader.trainer_state()
-    checkpoint["state_dict"] = ShardedStateDict(reader)
-    if "optimizer_states" in checkpoint:
-        checkpoint["optimizer_states"] = LazyOptimizerStates(reader, checkpoint["optimizer_states"])
-    return checkpoint
-
-
-def is_horizon_checkpoint(path: str | os.PathLike) -> bool:
-    return (Path(path) / META_FILE).is_file()
-
-
+# ----------------------------------------------------------------------------------------- Lightning CheckpointIO
 class HorizonCheckpointIO(CheckpointIO):
     """Lightning ``CheckpointIO`` writing horizon checkpoint directories (the horizon strategy's default).
 
