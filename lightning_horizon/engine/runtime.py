@@ -84,7 +84,7 @@ class HorizonEngine(ModelHooks, Residency, Templates):
         self.units.append(make_unit(self.head_uid, "head", ("head",), head, self.store))
         self.streamer = LayerStreamer(self.units, self.store, self.device, self.dtype, config.num_slots)
         # A slab holds one decoder layer's gradient (capped): the head's larger gradient travels in several slabs.
-        slab = min(max(u.numel for u in self.units[: self.head_uid] or self.units), MAX_SLAB_NUMEL)
+        slab = min(self._layer_slot_numel(), MAX_SLAB_NUMEL)
         if config.weight_copy:
             self._make_copies()
         self.sink = GradientSink(
@@ -361,9 +361,9 @@ class HorizonEngine(ModelHooks, Residency, Templates):
             before = torch.cuda.memory_allocated(self.device) if measure else 0
             with torch.enable_grad():
                 out = module(hidden, **kwargs)
-                if measure and torch.cuda.memory_allocated(self.device) - before > self._graph_bytes:
-                    self._graph_bytes = torch.cuda.memory_allocated(self.device) - before
-                    self._graph_tokens = hidden.shape[:-1].numel()
+                graph = torch.cuda.memory_allocated(self.device) - before if measure else 0
+                if graph > self._graph_bytes:
+                    self._graph_bytes, self._graph_tokens = graph, hidden.shape[:-1].numel()
                 out = out[0] if isinstance(out, tuple) else out
                 grad_in = self._local_backward(fpass, index, slot, hidden, out, routed, hits, grad_out)
         return out, grad_in

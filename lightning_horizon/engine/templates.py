@@ -79,9 +79,9 @@ class Templates:
                     template.forward = torch.compile(template.forward)
             for u in self.units:
                 if u.structure in slot.templates:
-                    names = [b.name for b in u.bindings]
+                    template = slot.templates[u.structure]
                     self._template_params[(slot.index, u.structure)] = [
-                        _get_param(slot.templates[u.structure], n) for n in names
+                        template.get_parameter(b.name) for b in u.bindings
                     ]
             self.routers.add(slot.templates.values())
             for unit in {u.structure: u for u in self.units if u.experts}.values():
@@ -103,10 +103,3 @@ def _can_compile() -> bool:
     if missing:
         log.info("horizon: layers run eager (compile_layers needs %s)", " and ".join(missing))
     return not missing
-
-
-def _get_param(module: nn.Module, dotted: str) -> nn.Parameter:
-    *path, leaf = dotted.split(".")
-    for p in path:
-        module = getattr(module, p)
-    return module._parameters[leaf]
