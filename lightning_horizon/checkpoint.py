@@ -15,8 +15,9 @@ A checkpoint is a directory (Lightning's ``ModelCheckpoint`` names it ``...ckpt`
 
 Saving writes everything under a hidden temporary name next to the target (``.NAME.tmp-PID-RANDOM``), fsyncs it,
 writes ``horizon.json`` last and renames the directory into place (an atomic exchange with ``renameat2`` when a
-checkpoint of that name exists). A process killed mid-save leaves the previous checkpoint untouched; the stale
-temporary directory is removed by the next save into the same folder.
+checkpoint of that name exists). A process killed mid-save leaves the previous checkpoint untouched; its stale
+temporary directory is removed by the next save of that name, and every stale temporary of the folder by
+:class:`~lightning_horizon.checkpoint_callback.HorizonModelCheckpoint` when training starts.
 
 Tensors are written straight from their memory (the store's group views, the optimizer's state tensors) with the
 file's crc32 computed on the same bytes: the save needs no memory beyond the store. Loading verifies every file's
@@ -35,7 +36,6 @@ import os
 import random
 import re
 import shutil
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -55,7 +55,7 @@ from lightning_horizon.checkpoint_reader import (  # noqa: F401  (re-exported: t
     is_horizon_checkpoint,
     load_sharded,
 )
-from lightning_horizon.files import file_crc32, fsync_dir, publish, remove_stale, write_safetensors
+from lightning_horizon.files import file_crc32, fsync_dir, publish, remove_stale, temporary_path, write_safetensors
 
 LAYOUT_KEY = "horizon_layout"
 """Key under which the strategy passes the store layout inside Lightning's checkpoint dict (removed on save)."""
@@ -71,11 +71,16 @@ def save_sharded(checkpoint: dict[str, Any], path: str | os.PathLike, fsync: boo
     optimizer_states = checkpoint.pop("optimizer_states", None)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(path)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = temporary_path(path)
     tmp.mkdir()
     try:
         files: dict[str, dict[str, Any]] = {}
-        meta: dict[str, Any] = {"format_version": FORMAT_VERSION, "files": files}
+        meta: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "global_step": checkpoint.get("global_step"),
+            "epoch": checkpoint.get("epoch"),
+            "files": files,
+        }
         model_meta = _write_model(tmp, state_dict, layout, files, fsync)
         meta["model"] = model_meta
         if optimizer_states is not None:
@@ -166,6 +171,7 @@ def _write_model(
         "groups": out_groups,
         "aliases": aliases,
         "config": (layout or {}).get("config"),
+        "generation_config": (layout or {}).get("generation_config"),
         "class": (layout or {}).get("class"),
     }
 
@@ -273,7 +279,7 @@ class HorizonCheckpointIO(CheckpointIO):
             return
         if path.is_dir() and not path.is_symlink():
             # Renamed first so that a half-removed directory never carries a checkpoint's name.
-            trash = path.parent / f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            trash = temporary_path(path, "old")
             os.rename(path, trash)
             shutil.rmtree(trash, ignore_errors=True)
         else:
@@ -286,10 +292,12 @@ def store_layout(engine, module: torch.nn.Module, optimizers: Iterable[torch.opt
     prefix = _prefix_of(module, engine.model)
     model = engine.model
     config = model.config.to_dict() if hasattr(model, "config") else None
+    generation = getattr(model, "generation_config", None)
     return {
         "prefix": prefix,
         "groups": [[g.name, [sp.name for sp in g.params]] for g in engine.store.groups],
         "config": config,
+        "generation_config": generation.to_diff_dict() if generation is not None else None,
         "class": type(model).__name__,
         "optimizers": [_optimizer_info(opt, engine) for opt in optimizers],
     }

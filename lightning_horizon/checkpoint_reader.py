@@ -70,6 +70,16 @@ class CheckpointReader:
     def model_class(self) -> str | None:
         return self.meta["model"].get("class")
 
+    @property
+    def generation_config(self) -> dict | None:
+        """The model's generation config (``GenerationConfig.to_dict()``) when it was saved with one."""
+        return self.meta["model"].get("generation_config")
+
+    @property
+    def global_step(self) -> int | None:
+        """Lightning's ``global_step`` at the save (None for checkpoints written before it was recorded)."""
+        return self.meta.get("global_step")
+
     def trainer_state(self) -> dict[str, Any]:
         with open(self.path / TRAINER_FILE, "rb") as f:
             try:

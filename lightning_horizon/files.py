@@ -1,13 +1,17 @@
 """Files written safely: safetensors tensor by tensor with a running crc32, and atomic publication of a directory.
 
 Used by the checkpoints (:mod:`lightning_horizon.checkpoint`) and the Hugging Face export
-(:mod:`lightning_horizon.export`): both write into a hidden temporary directory next to the target, then
-:func:`publish` renames it into place (an atomic exchange with ``renameat2`` where a previous one exists), and
-:func:`remove_stale` clears temporaries left by processes that were killed mid-write.
+(:mod:`lightning_horizon.export`): both write into a hidden temporary directory next to the target
+(``.NAME.tmp-PID-RANDOM``), then :func:`publish` renames it into place (an atomic exchange with ``renameat2`` where a
+previous one exists; the replaced one is renamed ``.NAME.old-PID-RANDOM`` and removed). A process killed mid-write
+leaves such a temporary behind: :func:`remove_stale_temporaries` clears every one of a dead process in a directory,
+:func:`remove_stale` those of one target name. :func:`link_tree` builds a directory of hard links to another one's
+files (the ``last`` checkpoint, without a second copy of the data).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -108,7 +112,7 @@ def publish(tmp: Path, path: Path) -> None:
     if _rename_exchange(tmp, path):
         _remove(tmp)  # now holds the previous checkpoint
         return
-    trash = path.parent / f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    trash = temporary_path(path, "old")
     os.rename(path, trash)
     os.rename(tmp, path)
     _remove(trash)
@@ -129,21 +133,60 @@ def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     elif os.path.lexists(path):
-        os.remove(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
+
+
+def temporary_path(path: Path, kind: str = "tmp") -> Path:
+    """A fresh hidden sibling of ``path`` for a write in progress (``tmp``) or a replaced copy (``old``), named with
+    this process's id so that :func:`remove_stale_temporaries` can tell when its writer is gone."""
+    return path.parent / f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def remove_stale_temporaries(directory: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Removes the temporaries (``.NAME.tmp-PID-RANDOM``, ``.NAME.old-PID-RANDOM``) directly inside ``directory``
+    whose process is gone, of every target name or only of ``name``; returns what it removed.
+
+    Process ids are those of this machine: a directory shared with another host that writes into it at the same time
+    must not be swept (the recipes write one run directory per process).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for entry in directory.iterdir():
+        m = _TEMPORARY.match(entry.name)
+        if m is None or (name is not None and m["name"] != name) or _pid_alive(int(m["pid"])):
+            continue
+        _remove(entry)
+        removed.append(entry)
+    return removed
 
 
 def remove_stale(path: Path) -> None:
-    """Removes temporary directories of earlier saves of ``path`` whose process is gone."""
-    if not path.parent.is_dir():
-        return
-    for entry in path.parent.glob(f".{glob_escape(path.name)}.*-*-*"):
-        m = re.search(r"\.(?:tmp|old)-(\d+)-[0-9a-f]+$", entry.name)
-        if m and not _pid_alive(int(m.group(1))):
-            _remove(entry)
+    """Removes temporaries of earlier saves of ``path`` whose process is gone."""
+    remove_stale_temporaries(path.parent, name=path.name)
 
 
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
+def link_tree(src: Path, dst: Path) -> int:
+    """Creates ``dst`` with the directory tree of ``src``, every file a hard link to ``src``'s (no data is copied);
+    where the file system refuses hard links, the file is copied. Returns how many files were copied."""
+    copied = 0
+    dst.mkdir()
+    for root, dirs, files in os.walk(src):
+        rel = Path(root).relative_to(src)
+        for d in dirs:
+            (dst / rel / d).mkdir()
+        for f in files:
+            try:
+                os.link(Path(root) / f, dst / rel / f)
+            except OSError:  # EXDEV, EPERM, ENOTSUP: file systems without hard links
+                shutil.copy2(Path(root) / f, dst / rel / f)
+                copied += 1
+    return copied
 
 
 def _pid_alive(pid: int) -> bool:

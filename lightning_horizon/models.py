@@ -236,3 +236,84 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
     """Number of parameters, tied weights counted once (works on the meta device)."""
     # `parameters()` yields each Parameter object once, so tied weights (one shared Parameter) count once.
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def check_max_seq_len(hf_config: PretrainedConfig, max_seq_len: int, name: str) -> None:
+    """Refuses rows longer than the positions the model was configured for, unless it has a RoPE scaling setting.
+
+    Positions past ``max_position_embeddings`` train silently otherwise (the rotary embedding extrapolates): the
+    model then learns positions it will not be given the same way at inference.
+    """
+    limit = getattr(hf_config, "max_position_embeddings", None)
+    if limit is None or max_seq_len <= limit:
+        return
+    rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in (None, "default"):
+        return
+    where = "the checkpoint's config.json (model.path)" if getattr(hf_config, "_name_or_path", "") else "model.extra"
+    raise ValueError(
+        f"data.max_seq_len={max_seq_len} is longer than model {name!r}'s max_position_embeddings={limit}: lower "
+        f"data.max_seq_len to at most {limit}, or extend the positions explicitly with a RoPE scaling setting in "
+        f"{where} (e.g. rope_scaling: {{rope_type: yarn, factor: {-(-max_seq_len // limit)}.0, "
+        f"original_max_position_embeddings: {limit}}})"
+    )
+
+
+def special_token_ids(tokenizer: Any) -> dict[str, Any]:
+    """``bos_token_id``, ``eos_token_id`` and ``pad_token_id`` of ``tokenizer`` (None where it has none) and
+    ``stop_token_ids``: its EOS and the token that closes an assistant turn in its chat template (ChatML's
+    ``<|im_end|>``, Llama 3's ``<|eot_id|>``), where generation of a fine-tuned chat model must stop."""
+    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if getattr(tokenizer, "chat_template", None):
+        marker = "lightning-horizon-reply"
+        messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}]
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception:  # noqa: BLE001 - templates that need other roles or fields: no end-of-turn token found
+            text = ""
+        if marker in text:
+            after = tokenizer(text.split(marker, 1)[1], add_special_tokens=False)["input_ids"]
+            special = set(tokenizer.all_special_ids) | {
+                i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special
+            }
+            if after and after[0] in special and after[0] not in stops:
+                stops.insert(0, after[0])
+    return {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "stop_token_ids": stops,
+    }
+
+
+def fill_special_tokens(config: Any, generation: Any, tokenizer: Any) -> None:
+    """Sets the model ``config``'s and its ``generation`` config's bos/eos/pad ids from ``tokenizer`` where they are
+    unset, and adds the tokenizer's stop tokens (:func:`special_token_ids`) to the generation config's
+    ``eos_token_id``, so that ``generate`` stops at the end of a reply. Values a source model set are kept. Both
+    configs may be objects (``PretrainedConfig``, ``GenerationConfig``) or dicts."""
+    ids = special_token_ids(tokenizer)
+    for target, keys in (
+        (config, ("bos_token_id", "eos_token_id", "pad_token_id")),
+        (generation, ("bos_token_id", "pad_token_id")),
+    ):
+        for key in keys:
+            if _get(target, key) is None and ids[key] is not None:
+                _set(target, key, ids[key])
+    eos = _get(generation, "eos_token_id")
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    for stop in ids["stop_token_ids"]:
+        if stop not in eos:
+            eos.append(stop)
+    if eos:
+        _set(generation, "eos_token_id", eos[0] if len(eos) == 1 else eos)
+
+
+def _get(target: Any, key: str) -> Any:
+    return target.get(key) if isinstance(target, dict) else getattr(target, key, None)
+
+
+def _set(target: Any, key: str, value: Any) -> None:
+    if isinstance(target, dict):
+        target[key] = value
+    else:
+        setattr(target, key, value)

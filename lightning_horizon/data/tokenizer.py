@@ -1,5 +1,14 @@
 """The default tokenizer (a small byte-level BPE trained offline on the bundled data) and loading of user tokenizers.
 
+A tokenizer is used for training the way the exported model directory will load it (:func:`as_exported`):
+``AutoTokenizer.from_pretrained`` picks the tokenizer class from the model's ``config.json`` as well as from the
+tokenizer files, and for some families (``qwen2``, ``phi3``, ...) it rebuilds the tokenizer with that family's own
+normalizer and pre-tokenizer, whatever ``tokenizer.json`` says. Training on the reloaded tokenizer makes the token ids
+of training and of the exported model the same by construction.
+
+The default tokenizer itself splits text as Qwen2 / Llama 3 do (NFC, the Qwen2 pre-tokenization regex, one digit per
+token, then byte level), so it tokenizes identically under every class that loads it.
+
 ``build_default_tokenizer()`` needs no download: it trains a 2048-token byte-level BPE on the bundled instruction set
 with ``tokenizers`` (about a second), deterministically, and caches it under
 ``$LIGHTNING_HORIZON_CACHE`` (default ``~/.cache/lightning_horizon``) in ``tokenizer-<hash>``, where the hash covers
@@ -20,8 +29,8 @@ import tempfile
 from pathlib import Path
 
 import tokenizers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from lightning_horizon.data.errors import DataError
 
@@ -32,7 +41,9 @@ SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
 DEFAULT_VOCAB_SIZE = 2048
 CACHE_ENV = "LIGHTNING_HORIZON_CACHE"
 # Bump when the training recipe below changes, so old caches are not reused.
-_RECIPE_VERSION = 1
+_RECIPE_VERSION = 2
+# Qwen2's pre-tokenization (transformers' Qwen2Tokenizer hard-codes it for qwen2 models).
+PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 CHATML_TEMPLATE = (
     "{%- for message in messages -%}"
@@ -73,6 +84,7 @@ def _settings_key(data: bytes, vocab_size: int) -> str:
         "vocab_size": vocab_size,
         "special_tokens": SPECIAL_TOKENS,
         "chat_template": CHATML_TEMPLATE,
+        "pretokenize": PRETOKENIZE_REGEX,
         "tokenizers": ".".join(tokenizers.__version__.split(".")[:2]),
     }
     digest = hashlib.sha256(data)
@@ -83,10 +95,16 @@ def _settings_key(data: bytes, vocab_size: int) -> str:
 def train_tokenizer(data: bytes, vocab_size: int = DEFAULT_VOCAB_SIZE) -> PreTrainedTokenizerFast:
     """Train the byte-level BPE on chat JSONL ``data`` (deterministic: same bytes, same vocabulary and merges)."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Exactly Qwen2Tokenizer's pipeline, so that loading it as that class changes nothing. No post-processor: the
+    # character offsets stay exact (the assistant mask maps characters to tokens with them).
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    # trim_offsets=False keeps character offsets exact: the assistant mask maps characters to tokens with them.
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
@@ -140,10 +158,42 @@ def load_tokenizer(name_or_path: str, require_chat_template: bool = True) -> Pre
     Sets the pad token to the EOS token when the tokenizer has none. Raises ``DataError`` when it cannot be loaded,
     or when ``require_chat_template`` and it has no chat template (plain-text data does not need one).
     """
+    local = Path(name_or_path).expanduser()
+    if local.is_dir() and not any(any(local.glob(p)) for p in ("tokenizer*", "vocab*", "*.model")):
+        raise DataError(
+            f"{name_or_path}: the directory holds no tokenizer (no tokenizer.json, tokenizer_config.json, vocab or "
+            f"*.model file; it has {_listing(local)})"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except Exception as exc:  # noqa: BLE001 - many loader errors (OSError, ValueError, HTTP); one clear message
         raise DataError(f"cannot load tokenizer {name_or_path!r}: {exc}") from exc
+    return _checked(tokenizer, name_or_path, require_chat_template)
+
+
+def _listing(directory: Path, limit: int = 8) -> str:
+    names = sorted(p.name for p in directory.iterdir())
+    if not names:
+        return "nothing: it is empty"
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} entries)" if len(names) > limit else "")
+
+
+def as_exported(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> PreTrainedTokenizerBase:
+    """``tokenizer`` as ``AutoTokenizer.from_pretrained`` loads it back from a model directory with ``config``
+    (the export's ``config.json``): for some model types that is another class with another pre-tokenizer, so
+    training uses this one to see the ids the exported model will see."""
+    with tempfile.TemporaryDirectory(prefix="lightning-horizon-tokenizer-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        config.to_json_file(str(Path(tmp) / "config.json"))
+        loaded = AutoTokenizer.from_pretrained(tmp)
+    if getattr(tokenizer, "chat_template", None) and not getattr(loaded, "chat_template", None):
+        loaded.chat_template = tokenizer.chat_template
+    return _checked(loaded, type(tokenizer).__name__, require_chat_template=False)
+
+
+def _checked(
+    tokenizer: PreTrainedTokenizerBase, name_or_path: str, require_chat_template: bool
+) -> PreTrainedTokenizerBase:
     if require_chat_template and not getattr(tokenizer, "chat_template", None):
         raise DataError(
             f"tokenizer {name_or_path!r} has no chat template, which chat/prompt-response data needs: use a chat "
