@@ -100,7 +100,7 @@ class HorizonPrecision(Precision):
 
     @override
     def clip_grad_by_value(self, optimizer: Optimizer, clip_val: int | float) -> None:
-        self._require_engine().clip_grad_value_(float(clip_val))
+        self._require_engine().clip_grad_value_(float(clip_val), optimizer=optimizer)
 
 
 def _nothing_between_backward_and_step(model: pl.LightningModule) -> bool:

@@ -10,11 +10,13 @@ optimizer state in host memory and streams its layers to one GPU (or computes on
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Generator
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.init import _EmptyInit
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
@@ -166,28 +168,43 @@ class HorizonStrategy(SingleDeviceStrategy):
         self.model = self._setup_model(self.model)
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
+            _check_optimizers(self.optimizers, self.engine)
             for optimizer in self.optimizers:
-                _check_optimizer(optimizer, self.engine)
+                self.engine.watch(optimizer)  # zero_grad() discards the host gradients too
         self.setup_precision_plugin()
+
+    @property
+    @override
+    def optimizers(self) -> list[Optimizer]:
+        return self._optimizers
+
+    @optimizers.setter
+    @override
+    def optimizers(self, optimizers: list[Optimizer]) -> None:
+        self._optimizers = optimizers
+        self._lightning_optimizers = [_lightning_optimizer(opt, self) for opt in optimizers]
 
     def _build_engine(self, trainer) -> None:
         module = self.lightning_module
         model = find_causal_lm(module)
-        if self.engine is not None and self.engine.model is not model:
+        if self.engine is not None:  # teardown did not run (an interrupted setup): not ours to reuse
             self.engine.close()
             self.engine = None
-        if self.engine is None:
-            options = dict(self._engine_options)
-            accumulate = trainer.accumulate_grad_batches > 1
-            if options["weight_copy"] is None:
-                options["weight_copy"] = _room_for_weight_copy(model, self.precision_plugin.compute_dtype, accumulate)
-            config = EngineConfig(
-                device=self.root_device,
-                compute_dtype=self.precision_plugin.compute_dtype,
-                accumulate_grads=accumulate,
-                **options,
+        options = dict(self._engine_options)
+        accumulate = trainer.accumulate_grad_batches > 1
+        if trainer.state.fn == TrainerFn.FITTING and _reads_gradients(module, trainer):
+            accumulate = True  # param.grad must exist when hooks read it: FP32 host gradients (+2 bytes/param)
+        if options["weight_copy"] is None:
+            options["weight_copy"] = self.root_device.type == "cuda" and _room_for_weight_copy(
+                model, self.precision_plugin.compute_dtype, accumulate
             )
-            self.engine = HorizonEngine(model, config)
+        config = EngineConfig(
+            device=self.root_device,
+            compute_dtype=self.precision_plugin.compute_dtype,
+            accumulate_grads=accumulate,
+            **options,
+        )
+        self.engine = HorizonEngine(model, config)
         clip_alg = getattr(trainer, "gradient_clip_algorithm", None)
         self.engine.sink.track_norms = bool(trainer.gradient_clip_val) and clip_alg in (None, "norm")
         _place_rest(module, model, self.root_device)
@@ -266,10 +283,14 @@ class HorizonStrategy(SingleDeviceStrategy):
 
     @override
     def teardown(self) -> None:
-        # The engine (and the host store) outlive one fit/validate/test call: fit then test in one process must not
-        # copy the store again. Only wait until the masters are final.
+        # The engine is ours: closed at the end of every fit/validate/test (threads, pinned registrations, GPU
+        # slots, the model's hooks). A later call, of this Trainer or another, builds a fresh one, which adopts the
+        # store's FP32 buffers (the model's parameters stay views into them) without copying them.
         if self.engine is not None:
-            self.engine.synchronize()
+            try:
+                self.engine.close()
+            finally:
+                self.engine = None
         self.precision_plugin.teardown()
         assert self.accelerator is not None
         self.accelerator.teardown()
@@ -304,31 +325,94 @@ def _room_for_weight_copy(model: torch.nn.Module, dtype: torch.dtype, accumulate
     return True
 
 
-def _check_optimizer(optimizer: Optimizer, engine: HorizonEngine | None) -> None:
+def _check_optimizers(optimizers: list[Optimizer], engine: HorizonEngine | None) -> None:
     assert engine is not None
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if id(p) not in engine.store.by_param:
-                raise ValueError(
-                    f"configure_optimizers returned {type(optimizer).__name__} over a parameter of shape "
-                    f"{tuple(p.shape)} that is not part of the streamed Hugging Face model; the horizon strategy "
-                    "steps only the streamed model's parameters"
-                )
+    owner: dict[int, Optimizer] = {}
+    for optimizer in optimizers:
+        name = type(optimizer).__name__
+        closure = inspect.signature(type(optimizer).step).parameters.get("closure")
+        if isinstance(optimizer, torch.optim.LBFGS) or (closure is not None and closure.default is closure.empty):
+            raise ValueError(
+                f"configure_optimizers returned {name}, whose step() re-evaluates the model through a closure: the "
+                "horizon strategy steps the optimizer on a CPU thread after the backward, where the model cannot run "
+                "again. Use an optimizer whose update needs only the gradients (AdamW, Adam, SGD, Adafactor, ...)"
+            )
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) not in engine.store.by_param:
+                    raise ValueError(
+                        f"configure_optimizers returned {name} over a parameter of shape {tuple(p.shape)} that is not "
+                        "part of the streamed Hugging Face model; the horizon strategy steps only the streamed "
+                        "model's parameters"
+                    )
+                other = owner.setdefault(id(p), optimizer)
+                if other is not optimizer:
+                    raise ValueError(
+                        f"a parameter of shape {tuple(p.shape)} is in two optimizers ({type(other).__name__} and "
+                        f"{name}): the horizon strategy hands each parameter's gradient to one optimizer's step"
+                    )
+
+
+def _lightning_optimizer(optimizer: Optimizer, strategy: HorizonStrategy) -> LightningOptimizer:
+    """Lightning's wrapper of ``optimizer``, whose ``zero_grad`` is the optimizer's own (the engine watches it) and
+    whose destructor does nothing: the wrapper's class derives from the optimizer's, and an optimizer that frees
+    native state in ``__del__`` (DeepSpeedCPUAdam) would otherwise free the live optimizer's state whenever a wrapper
+    is rebuilt and the old one collected."""
+    wrapper = LightningOptimizer._to_lightning_optimizer(optimizer, strategy)
+    if not isinstance(optimizer, LightningOptimizer):
+        cls = type(wrapper)  # made for this wrapper alone
+        cls.zero_grad = lambda self, *args, **kwargs: self._optimizer.zero_grad(*args, **kwargs)
+        cls.__del__ = lambda self: None
+    return wrapper
+
+
+def _reads_gradients(module: torch.nn.Module, trainer) -> bool:
+    """Whether a hook of the module or of a callback may read ``param.grad`` between the backward and the step."""
+    from lightning.pytorch import Callback, LightningModule
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    hooks = ("on_before_optimizer_step", "on_after_backward")
+    if any(is_overridden(h, module, parent=LightningModule) for h in (*hooks, "configure_gradient_clipping")):
+        return True
+    return any(is_overridden(h, cb, parent=Callback) for cb in trainer.callbacks for h in hooks)
 
 
 def _place_rest(module: torch.nn.Module, model: torch.nn.Module, device: torch.device) -> None:
-    """Moves what lies outside the streamed model (metrics, buffers) to the compute device."""
+    """Moves what lies outside the streamed model (metrics, other modules, buffers) to the compute device with each
+    module's own ``to`` (torchmetrics' ``Metric`` moves its states there); modules that contain the streamed model
+    (the LightningModule, PEFT wrappers) move only their own tensors."""
     inside = {id(m) for m in model.modules()}
-    for sub in module.modules():
-        if id(sub) in inside:
+    outside = [(name, m) for name, m in module.named_modules() if id(m) not in inside]
+    holders = {id(m) for _, m in outside if any(c is model for c in m.modules())}
+    for name, sub in outside:
+        if id(sub) in holders:
+            _move_own_tensors(sub, device, name or type(module).__name__)
             continue
-        for name, p in sub._parameters.items():
-            if p is not None and p.requires_grad:
+        if not any(id(parent) in holders for _, parent in outside if any(c is sub for c in parent.children())):
+            continue  # moved with its parent
+        for pname, p in sub.named_parameters():
+            if p.requires_grad:
                 raise ValueError(
-                    f"{type(module).__name__} has a trainable parameter {type(sub).__name__}.{name} outside the "
-                    "Hugging Face model; the horizon strategy trains only the streamed model's parameters"
+                    f"{type(module).__name__} has a trainable parameter {name}.{pname} outside the Hugging Face "
+                    "model; the horizon strategy trains only the streamed model's parameters (freeze it, or make it "
+                    "part of the model)"
                 )
-        sub._apply(lambda t: t.to(device), recurse=False)
+        sub.to(device)
+
+
+def _move_own_tensors(module: torch.nn.Module, device: torch.device, name: str) -> None:
+    for pname, p in module._parameters.items():
+        if p is None:
+            continue
+        if p.requires_grad:
+            raise ValueError(
+                f"{name} has a trainable parameter {pname!r} outside the Hugging Face model; the horizon strategy "
+                "trains only the streamed model's parameters"
+            )
+        p.data = p.data.to(device)
+    for bname, buf in module._buffers.items():
+        if buf is not None:
+            module._buffers[bname] = buf.to(device)
 
 
 HorizonStrategy.register_strategies(StrategyRegistry)

@@ -103,6 +103,16 @@ class LMModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+class EngineProbe(L.Callback):
+    """Keeps the horizon strategy's engine of the last training run (the strategy closes it at teardown; a closed
+    engine's settings and counters can still be read)."""
+
+    engine = None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.engine = getattr(trainer.strategy, "engine", None)
+
+
 def loader(n: int = 40, batch: int = 2) -> DataLoader:
     return DataLoader(RandomTokens(n), batch_size=batch, shuffle=False)
 

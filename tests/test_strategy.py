@@ -11,7 +11,7 @@ import torch
 
 import lightning_horizon  # noqa: F401  (registers "horizon")
 from lightning_horizon import HorizonPrecision, HorizonStrategy, WorkerError
-from tests.helpers import LMModule, clone, loader, rel_err, tiny_model
+from tests.helpers import EngineProbe, LMModule, clone, loader, rel_err, tiny_model
 
 QUIET = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 # The true gradient of a key-projection bias is zero (softmax is shift-invariant), so every implementation's gradient
@@ -21,10 +21,19 @@ NOISE_ONLY = ("k_proj.bias",)
 
 def fit(strategy, model, steps=20, precision="32-true", **kw):
     module = LMModule(model, total=steps)
+    probe = EngineProbe()
     trainer = L.Trainer(
-        strategy=strategy, accelerator="cpu", devices=1, max_steps=steps, precision=precision, **QUIET, **kw
+        strategy=strategy,
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        precision=precision,
+        callbacks=[probe],
+        **QUIET,
+        **kw,
     )
     trainer.fit(module, loader(8))  # 4 batches per epoch, seen again and again: the loss must fall
+    trainer.probe = probe
     return module, trainer
 
 
@@ -41,7 +50,7 @@ def test_training_parity_with_plain_pytorch(family, accumulate, clip):
     ref = tiny_model(family, tied=family == "llama")
     got, trainer = fit("horizon", clone(ref), gradient_clip_val=clip, accumulate_grad_batches=accumulate)
     want, _ = fit("auto", clone(ref), gradient_clip_val=clip, accumulate_grad_batches=accumulate)
-    engine = trainer.strategy.engine
+    engine = trainer.probe.engine
     assert engine.sink.direct == (accumulate == 1)
     assert (engine.num_overlapped_updates > 0) == (clip is None)
     assert len(got.losses) == len(want.losses) == 20 * accumulate
@@ -63,7 +72,7 @@ def test_clip_by_value_parity():
 
 def test_bf16_mixed_keeps_fp32_masters():
     module, trainer = fit("horizon", tiny_model("qwen2"), steps=4, precision="bf16-mixed")
-    engine = trainer.strategy.engine
+    engine = trainer.probe.engine
     assert isinstance(trainer.strategy.precision_plugin, HorizonPrecision)
     assert engine.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in module.model.parameters())
@@ -76,14 +85,13 @@ def test_fit_then_validate_then_test_in_one_process():
     module = LMModule(tiny_model("qwen2"), total=6)
     trainer = L.Trainer(strategy="horizon", accelerator="cpu", devices=1, max_steps=6, precision="32-true", **QUIET)
     trainer.fit(module, loader(12), loader(4))
-    engine = trainer.strategy.engine
+    masters = [p.data_ptr() for p in module.model.parameters()]
+    assert trainer.strategy.engine is None  # closed at teardown
     val = trainer.validate(module, loader(4), verbose=False)
     test = trainer.test(module, loader(4), verbose=False)
-    assert trainer.strategy.engine is engine  # the host store is not rebuilt
+    assert [p.data_ptr() for p in module.model.parameters()] == masters  # the store is adopted, not copied
     assert val[0]["val_loss"] == pytest.approx(test[0]["test_loss"], rel=1e-6)
     # validation ran on the weights after the last update
-    engine.close()
-    trainer.strategy.engine = None
     model = clone(module.model)
     with torch.no_grad():
         plain = [model(**batch).loss.item() for batch in loader(4)]
@@ -164,15 +172,21 @@ def test_forking_dataloader_workers_are_warned_about():
 @pytest.mark.parametrize("available_gib,expected", [(64, True), (0.5, False)])
 def test_weight_copy_auto_follows_available_host_memory(available_gib, expected, monkeypatch):
     from lightning_horizon import hardware
+    from lightning_horizon.strategy import _room_for_weight_copy
 
     monkeypatch.setattr(hardware, "_usable_host_memory_bytes", lambda: int(available_gib * 2**30))
-    module = LMModule(tiny_model("qwen2"), total=2)
-    trainer = L.Trainer(strategy="horizon", accelerator="cpu", devices=1, max_steps=2, precision="32-true", **QUIET)
     if expected:
-        trainer.fit(module, loader(4))
+        assert _room_for_weight_copy(tiny_model("qwen2"), torch.bfloat16, accumulate=False)
     else:
         with pytest.warns(UserWarning, match="weight copy"):
-            trainer.fit(module, loader(4))
-    engine = trainer.strategy.engine
-    assert engine.config.weight_copy is expected
-    assert (engine.store.by_name["layers.0"].copy is not None) is expected
+            assert not _room_for_weight_copy(tiny_model("qwen2"), torch.bfloat16, accumulate=False)
+
+
+def test_weight_copy_auto_is_off_on_the_cpu():
+    """Uploads on the CPU are plain copies: a weight copy would cost 2-4 bytes/param and buy nothing."""
+    module, trainer = fit("horizon", tiny_model("qwen2"), steps=2)
+    engine = trainer.probe.engine
+    assert engine.config.weight_copy is False
+    assert all(g.copy is None for g in engine.store.groups)
+    _, trainer = fit(HorizonStrategy(weight_copy=True), tiny_model("qwen2"), steps=2)
+    assert trainer.probe.engine.config.weight_copy is True

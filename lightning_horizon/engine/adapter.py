@@ -39,6 +39,10 @@ from torch import nn
 # Attributes that identify a layer without changing what it computes in training (the KV-cache index): they are
 # rebound per call instead of splitting templates.
 _IDENTITY_ATTRS = frozenset({"layer_idx", "layer_id", "layer_index", "layer_number"})
+# Switches of PEFT adapter layers and wrappers (``disable_adapter()``, ``set_adapter``, merged adapters): a template
+# reads them from the model's own module every time it runs as that module, so switching adapters on the model
+# takes effect in the streamed layers too.
+_LIVE_ATTRS = ("_disable_adapters", "_active_adapter", "merged_adapters")
 # Submodules of a multimodal wrapper that the streaming engine does not run.
 _MULTIMODAL_PARTS = ("vision_tower", "vision_model", "multi_modal_projector", "audio_tower", "visual", "vision_encoder")
 _MULTIMODAL_CONFIGS = ("vision_config", "audio_config")
@@ -77,10 +81,12 @@ class DecoderParts:
     """The ``...ForCausalLM`` module."""
     base: nn.Module
     """The decoder (``model.model``): runs the embedding, masks, rotary embeddings and layers."""
-    embed: nn.Embedding
+    embed: nn.Module
+    """An ``nn.Embedding`` (or PEFT's ``ModulesToSaveWrapper`` of one: ``.weight`` is the active copy's)."""
     layers: nn.ModuleList
     norm: nn.Module
-    lm_head: nn.Linear
+    lm_head: nn.Module
+    """An ``nn.Linear`` (or PEFT's ``ModulesToSaveWrapper`` of one)."""
     tied: bool
     """lm_head shares the embedding's weight (one Parameter, stored once)."""
 
@@ -108,13 +114,10 @@ class DecoderParts:
     def layer_state(self, index: int) -> list[tuple[str, str, Any]]:
         """``(submodule path, name, value)`` that a shared template must take to run as layer ``index``.
 
-        Buffers (bound by reference: updates to the model's buffers are seen) and identity attributes.
+        Buffers (bound by reference: updates to the model's buffers are seen), identity attributes and the live
+        adapter switches of :func:`module_state`.
         """
-        state: list[tuple[str, str, Any]] = []
-        for path, module in self.layers[index].named_modules():
-            state += [(path, name, buf) for name, buf in module._buffers.items() if buf is not None]
-            state += [(path, name, value) for name, value in vars(module).items() if name in _IDENTITY_ATTRS]
-        return state
+        return module_state(self.layers[index], buffers=True)
 
     # ---------------------------------------------------------------------------------------- embedding and head
     def embed_scale(self) -> float | None:
@@ -253,11 +256,35 @@ def find_experts(layer: nn.Module) -> list[ExpertModule]:
     return found
 
 
+class _Live:
+    """A value read from ``module`` each time the state is bound (see ``_LIVE_ATTRS``)."""
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+
+def module_state(root: nn.Module, buffers: bool) -> list[tuple[str, str, Any]]:
+    """``(submodule path, name, value)`` a template copied from ``root`` must take to run as ``root``: its buffers
+    (if ``buffers``; by reference), identity attributes (``_IDENTITY_ATTRS``) and, read anew at every bind, the
+    adapter switches of PEFT modules (``_LIVE_ATTRS``)."""
+    state: list[tuple[str, str, Any]] = []
+    for path, module in root.named_modules():
+        if buffers:
+            state += [(path, name, buf) for name, buf in module._buffers.items() if buf is not None]
+        state += [(path, name, value) for name, value in vars(module).items() if name in _IDENTITY_ATTRS]
+        state += [(path, name, _Live(module)) for name in _LIVE_ATTRS if hasattr(module, name)]
+    return state
+
+
 def bind_layer_state(template: nn.Module, state: list[tuple[str, str, Any]]) -> None:
-    """Points a shared template at one layer's buffers and identity attributes (see ``layer_state``)."""
+    """Points a shared template at one module's state (see :func:`module_state`)."""
     for path, name, value in state:
         owner = template.get_submodule(path) if path else template
-        if name in owner._buffers:
+        if isinstance(value, _Live):
+            owner.__dict__[name] = getattr(value.module, name)
+        elif name in owner._buffers:
             owner._buffers[name] = value
         else:
             owner.__dict__[name] = value
@@ -268,9 +295,13 @@ def _module_signature(layer: nn.Module) -> tuple:
     for path, module in layer.named_modules():
         attrs = tuple(
             sorted(
-                (k, v)
+                (k, _hashable(v))
                 for k, v in vars(module).items()
-                if not k.startswith("_") and k != "training" and k not in _IDENTITY_ATTRS and _is_plain(v)
+                if not k.startswith("_")
+                and k != "training"
+                and k not in _IDENTITY_ATTRS
+                and k not in _LIVE_ATTRS
+                and _is_plain(v)
             )
         )
         sig.append((path, type(module).__qualname__, attrs))
@@ -280,7 +311,21 @@ def _module_signature(layer: nn.Module) -> tuple:
 def _is_plain(value: Any) -> bool:
     if isinstance(value, (bool, int, float, str, type(None), torch.dtype)):
         return True
-    return isinstance(value, (tuple, list)) and all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return isinstance(value, (tuple, list, set, frozenset)) and all(_is_plain(v) for v in value)
+
+
+def _hashable(value: Any) -> Any:
+    """A plain value (see ``_is_plain``) as a hashable one: lists become tuples, dicts sorted item tuples (PEFT keeps
+    per-adapter settings such as ``scaling`` in dicts and ``merged_adapters`` in a list)."""
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((k, _hashable(v)) for k, v in value.items())))
+    if isinstance(value, (set, frozenset)):
+        return ("set", tuple(sorted((_hashable(v) for v in value), key=repr)))
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    return value
 
 
 def _named(module: nn.Module, prefix: dict[int, str]) -> list[tuple[str, nn.Parameter]]:
@@ -290,8 +335,12 @@ def _named(module: nn.Module, prefix: dict[int, str]) -> list[tuple[str, nn.Para
 
 # ----------------------------------------------------------------------------------------------------- discovery
 def find_causal_lm(root: nn.Module) -> nn.Module:
-    """The one Hugging Face causal LM inside ``root`` (``root`` itself, or a submodule such as ``self.model``)."""
-    found = [m for m in root.modules() if _looks_like_causal_lm(m)]
+    """The one Hugging Face causal LM inside ``root`` (``root`` itself, or a submodule such as ``self.model``).
+
+    PEFT's wrappers (``PeftModel``, ``LoraModel``, ...) forward attribute lookups to the model they wrap, so they look
+    like causal LMs too: the model they wrap is the one streamed, and their own ``forward`` still runs around it.
+    """
+    found = [m for m in root.modules() if _looks_like_causal_lm(m) and not is_peft_wrapper(m)]
     if not found:
         raise ValueError(
             f"no Hugging Face causal LM found in {type(root).__name__}: the horizon strategy streams a "
@@ -306,6 +355,28 @@ def find_causal_lm(root: nn.Module) -> nn.Module:
 
 def _looks_like_causal_lm(m: nn.Module) -> bool:
     return hasattr(m, "get_output_embeddings") and hasattr(m, "get_decoder") and hasattr(m, "config")
+
+
+def is_peft_wrapper(m: nn.Module) -> bool:
+    """A PEFT model or tuner (``PeftModel``, ``LoraModel``, ...) around a Hugging Face model."""
+    return type(m).__module__.startswith("peft.")
+
+
+def _plain_module(m: nn.Module | None, kind: type[nn.Module], what: str, model_name: str) -> nn.Module | None:
+    """``m`` if it is a ``kind``, or a PEFT ``ModulesToSaveWrapper`` around one (a trainable copy of the module beside
+    the frozen original: it stays in place and runs whichever copy the active adapter selects); else raises."""
+    if m is None or isinstance(m, kind):
+        return m
+    original = getattr(m, "original_module", None)
+    if type(m).__name__ == "ModulesToSaveWrapper" and isinstance(original, kind):
+        return m
+    if original is not None:
+        raise ValueError(
+            f"{model_name}'s {what} is wrapped in PEFT's {type(m).__name__}: the horizon strategy streams an "
+            f"nn.{kind.__name__} (or PEFT's modules_to_save copy of one); trainable_token_indices and other token "
+            "adapters are not supported, use modules_to_save for the whole module instead"
+        )
+    raise ValueError(f"{model_name}'s {what} are a {type(m).__name__}, not an nn.{kind.__name__}")
 
 
 def _find_decoder(model: nn.Module) -> nn.Module | None:
@@ -366,9 +437,7 @@ def describe(model: nn.Module) -> DecoderParts:
         )
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise ValueError(f"{name}'s decoder `layers` must be a non-empty nn.ModuleList")
-    if not isinstance(embed, nn.Embedding):
-        raise ValueError(f"{name}'s input embeddings are a {type(embed).__name__}, not an nn.Embedding")
-    if not isinstance(lm_head, nn.Linear):
-        raise ValueError(f"{name}'s output embeddings are a {type(lm_head).__name__}, not an nn.Linear")
+    embed = _plain_module(embed, nn.Embedding, "input embeddings", name)
+    lm_head = _plain_module(lm_head, nn.Linear, "output embeddings (lm_head)", name)
     tied = lm_head.weight is embed.weight
     return DecoderParts(model=model, base=base, embed=embed, layers=layers, norm=norm, lm_head=lm_head, tied=tied)

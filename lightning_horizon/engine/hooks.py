@@ -3,21 +3,40 @@
 The model object stays the user's: its parameters (views into the host store), names, ``state_dict`` and config.
 The engine replaces only what some of its modules *do* when called, as instance attributes that :meth:`close`
 removes again: the embedding gathers rows from the host masters, each decoder layer runs a streamed template through
-a :class:`~.segments.LayerFunction`, the final norm is deferred to the head, and the ``...ForCausalLM.forward``
-returns the chunked loss (or logits). The model's own decoder ``forward`` still builds attention masks, position ids
-and rotary embeddings, so packing, padding and model-specific arguments behave exactly as in Hugging Face.
+a :class:`~.segments.LayerFunction`, the final norm runs streamed too (or is deferred to the head, which fuses it with
+the chunked loss), the decoder's ``forward`` refuses a KV cache in a training forward, and the ``...ForCausalLM``'s
+``forward`` returns the chunked loss (or logits). The model's own decoder ``forward`` still builds attention masks,
+position ids and rotary embeddings, so packing, padding and model-specific arguments behave exactly as in Hugging
+Face; Hugging Face's output recording (``output_hidden_states``) sees the streamed layers' outputs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
+import weakref
 from typing import Any
 
 import torch
 
 from .loss import ChunkedLoss
 from .moe import RouterAuxFunction
-from .segments import EmbedFunction, ForwardPass, HeadLogitsFunction, HeadLossFunction, LayerFunction
+from .segments import (
+    EmbedFunction,
+    ForwardPass,
+    HeadLogitsFunction,
+    HeadLossFunction,
+    LayerFunction,
+    NormFunction,
+)
+
+_NO_LOGITS = (
+    "logits were not computed: with labels, the horizon engine computes the loss in chunks and never materialises "
+    "the (batch x sequence x vocabulary) logits. For logits, call the model without labels and compute the loss from "
+    "them (e.g. model.loss_function(logits=out.logits, labels=labels, vocab_size=model.config.vocab_size)), which "
+    "holds all the logits in memory: fine for a small batch"
+)
 
 
 class ModelHooks:
@@ -28,23 +47,60 @@ class ModelHooks:
             raise TypeError(f"decoder layer {index} got unexpected positional arguments; pass them by keyword")
         if index == 0 or self._current is None:
             self._current = ForwardPass(self, keep=torch.is_grad_enabled(), train_mode=self.model.training)
+            if self._current.keep:
+                self._count_grad_pass()
             self._current.router_logits = {} if self._record_routers else None
             if self._current.keep:
                 self._start_keeping(self._current, hidden_states.shape[:-1].numel())
-            self.streamer.plan([*range(index, self.parts.num_layers), self.head_uid])
+            head = [self.head_uid] * self._forward_head_uses
+            self.streamer.plan([*range(index, self.parts.num_layers), *head])
         fpass = self._current
         out = LayerFunction.apply(hidden_states, self.anchor, fpass, index, kwargs)
         return (out,) if fpass.tuple_output else out
 
+    def _count_grad_pass(self) -> None:
+        self._grad_passes += 1
+        if self._overlap and self._grad_passes > 1:
+            if self.num_overlapped_updates != self._overlapped_at_begin:
+                raise RuntimeError(
+                    "a forward pass with gradients started after updates of this step began overlapping its backward"
+                )
+            self._overlap = False  # a group's gradient is complete only at the end of the whole backward
+
     def _embed_call(self, input_ids: torch.Tensor) -> torch.Tensor:
         return EmbedFunction.apply(self.anchor, self, input_ids)
+
+    def _norm_call(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._defer_norm:  # the head applies it, fused with the chunked loss
+            return hidden_states
+        if self._current is None:
+            raise RuntimeError("the final norm of a streamed model ran outside a forward pass of its decoder")
+        return NormFunction.apply(hidden_states, self.anchor, self._current)
+
+    def _base_call(self, forward, *args: Any, **kwargs: Any):
+        """The decoder's own ``forward`` (``model.model(...)``), without a KV cache when gradients are on: a training
+        forward runs each layer again in the backward, which would append to a cache twice."""
+        cache = _pop_cache(kwargs)
+        if torch.is_grad_enabled():
+            if cache is not None or kwargs.get("use_cache"):
+                raise ValueError(
+                    "the horizon engine runs a forward with gradients without a KV cache (its backward recomputes "
+                    "layers): pass use_cache=False, or run under torch.no_grad() to use a cache (e.g. generate)"
+                )
+            kwargs["use_cache"] = False
+        if cache is not None:
+            kwargs[self._cache_arg] = cache
+        self._current = None
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            self._finished, self._current = self._current, None
 
     def _causal_lm_forward(
         self,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: Any = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
@@ -52,59 +108,104 @@ class ModelHooks:
         num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs: Any,
     ):
-        from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
-
-        if past_key_values is not None or use_cache:
-            raise ValueError("the horizon engine trains without a KV cache: pass use_cache=False / no past_key_values")
-        for key in ("output_attentions", "output_hidden_states", "return_dict"):
-            kwargs.pop(key, None)
+        config = self.parts.config
+        cache = _pop_cache(kwargs)
+        if use_cache is None:  # a cache only when asked for (generate asks): validation would hold one per layer
+            use_cache = cache is not None
+        if _flag(kwargs.pop("output_attentions", None), config, "output_attentions"):
+            raise ValueError(
+                "output_attentions is not supported under the horizon engine: the attention weights of the streamed "
+                "layers are not kept (they would be batch x heads x sequence x sequence per layer)"
+            )
+        want_hidden = _flag(kwargs.pop("output_hidden_states", None), config, "output_hidden_states")
+        return_dict = kwargs.pop("return_dict", None)
         aux_spec = self.parts.aux_loss(kwargs.pop("output_router_logits", None))
         to_dev = lambda t: t.to(self.device) if isinstance(t, torch.Tensor) else t  # noqa: E731
-        self._current = None
+        # With hidden states returned, the final norm runs on its own (its output is the last hidden state, with
+        # gradients); otherwise the head applies it, fused with the chunked loss.
+        fused_norm = not want_hidden
         self._record_routers = aux_spec is not None
+        self._defer_norm = fused_norm
+        self._forward_head_uses = 1 if fused_norm else 2
         try:
             out = self.parts.base(
                 input_ids=input_ids,
                 attention_mask=to_dev(attention_mask),
                 position_ids=to_dev(position_ids),
                 inputs_embeds=to_dev(inputs_embeds),
-                use_cache=False,
+                use_cache=use_cache,
+                output_hidden_states=want_hidden,
+                **({} if cache is None else {self._cache_arg: cache}),
                 **{k: to_dev(v) for k, v in kwargs.items()},
             )
-            hidden = out.last_hidden_state  # before the final norm: the head applies it
-            fpass = self._current
+            fpass, self._finished = self._finished, None
             assert fpass is not None
-            aux = None
-            if aux_spec is not None:  # the routers' load-balancing loss (see .moe)
-                hidden, aux = RouterAuxFunction.apply(hidden, self.anchor, fpass, aux_spec, to_dev(attention_mask))
-            if labels is not None:
-                loss_fn = ChunkedLoss(
-                    hidden, labels, num_items_in_batch, self.config.loss_chunk_tokens, self.parts.logit_softcap()
-                )
-                loss = HeadLossFunction.apply(hidden, self.anchor, fpass, loss_fn)
-                if aux is None:
-                    return CausalLMOutputWithPast(loss=loss, logits=None)
-                loss = loss + aux_spec.coef * aux
-                return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux, logits=None)
+        finally:
+            self._record_routers = False
+            self._defer_norm = False
+            self._forward_head_uses = 1
+        hidden = out.last_hidden_state  # before the final norm when the head applies it
+        aux = None
+        if aux_spec is not None:  # the routers' load-balancing loss (see .moe)
+            hidden, aux = RouterAuxFunction.apply(hidden, self.anchor, fpass, aux_spec, to_dev(attention_mask))
+        fields: dict[str, Any] = {}
+        if want_hidden:
+            fields["hidden_states"] = out.hidden_states
+        if use_cache:
+            fields[self._cache_field] = getattr(out, self._cache_field, None)
+        if labels is not None:
+            loss_fn = ChunkedLoss(
+                hidden,
+                labels,
+                num_items_in_batch,
+                self.config.loss_chunk_tokens,
+                self.parts.logit_softcap(),
+                fused_norm,
+            )
+            loss = HeadLossFunction.apply(hidden, self.anchor, fpass, loss_fn)
+            fields["logits"] = None
+        else:
             if isinstance(logits_to_keep, int) and logits_to_keep > 0:
                 hidden = hidden[:, -logits_to_keep:]
             elif isinstance(logits_to_keep, torch.Tensor):
                 hidden = hidden[:, logits_to_keep.to(hidden.device)]
-            logits = HeadLogitsFunction.apply(hidden, self.anchor, fpass)
-            if aux is None:
-                return CausalLMOutputWithPast(loss=None, logits=logits)
-            return MoeCausalLMOutputWithPast(loss=None, aux_loss=aux, logits=logits)
-        finally:
-            self._current = None
-            self._record_routers = False
+            loss = None
+            fields["logits"] = HeadLogitsFunction.apply(hidden, self.anchor, fpass, fused_norm)
+        if aux is not None:
+            loss = None if loss is None else loss + aux_spec.coef * aux
+            result = self._output_classes[1](loss=loss, aux_loss=aux, **fields)
+        else:
+            result = self._output_classes[0](loss=loss, **fields)
+        if return_dict is False:
+            return result.to_tuple()
+        if labels is not None:
+            result.__class__ = _without_logits(type(result))
+        return result
 
     def _install(self) -> None:
         parts = self.parts
+        from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
+
+        self._output_classes = (CausalLMOutputWithPast, MoeCausalLMOutputWithPast)
+        fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+        self._cache_field = "cache" if "cache" in fields else "past_key_values"
+        params = inspect.signature(type(parts.base).forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._defer_norm = False
+        self._forward_head_uses = 1
+        self._finished: ForwardPass | None = None
+        base_forward = parts.base.forward
+        self._replaced = [
+            (module, module.__dict__.get("forward"))
+            for module in (parts.embed, parts.norm, parts.base, parts.model, *parts.layers)
+        ]
         parts.embed.forward = self._embed_call
         for i, layer in enumerate(parts.layers):
             layer.forward = functools.partial(self._layer_call, i)
-        parts.norm.forward = _identity
+        parts.norm.forward = self._norm_call
+        parts.base.forward = functools.partial(self._base_call, base_forward)
         parts.model.forward = self._causal_lm_forward
+        parts.model.__dict__["_horizon_engine"] = weakref.ref(self)
         # Layer buffers move too: templates are bound to layer i's own buffers before running as layer i.
         streamed = {id(m) for top in (parts.embed, parts.norm, parts.lm_head) for m in top.modules()}
         for module in parts.model.modules():
@@ -121,6 +222,52 @@ class ModelHooks:
             parts.model.register_load_state_dict_post_hook(lambda *a, **k: self.streamer.invalidate()),
         ]
 
+    def _uninstall(self) -> None:
+        """Gives the model its own forward methods and buffers back (undoes :meth:`_install`)."""
+        for module, forward in self._replaced:
+            if forward is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = forward
+        self._replaced = []
+        self.parts.model.__dict__.pop("_horizon_engine", None)
+        for module, name, device in self._moved_buffers:
+            module._buffers[name] = module._buffers[name].to(device)
+        self._moved_buffers = []
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
-def _identity(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    return hidden_states
+
+def check_not_streamed(model: torch.nn.Module) -> None:
+    """Refuses a model whose modules another engine still hooks (that engine was not closed)."""
+    owner = model.__dict__.get("_horizon_engine")
+    if owner is not None and owner() is not None:
+        raise ValueError(
+            f"this {type(model).__name__} is already streamed by a HorizonEngine that was not closed: call its "
+            "close() first (the horizon strategy closes its engine at the end of every fit/validate/test)"
+        )
+
+
+def _pop_cache(kwargs: dict[str, Any]) -> Any:
+    """Removes a KV cache passed by either name (``cache``; ``past_key_values`` before Transformers 5.2x)."""
+    cache = kwargs.pop("cache", None)
+    legacy = kwargs.pop("past_key_values", None)
+    return cache if cache is not None else legacy
+
+
+def _flag(value: Any, config: Any, name: str) -> bool:
+    return bool(getattr(config, name, False) if value is None else value)
+
+
+@functools.cache
+def _without_logits(cls: type) -> type:
+    """``cls`` (a model output class) whose ``logits`` attribute raises a clear error instead of returning None."""
+
+    def logits(self):
+        raise AttributeError(_NO_LOGITS)
+
+    def reduce(self):  # copies and pickles as the plain output class (logits None)
+        return cls, tuple(None if f.name == "logits" else getattr(self, f.name) for f in dataclasses.fields(cls))
+
+    return type(cls.__name__, (cls,), {"logits": property(logits), "__reduce__": reduce, "__module__": cls.__module__})

@@ -23,8 +23,9 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
 
 
-def head_logits(head: nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    logits = head["lm_head"](head["norm"](hidden))
+def head_logits(head: nn.Module, hidden: torch.Tensor, softcap: float | None, norm: bool = True) -> torch.Tensor:
+    """Logits of ``hidden`` (before the final norm when ``norm``, else already normalised)."""
+    logits = head["lm_head"](head["norm"](hidden) if norm else hidden)
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     return logits
@@ -34,10 +35,12 @@ class ChunkedLoss:
     """Chunked cross-entropy over the head.
 
     Args:
-        hidden: Last decoder layer's output, ``(B, S, H)``, before the final norm.
+        hidden: Last decoder layer's output, ``(B, S, H)``, before the final norm (or after it: ``norm=False``).
         labels: ``(B, S)`` token ids, ``-100`` where no loss is taken (not yet shifted).
         num_items_in_batch: Divide the summed loss by this instead of the number of label tokens.
         chunk_tokens: Rows per chunk.
+        softcap: ``tanh`` soft-capping of the logits (Gemma 2), or None.
+        norm: Apply the final norm to ``hidden`` chunk by chunk (fused with the loss).
     """
 
     def __init__(
@@ -47,6 +50,7 @@ class ChunkedLoss:
         num_items_in_batch: int | torch.Tensor | None,
         chunk_tokens: int,
         softcap: float | None,
+        norm: bool = True,
     ) -> None:
         target = shift_labels(labels.to(hidden.device))
         self.rows = torch.nonzero(target != IGNORE_INDEX).squeeze(1)
@@ -57,6 +61,7 @@ class ChunkedLoss:
         self.shape = hidden.shape
         self.chunk_tokens = chunk_tokens
         self.softcap = softcap
+        self.norm = norm
 
     def chunks(self):
         for start in range(0, self.num_valid, self.chunk_tokens):
@@ -66,7 +71,7 @@ class ChunkedLoss:
         flat = hidden.reshape(-1, hidden.shape[-1])
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for rows, targets in self.chunks():
-            logits = head_logits(head, flat[rows], self.softcap)
+            logits = head_logits(head, flat[rows], self.softcap, self.norm)
             total += F.cross_entropy(logits.float(), targets, reduction="sum")
         if self.num_valid == 0:
             return total  # no label token: zero loss and zero gradients (instead of a NaN mean)
@@ -83,9 +88,9 @@ class ChunkedLoss:
         for rows, targets in self.chunks():
             x = flat[rows].detach().requires_grad_(True)
             with torch.enable_grad():
-                logits = head_logits(head, x, self.softcap)
+                logits = head_logits(head, x, self.softcap, self.norm)
                 ce = F.cross_entropy(logits.float(), targets, reduction="sum")
-                grad_hidden[rows], grads = local_grads(ce, scale, x, params)
+                grad_hidden[rows], grads = local_grads(ce, scale, x, params, allow_unused=not self.norm)
             for i, g in enumerate(grads):
                 if g is not None:
                     acc[i] = g.float() if acc[i] is None else acc[i].add_(g)

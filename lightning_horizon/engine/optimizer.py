@@ -46,8 +46,19 @@ class _StepPlan:
     hyper: list[dict]
     group_of_param: dict[int, int]
     index: int
-    clip_coef: torch.Tensor | None = None
-    clip_value: float | None = None
+
+
+@dataclass
+class _Entry:
+    """One parameter's update in a scheduled group update: its gradient's state when the update was scheduled."""
+
+    sp: StoreParam
+    param_group: int
+    """Index of the optimizer's param group holding it."""
+    in_lp: bool
+    """The gradient is in the compute-dtype buffer (``grad_lp``), not the FP32 one."""
+    clip_coef: torch.Tensor | None
+    clip_value: float | None
 
 
 class LayerOptimizer:
@@ -73,9 +84,6 @@ class LayerOptimizer:
         self._shadows: dict[int, tuple[torch.optim.Optimizer, dict[int, torch.nn.Parameter]]] = {}
         self._plan: _StepPlan | None = None
         self._lock = threading.Lock()
-        self.clip_coef: torch.Tensor | None = None
-        """Set by clipping by norm; applied to every gradient by the next step (then cleared)."""
-        self.clip_value: float | None = None
         self.num_steps = 0
         largest = max((sp.numel for g in store.groups for sp in g.params), default=1)
         biggest_group = max((g.master.numel() for g in store.groups), default=1)
@@ -105,7 +113,8 @@ class LayerOptimizer:
             self._plan = _StepPlan(optimizer, shadow, shadow_params, hyper, group_of_param, self.num_steps)
 
     def schedule(self, groups: list[StoreGroup]) -> None:
-        """Queues the updates of ``groups`` in the current step (no-op for groups already queued in it)."""
+        """Queues the updates of ``groups`` in the current step (no-op for groups already queued in it). The update
+        consumes the gradients of the optimizer's parameters in the group; the others' stay."""
         with self._lock:
             plan = self._plan
             if plan is None:
@@ -115,13 +124,15 @@ class LayerOptimizer:
                     continue
                 group.scheduled_step = plan.index
                 entries = [
-                    (sp, plan.group_of_param[id(sp.param)], sp.in_lp)
+                    _Entry(sp, plan.group_of_param[id(sp.param)], sp.in_lp, sp.clip_coef, sp.clip_value)
                     for sp in group.params
                     if id(sp.param) in plan.group_of_param and not sp.fresh
                 ]
-                for sp in group.params:
-                    sp.param.grad = None
-                    sp.fresh = True
+                if not entries:
+                    continue  # nothing of this optimizer's to update: the masters (and their version) stay
+                for e in entries:
+                    e.sp.param.grad = None
+                    e.sp.discard()
                 with self.store.cond:
                     group.version += 1
                     version = group.version
@@ -134,8 +145,6 @@ class LayerOptimizer:
         """Schedules every remaining group of this step (in forward order) and closes the step; returns at once."""
         self.begin(optimizer)
         assert self._plan is not None
-        self._plan.clip_coef, self._plan.clip_value = self.clip_coef, self.clip_value
-        self.clip_coef = self.clip_value = None
         self.schedule(self.store.groups)
         with self._lock:
             self._plan = None
@@ -150,20 +159,19 @@ class LayerOptimizer:
         self.worker.close()
 
     # ------------------------------------------------------------------------------------------------- worker
-    def _update(self, group: StoreGroup, entries: list[tuple[StoreParam, int, bool]], version: int, plan: _StepPlan):
+    def _update(self, group: StoreGroup, entries: list[_Entry], version: int, plan: _StepPlan):
         try:
             copy_stale = bool(entries)
             if self.use_fused and entries:
                 entries, copy_stale = self._update_fused(group, entries, plan)
-            chunk: list[tuple[StoreParam, int, bool]] = []
+            chunk: list[_Entry] = []
             used = 0
             for entry in entries:
-                sp, _, in_lp = entry
-                if in_lp and used + sp.numel > self._scratch_numel:
+                if entry.in_lp and used + entry.sp.numel > self._scratch_numel:
                     self._apply(group, chunk, plan)
                     chunk, used = [], 0
                 chunk.append(entry)
-                used += sp.numel if in_lp else 0
+                used += entry.sp.numel if entry.in_lp else 0
             self._apply(group, chunk, plan)
             if group.copy is not None and (entries or copy_stale):
                 if group.h2d_event is not None:
@@ -172,15 +180,16 @@ class LayerOptimizer:
         finally:
             self.store.mark_updated(group, version)
 
-    def _apply(self, group: StoreGroup, chunk: list[tuple[StoreParam, int, bool]], plan: _StepPlan) -> None:
+    def _apply(self, group: StoreGroup, chunk: list[_Entry], plan: _StepPlan) -> None:
         if not chunk:
             return
         shadow = plan.shadow
         by_pg: dict[int, list[torch.nn.Parameter]] = {}
         shadow.state = {}
         offset = 0
-        for sp, pg, in_lp in chunk:
-            if in_lp:
+        for entry in chunk:
+            sp, pg = entry.sp, entry.param_group
+            if entry.in_lp:
                 if self._scratch is None:
                     with torch.inference_mode(False):
                         self._scratch = torch.empty(self._scratch_numel, dtype=torch.float32)
@@ -189,10 +198,10 @@ class LayerOptimizer:
                 offset += sp.numel
             else:
                 grad = group.grad_view(sp)
-            if plan.clip_coef is not None:
-                grad.mul_(plan.clip_coef)
-            if plan.clip_value is not None:
-                grad.clamp_(-plan.clip_value, plan.clip_value)
+            if entry.clip_coef is not None:
+                grad.mul_(entry.clip_coef)
+            if entry.clip_value is not None:
+                grad.clamp_(-entry.clip_value, entry.clip_value)
             sh = plan.shadow_params[id(sp.param)]
             sh.grad = grad
             shadow.state[sh] = plan.optimizer.state[sp.param]  # the user's state dict object, updated in place
@@ -204,9 +213,7 @@ class LayerOptimizer:
                 sh.grad = None
 
     # ----------------------------------------------------------------------------- one-pass AdamW (host_kernels.py)
-    def _update_fused(
-        self, group: StoreGroup, entries: list[tuple[StoreParam, int, bool]], plan: _StepPlan
-    ) -> tuple[list[tuple[StoreParam, int, bool]], bool]:
+    def _update_fused(self, group: StoreGroup, entries: list[_Entry], plan: _StepPlan) -> tuple[list[_Entry], bool]:
         """Steps the entries of a plain ``torch.optim.AdamW`` with FP32 CPU state in one pass each: gradient read
         straight from ``grad_lp``/``grad`` (no upcast), BF16 copy written in the same pass. Returns the entries left
         to the shadow optimizer and whether the group's copy still needs a refresh for those it stepped."""
@@ -215,14 +222,14 @@ class LayerOptimizer:
         copy = group.copy if group.copy is not None and group.copy.dtype == torch.bfloat16 else None
         scalars: dict[int, dict[str, float] | None] = {}
         rest, waited = [], False
-        clip = {"clip_coef": None if plan.clip_coef is None else float(plan.clip_coef), "clip_value": plan.clip_value}
-        for sp, pg, in_lp in entries:
+        for entry in entries:
+            sp, pg, in_lp = entry.sp, entry.param_group, entry.in_lp
             if pg not in scalars:
                 scalars[pg] = adamw_group_scalars(plan.optimizer, plan.hyper[pg])
             hyper = scalars[pg]
             state = None if hyper is None else adamw_state(plan.optimizer.state[sp.param], sp.param, plan.hyper[pg])
             if state is None:
-                rest.append((sp, pg, in_lp))
+                rest.append(entry)
                 continue
             if copy is not None and not waited and group.h2d_event is not None:
                 group.h2d_event.synchronize()  # no upload still reads the old copy
@@ -234,8 +241,17 @@ class LayerOptimizer:
             assert grad is not None
             param, copy_span = group.master[span], None if copy is None else copy[span]
             moments = exp_avg.view(-1), exp_avg_sq.view(-1)
+            clip_coef = None if entry.clip_coef is None else float(entry.clip_coef)
             fused_adamw_(
-                param, grad[span], *moments, copy_span, step=step.item(), num_threads=self.threads, **clip, **hyper
+                param,
+                grad[span],
+                *moments,
+                copy_span,
+                step=step.item(),
+                num_threads=self.threads,
+                clip_coef=clip_coef,
+                clip_value=entry.clip_value,
+                **hyper,
             )
         stepped = len(rest) < len(entries)
         return rest, stepped and group.copy is not None and copy is None

@@ -20,6 +20,7 @@ The engine knows nothing about Lightning. A plain PyTorch loop::
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -27,17 +28,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from .activations import CheckpointOffloader, materialize, prefetch
-from .adapter import DecoderParts, bind_layer_state, describe
+from .adapter import DecoderParts, bind_layer_state, describe, find_causal_lm, is_peft_wrapper, module_state
 from .config import EngineConfig, as_dtype  # noqa: F401  (re-exported)
 from .gradients import ExpertGrad, GradientSink
-from .hooks import ModelHooks
+from .hooks import ModelHooks, check_not_streamed
 from .loss import ChunkedLoss, head_logits
 from .moe import RouterTap
 from .optimizer import LayerOptimizer, clip_coefficient
 from .pinned import unregister_pinned
 from .residency import Residency
 from .segments import ForwardPass, _rng_replay, local_grads, segment_backward_order
-from .store import HostStore
+from .store import HostStore, StoreGroup
 from .streamer import LayerStreamer
 from .templates import Templates
 from .units import Unit, expert_runs, make_unit
@@ -50,7 +51,8 @@ class HorizonEngine(ModelHooks, Residency, Templates):
     """Streams a Hugging Face decoder-only causal LM from host memory (see the module docstring).
 
     Args:
-        model: A ``...ForCausalLM`` whose parameters are on the CPU. Its parameters become views into the store.
+        model: A ``...ForCausalLM`` whose parameters are on the CPU (or a PEFT model around one: the causal LM inside
+            it is streamed). Its parameters become views into the store.
         config: Engine settings.
     """
 
@@ -60,6 +62,7 @@ class HorizonEngine(ModelHooks, Residency, Templates):
         elif overrides:
             raise TypeError("pass either an EngineConfig or keyword overrides, not both")
         self.config = config
+        self._closed = False
         self.device: torch.device = config.device  # type: ignore[assignment]
         self.dtype: torch.dtype = config.compute_dtype  # type: ignore[assignment]
         for name, p in model.named_parameters():
@@ -68,7 +71,10 @@ class HorizonEngine(ModelHooks, Residency, Templates):
                     f"parameter {name!r} is on {p.device}; build the model on the CPU, the engine keeps masters in "
                     "host memory and streams layers to the compute device"
                 )
+        if is_peft_wrapper(model):
+            model = find_causal_lm(model)
         self.parts: DecoderParts = describe(model)
+        check_not_streamed(self.parts.model)
         self.model = model
         # adopt: a model loaded straight into the store's layout (lightning_horizon.loading) is taken over, not copied
         self.store = HostStore.adopt(self.parts.store_groups(), pin=config.pin_masters and self.device.type == "cuda")
@@ -82,6 +88,11 @@ class HorizonEngine(ModelHooks, Residency, Templates):
         head = nn.ModuleDict({"norm": self.parts.norm, "lm_head": self.parts.lm_head})
         self.head_uid = len(self.units)
         self.units.append(make_unit(self.head_uid, "head", ("head",), head, self.store))
+        self._head_state = module_state(head, buffers=False)
+        self._norm_groups = list(
+            {id(b.group): b.group for b in self.units[-1].bindings if b.name.startswith("norm.")}.values()
+        )
+        self._lm_head_groups = [g for g in self.units[-1].groups if g not in self._norm_groups]
         self.streamer = LayerStreamer(self.units, self.store, self.device, self.dtype, config.num_slots)
         # A slab holds one decoder layer's gradient (capped): the head's larger gradient travels in several slabs.
         slab = min(self._layer_slot_numel(), MAX_SLAB_NUMEL)
@@ -96,7 +107,10 @@ class HorizonEngine(ModelHooks, Residency, Templates):
         self.sink.allocate()
         self.offloader = CheckpointOffloader(self.device, config.offload_checkpoints)
         self._overlap = False
+        self._grad_passes = 0
+        """Forward passes with gradients since :meth:`begin_step`: updates overlap the backward only with one."""
         self.num_overlapped_updates = 0
+        self._overlapped_at_begin = 0
         """Group updates started during a backward (rather than after it)."""
         self.optim = LayerOptimizer(self.store, self.device)
         kernels = config.host_kernels if config.host_kernels is not None else self.device.type == "cuda"
@@ -129,18 +143,26 @@ class HorizonEngine(ModelHooks, Residency, Templates):
         if config.resident_layers:
             self._add_resident_slots(config.resident_layers)
         self._record_routers = False
+        self._watched: list[_ZeroGradWatch] = []
         self._install()
 
     # ------------------------------------------------------------------------------------------ public API
     def begin_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Announces that the next backward completes the gradients of a step of ``optimizer`` and that nothing
         (no clipping, no gradient edits) happens between that backward and :meth:`step`: each group's update then
-        starts as soon as its gradients are on the host, overlapping the rest of the backward."""
+        starts as soon as its gradients are on the host, overlapping the rest of the backward. When the loss comes
+        from more than one forward pass of the model, a group's gradient is complete only at the end of the whole
+        backward, so the updates then wait for :meth:`step`."""
         self.optim.begin(optimizer)
         self._overlap = True
+        self._grad_passes = 0
+        self._overlapped_at_begin = self.num_overlapped_updates
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Schedules ``optimizer``'s step on the CPU; equivalent to ``optimizer.step()`` after the full backward."""
+        """Schedules ``optimizer``'s step on the CPU; equivalent to ``optimizer.step()`` after the full backward. The
+        step consumes the gradients of ``optimizer``'s parameters (as if ``zero_grad()`` followed it); the other
+        parameters' gradients stay for another optimizer's step."""
+        self.watch(optimizer)
         self.finish_backward()
         self._overlap = False
         self.optim.step(optimizer)
@@ -155,26 +177,51 @@ class HorizonEngine(ModelHooks, Residency, Templates):
     def clip_grad_norm_(
         self, max_norm: float, norm_type: float = 2.0, optimizer: torch.optim.Optimizer | None = None
     ) -> torch.Tensor:
-        """Clips the gradients of the next step by their global norm (as ``torch.nn.utils.clip_grad_norm_``).
+        """Clips the current gradients (of ``optimizer``'s parameters, or of every parameter) by their global norm, as
+        ``torch.nn.utils.clip_grad_norm_`` does.
 
-        The scaling itself is applied by the CPU optimizer, group by group, just before each update.
-        Returns the total norm before clipping.
+        The scaling itself is applied by the CPU optimizer, group by group, just before each update (a gradient
+        discarded by ``zero_grad`` drops its scaling with it). Returns the total norm before clipping.
         """
         self.finish_backward()
         entries = self._grad_entries(optimizer)
         norms = []
         for group, sp in entries:
             tracked = self.sink.track_norms and norm_type == 2.0 and sp.grad_norm is not None  # recorded as it landed
-            norms.append(
-                sp.grad_norm if tracked else torch.linalg.vector_norm(self.sink.gradient(group, sp), norm_type)
-            )
+            norm = sp.grad_norm if tracked else torch.linalg.vector_norm(self.sink.gradient(group, sp), norm_type)
+            norms.append(norm if sp.clip_coef is None else norm * sp.clip_coef.to(norm.device))  # clipped before
         total, coef = clip_coefficient(norms, float(max_norm), norm_type)
-        self.optim.clip_coef = coef if float(coef) < 1.0 else None
+        if float(coef) < 1.0:
+            for _, sp in entries:
+                sp.clip_coef = coef if sp.clip_coef is None else sp.clip_coef * coef
         return total
 
-    def clip_grad_value_(self, clip_value: float) -> None:
-        """Clamps the gradients of the next step to ``[-clip_value, clip_value]`` (applied per group by the optimizer)."""
-        self.optim.clip_value = float(clip_value)
+    def clip_grad_value_(self, clip_value: float, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Clamps the current gradients (of ``optimizer``'s parameters, or of every parameter) to
+        ``[-clip_value, clip_value]``, as ``torch.nn.utils.clip_grad_value_`` does (applied by the optimizer)."""
+        self.finish_backward()
+        for _, sp in self._grad_entries(optimizer):
+            if sp.clip_coef is not None or sp.clip_value is not None:
+                raise ValueError(
+                    "the horizon engine clips a gradient once per step: clip_grad_value_ after another clipping of "
+                    "the same gradients is not supported"
+                )
+            sp.clip_value = float(clip_value)
+
+    def watch(self, optimizer: torch.optim.Optimizer) -> None:
+        """Makes ``optimizer.zero_grad()`` discard the engine's host gradients of its parameters too, as PyTorch
+        discards ``param.grad`` (the strategy watches every optimizer; :meth:`step` watches the ones it steps).
+        :meth:`close` gives the optimizer its own ``zero_grad`` back."""
+        if not any(w.optimizer() is optimizer for w in self._watched):
+            self._watched.append(_ZeroGradWatch(self, optimizer))
+
+    def discard_gradients(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Forgets the current gradients of ``optimizer``'s parameters (or of every parameter): the next backward
+        writes them afresh, and a step before it skips them (what ``zero_grad()`` means)."""
+        self.sink.wait()
+        params = (p for g in optimizer.param_groups for p in g["params"]) if optimizer is not None else None
+        for sp in self.store.params(params):
+            sp.discard()
 
     def finish_backward(self) -> None:
         """Waits until every gradient is on the host and exposes them as ``param.grad``."""
@@ -200,7 +247,13 @@ class HorizonEngine(ModelHooks, Residency, Templates):
                 group.copy.copy_(group.master)
 
     def close(self) -> None:
-        """Stops the workers, restores the model's own forward methods and moves buffers back to the CPU."""
+        """Waits for pending updates (the masters are then final), stops the workers, frees the host gradients,
+        weight copies and pinned registrations, gives the model its own forward methods and buffers back and the
+        watched optimizers their own ``zero_grad``. The model stays usable as an ordinary CPU model (its parameters
+        remain views into the store's FP32 buffers), and a later engine adopts those buffers without a copy."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             self.synchronize()
         finally:
@@ -211,14 +264,19 @@ class HorizonEngine(ModelHooks, Residency, Templates):
             for group in self.store.groups:
                 if group.copy is not None:
                     unregister_pinned(group.copy)
-                    group.copy = None
-            for module in (self.parts.embed, self.parts.norm, self.parts.model, *self.parts.layers):
-                module.__dict__.pop("forward", None)
-            for module, name, device in self._moved_buffers:
-                module._buffers[name] = module._buffers[name].to(device)
-            for hook in [*self._hooks, *self._expert_hooks]:
+                for sp in group.params:
+                    sp.param.grad = None
+                    sp.discard()
+                group.copy = group.grad = group.grad_lp = None
+            self._uninstall()
+            for hook in self._expert_hooks:
                 hook.remove()
+            self._expert_hooks = []
             self.routers.close()
+            for watch in self._watched:
+                watch.restore()
+            self._watched = []
+            self._current = self._finished = None
 
     @property
     def stats(self) -> dict[str, float]:
@@ -288,42 +346,57 @@ class HorizonEngine(ModelHooks, Residency, Templates):
         return grad_in
 
     def head_loss_forward(self, loss_fn: ChunkedLoss, hidden: torch.Tensor) -> torch.Tensor:
-        slot, head = self.streamer.acquire(self.head_uid)
+        slot, head, _ = self._acquire(self.head_uid)
         with torch.no_grad():
             loss = loss_fn.forward(head, hidden)
         self.streamer.release(slot)
         return loss
 
     def head_loss_backward(self, loss_fn: ChunkedLoss, hidden: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
-        slot, head = self.streamer.acquire(self.head_uid)
-        params = self._template_params[(slot.index, ("head",))]
+        slot, head, params = self._acquire(self.head_uid)
         grad_hidden, grads = loss_fn.backward(head, params, hidden, grad_loss)
         self.streamer.release(slot)
-        self._submit(self.head_uid, [None if g is None else g.to(self.dtype) for g in grads])
+        grads = [None if g is None else g.to(self.dtype) for g in grads]
+        self._submit(self.head_uid, grads, final=None if loss_fn.norm else self._lm_head_groups)
         return grad_hidden
 
-    def head_logits_forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        slot, head = self.streamer.acquire(self.head_uid)
+    def head_logits_forward(self, hidden: torch.Tensor, norm: bool) -> torch.Tensor:
+        slot, head, _ = self._acquire(self.head_uid)
         with torch.no_grad():
-            logits = head_logits(head, hidden, self.parts.logit_softcap())
+            logits = head_logits(head, hidden, self.parts.logit_softcap(), norm)
         self.streamer.release(slot)
         return logits
 
-    def head_logits_backward(self, hidden: torch.Tensor, grad_logits: torch.Tensor) -> torch.Tensor:
-        slot, head = self.streamer.acquire(self.head_uid)
-        params = self._template_params[(slot.index, ("head",))]
+    def head_logits_backward(self, hidden: torch.Tensor, grad_logits: torch.Tensor, norm: bool) -> torch.Tensor:
+        slot, head, params = self._acquire(self.head_uid)
         x = hidden.detach().requires_grad_(True)
         with torch.enable_grad():
-            logits = head_logits(head, x, self.parts.logit_softcap())
-            grad_x, grads = local_grads(logits, grad_logits, x, params)
+            logits = head_logits(head, x, self.parts.logit_softcap(), norm)
+            grad_x, grads = local_grads(logits, grad_logits, x, params, allow_unused=not norm)
         self.streamer.release(slot)
-        self._submit(self.head_uid, grads)
+        self._submit(self.head_uid, grads, final=None if norm else self._lm_head_groups)
+        return grad_x
+
+    def norm_forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        slot, head, _ = self._acquire(self.head_uid)
+        with torch.no_grad():
+            out = head["norm"](hidden)
+        self.streamer.release(slot)
+        return out
+
+    def norm_backward(self, hidden: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+        slot, head, params = self._acquire(self.head_uid)
+        x = hidden.detach().requires_grad_(True)
+        with torch.enable_grad():
+            grad_x, grads = local_grads(head["norm"](x), grad_out, x, params, allow_unused=True)
+        self.streamer.release(slot)
+        self._submit(self.head_uid, grads, final=self._norm_groups)
         return grad_x
 
     def plan_backward(self, fpass: ForwardPass) -> None:
         k = self.config.checkpoint_every
         recomputed = min(fpass.first_kept, self.parts.num_layers)  # kept layers hold their slots already
-        order = [self.head_uid] + [i for i, _ in segment_backward_order(recomputed, k)]
+        order = [self.head_uid] * fpass.head_nodes + [i for i, _ in segment_backward_order(recomputed, k)]
         self.streamer.plan(order)
         if recomputed:
             prefetch(fpass.inputs.get((recomputed - 1) // k * k))
@@ -332,8 +405,7 @@ class HorizonEngine(ModelHooks, Residency, Templates):
     def _run_layer(
         self, fpass: ForwardPass, index: int, hidden: torch.Tensor, kwargs: dict, grad: bool, grad_out=None, keep=False
     ):
-        slot, module = self.streamer.acquire(index)
-        bind_layer_state(module, self._layer_state[index])
+        slot, module, _ = self._acquire(index)
         module.train(fpass.train_mode)
         rng = _rng_replay(fpass, index, self.device, enabled=self._stochastic and fpass.train_mode and fpass.keep)
         hits: dict[str, set[int]] = {}
@@ -379,7 +451,28 @@ class HorizonEngine(ModelHooks, Residency, Templates):
         self._submit(index, grads, hits)
         return grad_in
 
-    def _submit(self, uid: int, grads: list[torch.Tensor | None], hits: dict[str, set[int]] | None = None) -> None:
+    def _acquire(self, uid: int) -> tuple[Any, nn.Module, list[nn.Parameter]]:
+        """The slot holding unit ``uid``, its template set up to run as that unit (its buffers, identity and adapter
+        state bound; each parameter trainable exactly when the model's own one is now) and the template's
+        parameters in binding order."""
+        slot, module = self.streamer.acquire(uid)
+        unit = self.units[uid]
+        bind_layer_state(module, self._head_state if uid == self.head_uid else self._layer_state[uid])
+        params = self._template_params[(slot.index, unit.structure)]
+        for p, b in zip(params, unit.bindings):
+            if p.requires_grad != b.entry.param.requires_grad:  # frozen or unfrozen since the template was made
+                p.requires_grad_(b.entry.param.requires_grad)
+        return slot, module, params
+
+    def _submit(
+        self,
+        uid: int,
+        grads: list[torch.Tensor | None],
+        hits: dict[str, set[int]] | None = None,
+        final: list[StoreGroup] | None = None,
+    ) -> None:
+        """Hands a unit's weight gradients to the sink. ``final``: the groups complete once they land (default: every
+        group of the unit but the embedding's)."""
         unit = self.units[uid]
         if unit.experts and hits is not None:
             grads = list(grads)
@@ -394,7 +487,8 @@ class HorizonEngine(ModelHooks, Residency, Templates):
         embed = self.store.entry(self.parts.embed.weight)[0]
         # Every group of a unit is complete after its backward, except the embedding (tied lm_head): that one also
         # receives the embedding's own gradient at the very end of the backward.
-        self.sink.submit(targets, grads, final=[g for g in unit.groups if g is not embed])
+        final = unit.groups if final is None else final
+        self.sink.submit(targets, grads, final=[g for g in final if g is not embed])
 
     def _on_final(self, groups) -> None:
         if self._overlap:
@@ -410,9 +504,31 @@ class HorizonEngine(ModelHooks, Residency, Templates):
                 group.copy.copy_(group.master)
 
     def _grad_entries(self, optimizer: torch.optim.Optimizer | None):
-        if optimizer is not None:
-            params = [p for g in optimizer.param_groups for p in g["params"]]
-            entries = [self.store.entry(p) for p in params]
+        params = None if optimizer is None else [p for g in optimizer.param_groups for p in g["params"]]
+        return [self.store.entry(sp.param) for sp in self.store.params(params) if sp.trainable and not sp.fresh]
+
+
+class _ZeroGradWatch:
+    """``optimizer.zero_grad`` replaced by one that first discards the engine's gradients of its parameters."""
+
+    def __init__(self, engine: HorizonEngine, optimizer: torch.optim.Optimizer) -> None:
+        self.engine = weakref.ref(engine)
+        self.optimizer = weakref.ref(optimizer)
+        self.own = optimizer.__dict__.get("zero_grad")  # an instance attribute to give back, if there was one
+        self.original = optimizer.zero_grad
+        optimizer.zero_grad = self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        engine, optimizer = self.engine(), self.optimizer()
+        if engine is not None and optimizer is not None:
+            engine.discard_gradients(optimizer)
+        return self.original(*args, **kwargs)
+
+    def restore(self) -> None:
+        optimizer = self.optimizer()
+        if optimizer is None or optimizer.__dict__.get("zero_grad") is not self:
+            return
+        if self.own is None:
+            del optimizer.zero_grad
         else:
-            entries = [(g, sp) for g in self.store.groups for sp in g.params]
-        return [(g, sp) for g, sp in entries if sp.trainable and not sp.fresh]
+            optimizer.zero_grad = self.own

@@ -47,6 +47,13 @@ class ForwardPass:
         self.kept: dict[int, tuple] = {}
         """Kept layers: ``(slot, input, output, router logits, hit experts)``; the slot stays claimed until the
         layer's backward (its weights are part of the graph)."""
+        self.head_nodes = 0
+        """Autograd nodes of this pass that run the head in their backward (the loss or logits, the final norm when
+        it runs on its own): the backward's upload plan starts with that many uses of the head."""
+
+    def add_head_node(self, ctx) -> None:
+        if any(ctx.needs_input_grad):
+            self.head_nodes += 1
 
     def start_backward(self) -> None:
         if not self.backward_started:
@@ -86,12 +93,32 @@ class LayerFunction(torch.autograd.Function):
         return fpass.engine.layer_backward(fpass, ctx.index, grad_out), None, None, None, None
 
 
+class NormFunction(torch.autograd.Function):
+    """The final norm on its own, when its output goes back to the caller (``output_hidden_states``, a call of the
+    decoder itself): the head then takes the normalised hidden states."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, anchor: torch.Tensor, fpass: ForwardPass) -> torch.Tensor:
+        ctx.fpass = fpass
+        fpass.add_head_node(ctx)
+        ctx.save_for_backward(hidden)
+        return fpass.engine.norm_forward(hidden)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        fpass: ForwardPass = ctx.fpass
+        fpass.start_backward()
+        (hidden,) = ctx.saved_tensors
+        return fpass.engine.norm_backward(hidden, grad_out), None, None
+
+
 class HeadLossFunction(torch.autograd.Function):
-    """Final norm + lm_head + cross-entropy, chunked (see :mod:`.loss`)."""
+    """Final norm (unless it ran on its own) + lm_head + cross-entropy, chunked (see :mod:`.loss`)."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, anchor: torch.Tensor, fpass: ForwardPass, loss_fn) -> torch.Tensor:
         ctx.fpass, ctx.loss_fn = fpass, loss_fn
+        fpass.add_head_node(ctx)
         ctx.save_for_backward(hidden)
         return fpass.engine.head_loss_forward(loss_fn, hidden)
 
@@ -104,20 +131,21 @@ class HeadLossFunction(torch.autograd.Function):
 
 
 class HeadLogitsFunction(torch.autograd.Function):
-    """Final norm + lm_head returning full logits (used when no labels are given)."""
+    """Final norm (when ``norm``) + lm_head returning full logits (used when no labels are given)."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, anchor: torch.Tensor, fpass: ForwardPass) -> torch.Tensor:
-        ctx.fpass = fpass
+    def forward(ctx, hidden: torch.Tensor, anchor: torch.Tensor, fpass: ForwardPass, norm: bool) -> torch.Tensor:
+        ctx.fpass, ctx.norm = fpass, norm
+        fpass.add_head_node(ctx)
         ctx.save_for_backward(hidden)
-        return fpass.engine.head_logits_forward(hidden)
+        return fpass.engine.head_logits_forward(hidden, norm)
 
     @staticmethod
     def backward(ctx, grad_logits: torch.Tensor):
         fpass: ForwardPass = ctx.fpass
         fpass.start_backward()
         (hidden,) = ctx.saved_tensors
-        return fpass.engine.head_logits_backward(hidden, grad_logits), None, None
+        return fpass.engine.head_logits_backward(hidden, grad_logits, ctx.norm), None, None, None
 
 
 def local_grads(

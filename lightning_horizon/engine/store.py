@@ -18,6 +18,7 @@ update is running.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -47,10 +48,19 @@ class StoreParam:
     """The current gradient is in the group's compute-dtype buffer (``grad_lp``), not the FP32 one."""
     grad_norm: torch.Tensor | None = None
     """L2 norm of the current gradient (kept when norm tracking is on)."""
+    clip_coef: torch.Tensor | None = None
+    """Scale of the current gradient set by clipping by norm (applied by the optimizer, with the update)."""
+    clip_value: float | None = None
+    """Bound of the current gradient set by clipping by value (applied by the optimizer, with the update)."""
 
     @property
     def trainable(self) -> bool:
         return self.param.requires_grad
+
+    def discard(self) -> None:
+        """Forgets the current gradient (consumed by an update, or dropped by ``zero_grad``)."""
+        self.fresh = True
+        self.grad_norm = self.clip_coef = self.clip_value = None
 
 
 @dataclass(eq=False)
@@ -151,6 +161,13 @@ class HostStore:
             return self.by_param[id(param)]
         except KeyError:
             raise ValueError("this parameter is not part of the streamed model's host store") from None
+
+    def params(self, params: Iterable[nn.Parameter] | None = None) -> list[StoreParam]:
+        """The entries of ``params`` (those the store holds, each once), or every entry in store order."""
+        if params is None:
+            return [sp for g in self.groups for sp in g.params]
+        found = {id(p): self.by_param[id(p)][1] for p in params if id(p) in self.by_param}
+        return list(found.values())
 
     @property
     def num_params(self) -> int:

@@ -403,13 +403,18 @@ class LayerStreamer:
 
     def _prototype(self, unit: Unit) -> nn.Module:
         """A parameterless copy of the unit's module, taken before the engine hooks the model (slots made later copy
-        it, never the hooked source)."""
+        it, never the hooked source). Module hooks are not copied: hooks on the model's own modules (Hugging Face's
+        output recording, a user's observer) fire where the model's modules are called, not once per template run."""
         if unit.structure not in self._prototypes:
             memo = {}
             with torch.inference_mode(False):
                 for p in unit.source.parameters():
                     memo[id(p)] = nn.Parameter(torch.empty(0), requires_grad=p.requires_grad)
-                self._prototypes[unit.structure] = copy.deepcopy(unit.source, memo)
+                prototype = copy.deepcopy(unit.source, memo)
+            for module in prototype.modules():
+                for name in _HOOK_DICTS:
+                    getattr(module, name, {}).clear()
+            self._prototypes[unit.structure] = prototype
         return self._prototypes[unit.structure]
 
     def _make_template(self, unit: Unit, slot: _Slot) -> nn.Module:
@@ -417,12 +422,26 @@ class LayerStreamer:
             template = copy.deepcopy(self._prototype(unit))
             for b in unit.bindings:
                 owner, leaf = _owner(template, b.name)
-                view = slot.buf[b.offset : b.offset + b.entry.numel].view(b.entry.shape)
+                # ``.data``: a view with a version counter of its own. Views of one buffer share one counter, so an
+                # in-place write to one parameter (PEFT's parameter adapters re-set theirs at every call) would look
+                # like a change to every other parameter of the slot that a layer's graph saved.
+                view = slot.buf[b.offset : b.offset + b.entry.numel].view(b.entry.shape).data
                 owner._parameters[leaf] = nn.Parameter(view, requires_grad=b.entry.param.requires_grad)
             for name, buf in list(template.named_buffers()):
                 owner, leaf = _owner(template, name)
                 owner._buffers[leaf] = buf.to(self.device)
         return template
+
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
 
 
 def _owner(root: nn.Module, dotted: str) -> tuple[nn.Module, str]:
