@@ -13,7 +13,10 @@
    row chunks) and cast into its view. The only extra memory is the file's pages mapped by ``safe_open`` (at most one
    shard) plus one chunk.
 
-Missing, unexpected, mis-shaped or inconsistently tied tensors raise a ``ValueError`` naming the key and the file.
+Missing, unexpected, mis-shaped or inconsistently tied tensors raise a ``ValueError`` naming the key and the file;
+an unreadable (corrupted, truncated, empty) safetensors file one naming the file. :func:`check_model_dir` checks a
+local model directory before anything is built: it exists, holds a ``config.json`` and readable safetensors headers.
+The source's ``generation_config.json`` becomes the model's ``generation_config`` (an export writes it again).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -33,6 +37,7 @@ from lightning_horizon.engine.adapter import describe
 from lightning_horizon.engine.store import HostStore
 
 _CHUNK_BYTES = 64 << 20
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _IGNORED_UNEXPECTED = (r"rotary_emb\.inv_freq$", r"rotary_emb\.original_inv_freq$")
 
 
@@ -50,13 +55,68 @@ def load_hf_model(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory = _resolve(path)
+    check_model_dir(directory)
     config = AutoConfig.from_pretrained(directory)
     with params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     materialize(model, dtype)
     load_safetensors_into(model, directory)
+    if (directory / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(directory)
     model.eval()
     return model
+
+
+def looks_local(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a local directory rather than a Hugging Face hub id (``org/name``)."""
+    text = str(path)
+    return (
+        Path(text).expanduser().exists()
+        or text.startswith(("/", ".", "~"))
+        or os.sep in text.strip(os.sep).split(os.sep, 1)[-1]
+        or not _HUB_ID.match(text)
+    )
+
+
+def check_model_dir(path: str | os.PathLike) -> None:
+    """Raises ``ValueError`` naming ``path`` and what is missing unless it is a readable Hugging Face model
+    directory: it exists, has a ``config.json`` and safetensors weights whose headers read (a hub id that is not a
+    local path is left to the download)."""
+    directory = Path(path).expanduser()
+    if not directory.exists():
+        if looks_local(path):
+            raise ValueError(f"{path}: no such directory (a Hugging Face hub id has the form org/name)")
+        return
+    if not directory.is_dir():
+        raise ValueError(f"{path} is a file; it must be a Hugging Face model directory")
+    names = sorted(p.name for p in directory.iterdir())
+    if not names:
+        raise ValueError(
+            f"{path} is an empty directory: expected config.json, safetensors weights "
+            "and tokenizer files (a save_pretrained directory)"
+        )
+    if "config.json" not in names:
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        raise ValueError(f"{path} has no config.json, so it is not a Hugging Face model directory (it holds {shown})")
+    for name in weight_files(directory):
+        with _open(directory / name):
+            pass
+
+
+@contextlib.contextmanager
+def _open(file: Path) -> Iterator[Any]:
+    """``safe_open`` that names the file when it cannot be read."""
+    try:
+        handle = safe_open(str(file), framework="pt")
+    except Exception as err:  # noqa: BLE001 - SafetensorError, OSError: unreadable either way
+        raise ValueError(
+            f"cannot read the safetensors file {file} ({file.stat().st_size if file.exists() else 0} bytes): {err}. "
+            "The file is corrupted or truncated: download or save it again"
+        ) from err
+    with handle as f:
+        yield f
 
 
 @contextlib.contextmanager
@@ -117,7 +177,10 @@ def weight_files(directory: str | os.PathLike) -> dict[str, list[str]]:
     directory = Path(directory)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{index} is not a valid safetensors index (no weight_map): {err}") from err
         files: dict[str, list[str]] = {}
         for key, name in weight_map.items():
             files.setdefault(name, []).append(key)
@@ -127,7 +190,7 @@ def weight_files(directory: str | os.PathLike) -> dict[str, list[str]]:
         return files
     single = directory / "model.safetensors"
     if single.is_file():
-        with safe_open(str(single), framework="pt") as f:
+        with _open(single) as f:
             return {single.name: list(f.keys())}
     raise ValueError(
         f"no safetensors weights in {directory}: expected model.safetensors or model.safetensors.index.json "
@@ -147,7 +210,7 @@ def load_safetensors_into(model: nn.Module, directory: str | os.PathLike) -> Non
     ]
     for file_name in sorted(weight_files(directory)):
         file_path = directory / file_name
-        with safe_open(str(file_path), framework="pt") as f, torch.no_grad():
+        with _open(file_path) as f, torch.no_grad():
             for key in f.keys():
                 if key not in targets:
                     if any(p.search(key) for p in ignored):
@@ -210,8 +273,10 @@ def _persistent(model: nn.Module, name: str) -> bool:
 
 
 def _resolve(path: str | os.PathLike) -> Path:
-    if Path(path).is_dir():
-        return Path(path)
+    if Path(path).expanduser().is_dir():
+        return Path(path).expanduser()
+    if looks_local(path):
+        check_model_dir(path)  # raises: names the path and what is wrong
     try:
         from huggingface_hub import snapshot_download
     except ImportError:  # pragma: no cover

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 import lightning_horizon  # noqa: F401
-from lightning_horizon.checkpoint import CheckpointError, HorizonCheckpointIO, is_horizon_checkpoint
+from lightning_horizon import checkpoint as checkpoint_module
+from lightning_horizon.checkpoint import CheckpointError, CheckpointReader, HorizonCheckpointIO, is_horizon_checkpoint
+from lightning_horizon.checkpoint_callback import HorizonModelCheckpoint, checkpoint_step, find_resume_checkpoint
+from lightning_horizon.files import remove_stale_temporaries
 from tests.helpers import LMModule, RandomTokens, clone, loader, tiny_model
 
 QUIET = dict(logger=False, enable_progress_bar=False, enable_model_summary=False)
@@ -272,3 +276,128 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     assert time.monotonic() - start < 60
     trainer.save_checkpoint(path)  # the next save of that name removes the dead process's temporary directory
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# ------------------------------------------------------------------------- last.ckpt without a second copy (#12)
+def _inodes(path: Path) -> dict[str, int]:
+    return {str(p.relative_to(path)): p.stat().st_ino for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _horizon_checkpoint(dirpath: Path, **kw) -> HorizonModelCheckpoint:
+    return HorizonModelCheckpoint(dirpath=dirpath, filename="step-{step}", auto_insert_metric_name=False, **kw)
+
+
+def test_last_is_a_hard_linked_twin_of_the_checkpoint_just_saved(tmp_path, monkeypatch):
+    writes = []
+    write = checkpoint_module.write_safetensors
+    monkeypatch.setattr(
+        checkpoint_module, "write_safetensors", lambda path, *a, **k: writes.append(path) or write(path, *a, **k)
+    )
+    cb = _horizon_checkpoint(tmp_path, every_n_train_steps=2)
+    fit(tiny_model("qwen2"), 6, loader(8), callbacks=[cb])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step-6.ckpt"]
+    last, step = tmp_path / "last.ckpt", tmp_path / "step-6.ckpt"
+    assert last.is_dir() and not last.is_symlink()
+    assert _inodes(last) == _inodes(step)  # the same files: one write per save, half the I/O and the disk
+    assert all(p.stat().st_nlink == 2 for p in last.rglob("*") if p.is_file())
+    shards_per_save = len([p for p in step.rglob("*.safetensors")])
+    assert len(writes) == 3 * shards_per_save  # steps 2, 4, 6: `last` never wrote a shard
+    shutil.rmtree(step)  # removing the step checkpoint (the top-k rotation does) leaves `last` whole
+    CheckpointReader(last)
+
+
+def test_resuming_from_the_linked_last_continues_the_rotation(tmp_path):
+    ref = tiny_model("qwen2")
+    full, _ = fit(clone(ref), 8, loader(4), callbacks=[_horizon_checkpoint(tmp_path / "full", every_n_train_steps=2)])
+    fit(clone(ref), 2, loader(4), callbacks=[_horizon_checkpoint(tmp_path, every_n_train_steps=2)])  # the first `last`
+    resumed, trainer = fit(
+        clone(ref),
+        8,
+        loader(4),
+        ckpt_path=tmp_path / "last.ckpt",
+        callbacks=[_horizon_checkpoint(tmp_path, every_n_train_steps=2)],
+    )
+    assert trainer.global_step == 8 and resumed.losses == full.losses[2:]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and p.name != "full") == ["last.ckpt", "step-8.ckpt"]
+    assert _inodes(tmp_path / "last.ckpt") == _inodes(tmp_path / "step-8.ckpt")  # no last-v1, no second copy
+
+
+def _killed_before_last(dirpath: Path, at: int) -> HorizonModelCheckpoint:
+    """Dies between the top-k save and `last` at step ``at``, as a SIGKILL there would leave the directory."""
+    cb = _horizon_checkpoint(dirpath, every_n_train_steps=2)
+    link = cb._link_checkpoint
+
+    def killed(trainer, filepath, linkpath):
+        if trainer.global_step == at:
+            raise RuntimeError("killed")
+        link(trainer, filepath, linkpath)
+
+    cb._link_checkpoint = killed
+    return cb
+
+
+def test_a_kill_between_the_step_checkpoint_and_last_leaves_no_orphan(tmp_path):
+    ref = tiny_model("qwen2")
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(
+            clone(ref),
+            8,
+            loader(8),
+            callbacks=[_killed_before_last(tmp_path, at=4)],
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step-4.ckpt"]
+    assert checkpoint_step(tmp_path / "last.ckpt") == 2 and checkpoint_step(tmp_path / "step-4.ckpt") == 4
+    assert find_resume_checkpoint(tmp_path) == tmp_path / "step-4.ckpt"  # the newest complete one, not `last`
+    _, trainer = fit(
+        clone(ref),
+        8,
+        loader(8),
+        ckpt_path=tmp_path / "step-4.ckpt",
+        callbacks=[_horizon_checkpoint(tmp_path, every_n_train_steps=2)],
+    )
+    assert trainer.global_step == 8
+    # Lightning never removes the checkpoint a run resumed from: once `last` is newer, it goes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step-8.ckpt"]
+
+
+def test_resuming_from_an_older_last_removes_the_newer_orphan_once_passed(tmp_path):
+    ref = tiny_model("qwen2")
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(
+            clone(ref),
+            8,
+            loader(8),
+            callbacks=[_killed_before_last(tmp_path, at=4)],
+        )
+    unrelated = tmp_path / "notes.ckpt"  # not this callback's name pattern: never touched
+    shutil.copytree(tmp_path / "last.ckpt", unrelated)
+    _, trainer = fit(
+        clone(ref),
+        8,
+        loader(8),
+        ckpt_path=tmp_path / "last.ckpt",
+        callbacks=[_horizon_checkpoint(tmp_path, every_n_train_steps=2)],
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "notes.ckpt", "step-8.ckpt"]
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_temporaries_of_dead_processes_are_swept_at_start(tmp_path):
+    dead = _dead_pid()
+    stale = [tmp_path / f".step-6.ckpt.tmp-{dead}-0123abcd", tmp_path / f".last.ckpt.old-{dead}-89abcdef"]
+    for path in stale:
+        (path / "model").mkdir(parents=True)
+        (path / "model" / "layers.0.safetensors").write_bytes(b"x" * 1000)
+    stale_file = tmp_path / f".last.ckpt.tmp-{dead}-deadbeef"
+    stale_file.write_bytes(b"x")
+    alive = tmp_path / f".step-2.ckpt.tmp-{os.getpid()}-0123abcd"  # a save in progress in a live process
+    alive.mkdir()
+    fit(tiny_model("qwen2"), 2, loader(8), callbacks=[_horizon_checkpoint(tmp_path, every_n_train_steps=2)])
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(["last.ckpt", "step-2.ckpt", alive.name])
+    assert remove_stale_temporaries(tmp_path) == []  # this process is alive: its temporary stays

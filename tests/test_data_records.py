@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import warnings
 
 import pyarrow as pa
@@ -103,11 +105,24 @@ def test_malformed_line_names_file_and_line(tmp_path):
         read_records(path)
 
 
-def test_skip_bad_rows_reports_count(tmp_path):
+def test_skip_bad_rows_reports_count_once(tmp_path, caplog):
     path = write_jsonl(tmp_path / "d.jsonl", [CHAT, "not json", {"foo": 1}, CHAT])
-    with pytest.warns(UserWarning, match=r"skipped 2 bad row\(s\).*d\.jsonl:2"):
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.DEBUG):
+        warnings.simplefilter("always")
         records, skipped = read_records(path, skip_bad_rows=True)
     assert skipped == 2 and len(records) == 2
+    messages = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and re.search(r"skipped 2 bad row\(s\).*d\.jsonl:2", messages[0])  # said once
+
+
+def test_non_utf8_line_names_file_and_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(json.dumps(CHAT).encode() + b"\n" + b'{"text": "caf\xe9"}\n' + json.dumps(TEXT).encode() + b"\n")
+    with pytest.raises(DataError, match=r"d\.jsonl:2: not valid UTF-8 \(byte 0xe9 at byte 14 of the line\)"):
+        read_records(str(path))
+    with pytest.warns(UserWarning, match=r"skipped 1 bad row\(s\).*d\.jsonl:2: not valid UTF-8"):
+        records, skipped = read_records(str(path), skip_bad_rows=True)
+    assert skipped == 1 and [r.source.rsplit(":", 1)[1] for r in records] == ["1", "3"]
 
 
 @pytest.mark.parametrize(

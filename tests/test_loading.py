@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -12,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from transformers import GenerationConfig
 
 from lightning_horizon.engine import HorizonEngine
 from lightning_horizon.engine.store import HostStore
-from lightning_horizon.loading import load_hf_model
+from lightning_horizon.loading import check_model_dir, load_hf_model
 from tests.helpers import make_batch, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,6 +130,44 @@ def test_missing_shard_is_named(tmp_path):
         load_hf_model(tmp_path)
 
 
+@pytest.mark.parametrize("damage", ["corrupted", "truncated", "empty"])
+@pytest.mark.parametrize("shard", ["20KB", "1GB"])
+def test_unreadable_safetensors_file_is_named(tmp_path, damage, shard):
+    saved(tmp_path, shard=shard)
+    file = tmp_path / ("model.safetensors" if shard == "1GB" else "model-00003-of-00010.safetensors")
+    data = file.read_bytes()
+    if damage == "corrupted":
+        data = data[:8] + b"\xff" * 16 + data[24:]  # the header's JSON
+    file.write_bytes({"corrupted": data, "truncated": data[:-100], "empty": b""}[damage])
+    with pytest.raises(ValueError, match=rf"cannot read the safetensors file {re.escape(str(file))} .*corrupted or"):
+        check_model_dir(tmp_path)  # before anything is built
+    with pytest.raises(ValueError, match=rf"cannot read the safetensors file {re.escape(str(file))}"):
+        load_hf_model(tmp_path)
+
+
+def test_model_dir_problems_are_named(tmp_path):
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'nope'}: no such directory"):
+        load_hf_model(tmp_path / "nope")
+    with pytest.raises(ValueError, match="models/nope/x: no such directory"):
+        check_model_dir("models/nope/x")  # a relative path, not a hub id (those are org/name)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty is an empty directory"):
+        load_hf_model(tmp_path / "empty")
+    (tmp_path / "weights_only").mkdir()
+    (tmp_path / "weights_only" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"weights_only has no config.json.*\(it holds model.safetensors\)"):
+        load_hf_model(tmp_path / "weights_only")
+    check_model_dir("Qwen/Qwen2.5-7B")  # a hub id: left to the download
+
+
+def test_the_source_generation_config_is_kept(tmp_path):
+    model = saved(tmp_path)
+    GenerationConfig(temperature=0.7, top_p=0.8, do_sample=True, eos_token_id=[1, 2]).save_pretrained(tmp_path)
+    loaded = load_hf_model(tmp_path)
+    assert loaded.generation_config.top_p == 0.8 and loaded.generation_config.eos_token_id == [1, 2]
+    assert model.generation_config.top_p is None  # not a default
+
+
 # ------------------------------------------------------------------------------------------ peak host memory
 _MAKE = textwrap.dedent(
     """
@@ -166,7 +206,7 @@ _MEASURE = textwrap.dedent(
     import json, os, sys, time, torch
     import lightning_horizon
     from lightning_horizon.checkpoint import save_sharded
-    from lightning_horizon.loading import load_hf_model
+    from lightning_horizon.loading import check_model_dir, load_hf_model
 
     def status(key):
         for line in open("/proc/self/status"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lightning_horizon.models import ModelConfig, build_hf_config, build_model, count_parameters
+from lightning_horizon.models import ModelConfig, build_hf_config, build_model, check_max_seq_len, count_parameters
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -107,3 +107,17 @@ def test_path_loads_config_and_weights(tmp_path):
     torch.testing.assert_close(loaded.model.layers[1].mlp.up_proj.weight, reference.model.layers[1].mlp.up_proj.weight)
     with pytest.warns(UserWarning, match="hidden_size"):
         build_hf_config(tiny(path=str(tmp_path), hidden_size=256, intermediate_size=512))
+
+
+def test_rows_longer_than_the_positions_are_refused_with_the_numbers():
+    config = build_hf_config(tiny(max_position_embeddings=2048), vocab_size=512)
+    check_max_seq_len(config, 2048, "tiny")
+    with pytest.raises(
+        ValueError, match=r"data\.max_seq_len=4096 is longer than model 'tiny'.*max_position_embeddings=2048"
+    ):
+        check_max_seq_len(config, 4096, "tiny")
+    scaled = build_hf_config(
+        tiny(extra={"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 2048}}),
+        vocab_size=512,
+    )
+    check_max_seq_len(scaled, 4096, "tiny")  # an explicit RoPE scaling setting: allowed

@@ -82,10 +82,10 @@ def test_memory_formulas():
     p = plan(shape_cfg, hardware("h200"), batch_size=2, max_seq_len=1024, checkpoint_every=4, num_slots=3)
     n, unit = p.shape.num_params, p.shape.largest_gpu_unit_params
     host = list(p.host_bytes.values())
-    staging = 0 if p.settings.weight_copy else 2 * min(64 * 2**20, unit) * 2
-    copy = [2 * n] if p.settings.weight_copy else []
+    assert not p.settings.weight_copy
+    staging = 2 * min(64 * 2**20, unit) * 2
     embed = p.shape.embedding_params
-    assert host == [4 * n, 8 * n, 2 * n + 2 * embed, staging, 0, 2 * GiB, *copy]  # BF16 gradients, no slabs
+    assert host == [4 * n, 8 * n, 2 * n + 2 * embed, staging, 2 * GiB]  # BF16 gradients, no slabs (no row for them)
     acc = plan(
         shape_cfg,
         hardware("h200"),
@@ -161,7 +161,7 @@ def test_cpu_compute_counts_the_working_set_in_host_memory():
     cpu = HardwareProfile(**{**values, "gpu_memory_bytes": 0, "h2d_bytes_per_s": 0, "d2h_bytes_per_s": 0,
                              "gpu_bf16_tflops": 0, "host_memory_bytes": 8 * GiB})  # fmt: skip
     p = plan(hf_config("tiny", vocab_size=512), cpu, batch_size=8, max_seq_len=256, checkpoint_every=1)
-    assert p.gpu_bytes["CUDA context + allocator slack"] == 0
+    assert not any("CUDA" in name for name in p.gpu_bytes)  # no row that does not apply
     assert p.host_total_bytes == sum(p.host_bytes.values()) + p.gpu_total_bytes
     assert set(p.step_seconds) == {"cpu compute", "cpu optimizer", "host memory traffic"}
     assert p.gpu_fits
@@ -231,3 +231,44 @@ def test_weight_copy_auto_follows_host_memory(host_gib, expected):
     p = plan_from_config(cfg)
     assert p.settings.weight_copy is expected
     assert p.host_fits
+
+
+def _cpu(host_gib: int = 1400) -> HardwareProfile:
+    values = dataclasses.asdict(hardware("h200"))
+    return HardwareProfile(**{**values, "gpu_memory_bytes": 0, "h2d_bytes_per_s": 0, "d2h_bytes_per_s": 0,
+                              "gpu_bf16_tflops": 0, "host_memory_bytes": host_gib * GiB})  # fmt: skip
+
+
+def test_weight_copy_auto_is_never_chosen_for_cpu_compute():
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("sft", overrides=["model=qwen2_0_5b", "data.batch_size=1", "data.max_seq_len=256"])
+    assert cfg.strategy.weight_copy is None
+    assert plan_from_config(cfg, hardware=_cpu()).settings.weight_copy is False  # room for it: still no copy
+    assert plan_from_config(cfg, hardware=hardware("h200")).settings.weight_copy is True  # a GPU with room: a copy
+
+
+def _memory_rows(table: str) -> list[tuple[str, float]]:
+    rows = []
+    for line in table.split("Step time")[0].splitlines():  # the memory sections
+        parts = line.rsplit(maxsplit=1)
+        if line.startswith("  ") and len(parts) == 2 and "total" not in line:
+            try:
+                rows.append((parts[0].strip(), float(parts[1])))
+            except ValueError:
+                pass
+    return rows
+
+
+def test_plan_table_prints_only_what_applies():
+    cpu = plan(hf_config("tiny", vocab_size=2048), _cpu(), batch_size=8, max_seq_len=256, checkpoint_every=1)
+    table = format_plan(cpu)
+    rows = _memory_rows(table)
+    assert rows and all(value > 0 for _, value in rows), rows  # no zero-sized row
+    assert "CUDA" not in table and "pinned" not in table and "gradient slabs" not in table
+    assert "largest GPU unit" not in table and "rough estimate" in table  # the CPU prediction says what it is
+    staging = next(name for name, _ in rows if name.startswith("upload staging"))
+    assert staging == f"upload staging (2 x {cpu.shape.largest_gpu_unit_params * 2 / 2**10:.3g} KiB)"  # its real size
+    gpu = plan(hf_config("qwen2_7b"), hardware("h200"), batch_size=2, max_seq_len=1024, checkpoint_every=1,
+               accumulate_grad_batches=4)  # fmt: skip
+    table = format_plan(gpu)
+    assert "pinned gradient slabs (3 x 445 MiB)" in table and "CUDA context" in table and "rough" not in table

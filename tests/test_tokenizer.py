@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from transformers import PreTrainedTokenizerFast
+import torch
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 
 from lightning_horizon.data.errors import DataError
 from lightning_horizon.data.tokenizer import (
@@ -11,6 +12,7 @@ from lightning_horizon.data.tokenizer import (
     ENDOFTEXT,
     IM_END,
     IM_START,
+    as_exported,
     build_default_tokenizer,
     bundled_data_path,
     load_tokenizer,
@@ -83,3 +85,41 @@ def test_load_tokenizer_without_chat_template(tokenizer, tmp_path):
 def test_load_tokenizer_missing(tmp_path):
     with pytest.raises(DataError, match="cannot load tokenizer"):
         load_tokenizer(str(tmp_path / "nope"))
+
+
+def _bundled_records():
+    from lightning_horizon.data.records import read_records
+
+    assets = bundled_data_path().parent
+    return read_records(str(assets / "instruct.jsonl"))[0] + read_records(str(assets / "instruct_val.jsonl"))[0]
+
+
+def assert_same_ids_on_every_bundled_document(a, b) -> None:
+    """Both tokenizers give the same ids and loss masks on each of the 3200 bundled documents."""
+    from lightning_horizon.data.encode import encode_records
+
+    records = _bundled_records()
+    assert len(records) == 3200
+    x, y = encode_records(records, a, 1 << 30), encode_records(records, b, 1 << 30)
+    assert torch.equal(x.offsets, y.offsets) and torch.equal(x.input_ids, y.input_ids)
+    assert torch.equal(x.trainable, y.trainable)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "llama"])
+def test_default_tokenizer_round_trips_through_an_export_directory(tokenizer, tmp_path, model_type):
+    # AutoTokenizer picks the class from the model's config.json: Qwen2Tokenizer (its own pre-tokenizer, whatever
+    # tokenizer.json says) for qwen2, the tokenizers backend for llama. The default tokenizer must not care.
+    config = AutoConfig.for_model(model_type, hidden_size=32, num_attention_heads=4, num_hidden_layers=1)
+    tokenizer.save_pretrained(tmp_path)
+    config.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert type(loaded).__name__ == {"qwen2": "Qwen2Tokenizer", "llama": "TokenizersBackend"}[model_type]
+    assert loaded(" 42")["input_ids"] == tokenizer(" 42")["input_ids"]
+    assert_same_ids_on_every_bundled_document(tokenizer, loaded)
+    assert_same_ids_on_every_bundled_document(tokenizer, as_exported(tokenizer, config))
+
+
+def test_load_tokenizer_from_a_directory_without_tokenizer_files(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(DataError, match=r"holds no tokenizer .*it has config.json"):
+        load_tokenizer(str(tmp_path))

@@ -9,7 +9,6 @@ packed row the previous document's last token predicts nothing. Documents are tr
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +19,6 @@ from transformers import PreTrainedTokenizerBase
 from lightning_horizon.data.errors import DataError
 from lightning_horizon.data.records import Record
 
-log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
 
@@ -146,8 +144,7 @@ def encode_records(
             f"{what}: truncated {num_truncated} of {len(records)} document(s) to max_seq_len={max_seq_len}; dropped "
             f"{num_dropped} with no response token left"
         )
-        log.warning(message)
-        warnings.warn(message, stacklevel=2)
+        warnings.warn(message, stacklevel=2)  # once: the recipe routes warnings into its log
     if not docs:
         raise DataError(f"{what}: no usable examples ({len(records)} record(s) read, {num_dropped} dropped)")
     return EncodedDocs.from_lists(docs)

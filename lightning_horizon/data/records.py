@@ -14,7 +14,6 @@ Every record keeps its origin (``file:line`` or ``file, row N``), which each err
 from __future__ import annotations
 
 import json
-import logging
 import re
 import warnings
 from collections.abc import Iterable, Iterator
@@ -23,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from lightning_horizon.data.errors import DataError
-
-log = logging.getLogger(__name__)
 
 FORMATS = ("auto", "jsonl", "parquet", "hf")
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -102,11 +99,22 @@ def _check_messages(messages: Any, source: str) -> list[dict[str, str]]:
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open("r", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            source = f"{path}:{line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield (
+                    source,
+                    DataError(
+                        f"{source}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line); "
+                        "JSONL files must be UTF-8 encoded"
+                    ),
+                )
+                continue
             if not line.strip():
                 continue
-            source = f"{path}:{line_no}"
             try:
                 yield source, json.loads(line)
             except json.JSONDecodeError as exc:
@@ -208,8 +216,8 @@ def read_records(
                 if not skip_bad_rows:
                     raise
                 skipped.append(str(exc))
-    if skipped:
-        message = f"{path}: skipped {len(skipped)} bad row(s) (skip_bad_rows=True); first: {skipped[0]}"
-        log.warning(message)
-        warnings.warn(message, stacklevel=2)
+    if skipped:  # a warning, once (the recipe routes warnings into its log)
+        warnings.warn(
+            f"{path}: skipped {len(skipped)} bad row(s) (skip_bad_rows=True); first: {skipped[0]}", stacklevel=2
+        )
     return records, len(skipped)
