@@ -42,6 +42,7 @@ from safetensors import safe_open
 from torch import nn
 
 from lightning_horizon.checkpoint import CheckpointReader, is_horizon_checkpoint
+from lightning_horizon.engine import HorizonEngine
 from lightning_horizon.engine.config import as_dtype
 from lightning_horizon.files import numel, publish, remove_stale, temporary_path, write_safetensors
 from lightning_horizon.models import fill_special_tokens
@@ -64,9 +65,10 @@ def export_hf(
     as a Hugging Face directory. ``tokenizer``: a tokenizer object or a path to load one from. ``overwrite``: replace
     a non-empty ``out_dir`` (never a checkpoint: see :func:`check_out_dir`)."""
     check_out_dir(out_dir, overwrite)
-    model = getattr(model_or_engine, "model", model_or_engine)
-    if hasattr(model_or_engine, "synchronize"):
+    model = model_or_engine
+    if isinstance(model_or_engine, HorizonEngine):  # (a causal LM's own `.model` is its decoder: not unwrapped)
         model_or_engine.synchronize()
+        model = model_or_engine.model
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise ValueError(
             f"export_hf needs a Hugging Face model or a HorizonEngine, got {type(model_or_engine).__name__}"

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_horizon import HorizonStrategy, benchmark, planner
 from lightning_horizon.hardware import load_profile
 from lightning_horizon.models import ModelConfig, build_hf_config
+from recipes import config_dir
 
 SYSTEMS = ("horizon", "deepspeed", "fsdp")
 NAMES = {
@@ -58,7 +59,7 @@ def _run_peer(system: str, out_dir: Path) -> dict | None:
     return json.loads(result.read_text())["runs"][0]
 
 
-@hydra.main(config_path="../conf", config_name="bench", version_base="1.3")
+@hydra.main(config_path=config_dir(), config_name="bench", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     model_cfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
     hf_config = build_hf_config(model_cfg)
@@ -75,6 +76,21 @@ def main(cfg: DictConfig) -> None:
         gradient_clip_val=cfg.trainer.gradient_clip_val,
     )
     strategy_args = OmegaConf.to_container(cfg.strategy, resolve=True)
+    predicted = planner.with_weight_copy(
+        lambda weight_copy: planner.plan(
+            hf_config,
+            hardware,
+            batch_size=batch,
+            max_seq_len=seq,
+            checkpoint_every=int(strategy_args["checkpoint_every"]),
+            accumulate_grad_batches=accumulate,
+            weight_copy=weight_copy,
+            compute_dtype=planner.precision_dtype(cfg.trainer.precision),
+        ),
+        strategy_args["weight_copy"],
+        hardware,
+    )
+    strategy_args["weight_copy"] = predicted.settings.weight_copy  # null resolved as the sft recipe does
     system = str(cfg.system)
     if system not in SYSTEMS:
         raise SystemExit(f"error: system must be one of {', '.join(SYSTEMS)}, got {system!r}")
@@ -91,15 +107,6 @@ def main(cfg: DictConfig) -> None:
         )
         runs = [result.row() | {"losses": result.losses}]
         print(f"{NAMES[system]}: {result.tokens_per_s:.0f} tokens/s, {result.model_tflops:.1f} TFLOP/s", flush=True)
-    predicted = planner.plan(
-        hf_config,
-        hardware,
-        batch_size=batch,
-        max_seq_len=seq,
-        checkpoint_every=int(strategy_args["checkpoint_every"]),
-        accumulate_grad_batches=accumulate,
-        weight_copy=bool(strategy_args["weight_copy"]),
-    )
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

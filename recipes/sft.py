@@ -1,24 +1,25 @@
 """Supervised fine-tuning with the horizon strategy: ``python -m recipes.sft [overrides]`` (configs in ``conf/``).
 
-Reads top to bottom: validate the config, load the tokenizer, plan (and stop if the run cannot fit), read the data,
-build the model, train, export a Hugging Face directory. Examples::
+Reads top to bottom: validate the config, load the tokenizer, plan (and stop if the run cannot fit), decide the run
+directory and what it resumes, read the data, build the model, train, export a Hugging Face directory. Examples::
 
     python -m recipes.sft                                              # tiny model, bundled data, this machine
     python -m recipes.sft model=qwen2_72b hardware=h200 plan=true      # print the memory/time plan only
     python -m recipes.sft model=qwen2_7b model.path=/models/Qwen2.5-7B-Instruct data.path=/data/sft.jsonl
     python -m recipes.sft -m optim.lr=1e-5,3e-5                        # a sweep: one run directory per point
+    python -m recipes.sft resume=auto                                  # continue the newest run of this config
 
 Mistakes in the settings or the data stop the run before anything large is allocated, with ``error: ...`` on stderr
-and exit code 2. Outputs go to the Hydra run directory: ``csv/`` (and ``tensorboard/``) metrics, ``checkpoints/``,
-``hf_export/``.
+and exit code 2. Outputs go to the run directory (:mod:`recipes.runs`): ``sft.log``, ``csv/`` (and ``tensorboard/``)
+metrics, ``checkpoints/``, ``hf_export/``.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import importlib.util
 import inspect
+import logging
 import sys
 import warnings
 from dataclasses import dataclass
@@ -28,30 +29,49 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
 from lightning_horizon import HorizonStrategy
 from lightning_horizon import export as horizon_export
+from lightning_horizon.checkpoint_callback import HorizonModelCheckpoint
 from lightning_horizon.data import DataConfig, SFTDataModule, build_default_tokenizer, load_tokenizer
 from lightning_horizon.data.packing import prepare_model_for_packing
+from lightning_horizon.data.tokenizer import as_exported
+from lightning_horizon.files import remove_stale_temporaries
 from lightning_horizon.hardware import HardwareProfile, load_profile
 from lightning_horizon.lightning_module import OptimConfig, SFTModule
-from lightning_horizon.models import ModelConfig, build_model, from_mapping, to_plain_dict
+from lightning_horizon.loading import check_model_dir
+from lightning_horizon.models import (
+    ModelConfig,
+    build_hf_config,
+    build_model,
+    check_max_seq_len,
+    fill_special_tokens,
+    from_mapping,
+    to_plain_dict,
+)
 from lightning_horizon.planner import PlanError, check_fits, format_plan, plan_from_config, precision_dtype
+from recipes import config_dir
+from recipes.runs import (
+    CHECKPOINTS,
+    EXPORT,
+    ResumeHint,
+    RunCSVLogger,
+    StepBoundProgressBar,
+    also_log_to,
+    check_export_dir,
+    log_error,
+    logged_losses,
+    plan_run,
+    quiet_and_logged,
+)
 
+log = logging.getLogger("recipes.sft")
 ROOT_KEYS = ("model", "data", "hardware", "trainer", "optim", "strategy", "plan", "resume", "output_dir")
-
-
-class StepBoundProgressBar(RichProgressBar):
-    """Lightning's Rich progress bar, without the "Epoch N/-2" it shows when only ``max_steps`` bounds the run
-    (``max_epochs=-1``; Lightning issue #21925): then the description is "Epoch N"."""
-
-    def _get_train_description(self, current_epoch: int) -> str:
-        if self.trainer.max_epochs is not None and self.trainer.max_epochs >= 0:
-            return super()._get_train_description(current_epoch)
-        return f"{f'Epoch {current_epoch}':{len(self.validation_description)}}"
 
 
 def progress_bar() -> RichProgressBar | TQDMProgressBar:
@@ -119,8 +139,14 @@ def validate(cfg: DictConfig) -> RunConfig:
     resume = cfg.resume
     if resume is not None and resume != "auto" and not Path(resume).exists():
         raise ValueError(f"resume={resume!r}: no such checkpoint (use null, a checkpoint path or auto)")
+    model = ModelConfig.from_dict(cfg.model)
+    if model.path is not None:
+        try:
+            check_model_dir(model.path)
+        except ValueError as err:
+            raise ValueError(f"model.path: {err}") from None
     return RunConfig(
-        model=ModelConfig.from_dict(cfg.model),
+        model=model,
         data=from_mapping(DataConfig, cfg.data, prefix="data"),
         optim=from_mapping(OptimConfig, cfg.optim, prefix="optim"),
         strategy=strategy,
@@ -151,7 +177,7 @@ def hardware_profile(cfg: DictConfig, trainer: dict[str, Any]) -> HardwareProfil
     return profile
 
 
-def export_hf(module: SFTModule, tokenizer: Any, out_dir: Path) -> Path:
+def export_hf(module: SFTModule, tokenizer: Any, out_dir: Path, overwrite: bool = False) -> Path:
     """Write ``module.model`` and ``tokenizer`` as a Hugging Face directory (BF16 safetensors, streamed tensor by
     tensor from the host store, written aside and renamed into place)."""
     strategy = module.trainer.strategy if module._trainer is not None else None
@@ -160,29 +186,34 @@ def export_hf(module: SFTModule, tokenizer: Any, out_dir: Path) -> Path:
     use_cache = model.config.use_cache
     model.config.use_cache = True  # packing turned the cache off for training; generation wants it
     try:
-        return horizon_export.export_hf(engine if engine is not None else model, out_dir, "bf16", tokenizer)
+        target = engine if engine is not None else model
+        return horizon_export.export_hf(target, out_dir, "bf16", tokenizer, overwrite=overwrite)
     finally:
         model.config.use_cache = use_cache
 
 
-def logged_losses(csv_dir: str) -> list[float]:
-    """The ``train/loss`` values of the CSV logger's ``metrics.csv``, in order."""
-    path = Path(csv_dir) / "metrics.csv"
-    if not path.is_file():
-        return []
-    with path.open() as f:
-        return [float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
+def training_tokenizer(model: ModelConfig, hf_config: Any) -> Any:
+    """The model's own tokenizer (``model.path``) or the bundled default, as the exported model directory will load
+    it (same class and pre-tokenizer: the ids in training are the ids after export)."""
+    tokenizer = load_tokenizer(model.path, require_chat_template=False) if model.path else build_default_tokenizer()
+    return tokenizer if hf_config is None else as_exported(tokenizer, hf_config)
+
+
+def _run_dir_fixed() -> bool:
+    """Whether the user chose the run directory (``hydra.run.dir=...``, or a multirun's sweep directory)."""
+    hydra_cfg = HydraConfig.get()
+    return hydra_cfg.mode == RunMode.MULTIRUN or any(o.startswith("hydra.run.dir=") for o in hydra_cfg.overrides.hydra)
 
 
 def train(cfg: DictConfig) -> None:
+    quiet_and_logged()
     run = validate(cfg)
-    # SFTModule counts tokens in on_before_batch_transfer (on the host copy), which Lightning warns about.
-    warnings.filterwarnings("ignore", message=".*overridden `on_before_batch_transfer`.*")
 
-    # Tokenizer: the model's own, or the bundled default. Its size is the vocabulary when model.vocab_size is null.
-    tokenizer = (
-        load_tokenizer(run.model.path, require_chat_template=False) if run.model.path else build_default_tokenizer()
-    )
+    # Tokenizer: the model's own, or the bundled default; its size is the vocabulary when model.vocab_size is null.
+    tokenizer = training_tokenizer(run.model, None)
+    hf_config = build_hf_config(run.model, vocab_size=len(tokenizer))
+    check_max_seq_len(hf_config, run.data.max_seq_len, run.model.name)
+    tokenizer = training_tokenizer(run.model, hf_config)
 
     # Plan before allocating anything: the model is only built on the meta device here.
     hardware = hardware_profile(cfg, run.trainer)
@@ -191,9 +222,24 @@ def train(cfg: DictConfig) -> None:
         print(format_plan(plan))
         return
     check_fits(plan)
-    if run.strategy.weight_copy is None:  # auto: what the plan chose from this machine's host memory
+    if run.strategy.weight_copy is None:  # auto: what the plan chose (never on the CPU; else from host memory)
         run.strategy.weight_copy = plan.settings.weight_copy
-        print(f"strategy.weight_copy: {run.strategy.weight_copy} (chosen from host memory)")
+        why = "chosen from host memory" if plan.compute_on_gpu else "compute on the CPU: nothing to upload"
+        log.info("strategy.weight_copy: %s (%s)", run.strategy.weight_copy, why)
+
+    # The run directory: a fresh one, or the run a checkpoint continues.
+    overrides = list(HydraConfig.get().overrides.task)
+    check_export_dir(run.output_dir)
+    where = plan_run(cfg, run.resume, run.output_dir, _run_dir_fixed())
+    run_dir = where.run_dir
+    if run_dir != run.output_dir:
+        check_export_dir(run_dir)
+        also_log_to(run_dir / "sft.log")
+        log.info("continuing run %s (this invocation's Hydra directory: %s)", run_dir, run.output_dir)
+    if where.checkpoint is not None:
+        log.info("resuming from %s (step %s)", where.checkpoint, where.step)
+        warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+    remove_stale_temporaries(run_dir)  # exports of killed runs (the checkpoint callback sweeps checkpoints/)
 
     # Data: read and tokenised now, so that bad data stops the run before the model is built.
     datamodule = SFTDataModule(run.data, tokenizer)
@@ -201,44 +247,52 @@ def train(cfg: DictConfig) -> None:
 
     L.seed_everything(run.seed, workers=True, verbose=False)
     model = build_model(run.model, vocab_size=len(tokenizer))
+    fill_special_tokens(model.config, model.generation_config, tokenizer)  # generation stops at the end of a reply
     if run.data.pack:
         prepare_model_for_packing(model)
     module = SFTModule(model, run.optim, max_steps=run.trainer["max_steps"])
+    log.info(
+        "model %s: %s, %.4g M parameters, %d layers, vocabulary %d; plan: %.3g GB of host memory, %.3g s/step "
+        "predicted (%s)",
+        run.model.name,
+        type(model).__name__,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        model.config.num_hidden_layers,
+        model.config.vocab_size,
+        plan.host_total_bytes / 1e9,
+        plan.step_time_s,
+        plan.bottleneck,
+    )
 
-    run.output_dir.mkdir(parents=True, exist_ok=True)
-    loggers: list[Any] = [CSVLogger(run.output_dir, name="csv", version="")]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    loggers: list[Any] = [RunCSVLogger(run_dir, resume_step=where.step)]
     if importlib.util.find_spec("tensorboard") is not None:
-        loggers.append(TensorBoardLogger(run.output_dir, name="tensorboard", version=""))
-    checkpoint_dir = run.output_dir / "checkpoints"
-    checkpointing = ModelCheckpoint(
-        dirpath=checkpoint_dir, filename="step-{step}", auto_insert_metric_name=False, save_last=True
+        loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version=""))
+    checkpointing = HorizonModelCheckpoint(
+        dirpath=run_dir / CHECKPOINTS, filename="step-{step}", auto_insert_metric_name=False
     )
     trainer = L.Trainer(
         strategy=HorizonStrategy(**dataclasses.asdict(run.strategy)),
         logger=loggers,
-        callbacks=[checkpointing, progress_bar()],
+        callbacks=[checkpointing, progress_bar(), ResumeHint(run_dir, overrides)],
         enable_progress_bar=True,
-        **run.trainer,
+        **{"enable_model_summary": False, **run.trainer},  # the line above says what the summary table would
     )
-    ckpt_path = run.resume
-    if ckpt_path == "auto":
-        last = checkpoint_dir / "last.ckpt"
-        ckpt_path = str(last) if last.exists() else None
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=where.checkpoint)
 
-    export_dir = export_hf(module, tokenizer, run.output_dir / "hf_export")
-    losses = logged_losses(loggers[0].log_dir)
+    export_dir = export_hf(module, tokenizer, run_dir / EXPORT, overwrite=(run_dir / EXPORT).exists())
+    losses = logged_losses(run_dir)
     if losses:
-        print(f"train/loss: first logged {losses[0]:.3f}, last logged {losses[-1]:.3f} ({len(losses)} values)")
-    print(f"run dir: {run.output_dir}\nHugging Face export: {export_dir}")
+        log.info("train/loss: first logged %.3f, last logged %.3f (%d values)", losses[0], losses[-1], len(losses))
+    log.info("run dir: %s\nHugging Face export: %s", run_dir, export_dir)
 
 
-@hydra.main(config_path="../conf", config_name="sft", version_base="1.3")
+@hydra.main(config_path=config_dir(), config_name="sft", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
-    except (ValueError, PlanError, ImportError) as err:  # DataError is a ValueError
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, PlanError, ImportError) as err:  # DataError and CheckpointError are ValueErrors
+        log_error(str(err))
         sys.exit(2)
 
 

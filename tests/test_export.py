@@ -185,7 +185,10 @@ def test_exported_model_stops_at_the_end_of_a_reply(tmp_path, tokenizer):
     assert config["eos_token_id"] == tok.eos_token_id and config["pad_token_id"] == tok.pad_token_id
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [im_end, tok.eos_token_id]
+    assert config["architectures"] == ["Qwen2ForCausalLM"]  # the causal LM itself, not its `.model` (the decoder)
     loaded = AutoModelForCausalLM.from_pretrained(out)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
     prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_dict=True)
     ids = torch.tensor([prompt["input_ids"]])
     generated = loaded.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import resource
+import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -14,9 +18,17 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from lightning_horizon.data import build_default_tokenizer
+from lightning_horizon.models import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small and fast: a few steps of short rows, quiet progress bar.
@@ -25,12 +37,16 @@ FAST = ["trainer.max_steps=3", "data.max_seq_len=64", "data.batch_size=2", "trai
 OUTPUTS = ("checkpoints", "csv", "tensorboard", "hf_export")
 
 
-def sft(*overrides: str, run_dir: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def sft(
+    *overrides: str, run_dir: Path | None = None, timeout: float = 120, cwd: Path = ROOT
+) -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "recipes.sft", *overrides]
     if run_dir is not None:
         args.append(f"hydra.run.dir={run_dir}")
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+ENV = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONPATH": str(ROOT)}
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -57,6 +73,7 @@ def hf_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     Qwen2ForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
+    GenerationConfig(do_sample=True, temperature=0.7, top_p=0.8, eos_token_id=[0]).save_pretrained(path)
     return path
 
 
@@ -82,14 +99,51 @@ def test_short_run_trains_logs_and_exports(tmp_path):
     batch = tokenizer("user\nWrite 'cat' in capital letters.", return_tensors="pt")
     assert torch.isfinite(model(**batch).logits).all()
     assert not any(p.name.startswith(".hf_export") for p in tmp_path.iterdir())  # no temporary export left
+    # generation stops at the end of a reply (ChatML's <|im_end|>) or at the EOS
+    assert model.config.eos_token_id == tokenizer.eos_token_id is not None
+    stops = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
+    assert model.generation_config.eos_token_id == stops
+    # the log: useful (Lightning's messages, the loss, the resolved weight copy) and quiet
+    log = (tmp_path / "sft.log").read_text()
+    for expected in ("strategy.weight_copy: False (compute on the CPU", "`Trainer.fit` stopped", "first logged"):
+        assert expected in log, log
+    output = result.stdout + result.stderr
+    for noise in ("litlogger", "LeafSpec", "_pytree", "FLOPs", "Total estimated model params size"):
+        assert noise not in output, noise
+    assert output.count("truncated") == 2  # training and validation data, each said once
+
+
+def test_exported_tokenizer_gives_the_training_ids(tmp_path, hf_dir):
+    # the default tokenizer (tiny, a qwen2 model) and a model's own (model.path), on every bundled document
+    from recipes.sft import training_tokenizer
+    from tests.test_tokenizer import assert_same_ids_on_every_bundled_document
+
+    for name, overrides in (("default", []), ("model_path", [f"model.path={hf_dir}", "model=qwen2_0_5b"])):
+        run_dir = tmp_path / name
+        result = sft(*FAST, "trainer.max_steps=1", *overrides, run_dir=run_dir)
+        assert result.returncode == 0, result.stderr[-3000:]
+        cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+        model_cfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model))
+        exported = AutoTokenizer.from_pretrained(run_dir / "hf_export")
+        hf_config = AutoConfig.from_pretrained(run_dir / "hf_export")
+        assert_same_ids_on_every_bundled_document(training_tokenizer(model_cfg, hf_config), exported)
 
 
 def test_local_data_file_and_local_model_dir(tmp_path, hf_dir, data_file):
-    result = sft(*FAST, f"data.path={data_file}", f"model.path={hf_dir}", "model=qwen2_0_5b", run_dir=tmp_path)
+    data = tmp_path / "data.jsonl"
+    data.write_text(data_file.read_text() + "{not json\n")
+    run_dir = tmp_path / "run"
+    overrides = [f"data.path={data}", "data.skip_bad_rows=true", f"model.path={hf_dir}", "model=qwen2_0_5b"]
+    result = sft(*FAST, *overrides, run_dir=run_dir)
     assert result.returncode == 0, result.stderr[-3000:]
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_export")
+    exported = AutoModelForCausalLM.from_pretrained(run_dir / "hf_export")
     assert exported.config.hidden_size == 32 and exported.config.num_hidden_layers == 2  # the checkpoint's shape
-    assert len(losses(tmp_path)) == 3
+    assert len(losses(run_dir)) == 3
+    # the source model's generation settings survive, with the end of a reply added to its stop tokens
+    generation = exported.generation_config
+    assert generation.top_p == 0.8 and generation.temperature == 0.7 and generation.eos_token_id == [0, 2]
+    assert (result.stdout + result.stderr).count("skipped 1 bad row") == 1  # said once
+    assert "skipped 1 bad row" in (run_dir / "sft.log").read_text()
 
 
 def test_multirun_writes_one_run_dir_per_point(tmp_path):
@@ -119,13 +173,47 @@ def test_plan_that_does_not_fit_is_refused_before_allocating(tmp_path):
 
 @pytest.mark.parametrize(
     "case",
-    ["missing_file", "malformed_line", "empty", "unknown_key", "negative_lr", "zero_batch", "no_chat_template"],
-)
+    [
+        "missing_file", "malformed_line", "non_utf8", "empty", "unknown_key", "negative_lr", "zero_batch",
+        "no_chat_template", "longer_than_positions", "missing_model_dir", "empty_model_dir", "corrupted_weights",
+        "no_tokenizer", "foreign_export_dir", "used_run_dir",
+    ],
+)  # fmt: skip
 def test_bad_inputs_are_refused_with_a_clear_message(case, tmp_path, hf_dir):
     run_dir = tmp_path / "run"
     data = tmp_path / "train.jsonl"
     good = json.dumps({"prompt": "Say hi.", "response": "hi"})
-    if case == "missing_file":
+    model_dir = tmp_path / "model"
+    if case in ("corrupted_weights", "no_tokenizer"):
+        shutil.copytree(hf_dir, model_dir)
+    if case == "non_utf8":
+        data.write_bytes(f"{good}\n".encode() + b'{"prompt": "caf\xe9", "response": "x"}\n')
+        overrides, expected = [f"data.path={data}"], ["error: ", f"{data}:2: not valid UTF-8"]
+    elif case == "longer_than_positions":
+        overrides = ["data.max_seq_len=4096"]
+        expected = ["error: ", "data.max_seq_len=4096", "max_position_embeddings=2048", "rope_scaling"]
+    elif case == "missing_model_dir":
+        overrides, expected = [f"model.path={model_dir}"], ["error: ", f"{model_dir}: no such directory"]
+    elif case == "empty_model_dir":
+        model_dir.mkdir()
+        overrides, expected = [f"model.path={model_dir}"], ["error: ", f"{model_dir} is an empty directory"]
+    elif case == "corrupted_weights":
+        weights = model_dir / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-1000])
+        overrides, expected = [f"model.path={model_dir}"], ["error: ", f"cannot read the safetensors file {weights}"]
+    elif case == "no_tokenizer":
+        for item in model_dir.glob("tokenizer*"):
+            item.unlink()
+        (model_dir / "chat_template.jinja").unlink()
+        overrides, expected = [f"model.path={model_dir}"], ["error: ", f"{model_dir}: the directory holds no tokenizer"]
+    elif case == "foreign_export_dir":
+        (run_dir / "hf_export").mkdir(parents=True)
+        (run_dir / "hf_export" / "notes.txt").write_text("mine")
+        overrides, expected = [], ["error: ", "hf_export exists and is not an earlier Hugging Face export"]
+    elif case == "used_run_dir":
+        (run_dir / "checkpoints" / "last.ckpt").mkdir(parents=True)
+        overrides, expected = [], ["error: ", f"run directory {run_dir} already holds a run", "resume=auto"]
+    elif case == "missing_file":
         overrides, expected = [f"data.path={tmp_path}/missing.jsonl"], ["error: ", "missing.jsonl"]
     elif case == "malformed_line":
         data.write_text(f"{good}\n{{not json\n{good}\n")
@@ -149,9 +237,13 @@ def test_bad_inputs_are_refused_with_a_clear_message(case, tmp_path, hf_dir):
         config.pop("chat_template", None)
         (no_template / "tokenizer_config.json").write_text(json.dumps(config))
         overrides, expected = [f"model.path={no_template}"], ["error: ", "chat template"]
+    planted = {p.name for p in run_dir.iterdir()} if run_dir.exists() else set()
     result = sft(*FAST, *overrides, run_dir=run_dir)
     assert result.returncode == 2
-    assert_refused(result, *expected, run_dir=run_dir)
+    assert_refused(result, *expected)
+    assert {p.name for p in run_dir.iterdir()} - planted <= {".hydra", "sft.log"}  # nothing written, nothing lost
+    if planted:
+        assert "nothing was changed" in result.stderr or "Move it away" in result.stderr
 
 
 def test_unknown_override_is_refused_by_hydra(tmp_path):
@@ -189,22 +281,103 @@ def test_lr_schedule_and_parameter_groups():
         OptimConfig(lr=0)
 
 
+def _progress(output: str) -> list[tuple[int, int]]:
+    """(done, total) of each rendering of the training progress bar."""
+    return [(int(a), int(b)) for a, b in re.findall(r"Epoch \d+\s+\S*\s*(\d+)/(\d+) ", output)]
+
+
 def test_resume_auto_continues_from_the_last_checkpoint(tmp_path):
-    first = sft(*FAST, "trainer.max_steps=4", run_dir=tmp_path)
+    first = sft(*FAST, "trainer.max_steps=4", "trainer.val_check_interval=2", run_dir=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    second = sft(*FAST, "trainer.max_steps=6", "resume=auto", run_dir=tmp_path)
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "step-4.ckpt"]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".hf_export.tmp-{dead.pid}-0123abcd"  # an export killed midway
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"x" * 1000)
+    second = sft(*FAST, "trainer.max_steps=6", "trainer.val_check_interval=2", "resume=auto", run_dir=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     log = second.stdout + second.stderr
     assert "Restored all states from the checkpoint" in log, log[-3000:]
     assert "last.ckpt" in log
-    # the resumed run trained only the two missing steps
-    assert len(losses(tmp_path)) == 2
+    assert not stale.exists()
+    # metrics.csv holds the whole run once: the resumed run appended its two steps (and its validation)
+    with (tmp_path / "csv" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows if r["train/loss"]] == list(range(6))
+    assert [int(r["step"]) for r in rows if r.get("val/loss")] == [1, 3, 5]
+    assert all(done <= total for done, total in _progress(second.stdout)) and _progress(second.stdout)[-1] == (6, 6)
+    assert "exists and is not empty" not in log  # a resumed run's checkpoint directory is expected to be
+    names = sorted(p.name for p in checkpoints.iterdir())
+    assert names == ["last.ckpt", "step-6.ckpt"]
+    inodes = [{p.relative_to(checkpoints / n).as_posix(): p.stat().st_ino for p in (checkpoints / n).rglob("*")
+               if p.is_file()} for n in names]  # fmt: skip
+    assert inodes[0] == inodes[1]  # last.ckpt: hard links to step-6.ckpt's files, not a second copy
+
+
+def test_resume_auto_finds_the_run_of_this_config_without_a_run_dir(tmp_path):
+    first = sft(*FAST, "trainer.max_steps=2", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run_dir,) = [p.parent for p in tmp_path.glob("outputs/*/*/checkpoints")]
+    other = sft(*FAST, "trainer.max_steps=2", "data.max_seq_len=48", "hydra.run.dir=outputs/x/other", cwd=tmp_path)
+    assert other.returncode == 0, other.stderr[-3000:]  # another config: never resumed by the next command
+    time.sleep(1.1)  # a new timestamped Hydra directory
+    second = sft(*FAST, "trainer.max_steps=4", "resume=auto", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"continuing run {run_dir}" in second.stdout and "resuming from" in second.stdout
+    assert len(losses(run_dir)) == 4 and "continuing run" in (run_dir / "sft.log").read_text()
+    assert len(losses(tmp_path / "outputs" / "x" / "other")) == 2
+
+
+def test_ctrl_c_prints_the_command_that_resumes(tmp_path):
+    overrides = [*FAST, "trainer.max_steps=400", "trainer.val_check_interval=2", "data.batch_size=1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "recipes.sft", *overrides, f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "checkpoints" / "step-4.ckpt").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and "Traceback" not in err, err[-3000:]
+    output = out + err
+    match = re.search(r"Resume with:\n\s+python -m recipes\.sft (.+)", output)
+    assert match, output[-3000:]
+    command = shlex.split(match.group(1))
+    assert command[-2:] == ["resume=auto", f"hydra.run.dir={tmp_path}"] and "trainer.max_steps=400" in command
+    step = len(losses(tmp_path))
+    command[command.index("trainer.max_steps=400")] = f"trainer.max_steps={step + 2}"
+    resumed = sft(*command)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Restored all states" in resumed.stdout + resumed.stderr
+
+
+def test_progress_bar_total_counts_the_batches_a_resumed_run_already_did():
+    from types import SimpleNamespace
+
+    from recipes.runs import StepBoundProgressBar
+
+    bar = StepBoundProgressBar()
+    progress = SimpleNamespace(current=SimpleNamespace(ready=21))
+    bar._trainer = SimpleNamespace(max_epochs=-1, max_steps=40, global_step=21, accumulate_grad_batches=1,
+                                   num_training_batches=248, fit_loop=SimpleNamespace(
+                                       epoch_loop=SimpleNamespace(batch_progress=progress)))  # fmt: skip
+    assert bar.total_train_batches == 40  # Lightning's: 19, and the bar showed 40/19
+    bar._trainer.num_training_batches = 30  # the epoch ends first
+    assert bar.total_train_batches == 30
 
 
 def test_progress_bar_names_the_epoch_without_a_negative_total():
     from types import SimpleNamespace
 
-    from recipes.sft import StepBoundProgressBar
+    from recipes.runs import StepBoundProgressBar
 
     bar = StepBoundProgressBar()
     bar._trainer = SimpleNamespace(max_epochs=-1)  # only max_steps bounds the run
