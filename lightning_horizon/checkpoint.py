@@ -21,8 +21,8 @@ temporary directory is removed by the next save of that name, and every stale te
 
 Tensors are written straight from their memory (the store's group views, the optimizer's state tensors) with the
 file's crc32 computed on the same bytes: the save needs no memory beyond the store. Loading verifies every file's
-size and checksum *before* anything is restored (:mod:`.checkpoint_reader`), then hands Lightning lazy views (:class:`ShardedStateDict`,
-:class:`LazyOptimizerStates`) that the strategy streams tensor by tensor into the store.
+size and checksum *before* anything is restored (:mod:`.checkpoint_reader`), then hands Lightning lazy views
+(:class:`ShardedStateDict`, :class:`LazyOptimizerStates`) that the strategy streams tensor by tensor into the store.
 
 The writer is synchronous: a background writer would either need a snapshot of the masters and optimizer state
 (memory proportional to the model, which the host cannot spare) or an engine hook that holds each group's next

@@ -271,12 +271,16 @@ def train(cfg: DictConfig) -> None:
     checkpointing = HorizonModelCheckpoint(
         dirpath=run_dir / CHECKPOINTS, filename="step-{step}", auto_insert_metric_name=False
     )
+    # The model line above says what Lightning's summary table would (without its "FLOPs 0"); both can be overridden.
+    trainer_args = {"enable_model_summary": False, "enable_progress_bar": True, **run.trainer}
+    callbacks = [checkpointing, ResumeHint(run_dir, overrides)]
+    if trainer_args["enable_progress_bar"]:
+        callbacks.append(progress_bar())
     trainer = L.Trainer(
         strategy=HorizonStrategy(**dataclasses.asdict(run.strategy)),
         logger=loggers,
-        callbacks=[checkpointing, progress_bar(), ResumeHint(run_dir, overrides)],
-        enable_progress_bar=True,
-        **{"enable_model_summary": False, **run.trainer},  # the line above says what the summary table would
+        callbacks=callbacks,
+        **trainer_args,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=where.checkpoint)
 

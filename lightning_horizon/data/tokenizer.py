@@ -43,7 +43,10 @@ CACHE_ENV = "LIGHTNING_HORIZON_CACHE"
 # Bump when the training recipe below changes, so old caches are not reused.
 _RECIPE_VERSION = 2
 # Qwen2's pre-tokenization (transformers' Qwen2Tokenizer hard-codes it for qwen2 models).
-PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 
 CHATML_TEMPLATE = (
     "{%- for message in messages -%}"
