@@ -134,8 +134,12 @@ def test_sparse_experts_match_dense_and_save_bytes(family, mode):
     assert s_losses == pytest.approx(h_losses, rel=1e-5)
     for name in h_first:
         assert rel_err(s_first[name], h_first[name]) < 1e-5, name
+    # Gradients match to 1e-5 (above). AdamW normalises each element's step, so where an expert's gradient is near
+    # zero its last-bit differences (Transformers 5.2x sums the experts in another order) move the weight by a
+    # visible fraction of lr: measured up to 9.3e-4 of the tensor's scale after 3 steps at lr 1e-2 with 2
+    # micro-batches with Transformers 5.24 (identical before and after the engine changes of 2026-12-02).
     for name in h_weights:
-        assert rel_err(s_weights[name], h_weights[name]) < 1e-4, name
+        assert rel_err(s_weights[name], h_weights[name]) < 2e-3, name
 
     # fewer bytes both ways
     h2d = s_stats["bytes_h2d"] / d_stats["bytes_h2d"]

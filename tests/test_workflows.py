@@ -150,15 +150,16 @@ def test_peft_adapter_switches_reach_the_streamed_layers():
     """``disable_adapter()`` on the model (the base model's output, e.g. a DPO reference) takes effect in the
     streamed layers, which are copies of the model's modules."""
     ref = lora(tiny_model("qwen2"), modules_to_save=["lm_head"])
-    engine = HorizonEngine(clone(ref), device="cpu", compute_dtype="fp32")
+    peft_model = clone(ref)
+    engine = HorizonEngine(peft_model, device="cpu", compute_dtype="fp32")
+    assert engine.model is peft_model.base_model.model  # the causal LM inside is streamed
     batch = make_batch(0)
     try:
         with torch.no_grad():
-            got = engine.model(input_ids=batch["input_ids"]).logits
-            with engine.model.disable_adapter():
-                got_base = engine.model(input_ids=batch["input_ids"]).logits
+            got = peft_model(input_ids=batch["input_ids"]).logits
+            with peft_model.disable_adapter():
+                got_base = peft_model(input_ids=batch["input_ids"]).logits
     finally:
-        model = engine.model
         engine.close()
     with torch.no_grad():
         want = ref(input_ids=batch["input_ids"]).logits
@@ -166,7 +167,6 @@ def test_peft_adapter_switches_reach_the_streamed_layers():
             want_base = ref(input_ids=batch["input_ids"]).logits
     assert rel_err(got, want) < 1e-5 and rel_err(got_base, want_base) < 1e-5
     assert rel_err(want_base, want) > 1e-3  # the adapters do change the output
-    assert model is not None
 
 
 # ----------------------------------------------------------------------------------------- manual optimization
@@ -488,3 +488,39 @@ def test_engine_probe_sees_the_closed_engine():
     probe = EngineProbe()
     trainer("horizon", steps=1, callbacks=[probe]).fit(LMModule(tiny_model(), total=1), loader(2))
     assert probe.engine is not None and probe.engine._closed
+
+
+def test_hooks_that_read_gradients_see_param_grad_in_bf16():
+    """With BF16 compute the engine keeps gradients in BF16 on the host unless something reads ``param.grad``: a
+    hook that does (gradient-norm logging) gets FP32 gradients there, as under ``auto``."""
+    from lightning.pytorch.utilities import grad_norm
+
+    class Logged(LMModule):
+        norms: list[dict] = []
+
+        def on_before_optimizer_step(self, optimizer):
+            self.norms.append(grad_norm(self.model, norm_type=2))
+
+    module = Logged(tiny_model(), total=2)
+    L.Trainer(strategy="horizon", accelerator="cpu", devices=1, max_steps=2, precision="bf16-mixed", **QUIET).fit(
+        module, loader(4)
+    )
+    trainable = sum(1 for p in module.model.parameters() if p.requires_grad)
+    assert len(module.norms) == 2
+    for norms in module.norms:
+        assert len(norms) == trainable + 1  # one per parameter, and the total
+        assert all(torch.isfinite(torch.as_tensor(v)) and v > 0 for v in norms.values())
+
+
+def test_hooks_inside_decoder_layers_are_warned_about_and_hooks_on_layers_fire():
+    model = tiny_model()
+    seen = []
+    model.model.layers[1].register_forward_hook(lambda m, a, out: seen.append("layer"))
+    model.model.layers[0].mlp.register_forward_hook(lambda m, a, out: seen.append("mlp"))
+    with pytest.warns(UserWarning, match="will not fire"):
+        engine = HorizonEngine(model, device="cpu", compute_dtype="fp32")
+    try:
+        model(**make_batch(0)).loss.backward()
+    finally:
+        engine.close()
+    assert seen == ["layer"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import warnings
 import weakref
 from typing import Any
 
@@ -215,6 +216,7 @@ class ModelHooks:
                 if buf is not None and buf.device != self.device:
                     self._moved_buffers.append((module, name, buf.device))
                     module._buffers[name] = buf.to(self.device)
+        _warn_about_inner_hooks(parts)
         self._layer_state = [parts.layer_state(i) for i in range(parts.num_layers)]
         self._hooks = [
             parts.model.register_state_dict_pre_hook(lambda *a, **k: self.synchronize()),
@@ -246,6 +248,23 @@ def check_not_streamed(model: torch.nn.Module) -> None:
         raise ValueError(
             f"this {type(model).__name__} is already streamed by a HorizonEngine that was not closed: call its "
             "close() first (the horizon strategy closes its engine at the end of every fit/validate/test)"
+        )
+
+
+def _warn_about_inner_hooks(parts) -> None:
+    """Module hooks inside the decoder layers or the head never fire: GPU templates run in their place."""
+    inner = []
+    for top in (*parts.layers, parts.norm, parts.lm_head):
+        for name, module in top.named_modules():
+            hooks = [h for d in (module._forward_hooks, module._forward_pre_hooks) for h in d.values()]
+            if name and any(getattr(h, "__name__", "") != "output_capturing_hook" for h in hooks):
+                inner.append(f"{type(top).__name__}.{name}")
+    if inner:
+        warnings.warn(
+            f"forward hooks on modules inside streamed decoder layers or the head ({', '.join(inner[:3])}"
+            f"{', ...' if len(inner) > 3 else ''}) will not fire: the engine runs GPU copies of those modules. "
+            "Hooks on the decoder layers themselves, the decoder and the model do fire.",
+            stacklevel=4,
         )
 
 
