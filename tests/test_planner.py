@@ -265,10 +265,10 @@ def test_plan_table_prints_only_what_applies():
     rows = _memory_rows(table)
     assert rows and all(value > 0 for _, value in rows), rows  # no zero-sized row
     assert "CUDA" not in table and "pinned" not in table and "gradient slabs" not in table
-    assert "largest GPU unit" not in table and "rough estimate" in table  # the CPU prediction says what it is
+    assert "largest GPU unit" not in table and "expect +-50%" in table  # the CPU prediction says what it is
     staging = next(name for name, _ in rows if name.startswith("upload staging"))
     assert staging == f"upload staging (2 x {cpu.shape.largest_gpu_unit_params * 2 / 2**10:.3g} KiB)"  # its real size
     gpu = plan(hf_config("qwen2_7b"), hardware("h200"), batch_size=2, max_seq_len=1024, checkpoint_every=1,
                accumulate_grad_batches=4)  # fmt: skip
     table = format_plan(gpu)
-    assert "pinned gradient slabs (3 x 445 MiB)" in table and "CUDA context" in table and "rough" not in table
+    assert "pinned gradient slabs (3 x 445 MiB)" in table and "CUDA context" in table and "+-50%" not in table
