@@ -271,7 +271,7 @@ def test_compiled_layers_match_hugging_face(family):
     try:
         moe = [i for i in range(engine.parts.num_layers) if engine.parts.expert_modules(i)]
         dense = {u.structure for i, u in enumerate(engine.units[: engine.head_uid]) if i not in moe}
-        assert engine._compiled_structures == dense
+        assert engine.bank.compiled == dense
         if not moe:
             assert len(dense) == FAMILIES[family][2]
         counters.clear()

@@ -71,7 +71,6 @@ class CheckpointOffloader:
     ) -> None:
         self.device = device
         self.mode = mode
-        self.enabled = False
         self.max_in_flight = max_in_flight
         self._in_flight: deque[OffloadedTensor] = deque()
         if device.type == "cuda":
@@ -81,14 +80,12 @@ class CheckpointOffloader:
         self.bytes_offloaded = 0
 
     def decide(self, sample: torch.Tensor, num_checkpoints: int) -> bool:
-        """Whether this pass offloads (called at its first layer)."""
+        """Whether a pass whose checkpoints look like ``sample`` offloads them (called at its first layer)."""
         if self.device.type != "cuda" or self.mode is False:
-            self.enabled = False
-        elif self.mode is True:
-            self.enabled = True
-        else:
-            self.enabled = num_checkpoints * sample.numel() * sample.element_size() > self.budget
-        return self.enabled
+            return False
+        if self.mode is True:
+            return True
+        return num_checkpoints * sample.numel() * sample.element_size() > self.budget
 
     def offload(self, tensor: torch.Tensor) -> OffloadedTensor:
         self.bytes_offloaded += tensor.numel() * tensor.element_size()

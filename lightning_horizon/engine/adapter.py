@@ -27,14 +27,14 @@ is refused with a ``ValueError`` naming what is missing or unplaced.
 
 from __future__ import annotations
 
-import inspect
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from .moe import AuxLossSpec, ExpertModule, RouterSpec, find_experts
 
 # Attributes that identify a layer without changing what it computes in training (the KV-cache index): they are
 # rebound per call instead of splitting templates.
@@ -46,31 +46,6 @@ _LIVE_ATTRS = ("_disable_adapters", "_active_adapter", "merged_adapters")
 # Submodules of a multimodal wrapper that the streaming engine does not run.
 _MULTIMODAL_PARTS = ("vision_tower", "vision_model", "multi_modal_projector", "audio_tower", "visual", "vision_encoder")
 _MULTIMODAL_CONFIGS = ("vision_config", "audio_config")
-
-
-@dataclass(frozen=True)
-class RouterSpec:
-    """Which modules of a decoder layer emit router logits, and where in their output (HF's ``OutputRecorder``)."""
-
-    matches: Callable[[nn.Module], bool]
-    index: int = 0
-
-    def logits(self, output: Any) -> torch.Tensor:
-        return output[self.index] if isinstance(output, tuple) else output
-
-
-@dataclass(frozen=True)
-class AuxLossSpec:
-    """The load-balancing loss the family's ``...ForCausalLM.forward`` adds to the loss."""
-
-    loss_fn: Callable[..., torch.Tensor]
-    """``load_balancing_loss_func(router_logits, num_experts, top_k, attention_mask)`` of the family's module."""
-    coef: float
-    num_experts: int
-    top_k: int
-
-    def __call__(self, router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None) -> torch.Tensor:
-        return self.loss_fn(router_logits, self.num_experts, self.top_k, attention_mask)
 
 
 @dataclass
@@ -207,53 +182,6 @@ class DecoderParts:
                 f"{', ...' if len(rest) > 5 else ''}); the streaming engine cannot place them"
             )
         return groups
-
-
-@dataclass(frozen=True)
-class ExpertModule:
-    """A module holding a layer's routed experts as stacked parameters (expert ``e`` is ``param[e]``)."""
-
-    path: str
-    """Path of the module inside the decoder layer."""
-    num_experts: int
-    params: tuple[str, ...]
-    """Its parameters' names (each of shape ``(num_experts, ...)``)."""
-    index_arg: str
-    """Name of the forward argument carrying the routing indices (its second argument)."""
-
-
-def find_experts(layer: nn.Module) -> list[ExpertModule]:
-    """Expert modules of ``layer`` that only read (and only produce gradients for) the experts that tokens are routed to.
-
-    Recognised generically: a module with an integer ``num_experts`` whose own parameters all have ``num_experts`` as
-    their first dimension (stacked expert weights and biases, at least one of them 3D), with no parameters in its
-    submodules, and whose ``forward``'s second argument is the routing index (``top_k_index``, ``router_indices``:
-    the name mentions ``index``/``indices``). Hugging Face's ``...Experts`` of Mixtral, Qwen2/3-MoE, GPT-OSS,
-    DeepSeek-V3 and GLM-4.5 match, with every ``experts_implementation`` (eager, ``batched_mm``, ``grouped_mm``: the
-    weights of an expert without tokens are never read). Llama 4's experts (``forward(hidden_states)``, a dense bmm over
-    all experts) do not match and stay dense.
-    """
-    found = []
-    for path, module in layer.named_modules():
-        num = getattr(module, "num_experts", None)
-        if not isinstance(num, int) or isinstance(num, bool) or num < 2 or not path:
-            continue
-        own = list(module.named_parameters(recurse=False))
-        if not own or any(p.ndim < 2 or p.shape[0] != num for _, p in own) or not any(p.ndim == 3 for _, p in own):
-            continue
-        if any(True for c in module.children() for _ in c.parameters()):
-            continue
-        try:
-            sig = list(inspect.signature(type(module).forward).parameters.values())
-        except (TypeError, ValueError):
-            continue
-        if len(sig) < 3 or sig[2].kind not in (sig[2].POSITIONAL_OR_KEYWORD, sig[2].POSITIONAL_ONLY):
-            continue
-        name = sig[2].name.lower()
-        if "index" not in name and "indices" not in name:
-            continue
-        found.append(ExpertModule(path, num, tuple(n for n, _ in own), sig[2].name))
-    return found
 
 
 class _Live:

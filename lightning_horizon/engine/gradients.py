@@ -33,58 +33,12 @@ from collections.abc import Callable
 import torch
 
 from .host_kernels import fold_
+from .moe import ExpertGrad
 from .pinned import chunk_spans, pinned_empty, unregister_pinned
-from .store import HostStore, StoreGroup, StoreParam
-from .workers import Worker
+from .store import GradState, HostStore, StoreGroup, StoreParam
+from .workers import WorkerGroup
 
 Target = tuple[StoreGroup, StoreParam]
-
-
-class ExpertGrad:
-    """The gradient of a stacked expert parameter ``(num_experts, ...)`` of which only experts ``runs`` received tokens.
-
-    Only those experts' rows travel to the host; the others' gradient is exactly zero. On the host the first landing
-    after an optimizer step zero-fills the other rows (so the optimizer sees the dense gradient), later ones (gradient
-    accumulation) add nothing to them. ``grad`` is the full device gradient.
-    """
-
-    def __init__(self, grad: torch.Tensor, runs: list[tuple[int, int]], rows: int) -> None:
-        self.grad, self.runs, self.rows = grad, runs, rows
-        self.count = sum(z - a for a, z in runs)
-
-    def numel(self) -> int:
-        return self.count * self.per if self.runs else 0
-
-    @property
-    def per(self) -> int:
-        return self.grad.numel() // self.rows
-
-    def element_size(self) -> int:
-        return self.grad.element_size()
-
-    def pieces(self):
-        """``(first expert, end expert, rows)`` per run."""
-        if not self.runs:
-            return
-        per = self.per
-        flat = self.grad.reshape(-1)
-        for a, z in self.runs:
-            yield a, z, flat[a * per : z * per].view(z - a, per)
-
-    def zero_others(self, dst: torch.Tensor) -> None:
-        """Zero-fills the rows of ``dst`` (the parameter's host gradient) of experts outside ``runs``."""
-        rows = dst.reshape(self.rows, -1)
-        start = 0
-        for a, z in [*self.runs, (self.rows, self.rows)]:
-            if a > start:
-                rows[start:a].zero_()
-            start = z
-
-    def norm(self) -> torch.Tensor:
-        parts = [p for _, _, p in self.pieces()]
-        if not parts:
-            return torch.zeros((), dtype=torch.float32, device=self.grad.device)
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p, dtype=torch.float32) for p in parts]))
 
 
 class GradientSink:
@@ -97,7 +51,13 @@ class GradientSink:
         slab_numel: Elements per pinned slab (a decoder layer, capped); a larger gradient travels in several slabs.
             Slabs are allocated on the first fold.
         num_slabs: Slabs in the pool (bounds pinned memory and the number of gradients in flight in fold mode).
-        direct: Start in direct mode.
+        direct: Start in direct mode (its compute-dtype gradient buffers are allocated now, not in the first backward).
+        workers: The engine's workers (the gradient worker joins them; waits check them all).
+        scattered: Groups whose gradients always use the FP32 buffer (the embedding: its rows are scattered).
+        on_final: Called (on the gradient worker) with the groups whose gradients are complete.
+        track_norms: Record per-parameter gradient norms as they land (clipping by norm is then free).
+        kernels: Fold with :func:`.host_kernels.fold_` (one pass, the norm on the way), else torch's ``copy_``/``add_``.
+        threads: Threads of the fold kernel.
     """
 
     def __init__(
@@ -106,32 +66,30 @@ class GradientSink:
         device: torch.device,
         dtype: torch.dtype,
         slab_numel: int,
-        num_slabs: int = 3,
-        direct: bool = True,
+        num_slabs: int,
+        direct: bool,
+        workers: WorkerGroup,
+        scattered: list[StoreGroup],
+        on_final: Callable[[list[StoreGroup]], None],
+        track_norms: bool = False,
+        kernels: bool = False,
+        threads: int | None = None,
     ) -> None:
         self.store, self.device, self.dtype = store, device, dtype
         self.cuda = device.type == "cuda"
-        self.track_norms = False
+        self.track_norms = track_norms
         self.direct = direct
-        self.worker = Worker("gradient", device)
-        self.extra_checks: tuple[Worker, ...] = ()
-        self.on_final: Callable[[list[StoreGroup]], None] | None = None
+        self.worker = workers.worker("gradient")
+        self.on_final = on_final
         self.bytes_d2h = 0
         self._slab_numel, self._num_slabs = slab_numel, num_slabs
         self._slabs: queue.Queue[torch.Tensor] = queue.Queue()
         self._all_slabs: list[torch.Tensor] = []
         self.d2h_stream = torch.cuda.Stream(device) if self.cuda else None
-        self.scattered: set[int] = set()
-        """Groups whose gradients always use the FP32 buffer (the embedding: its rows are scattered)."""
-        self._direct_at_start = direct
-        self.kernels = False
-        """Fold with :func:`.host_kernels.fold_` (one pass, the norm on the way); else torch's ``copy_``/``add_``."""
-        self.threads: int | None = None
-        """Threads of the fold kernel."""
-
-    def allocate(self) -> None:
-        """Allocates the pinned compute-dtype gradient buffers up front (direct mode), not during the first backward."""
-        if self._direct_at_start:
+        self.scattered = {id(g) for g in scattered}
+        self.kernels = kernels
+        self.threads = threads
+        if direct:
             for group in self.store.groups:
                 if id(group) not in self.scattered:
                     self._ensure_lp(group)
@@ -143,7 +101,7 @@ class GradientSink:
         ``final`` lists the groups whose gradients are complete once these have landed (reported to ``on_final``).
         """
         pairs = [(t, g) for t, g in zip(targets, grads) if g is not None]
-        if self.direct and any(not sp.fresh for (_, sp), _ in pairs):
+        if self.direct and any(sp.has_grad for (_, sp), _ in pairs):
             self._switch_to_fold()
         if self.track_norms and self.direct:
             for (_, sp), g in pairs:  # on the GPU, where the gradient already is
@@ -173,9 +131,9 @@ class GradientSink:
         def fold() -> None:
             self._to_fp32(group, sp)
             dst = group.grad_view(sp)
-            if sp.fresh:
+            if not sp.has_grad:
                 dst.zero_()
-                sp.fresh = False
+            sp.land(GradState.FP32)
             dst.index_add_(0, ids, rows.to(torch.float32))
             if self.track_norms:
                 sp.grad_norm = torch.linalg.vector_norm(dst)
@@ -185,7 +143,15 @@ class GradientSink:
 
     def wait(self) -> None:
         """Blocks until every queued gradient has landed."""
-        self.worker.drain(self.extra_checks)
+        self.worker.drain()
+
+    def finish(self) -> None:
+        """Waits until every gradient is on the host and exposes them as ``param.grad`` where they are FP32."""
+        self.wait()
+        for group in self.store.groups:
+            for sp in group.params:
+                if sp.has_grad and sp.trainable:
+                    sp.param.grad = self.fp32_view(group, sp)
 
     def close(self) -> None:
         self.worker.close()
@@ -197,17 +163,17 @@ class GradientSink:
 
     def gradient(self, group: StoreGroup, sp: StoreParam) -> torch.Tensor | None:
         """The current FP32 gradient of one parameter (a view in fold mode, an upcast copy in direct mode)."""
-        if sp.fresh:
+        if sp.grad_state is GradState.NONE:
             return None
-        if group.grad is not None and not sp.in_lp:
+        if sp.grad_state is GradState.FP32:
             return group.grad_view(sp)
         return group.lp_grad_view(sp).to(torch.float32)
 
     def fp32_view(self, group: StoreGroup, sp: StoreParam) -> torch.Tensor | None:
         """``param.grad``-compatible view (FP32 storage) or None when the gradient lives in the compute dtype."""
-        if sp.fresh:
+        if sp.grad_state is GradState.NONE:
             return None
-        if sp.in_lp:
+        if sp.grad_state is GradState.COMPUTE:
             return group.lp_grad_view(sp) if group.grad_lp.dtype == torch.float32 else None
         return group.grad_view(sp)
 
@@ -225,7 +191,7 @@ class GradientSink:
         for (group, _), _ in pairs:
             self._ensure_lp(group)
         for (_, sp), _ in pairs:
-            sp.in_lp, sp.fresh = True, False
+            sp.land(GradState.COMPUTE)
         if not self.cuda:
 
             def land() -> None:
@@ -328,15 +294,14 @@ class GradientSink:
         self.direct = False
         for group in self.store.groups:
             for sp in group.params:
-                if not sp.fresh and sp.in_lp:
-                    self._to_fp32(group, sp)
+                self._to_fp32(group, sp)
 
     def _to_fp32(self, group: StoreGroup, sp: StoreParam) -> None:
+        """Moves a gradient held in the compute dtype into the FP32 buffer (allocated on first use)."""
         group.ensure_grad()
-        if sp.in_lp:
-            if not sp.fresh:
-                group.grad_view(sp).copy_(group.lp_grad_view(sp))
-            sp.in_lp = False
+        if sp.grad_state is GradState.COMPUTE:
+            group.grad_view(sp).copy_(group.lp_grad_view(sp))
+            sp.land(GradState.FP32)
 
     def _take_slab(self) -> torch.Tensor:
         if not self._all_slabs:
@@ -357,8 +322,8 @@ class GradientSink:
             group, sp = landing.target
             if landing.fresh is None:  # the first span of this gradient
                 self._to_fp32(group, sp)
-                landing.fresh = sp.fresh
-                if sp.fresh and landing.expert is not None:
+                landing.fresh = not sp.has_grad
+                if landing.fresh and landing.expert is not None:
                     landing.expert.zero_others(group.grad_view(sp))
             dst = group.grad_view(sp).view(-1)[offset : offset + src.numel()]
             if self.kernels and src.device.type == "cpu" and src.is_contiguous():
@@ -371,7 +336,7 @@ class GradientSink:
                     dst.add_(src)
             landing.left -= 1
             if landing.left == 0:
-                sp.fresh = False
+                sp.land(GradState.FP32)
                 if self.track_norms:
                     if landing.sumsq is not None and landing.expert is None:  # the spans covered the whole gradient
                         sp.grad_norm = torch.tensor(math.sqrt(landing.sumsq), dtype=torch.float32)

@@ -17,20 +17,14 @@ import functools
 import inspect
 import warnings
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from .loss import ChunkedLoss
 from .moe import RouterAuxFunction
-from .segments import (
-    EmbedFunction,
-    ForwardPass,
-    HeadLogitsFunction,
-    HeadLossFunction,
-    LayerFunction,
-    NormFunction,
-)
+from .segments import EmbedFunction, ForwardPass, HeadLogitsFunction, HeadLossFunction, NormFunction
 
 _NO_LOGITS = (
     "logits were not computed: with labels, the horizon engine computes the loss in chunks and never materialises "
@@ -40,161 +34,48 @@ _NO_LOGITS = (
 )
 
 
-class ModelHooks:
-    """The hook-up half of :class:`~.runtime.HorizonEngine` (mixed in; uses its parts, streamer and config)."""
+class ModelPatch:
+    """Installs the engine into a model's modules, and removes it again (see the module docstring).
 
-    def _layer_call(self, index: int, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
-        if args:
-            raise TypeError(f"decoder layer {index} got unexpected positional arguments; pass them by keyword")
-        if index == 0 or self._current is None:
-            self._current = ForwardPass(self, keep=torch.is_grad_enabled(), train_mode=self.model.training)
-            if self._current.keep:
-                self._count_grad_pass()
-            self._current.router_logits = {} if self._record_routers else None
-            if self._current.keep:
-                self._start_keeping(self._current, hidden_states.shape[:-1].numel())
-            head = [self.head_uid] * self._forward_head_uses
-            self.streamer.plan([*range(index, self.parts.num_layers), *head])
-        fpass = self._current
-        out = LayerFunction.apply(hidden_states, self.anchor, fpass, index, kwargs)
-        return (out,) if fpass.tuple_output else out
+    Args:
+        parts: Where the model keeps its parts.
+        runner: Runs the streamed passes (:class:`~.passes.PassRunner`).
+        device: Compute device (the model's layer buffers move there while installed).
+        loss_chunk_tokens: Rows of logits the chunked loss computes at once.
+        synchronize: Waits until the masters are final (before ``state_dict``, ``load_state_dict``).
+        invalidate: Forgets weights resident on the GPU (after ``load_state_dict`` changed the masters).
+    """
 
-    def _count_grad_pass(self) -> None:
-        self._grad_passes += 1
-        if self._overlap and self._grad_passes > 1:
-            if self.num_overlapped_updates != self._overlapped_at_begin:
-                raise RuntimeError(
-                    "a forward pass with gradients started after updates of this step began overlapping its backward"
-                )
-            self._overlap = False  # a group's gradient is complete only at the end of the whole backward
-
-    def _embed_call(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return EmbedFunction.apply(self.anchor, self, input_ids)
-
-    def _norm_call(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self._defer_norm:  # the head applies it, fused with the chunked loss
-            return hidden_states
-        if self._current is None:
-            raise RuntimeError("the final norm of a streamed model ran outside a forward pass of its decoder")
-        return NormFunction.apply(hidden_states, self.anchor, self._current)
-
-    def _base_call(self, forward, *args: Any, **kwargs: Any):
-        """The decoder's own ``forward`` (``model.model(...)``), without a KV cache when gradients are on: a training
-        forward runs each layer again in the backward, which would append to a cache twice."""
-        cache = _pop_cache(kwargs)
-        if torch.is_grad_enabled():
-            if cache is not None or kwargs.get("use_cache"):
-                raise ValueError(
-                    "the horizon engine runs a forward with gradients without a KV cache (its backward recomputes "
-                    "layers): pass use_cache=False, or run under torch.no_grad() to use a cache (e.g. generate)"
-                )
-            kwargs["use_cache"] = False
-        if cache is not None:
-            kwargs[self._cache_arg] = cache
-        self._current = None
-        try:
-            return forward(*args, **kwargs)
-        finally:
-            self._finished, self._current = self._current, None
-
-    def _causal_lm_forward(
+    def __init__(
         self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        num_items_in_batch: int | torch.Tensor | None = None,
-        **kwargs: Any,
-    ):
-        config = self.parts.config
-        cache = _pop_cache(kwargs)
-        if use_cache is None:  # a cache only when asked for (generate asks): validation would hold one per layer
-            use_cache = cache is not None
-        if _flag(kwargs.pop("output_attentions", None), config, "output_attentions"):
-            raise ValueError(
-                "output_attentions is not supported under the horizon engine: the attention weights of the streamed "
-                "layers are not kept (they would be batch x heads x sequence x sequence per layer)"
-            )
-        want_hidden = _flag(kwargs.pop("output_hidden_states", None), config, "output_hidden_states")
-        return_dict = kwargs.pop("return_dict", None)
-        aux_spec = self.parts.aux_loss(kwargs.pop("output_router_logits", None))
-        to_dev = lambda t: t.to(self.device) if isinstance(t, torch.Tensor) else t  # noqa: E731
-        # With hidden states returned, the final norm runs on its own (its output is the last hidden state, with
-        # gradients); otherwise the head applies it, fused with the chunked loss.
-        fused_norm = not want_hidden
-        self._record_routers = aux_spec is not None
-        self._defer_norm = fused_norm
-        self._forward_head_uses = 1 if fused_norm else 2
-        try:
-            out = self.parts.base(
-                input_ids=input_ids,
-                attention_mask=to_dev(attention_mask),
-                position_ids=to_dev(position_ids),
-                inputs_embeds=to_dev(inputs_embeds),
-                use_cache=use_cache,
-                output_hidden_states=want_hidden,
-                **({} if cache is None else {self._cache_arg: cache}),
-                **{k: to_dev(v) for k, v in kwargs.items()},
-            )
-            fpass, self._finished = self._finished, None
-            assert fpass is not None
-        finally:
-            self._record_routers = False
-            self._defer_norm = False
-            self._forward_head_uses = 1
-        hidden = out.last_hidden_state  # before the final norm when the head applies it
-        aux = None
-        if aux_spec is not None:  # the routers' load-balancing loss (see .moe)
-            hidden, aux = RouterAuxFunction.apply(hidden, self.anchor, fpass, aux_spec, to_dev(attention_mask))
-        fields: dict[str, Any] = {}
-        if want_hidden:
-            fields["hidden_states"] = out.hidden_states
-        if use_cache:
-            fields[self._cache_field] = getattr(out, self._cache_field, None)
-        if labels is not None:
-            loss_fn = ChunkedLoss(
-                hidden,
-                labels,
-                num_items_in_batch,
-                self.config.loss_chunk_tokens,
-                self.parts.logit_softcap(),
-                fused_norm,
-            )
-            loss = HeadLossFunction.apply(hidden, self.anchor, fpass, loss_fn)
-            fields["logits"] = None
-        else:
-            if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-                hidden = hidden[:, -logits_to_keep:]
-            elif isinstance(logits_to_keep, torch.Tensor):
-                hidden = hidden[:, logits_to_keep.to(hidden.device)]
-            loss = None
-            fields["logits"] = HeadLogitsFunction.apply(hidden, self.anchor, fpass, fused_norm)
-        if aux is not None:
-            loss = None if loss is None else loss + aux_spec.coef * aux
-            result = self._output_classes[1](loss=loss, aux_loss=aux, **fields)
-        else:
-            result = self._output_classes[0](loss=loss, **fields)
-        if return_dict is False:
-            return result.to_tuple()
-        if labels is not None:
-            result.__class__ = _without_logits(type(result))
-        return result
-
-    def _install(self) -> None:
-        parts = self.parts
+        parts,
+        runner,
+        device: torch.device,
+        loss_chunk_tokens: int,
+        synchronize: Callable[[], None],
+        invalidate: Callable[[], None],
+    ) -> None:
         from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
+        self.parts, self.runner, self.device, self.loss_chunk_tokens = parts, runner, device, loss_chunk_tokens
+        self.synchronize, self.invalidate = synchronize, invalidate
         self._output_classes = (CausalLMOutputWithPast, MoeCausalLMOutputWithPast)
         fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
         self._cache_field = "cache" if "cache" in fields else "past_key_values"
         params = inspect.signature(type(parts.base).forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._defer_norm = False
-        self._forward_head_uses = 1
+        """The head applies the final norm (fused with the chunked loss): the norm module passes hidden states on."""
         self._finished: ForwardPass | None = None
+        """The pass of the decoder call that just returned."""
+        self._replaced: list[tuple[torch.nn.Module, Any]] = []
+        self._moved_buffers: list[tuple[torch.nn.Module, str, torch.device]] = []
+        self._hooks: list = []
+
+    # ------------------------------------------------------------------------------------------ installation
+    def install(self) -> None:
+        """Replaces what the model's modules do when called (instance attributes; :meth:`uninstall` removes them)."""
+        parts = self.parts
         base_forward = parts.base.forward
         self._replaced = [
             (module, module.__dict__.get("forward"))
@@ -217,15 +98,14 @@ class ModelHooks:
                     self._moved_buffers.append((module, name, buf.device))
                     module._buffers[name] = buf.to(self.device)
         _warn_about_inner_hooks(parts)
-        self._layer_state = [parts.layer_state(i) for i in range(parts.num_layers)]
         self._hooks = [
             parts.model.register_state_dict_pre_hook(lambda *a, **k: self.synchronize()),
             parts.model.register_load_state_dict_pre_hook(lambda *a, **k: self.synchronize()),
-            parts.model.register_load_state_dict_post_hook(lambda *a, **k: self.streamer.invalidate()),
+            parts.model.register_load_state_dict_post_hook(lambda *a, **k: self.invalidate()),
         ]
 
-    def _uninstall(self) -> None:
-        """Gives the model its own forward methods and buffers back (undoes :meth:`_install`)."""
+    def uninstall(self) -> None:
+        """Gives the model its own forward methods and buffers back (undoes :meth:`install`)."""
         for module, forward in self._replaced:
             if forward is None:
                 module.__dict__.pop("forward", None)
@@ -239,6 +119,122 @@ class ModelHooks:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+
+    # ---------------------------------------------------------------------------------- what the modules do
+    def _layer_call(self, index: int, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if args:
+            raise TypeError(f"decoder layer {index} got unexpected positional arguments; pass them by keyword")
+        return self.runner.layer_call(index, hidden_states, kwargs)
+
+    def _embed_call(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return EmbedFunction.apply(self.runner.anchor, self.runner, input_ids)
+
+    def _norm_call(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._defer_norm:  # the head applies it, fused with the chunked loss
+            return hidden_states
+        if self.runner.current is None:
+            raise RuntimeError("the final norm of a streamed model ran outside a forward pass of its decoder")
+        return NormFunction.apply(hidden_states, self.runner.anchor, self.runner.current)
+
+    def _base_call(self, forward, *args: Any, **kwargs: Any):
+        """The decoder's own ``forward`` (``model.model(...)``), without a KV cache when gradients are on: a training
+        forward runs each layer again in the backward, which would append to a cache twice."""
+        cache = _pop_cache(kwargs)
+        if torch.is_grad_enabled():
+            if cache is not None or kwargs.get("use_cache"):
+                raise ValueError(
+                    "the horizon engine runs a forward with gradients without a KV cache (its backward recomputes "
+                    "layers): pass use_cache=False, or run under torch.no_grad() to use a cache (e.g. generate)"
+                )
+            kwargs["use_cache"] = False
+        if cache is not None:
+            kwargs[self._cache_arg] = cache
+        self.runner.current = None
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            self._finished, self.runner.current = self.runner.current, None
+
+    def _causal_lm_forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs: Any,
+    ):
+        config = self.parts.config
+        runner = self.runner
+        cache = _pop_cache(kwargs)
+        if use_cache is None:  # a cache only when asked for (generate asks): validation would hold one per layer
+            use_cache = cache is not None
+        if _flag(kwargs.pop("output_attentions", None), config, "output_attentions"):
+            raise ValueError(
+                "output_attentions is not supported under the horizon engine: the attention weights of the streamed "
+                "layers are not kept (they would be batch x heads x sequence x sequence per layer)"
+            )
+        want_hidden = _flag(kwargs.pop("output_hidden_states", None), config, "output_hidden_states")
+        return_dict = kwargs.pop("return_dict", None)
+        aux_spec = self.parts.aux_loss(kwargs.pop("output_router_logits", None))
+        to_dev = lambda t: t.to(self.device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        # With hidden states returned, the final norm runs on its own (its output is the last hidden state, with
+        # gradients); otherwise the head applies it, fused with the chunked loss.
+        fused_norm = not want_hidden
+        runner.record_routers = aux_spec is not None
+        self._defer_norm = fused_norm
+        runner.forward_head_uses = 1 if fused_norm else 2
+        try:
+            out = self.parts.base(
+                input_ids=input_ids,
+                attention_mask=to_dev(attention_mask),
+                position_ids=to_dev(position_ids),
+                inputs_embeds=to_dev(inputs_embeds),
+                use_cache=use_cache,
+                output_hidden_states=want_hidden,
+                **({} if cache is None else {self._cache_arg: cache}),
+                **{k: to_dev(v) for k, v in kwargs.items()},
+            )
+            fpass, self._finished = self._finished, None
+            assert fpass is not None
+        finally:
+            runner.record_routers = False
+            self._defer_norm = False
+            runner.forward_head_uses = 1
+        hidden = out.last_hidden_state  # before the final norm when the head applies it
+        aux = None
+        if aux_spec is not None:  # the routers' load-balancing loss (see .moe)
+            hidden, aux = RouterAuxFunction.apply(hidden, runner.anchor, fpass, aux_spec, to_dev(attention_mask))
+        fields: dict[str, Any] = {}
+        if want_hidden:
+            fields["hidden_states"] = out.hidden_states
+        if use_cache:
+            fields[self._cache_field] = getattr(out, self._cache_field, None)
+        softcap = self.parts.logit_softcap()
+        if labels is not None:
+            loss_fn = ChunkedLoss(hidden, labels, num_items_in_batch, self.loss_chunk_tokens, softcap, fused_norm)
+            loss = HeadLossFunction.apply(hidden, runner.anchor, fpass, loss_fn)
+            fields["logits"] = None
+        else:
+            if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+                hidden = hidden[:, -logits_to_keep:]
+            elif isinstance(logits_to_keep, torch.Tensor):
+                hidden = hidden[:, logits_to_keep.to(hidden.device)]
+            loss = None
+            fields["logits"] = HeadLogitsFunction.apply(hidden, runner.anchor, fpass, fused_norm)
+        if aux is not None:
+            loss = None if loss is None else loss + aux_spec.coef * aux
+            result = self._output_classes[1](loss=loss, aux_loss=aux, **fields)
+        else:
+            result = self._output_classes[0](loss=loss, **fields)
+        if return_dict is False:
+            return result.to_tuple()
+        if labels is not None:
+            result.__class__ = _without_logits(type(result))
+        return result
 
 
 def check_not_streamed(model: torch.nn.Module) -> None:

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from .host_kernels import adamw_group_scalars, adamw_state, fused_adamw_, host_kernels_available
-from .store import HostStore, StoreGroup, StoreParam
-from .workers import Worker
+from .store import GradState, HostStore, StoreGroup, StoreParam
+from .workers import WorkerGroup
 
 _SCRATCH_MIN = 128 * 2**20  # elements of the FP32 upcast buffer (0.5 GiB), at least the largest parameter
 
@@ -66,20 +66,18 @@ class LayerOptimizer:
 
     Args:
         store: The host store whose masters the optimizer updates.
-        device: Compute device (worker threads bind to it).
+        workers: The engine's workers (the optimizer worker joins them).
+        use_fused: Step plain ``torch.optim.AdamW`` groups with the one-pass kernel of :mod:`.host_kernels` when it
+            is available (``EngineConfig.host_kernels``).
+        threads: Threads of the one-pass kernel (None: ``torch.get_num_threads()``).
     """
 
-    use_fused = False
-    """Step plain ``torch.optim.AdamW`` groups with the one-pass kernel of :mod:`.host_kernels` when it is available
-    (the engine turns it on for CUDA compute, see ``EngineConfig.host_kernels``)."""
-    threads: int | None = None
-    """Threads of the one-pass kernel (None: ``torch.get_num_threads()``)."""
-
-    def __init__(self, store: HostStore, device: torch.device) -> None:
+    def __init__(self, store: HostStore, workers: WorkerGroup, use_fused: bool = False, threads: int | None = None):
         self.store = store
+        self.use_fused, self.threads = use_fused, threads
         # Prioritized by forward order: when several groups are ready (the end of a backward), the ones the next
         # forward needs first (embedding, first layers) are updated first, so that forward can start sooner.
-        self.worker = Worker("optimizer", device, prioritized=True)
+        self.worker = workers.worker("optimizer", prioritized=True)
         self._priority = {id(g): i for i, g in enumerate(store.groups)}
         self._shadows: dict[int, tuple[torch.optim.Optimizer, dict[int, torch.nn.Parameter]]] = {}
         self._plan: _StepPlan | None = None
@@ -124,9 +122,15 @@ class LayerOptimizer:
                     continue
                 group.scheduled_step = plan.index
                 entries = [
-                    _Entry(sp, plan.group_of_param[id(sp.param)], sp.in_lp, sp.clip_coef, sp.clip_value)
+                    _Entry(
+                        sp,
+                        plan.group_of_param[id(sp.param)],
+                        sp.grad_state is GradState.COMPUTE,
+                        sp.clip_coef,
+                        sp.clip_value,
+                    )
                     for sp in group.params
-                    if id(sp.param) in plan.group_of_param and not sp.fresh
+                    if id(sp.param) in plan.group_of_param and sp.has_grad
                 ]
                 if not entries:
                     continue  # nothing of this optimizer's to update: the masters (and their version) stay

@@ -1,11 +1,14 @@
 """The streaming engine: one object that turns a Hugging Face causal LM into a host-memory-backed, streamed model.
 
-``HorizonEngine(model, config)`` moves the model's weights into a :class:`~.store.HostStore` (FP32, the only
-persistent copy), builds the GPU slots and templates (:class:`~.streamer.LayerStreamer`), the gradient path
-(:class:`~.gradients.GradientSink`) and the CPU optimizer (:class:`~.optimizer.LayerOptimizer`), and replaces what
-the embedding, the decoder layers, the final norm and the model's ``forward`` do when called. The model object keeps
-its parameters (now views into the store), names, ``state_dict`` and config; its own decoder ``forward`` still builds
-the attention masks and rotary embeddings, so packing, padding and model-specific arguments work unchanged.
+``HorizonEngine(model, config)`` composes the components, each owning its state (``docs/architecture.md`` draws
+them): the :class:`~.store.HostStore` (FP32 masters, the only persistent copy), the
+:class:`~.streamer.LayerStreamer` (GPU slots, prefetch thread), the :class:`~.templates.TemplateBank` (the modules
+that run on the slots), the :class:`~.gradients.GradientSink` (gradients to the host), the
+:class:`~.optimizer.LayerOptimizer` (the user's optimizer, stepped group by group on a CPU thread), the
+:class:`~.passes.PassRunner` (forward and backward of each unit) and the :class:`~.hooks.ModelPatch` (what the
+model's modules do when called). The model object keeps its parameters (now views into the store), names,
+``state_dict`` and config; its own decoder ``forward`` still builds the attention masks and rotary embeddings, so
+packing, padding and model-specific arguments work unchanged.
 
 The engine knows nothing about Lightning. A plain PyTorch loop::
 
@@ -15,39 +18,42 @@ The engine knows nothing about Lightning. A plain PyTorch loop::
         loss = model(**batch).loss
         loss.backward()
         engine.clip_grad_norm_(1.0)
-        engine.step(optimizer)      # instead of optimizer.step(); zero_grad() is optional
+        engine.step(optimizer)      # instead of optimizer.step()
+        optimizer.zero_grad()
+    engine.close()
 """
 
 from __future__ import annotations
 
+import logging
 import weakref
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .activations import CheckpointOffloader, materialize, prefetch
-from .adapter import DecoderParts, bind_layer_state, describe, find_causal_lm, is_peft_wrapper, module_state
+from .activations import CheckpointOffloader
+from .adapter import DecoderParts, describe, find_causal_lm, is_peft_wrapper
 from .config import EngineConfig, as_dtype  # noqa: F401  (re-exported)
-from .gradients import ExpertGrad, GradientSink
-from .hooks import ModelHooks, check_not_streamed
-from .loss import ChunkedLoss, head_logits
-from .moe import RouterTap
+from .gradients import GradientSink
+from .hooks import ModelPatch, check_not_streamed
 from .optimizer import LayerOptimizer, clip_coefficient
-from .pinned import unregister_pinned
-from .residency import Residency
-from .segments import ForwardPass, _rng_replay, local_grads, segment_backward_order
-from .store import HostStore, StoreGroup
+from .passes import PassRunner
+from .pinned import pinned_empty, unregister_pinned
+from .residency import layers_to_keep, measure_spare_gpu_bytes, resident_slots_to_add
+from .store import HostStore
 from .streamer import LayerStreamer
-from .templates import Templates
-from .units import Unit, expert_runs, make_unit
+from .templates import TemplateBank
+from .units import Unit, expert_sets, make_unit
+from .workers import WorkerGroup
+
+log = logging.getLogger(__name__)
 
 MAX_SLAB_NUMEL = 256 * 2**20
 """Largest pinned gradient slab (elements): 512 MiB in BF16; bigger layers are sent in several slabs."""
 
 
-class HorizonEngine(ModelHooks, Residency, Templates):
+class HorizonEngine:
     """Streams a Hugging Face decoder-only causal LM from host memory (see the module docstring).
 
     Args:
@@ -62,9 +68,9 @@ class HorizonEngine(ModelHooks, Residency, Templates):
         elif overrides:
             raise TypeError("pass either an EngineConfig or keyword overrides, not both")
         self.config = config
-        self._closed = False
         self.device: torch.device = config.device  # type: ignore[assignment]
         self.dtype: torch.dtype = config.compute_dtype  # type: ignore[assignment]
+        self._closed = False
         for name, p in model.named_parameters():
             if p.device.type != "cpu":
                 raise ValueError(
@@ -76,75 +82,85 @@ class HorizonEngine(ModelHooks, Residency, Templates):
         self.parts: DecoderParts = describe(model)
         check_not_streamed(self.parts.model)
         self.model = model
+        cuda = self.device.type == "cuda"
         # adopt: a model loaded straight into the store's layout (lightning_horizon.loading) is taken over, not copied
-        self.store = HostStore.adopt(self.parts.store_groups(), pin=config.pin_masters and self.device.type == "cuda")
+        self.store = HostStore.adopt(self.parts.store_groups(), pin=config.pin_masters and cuda)
         self.units: list[Unit] = [
-            make_unit(i, f"layers.{i}", self.parts.layer_structure_key(i), layer, self.store)
+            make_unit(i, self.parts.layer_structure_key(i), layer, self.store)
             for i, layer in enumerate(self.parts.layers)
         ]
         if config.sparse_experts:
             for i, unit in enumerate(self.units):
-                unit.experts = self._expert_sets(i, unit)
-        head = nn.ModuleDict({"norm": self.parts.norm, "lm_head": self.parts.lm_head})
+                unit.experts = expert_sets(unit, self.parts.expert_modules(i))
         self.head_uid = len(self.units)
-        self.units.append(make_unit(self.head_uid, "head", ("head",), head, self.store))
-        self._head_state = module_state(head, buffers=False)
-        self._norm_groups = list(
-            {id(b.group): b.group for b in self.units[-1].bindings if b.name.startswith("norm.")}.values()
-        )
-        self._lm_head_groups = [g for g in self.units[-1].groups if g not in self._norm_groups]
-        self.streamer = LayerStreamer(self.units, self.store, self.device, self.dtype, config.num_slots)
-        # A slab holds one decoder layer's gradient (capped): the head's larger gradient travels in several slabs.
-        slab = min(self._layer_slot_numel(), MAX_SLAB_NUMEL)
+        head = nn.ModuleDict({"norm": self.parts.norm, "lm_head": self.parts.lm_head})
+        self.units.append(make_unit(self.head_uid, ("head",), head, self.store))
         if config.weight_copy:
-            self._make_copies()
-        self.sink = GradientSink(
-            self.store, self.device, self.dtype, slab, config.num_grad_slabs, direct=not config.accumulate_grads
-        )
-        self.sink.track_norms = config.track_grad_norm
-        self.sink.on_final = self._on_final
-        self.sink.scattered = {id(self.store.entry(self.parts.embed.weight)[0])}
-        self.sink.allocate()
-        self.offloader = CheckpointOffloader(self.device, config.offload_checkpoints)
-        self._overlap = False
-        self._grad_passes = 0
-        """Forward passes with gradients since :meth:`begin_step`: updates overlap the backward only with one."""
-        self.num_overlapped_updates = 0
-        self._overlapped_at_begin = 0
-        """Group updates started during a backward (rather than after it)."""
-        self.optim = LayerOptimizer(self.store, self.device)
-        kernels = config.host_kernels if config.host_kernels is not None else self.device.type == "cuda"
+            with torch.inference_mode(False):
+                for group in self.store.groups:
+                    group.copy = pinned_empty(group.master.numel(), self.dtype, pin=cuda)
+                    group.copy.copy_(group.master)
+        kernels = config.host_kernels if config.host_kernels is not None else cuda
         if kernels:
             from .host_kernels import host_kernels_available
 
             kernels = host_kernels_available()  # builds the kernels now, not on the first step
-        threads = config.host_threads
-        self.optim.use_fused, self.optim.threads = kernels, threads
-        self.sink.kernels, self.sink.threads = kernels, threads
-        self.streamer.kernels, self.streamer.pack_threads = kernels, threads
-        self.streamer.extra_checks = (self.sink.worker, self.optim.worker)
-        self.sink.extra_checks = (self.streamer.worker, self.optim.worker)
-        self.streamer.poll = self.optim.worker.check
-        self.anchor = torch.zeros(0, requires_grad=True)
-        self._current: ForwardPass | None = None
-        self._stochastic = self.parts.is_stochastic()
-        self._moved_buffers: list[tuple[nn.Module, str, torch.device]] = []
-        self.routers = RouterTap([], self.parts.router_spec())
-        self._setup_templates(config)
-        cuda = self.device.type == "cuda"
-        self._resident_pending = config.resident_layers is None and cuda
+        self.workers = WorkerGroup(self.device)
+        self.streamer = LayerStreamer(
+            self.units,
+            self.store,
+            self.device,
+            self.dtype,
+            config.num_slots,
+            self.workers,
+            kernels=kernels,
+            pack_threads=config.host_threads,
+            prefer_small_slots=config.keep_activations != 0,
+        )
+        self.sink = GradientSink(
+            self.store,
+            self.device,
+            self.dtype,
+            min(self._layer_slot_numel(), MAX_SLAB_NUMEL),  # a decoder layer: the head's travels in several slabs
+            config.num_grad_slabs,
+            direct=not config.accumulate_grads,
+            workers=self.workers,
+            scattered=[self.store.entry(self.parts.embed.weight)[0]],
+            on_final=self._on_final,
+            track_norms=config.track_grad_norm,
+            kernels=kernels,
+            threads=config.host_threads,
+        )
+        self.optim = LayerOptimizer(self.store, self.workers, use_fused=kernels, threads=config.host_threads)
+        self.bank = TemplateBank(self.units, self.parts, self.streamer, self.device, config.compile_layers)
+        self.bank.add_slots(self.streamer.slots)
         self._keep_pending = config.keep_activations is None and cuda
-        self._keep_layers = config.keep_activations or 0
-        self.streamer.prefer_small_slots = config.keep_activations != 0
-        self._graph_bytes = 0
-        """Largest GPU memory one layer's recompute graph took (measured in the first backward, CUDA)."""
-        self._graph_tokens = 0
-        """Tokens of the pass ``_graph_bytes`` was measured on."""
+        self._resident_pending = config.resident_layers is None and cuda
+        self.runner = PassRunner(
+            self.units,
+            self.parts,
+            self.store,
+            self.streamer,
+            self.bank,
+            self.sink,
+            CheckpointOffloader(self.device, config.offload_checkpoints),
+            config,
+            measure_graphs=self._keep_pending,
+            on_grad_pass=self._on_grad_pass,
+        )
+        self._overlap = False
+        self._grad_passes = 0
+        """Forward passes with gradients since :meth:`begin_step`: updates overlap the backward only with one."""
+        self.num_overlapped_updates = 0
+        """Group updates started during a backward (rather than after it)."""
+        self._overlapped_at_begin = 0
         if config.resident_layers:
-            self._add_resident_slots(config.resident_layers)
-        self._record_routers = False
+            self.add_resident_slots(config.resident_layers)
         self._watched: list[_ZeroGradWatch] = []
-        self._install()
+        self.patch = ModelPatch(
+            self.parts, self.runner, self.device, config.loss_chunk_tokens, self.synchronize, self.streamer.invalidate
+        )
+        self.patch.install()
 
     # ------------------------------------------------------------------------------------------ public API
     def begin_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -224,12 +240,8 @@ class HorizonEngine(ModelHooks, Residency, Templates):
             sp.discard()
 
     def finish_backward(self) -> None:
-        """Waits until every gradient is on the host and exposes them as ``param.grad``."""
-        self.sink.wait()
-        for group in self.store.groups:
-            for sp in group.params:
-                if not sp.fresh and sp.trainable:
-                    sp.param.grad = self.sink.fp32_view(group, sp)
+        """Waits until every gradient is on the host and exposes them as ``param.grad`` (where they are FP32)."""
+        self.sink.finish()
 
     def synchronize(self) -> None:
         """Waits for pending gradient folds and optimizer updates: the masters are then final."""
@@ -268,15 +280,22 @@ class HorizonEngine(ModelHooks, Residency, Templates):
                     sp.param.grad = None
                     sp.discard()
                 group.copy = group.grad = group.grad_lp = None
-            self._uninstall()
-            for hook in self._expert_hooks:
-                hook.remove()
-            self._expert_hooks = []
-            self.routers.close()
+            self.patch.uninstall()
+            self.bank.close()
             for watch in self._watched:
                 watch.restore()
             self._watched = []
-            self._current = self._finished = None
+            self.runner.current = None
+
+    @property
+    def num_resident_slots(self) -> int:
+        """GPU slots beyond ``num_slots`` (``EngineConfig.resident_layers``)."""
+        return len(self.streamer.slots) - self.config.num_slots
+
+    @property
+    def num_kept_layers(self) -> int:
+        """Layers a pass keeps with their graph (``EngineConfig.keep_activations``, or as sized after the first step)."""
+        return self.runner.keep_layers
 
     @property
     def stats(self) -> dict[str, float]:
@@ -285,9 +304,10 @@ class HorizonEngine(ModelHooks, Residency, Templates):
             "bytes_h2d": self.streamer.bytes_h2d,
             "bytes_d2h": self.sink.bytes_d2h,
             "num_uploads": self.streamer.num_uploads,
+            "num_layer_runs": self.runner.num_layer_runs,
             "num_optimizer_steps": self.optim.num_steps,
             "num_overlapped_updates": self.num_overlapped_updates,
-            "bytes_checkpoints_offloaded": self.offloader.bytes_offloaded,
+            "bytes_checkpoints_offloaded": self.runner.offloader.bytes_offloaded,
             "prefetch_busy_s": self.streamer.worker.busy_s,
             "pack_s": self.streamer.pack_s,
             "prefetch_update_wait_s": self.streamer.update_wait_s,
@@ -296,216 +316,58 @@ class HorizonEngine(ModelHooks, Residency, Templates):
             "optimizer_busy_s": self.optim.worker.busy_s,
         }
 
-    # ------------------------------------------------------------------------------ called by the autograd nodes
-    def embed_forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        group, _ = self.store.entry(self.parts.embed.weight)
-        self.store.wait_updated(group, poll=self.optim.worker.check)
-        ids = input_ids.to("cpu")
-        rows = F.embedding(ids, self.parts.embed.weight.detach())
-        scale = self.parts.embed_scale()
-        if scale is not None:
-            rows = rows * scale
-        return rows.to(self.dtype).to(self.device)
-
-    def embed_backward(self, input_ids: torch.Tensor, grad_hidden: torch.Tensor) -> None:
-        weight = self.parts.embed.weight
-        if not weight.requires_grad:
-            return
-        scale = self.parts.embed_scale()
-        if scale is not None:
-            grad_hidden = grad_hidden * scale
-        self.sink.submit_embedding(self.store.entry(weight), input_ids, grad_hidden, self.parts.padding_idx())
-
-    def layer_forward(self, fpass: ForwardPass, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        if fpass.keep and index >= fpass.first_kept:  # keeps its graph and slot for the backward (.residency)
-            return self._run_layer(fpass, index, hidden, kwargs, grad=False, keep=True)
-        if fpass.keep:
-            fpass.kwargs[index] = kwargs
-            k = self.config.checkpoint_every
-            if index == 0:
-                fpass.offload = self.offloader.decide(hidden, -(-self.parts.num_layers // k))
-            if index % k == 0:
-                fpass.inputs[index] = self.offloader.offload(hidden) if fpass.offload else hidden
-        return self._run_layer(fpass, index, hidden, kwargs, grad=False)
-
-    def layer_backward(self, fpass: ForwardPass, index: int, grad_out: torch.Tensor) -> torch.Tensor:
-        if index in fpass.kept:
-            return self._kept_backward(fpass, index, grad_out)
-        k = self.config.checkpoint_every
-        start = index - index % k
-        if index not in fpass.inputs:
-            hidden = materialize(fpass.inputs[start])
-            prefetch(fpass.inputs.get(start - k))  # the previous segment's checkpoint comes back meanwhile
-            for j in range(start, index):
-                hidden = self._run_layer(fpass, j, hidden, fpass.kwargs[j], grad=False)
-                fpass.inputs[j + 1] = hidden
-        elif index == start:
-            prefetch(fpass.inputs.get(start - k))
-        x = materialize(fpass.inputs.pop(index)).detach().requires_grad_(True)
-        _, grad_in = self._run_layer(fpass, index, x, fpass.kwargs.pop(index), grad=True, grad_out=grad_out)
-        return grad_in
-
-    def head_loss_forward(self, loss_fn: ChunkedLoss, hidden: torch.Tensor) -> torch.Tensor:
-        slot, head, _ = self._acquire(self.head_uid)
-        with torch.no_grad():
-            loss = loss_fn.forward(head, hidden)
-        self.streamer.release(slot)
-        return loss
-
-    def head_loss_backward(self, loss_fn: ChunkedLoss, hidden: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
-        slot, head, params = self._acquire(self.head_uid)
-        grad_hidden, grads = loss_fn.backward(head, params, hidden, grad_loss)
-        self.streamer.release(slot)
-        grads = [None if g is None else g.to(self.dtype) for g in grads]
-        self._submit(self.head_uid, grads, final=None if loss_fn.norm else self._lm_head_groups)
-        return grad_hidden
-
-    def head_logits_forward(self, hidden: torch.Tensor, norm: bool) -> torch.Tensor:
-        slot, head, _ = self._acquire(self.head_uid)
-        with torch.no_grad():
-            logits = head_logits(head, hidden, self.parts.logit_softcap(), norm)
-        self.streamer.release(slot)
-        return logits
-
-    def head_logits_backward(self, hidden: torch.Tensor, grad_logits: torch.Tensor, norm: bool) -> torch.Tensor:
-        slot, head, params = self._acquire(self.head_uid)
-        x = hidden.detach().requires_grad_(True)
-        with torch.enable_grad():
-            logits = head_logits(head, x, self.parts.logit_softcap(), norm)
-            grad_x, grads = local_grads(logits, grad_logits, x, params, allow_unused=not norm)
-        self.streamer.release(slot)
-        self._submit(self.head_uid, grads, final=None if norm else self._lm_head_groups)
-        return grad_x
-
-    def norm_forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        slot, head, _ = self._acquire(self.head_uid)
-        with torch.no_grad():
-            out = head["norm"](hidden)
-        self.streamer.release(slot)
-        return out
-
-    def norm_backward(self, hidden: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-        slot, head, params = self._acquire(self.head_uid)
-        x = hidden.detach().requires_grad_(True)
-        with torch.enable_grad():
-            grad_x, grads = local_grads(head["norm"](x), grad_out, x, params, allow_unused=True)
-        self.streamer.release(slot)
-        self._submit(self.head_uid, grads, final=self._norm_groups)
-        return grad_x
-
-    def plan_backward(self, fpass: ForwardPass) -> None:
-        k = self.config.checkpoint_every
-        recomputed = min(fpass.first_kept, self.parts.num_layers)  # kept layers hold their slots already
-        order = [self.head_uid] * fpass.head_nodes + [i for i, _ in segment_backward_order(recomputed, k)]
-        self.streamer.plan(order)
-        if recomputed:
-            prefetch(fpass.inputs.get((recomputed - 1) // k * k))
-
     # ----------------------------------------------------------------------------------------------- internals
-    def _run_layer(
-        self, fpass: ForwardPass, index: int, hidden: torch.Tensor, kwargs: dict, grad: bool, grad_out=None, keep=False
-    ):
-        slot, module, _ = self._acquire(index)
-        module.train(fpass.train_mode)
-        rng = _rng_replay(fpass, index, self.device, enabled=self._stochastic and fpass.train_mode and fpass.keep)
-        hits: dict[str, set[int]] = {}
-        self._sparse_active = (slot, self.units[index], hits) if self.units[index].experts else None
-        try:
-            if keep:
-                return self._run_kept(fpass, index, slot, module, hidden, kwargs, rng, hits)
-            return self._run_template(fpass, index, slot, module, hidden, kwargs, grad, grad_out, rng, hits)
-        finally:
-            self._sparse_active = None
-
-    def _run_template(self, fpass, index, slot, module, hidden, kwargs, grad, grad_out, rng, hits):
-        with rng, self.routers.record() as routed:
-            if not grad:
-                with torch.no_grad():
-                    out = module(hidden, **kwargs)
-                self.streamer.release(slot)
-                if fpass.router_logits is not None and routed and not fpass.backward_started:
-                    fpass.router_logits[index] = routed
-                if isinstance(out, tuple):
-                    fpass.tuple_output = True
-                    out = out[0]
-                return out
-            measure = self._keep_pending  # CUDA only: the first backward measures one layer's graph
-            before = torch.cuda.memory_allocated(self.device) if measure else 0
-            with torch.enable_grad():
-                out = module(hidden, **kwargs)
-                graph = torch.cuda.memory_allocated(self.device) - before if measure else 0
-                if graph > self._graph_bytes:
-                    self._graph_bytes, self._graph_tokens = graph, hidden.shape[:-1].numel()
-                out = out[0] if isinstance(out, tuple) else out
-                grad_in = self._local_backward(fpass, index, slot, hidden, out, routed, hits, grad_out)
-        return out, grad_in
-
-    def _local_backward(self, fpass, index, slot, x, out, routed, hits, grad_out) -> torch.Tensor:
-        """Backward through one layer's own graph (recomputed, or kept from the forward): the gradient of its input
-        ``x`` and of its weights, which go to the host; the layer's slot is released."""
-        params = self._template_params[(slot.index, self.units[index].structure)]
-        router_grads = fpass.router_grads.pop(index, [])  # d(aux loss)/d(router logits), see .moe
-        outputs, grad_outputs = [out, *routed[: len(router_grads)]], [grad_out, *router_grads]
-        grad_in, grads = local_grads(outputs, grad_outputs, x, params, allow_unused=True)
-        self.streamer.release(slot)
-        self._submit(index, grads, hits)
-        return grad_in
-
-    def _acquire(self, uid: int) -> tuple[Any, nn.Module, list[nn.Parameter]]:
-        """The slot holding unit ``uid``, its template set up to run as that unit (its buffers, identity and adapter
-        state bound; each parameter trainable exactly when the model's own one is now) and the template's
-        parameters in binding order."""
-        slot, module = self.streamer.acquire(uid)
-        unit = self.units[uid]
-        bind_layer_state(module, self._head_state if uid == self.head_uid else self._layer_state[uid])
-        params = self._template_params[(slot.index, unit.structure)]
-        for p, b in zip(params, unit.bindings):
-            if p.requires_grad != b.entry.param.requires_grad:  # frozen or unfrozen since the template was made
-                p.requires_grad_(b.entry.param.requires_grad)
-        return slot, module, params
-
-    def _submit(
-        self,
-        uid: int,
-        grads: list[torch.Tensor | None],
-        hits: dict[str, set[int]] | None = None,
-        final: list[StoreGroup] | None = None,
-    ) -> None:
-        """Hands a unit's weight gradients to the sink. ``final``: the groups complete once they land (default: every
-        group of the unit but the embedding's)."""
-        unit = self.units[uid]
-        if unit.experts and hits is not None:
-            grads = list(grads)
-            position = {id(b): j for j, b in enumerate(unit.bindings)}
-            for eset in unit.experts:
-                runs = expert_runs(list(hits.get(eset.path, ())))
-                for b in eset.bindings:
-                    j = position[id(b)]
-                    if grads[j] is not None:  # exactly zero outside the experts that received tokens
-                        grads[j] = ExpertGrad(grads[j], runs, eset.num_experts)
-        targets = [(b.group, b.entry) for b in unit.bindings]
-        embed = self.store.entry(self.parts.embed.weight)[0]
-        # Every group of a unit is complete after its backward, except the embedding (tied lm_head): that one also
-        # receives the embedding's own gradient at the very end of the backward.
-        final = unit.groups if final is None else final
-        self.sink.submit(targets, grads, final=[g for g in final if g is not embed])
+    def _on_grad_pass(self) -> None:
+        self._grad_passes += 1
+        if self._overlap and self._grad_passes > 1:
+            if self.num_overlapped_updates != self._overlapped_at_begin:
+                raise RuntimeError(
+                    "a forward pass with gradients started after updates of this step began overlapping its backward"
+                )
+            self._overlap = False  # a group's gradient is complete only at the end of the whole backward
 
     def _on_final(self, groups) -> None:
         if self._overlap:
             self.optim.schedule(groups)
             self.num_overlapped_updates += len(groups)
 
-    def _make_copies(self) -> None:
-        from .pinned import pinned_empty
+    def _layer_slot_numel(self) -> int:
+        return max(u.numel for u in self.units[: self.head_uid] or self.units)
 
-        with torch.inference_mode(False):
-            for group in self.store.groups:
-                group.copy = pinned_empty(group.master.numel(), self.dtype, pin=self.device.type == "cuda")
-                group.copy.copy_(group.master)
+    def _size_from_first_step(self) -> None:
+        """Kept layers first (with the slots they hold), then resident slots, from the first step's measurements
+        (:mod:`.residency`)."""
+        slot_bytes = self._layer_slot_numel() * self.dtype.itemsize
+        if self._keep_pending:
+            self._keep_pending = self.runner.measure_graphs = False
+            keep = layers_to_keep(self._spare_gpu_bytes(), self.runner.graph_bytes, slot_bytes, self.parts.num_layers)
+            if keep:
+                self.add_resident_slots(max(0, keep + 2 - len(self.streamer.slots)))
+                self.runner.keep_layers = min(keep, len(self.streamer.slots) - 2)
+                log.info("horizon: the last %d layers keep their activations (no recomputation)", self.num_kept_layers)
+        if self._resident_pending:
+            self._resident_pending = False
+            graphs = self.runner.keep_layers * self.runner.graph_bytes  # the next step's kept graphs, not allocated
+            self.add_resident_slots(resident_slots_to_add(self._spare_gpu_bytes(), slot_bytes, reserved=graphs))
+
+    def _spare_gpu_bytes(self) -> float:
+        slots = sum(s.buf.numel() * s.buf.element_size() for s in self.streamer.slots)
+        return measure_spare_gpu_bytes(self.device, slots)
+
+    def add_resident_slots(self, count: int) -> None:
+        """Adds up to ``count`` GPU slots of one decoder layer each, so that layers stay on the GPU between uses (what
+        ``resident_layers`` asks for up front, and what its automatic sizing does after the first step)."""
+        count = min(count, len(self.units) - len(self.streamer.slots))  # every layer and the head resident
+        if count <= 0:
+            return
+        slots = self.streamer.make_slots(count, self._layer_slot_numel())
+        self.bank.add_slots(slots)
+        self.streamer.attach(slots)
+        log.info("horizon: %d extra GPU slots keep layers resident between uses", count)
 
     def _grad_entries(self, optimizer: torch.optim.Optimizer | None):
         params = None if optimizer is None else [p for g in optimizer.param_groups for p in g["params"]]
-        return [self.store.entry(sp.param) for sp in self.store.params(params) if sp.trainable and not sp.fresh]
+        return [self.store.entry(sp.param) for sp in self.store.params(params) if sp.trainable and sp.has_grad]
 
 
 class _ZeroGradWatch:

@@ -17,6 +17,7 @@ update is running.
 
 from __future__ import annotations
 
+import enum
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -33,6 +34,26 @@ def _align(n: int, to: int = _ALIGN) -> int:
     return (n + to - 1) // to * to
 
 
+class GradState(enum.Enum):
+    """Where a parameter's current gradient is. Transitions: ``NONE -> COMPUTE`` (a gradient lands in the compute
+    dtype), ``NONE -> FP32`` or ``COMPUTE -> FP32`` (lands or is upcast into the FP32 buffer), ``FP32 -> FP32`` (another
+    backward adds to it); any -> ``NONE`` when an update consumes it or ``zero_grad`` discards it."""
+
+    NONE = "none"
+    """No gradient since the last update or ``zero_grad``: the next landing overwrites the buffer."""
+    COMPUTE = "compute"
+    """In the group's compute-dtype buffer (``grad_lp``)."""
+    FP32 = "fp32"
+    """In the group's FP32 buffer (``grad``)."""
+
+
+_TRANSITIONS = {
+    GradState.NONE: {GradState.COMPUTE, GradState.FP32},
+    GradState.COMPUTE: {GradState.FP32},
+    GradState.FP32: {GradState.FP32},
+}
+
+
 @dataclass(eq=False)
 class StoreParam:
     """One parameter's place in its group buffer."""
@@ -42,10 +63,8 @@ class StoreParam:
     offset: int
     numel: int
     shape: torch.Size
-    fresh: bool = True
-    """True until the first gradient fold after an optimizer step: that fold overwrites instead of adding."""
-    in_lp: bool = False
-    """The current gradient is in the group's compute-dtype buffer (``grad_lp``), not the FP32 one."""
+    grad_state: GradState = GradState.NONE
+    """Where the current gradient is (see :class:`GradState`)."""
     grad_norm: torch.Tensor | None = None
     """L2 norm of the current gradient (kept when norm tracking is on)."""
     clip_coef: torch.Tensor | None = None
@@ -57,9 +76,19 @@ class StoreParam:
     def trainable(self) -> bool:
         return self.param.requires_grad
 
+    @property
+    def has_grad(self) -> bool:
+        return self.grad_state is not GradState.NONE
+
+    def land(self, state: GradState) -> None:
+        """Records that the gradient is now in ``state`` (a transition of :class:`GradState`)."""
+        if state not in _TRANSITIONS[self.grad_state]:
+            raise RuntimeError(f"{self.name}: a gradient cannot go from {self.grad_state.name} to {state.name}")
+        self.grad_state = state
+
     def discard(self) -> None:
         """Forgets the current gradient (consumed by an update, or dropped by ``zero_grad``)."""
-        self.fresh = True
+        self.grad_state = GradState.NONE
         self.grad_norm = self.clip_coef = self.clip_value = None
 
 

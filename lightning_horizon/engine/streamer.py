@@ -3,9 +3,10 @@
 Streams, events and threads
 ---------------------------
 The GPU keeps no persistent weights. It owns ``num_slots`` flat *slot* buffers in the compute dtype, each as large
-as the largest streamed unit (a decoder layer, or the head = final norm + lm_head), and *template* modules: copies of
-a layer (one per distinct layer structure, per slot) whose parameters are views into that slot. Running layer ``i``
-means: fill a slot with layer ``i``'s weights, then call the template bound to that slot.
+as the largest streamed unit (a decoder layer, or the head = final norm + lm_head). Each slot has *template* modules
+(:class:`~.templates.TemplateBank`): copies of a layer, one per distinct layer structure, whose parameters are views
+into that slot. Running layer ``i`` means: fill a slot with layer ``i``'s weights, then call the template of layer
+``i``'s structure bound to that slot.
 
 A prefetch thread walks a *plan* (the unit ids the main thread will ask for, in order) and, for each entry, picks a
 slot, waits until the unit's pending optimizer update has been applied on the host, and issues the H2D copy on its
@@ -40,20 +41,17 @@ On a CPU compute device the same code runs: the slot is host memory, the copy is
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 
 import torch
-from torch import nn
 
 from .host_kernels import pack_bf16_
 from .pinned import StagingPool, staged_copy
 from .store import HostStore
 from .units import ExpertSet, Unit, expert_runs
-from .workers import Worker, wait_until
+from .workers import WorkerGroup, wait_until
 
 STAGING_NUMEL = 64 * 2**20
 """Elements per pinned staging buffer of layer uploads (128 MiB in BF16); two buffers alternate."""
@@ -74,7 +72,6 @@ class _Slot:
         """Experts of the resident unit already in the slot, per expert module path (reset when a unit is loaded)."""
         self.claims = 0
         self.last_use = 0
-        self.templates: dict[tuple, nn.Module] = {}
 
 
 class LayerStreamer:
@@ -84,12 +81,27 @@ class LayerStreamer:
         units: The streamed units; ``uid`` is the index into this list.
         store: The host store (for waiting on optimizer updates).
         device: Compute device.
-        dtype: Compute dtype of the slots and templates.
+        dtype: Compute dtype of the slots.
         num_slots: Number of slots (2 = double buffering).
+        workers: The engine's workers (the prefetch thread joins them; waits check them all).
+        kernels: Pack FP32 -> compute dtype with :func:`.host_kernels.pack_bf16_` (a bounded thread count) instead of
+            torch's ``copy_``.
+        pack_threads: Threads of the pack kernel.
+        prefer_small_slots: Load a unit into the smallest free slot it fits in (when layers may hold slots across a
+            pass, so the large slots stay free for the head); otherwise any free slot, by next use.
     """
 
     def __init__(
-        self, units: list[Unit], store: HostStore, device: torch.device, dtype: torch.dtype, num_slots: int = 2
+        self,
+        units: list[Unit],
+        store: HostStore,
+        device: torch.device,
+        dtype: torch.dtype,
+        num_slots: int,
+        workers: WorkerGroup,
+        kernels: bool = False,
+        pack_threads: int | None = None,
+        prefer_small_slots: bool = False,
     ) -> None:
         if num_slots < 2:
             raise ValueError(f"num_slots must be at least 2 (double buffering), got {num_slots}")
@@ -111,26 +123,16 @@ class LayerStreamer:
         """Seconds the prefetch thread spent packing FP32 masters into staging."""
         self.update_wait_s = 0.0
         """Seconds the prefetch thread waited for a unit's optimizer update."""
-        self.worker = Worker("prefetch", device)
-        self.extra_checks: tuple[Worker, ...] = ()
-        self.on_pack: Callable[[Unit], None] | None = None  # test hook
-        self.poll: Callable[[], None] | None = None  # raises if the optimizer worker failed
+        self.workers = workers
+        self.worker = workers.worker("prefetch")
         self._pump_running = False
         self._staging: StagingPool | None = None
         """Pinned buffers FP32 masters are packed into for upload (CUDA, units without a compute-dtype copy)."""
         self._expert_staging: StagingPool | None = None
         """The same for expert uploads, which run on the compute thread."""
-        self.prefer_small_slots = False
-        """Load a unit into the smallest free slot it fits in (set when layers may hold slots across a pass, so the
-        large slots stay free for the head); otherwise any free slot, by next use."""
-        self.kernels = False
-        """Pack with :func:`.host_kernels.pack_bf16_` (a bounded thread count); else torch's ``copy_``."""
-        self.pack_threads: int | None = None
-        self._prototypes: dict[tuple, nn.Module] = {}
-        for unit in units:
-            self._prototype(unit)
-        for slot in self.slots:  # templates are created up front: never lazily under inference_mode
-            self._make_templates(slot)
+        self.prefer_small_slots = prefer_small_slots
+        self.kernels = kernels
+        self.pack_threads = pack_threads
 
     # ----------------------------------------------------------------------------------------------- main thread
     def plan(self, uids: list[int]) -> None:
@@ -140,8 +142,8 @@ class LayerStreamer:
             self._plan.extend(uids)
             self._kick()
 
-    def acquire(self, uid: int) -> tuple[_Slot, nn.Module]:
-        """Returns the slot holding unit ``uid`` and its template; the compute stream is ordered after the copy."""
+    def acquire(self, uid: int) -> _Slot:
+        """Returns the slot holding unit ``uid``; the compute stream is ordered after the copy."""
         with self.cond:
             if not (self._ready and self._ready[0][0] == uid) and not (
                 not self._ready and self._plan and self._plan[0] == uid
@@ -150,14 +152,13 @@ class LayerStreamer:
                 self._plan.append(uid)
                 self._kick()
             start = time.perf_counter()
-            wait_until(self.cond, lambda: bool(self._ready), (self.worker, *self.extra_checks))
+            wait_until(self.cond, lambda: bool(self._ready), self.workers.check)
             self.wait_s += time.perf_counter() - start
             got, slot = self._ready.popleft()
             assert got == uid
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(slot.copy_event)
-        module = slot.templates[self.units[uid].structure]
-        return slot, module
+        return slot
 
     def release(self, slot: _Slot) -> None:
         """Marks the end of the compute that reads ``slot`` (enqueued on the current stream)."""
@@ -175,12 +176,9 @@ class LayerStreamer:
             return sum(1 for s in self.slots if s.claims == 0)
 
     def make_slots(self, count: int, numel: int) -> list[_Slot]:
-        """``count`` more slots of ``numel`` elements with their templates (for the units that fit), not yet used."""
+        """``count`` more slots of ``numel`` elements, not yet used (give them templates, then :meth:`attach`)."""
         first = len(self.slots)
-        slots = [_Slot(first + i, numel, self.device, self.dtype) for i in range(count)]
-        for slot in slots:
-            self._make_templates(slot)
-        return slots
+        return [_Slot(first + i, numel, self.device, self.dtype) for i in range(count)]
 
     def attach(self, slots: list[_Slot]) -> None:
         """Makes slots from :meth:`make_slots` available to the prefetch thread."""
@@ -191,7 +189,7 @@ class LayerStreamer:
     def invalidate(self) -> None:
         """Forgets resident copies (after masters changed outside the optimizer, e.g. a checkpoint load)."""
         with self.cond:
-            wait_until(self.cond, lambda: not self._loading, (self.worker,))
+            wait_until(self.cond, lambda: not self._loading, self.worker.check)
             for slot in self.slots:
                 slot.resident = None
 
@@ -206,7 +204,7 @@ class LayerStreamer:
     # ------------------------------------------------------------------------------------------------- internals
     def _drop_plan(self) -> None:
         self._plan.clear()
-        wait_until(self.cond, lambda: not self._loading, (self.worker,))
+        wait_until(self.cond, lambda: not self._loading, self.worker.check)
         while self._ready:
             _, slot = self._ready.popleft()
             slot.claims -= 1
@@ -321,10 +319,8 @@ class LayerStreamer:
         slot.experts = {}
         start = time.perf_counter()
         for group in unit.groups:
-            self.store.wait_updated(group, poll=self.poll)
+            self.store.wait_updated(group, poll=self.workers.check)
         self.update_wait_s += time.perf_counter() - start
-        if self.on_pack is not None:
-            self.on_pack(unit)
         if all(g.copy is not None for g in unit.groups):
             self._upload_copy(unit, slot)
         else:
@@ -396,57 +392,3 @@ class LayerStreamer:
             pack_bf16_(dst, src, num_threads=self.pack_threads)
         else:
             dst.copy_(src)
-
-    def _make_templates(self, slot: _Slot) -> None:
-        for unit in {u.structure: u for u in self.units if u.numel <= slot.buf.numel()}.values():
-            slot.templates[unit.structure] = self._make_template(unit, slot)
-
-    def _prototype(self, unit: Unit) -> nn.Module:
-        """A parameterless copy of the unit's module, taken before the engine hooks the model (slots made later copy
-        it, never the hooked source). Module hooks are not copied: hooks on the model's own modules (Hugging Face's
-        output recording, a user's observer) fire where the model's modules are called, not once per template run."""
-        if unit.structure not in self._prototypes:
-            memo = {}
-            with torch.inference_mode(False):
-                for p in unit.source.parameters():
-                    memo[id(p)] = nn.Parameter(torch.empty(0), requires_grad=p.requires_grad)
-                prototype = copy.deepcopy(unit.source, memo)
-            for module in prototype.modules():
-                for name in _HOOK_DICTS:
-                    getattr(module, name, {}).clear()
-            self._prototypes[unit.structure] = prototype
-        return self._prototypes[unit.structure]
-
-    def _make_template(self, unit: Unit, slot: _Slot) -> nn.Module:
-        with torch.inference_mode(False):
-            template = copy.deepcopy(self._prototype(unit))
-            for b in unit.bindings:
-                owner, leaf = _owner(template, b.name)
-                # ``.data``: a view with a version counter of its own. Views of one buffer share one counter, so an
-                # in-place write to one parameter (PEFT's parameter adapters re-set theirs at every call) would look
-                # like a change to every other parameter of the slot that a layer's graph saved.
-                view = slot.buf[b.offset : b.offset + b.entry.numel].view(b.entry.shape).data
-                owner._parameters[leaf] = nn.Parameter(view, requires_grad=b.entry.param.requires_grad)
-            for name, buf in list(template.named_buffers()):
-                owner, leaf = _owner(template, name)
-                owner._buffers[leaf] = buf.to(self.device)
-        return template
-
-
-_HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-)
-
-
-def _owner(root: nn.Module, dotted: str) -> tuple[nn.Module, str]:
-    *path, leaf = dotted.split(".")
-    mod = root
-    for p in path:
-        mod = getattr(mod, p)
-    return mod, leaf

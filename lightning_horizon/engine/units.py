@@ -34,7 +34,6 @@ class Unit:
     """A streamed unit: one template structure and the masters that fill it."""
 
     uid: int
-    name: str
     structure: tuple
     source: nn.Module
     bindings: list[Binding]
@@ -63,7 +62,7 @@ class Unit:
         return None
 
 
-def make_unit(uid: int, name: str, structure: tuple, source: nn.Module, store: HostStore) -> Unit:
+def make_unit(uid: int, structure: tuple, source: nn.Module, store: HostStore) -> Unit:
     bindings, offset, groups = [], 0, []
     for pname, p in source.named_parameters(remove_duplicate=False):
         group, entry = store.entry(p)
@@ -71,7 +70,20 @@ def make_unit(uid: int, name: str, structure: tuple, source: nn.Module, store: H
         offset += _align(entry.numel)
         if group not in groups:
             groups.append(group)
-    return Unit(uid, name, structure, source, bindings, offset, groups)
+    return Unit(uid, structure, source, bindings, offset, groups)
+
+
+def expert_sets(unit: Unit, modules) -> list[ExpertSet]:
+    """The unit's routed-expert modules (``modules``: :func:`~.adapter.find_experts` of its layer) whose stacked
+    parameters can be streamed expert by expert; a tied or reshaped parameter keeps its module dense."""
+    by_name = {b.name: b for b in unit.bindings}
+    sets = []
+    for em in modules:
+        bindings = [by_name.get(f"{em.path}.{n}") for n in em.params]
+        if any(b is None or b.entry.numel % em.num_experts or b.entry.shape[0] != em.num_experts for b in bindings):
+            continue
+        sets.append(ExpertSet(em.path, em.num_experts, bindings, em.index_arg))
+    return sets
 
 
 def expert_runs(experts: list[int]) -> list[tuple[int, int]]:

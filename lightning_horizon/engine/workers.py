@@ -25,17 +25,50 @@ class WorkerError(RuntimeError):
     """A background worker of the engine failed; the message holds its traceback."""
 
 
+class WorkerGroup:
+    """The workers of one engine: a wait on any of them checks all of them, so a failure in one worker (the
+    optimizer's, say) reaches a main thread that waits on another (the prefetch thread's upload)."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device
+        self.workers: list[Worker] = []
+
+    def worker(self, name: str, prioritized: bool = False) -> Worker:
+        """A new worker of the group (see :class:`Worker`)."""
+        worker = Worker(name, self.device, prioritized, group=self)
+        self.workers.append(worker)
+        return worker
+
+    def check(self) -> None:
+        """Re-raises the first failure of any worker of the group in the calling thread."""
+        for worker in self.workers:
+            worker.check()
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.close()
+
+
 class Worker:
     """A daemon thread that runs jobs from a FIFO queue, in order.
 
     Args:
         name: Thread name, used in error messages.
         device: The compute device; CUDA workers bind to it (threads don't inherit the current device).
+        prioritized: Run the queued job with the lowest priority value first (FIFO among equals).
+        group: The group whose other workers a wait on this one also checks.
     """
 
-    def __init__(self, name: str, device: torch.device | None = None, prioritized: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        device: torch.device | None = None,
+        prioritized: bool = False,
+        group: WorkerGroup | None = None,
+    ) -> None:
         self.name = name
         self.device = device
+        self.group = group
         # FIFO, or (prioritized) lowest priority value first, FIFO among equals.
         self._jobs: queue.Queue = queue.PriorityQueue() if prioritized else queue.Queue()
         self._prioritized = prioritized
@@ -63,14 +96,20 @@ class Worker:
         if self._error is not None:
             raise WorkerError(f"the engine's {self.name} worker failed:\n{self._error_text}") from self._error
 
-    def drain(self, extra_checks: tuple[Worker, ...] = ()) -> None:
-        """Blocks until every queued job has run (or a worker failed, which then raises)."""
+    def drain(self) -> None:
+        """Blocks until every queued job has run (or a worker of the group failed, which then raises)."""
         with self._idle:
             while self._pending and self._error is None:
-                for other in extra_checks:
-                    other.check()
+                self.check_group()
                 self._idle.wait(_POLL_S)
         self.check()
+
+    def check_group(self) -> None:
+        """:meth:`check` of every worker of this one's group (or of this one alone)."""
+        if self.group is not None:
+            self.group.check()
+        else:
+            self.check()
 
     def close(self) -> None:
         self._jobs.put((float("inf"), 0, None) if self._prioritized else None)
@@ -99,9 +138,9 @@ class Worker:
                 self._idle.notify_all()
 
 
-def wait_until(cond: threading.Condition, predicate: Callable[[], bool], workers: tuple[Worker, ...]) -> None:
-    """Waits on ``cond`` (held by the caller) until ``predicate()``, checking ``workers`` for failures."""
+def wait_until(cond: threading.Condition, predicate: Callable[[], bool], check: Callable[[], None]) -> None:
+    """Waits on ``cond`` (held by the caller) until ``predicate()``, calling ``check`` (which raises a worker's
+    failure) between short waits."""
     while not predicate():
-        for worker in workers:
-            worker.check()
+        check()
         cond.wait(_POLL_S)
