@@ -55,6 +55,8 @@ from lightning_horizon.checkpoint_reader import (  # noqa: F401  (re-exported: t
     is_horizon_checkpoint,
     load_sharded,
 )
+from lightning_horizon.engine.adapter import describe
+from lightning_horizon.engine.store import unique_groups
 from lightning_horizon.files import file_crc32, fsync_dir, publish, remove_stale, temporary_path, write_safetensors
 
 LAYOUT_KEY = "horizon_layout"
@@ -287,19 +289,22 @@ class HorizonCheckpointIO(CheckpointIO):
 
 
 # ------------------------------------------------------------------------------------- glue used by the strategy
-def store_layout(engine, module: torch.nn.Module, optimizers: Iterable[torch.optim.Optimizer]) -> dict[str, Any]:
-    """What the writer needs beyond Lightning's dict: store groups, parameter names, config, optimizer classes."""
-    prefix = _prefix_of(module, engine.model)
-    model = engine.model
+def store_layout(
+    model: torch.nn.Module, module: torch.nn.Module, optimizers: Iterable[torch.optim.Optimizer]
+) -> dict[str, Any]:
+    """What the writer needs beyond Lightning's dict: the store's groups and parameter names (computed from the model
+    ``module`` streams, with or without an engine around it), config, optimizer classes."""
+    groups = unique_groups(describe(model).store_groups())
+    names = {id(p): n for _, named in groups for n, p in named}
     config = model.config.to_dict() if hasattr(model, "config") else None
     generation = getattr(model, "generation_config", None)
     return {
-        "prefix": prefix,
-        "groups": [[g.name, [sp.name for sp in g.params]] for g in engine.store.groups],
+        "prefix": _prefix_of(module, model),
+        "groups": [[name, [n for n, _ in named]] for name, named in groups],
         "config": config,
         "generation_config": generation.to_diff_dict() if generation is not None else None,
         "class": type(model).__name__,
-        "optimizers": [_optimizer_info(opt, engine) for opt in optimizers],
+        "optimizers": [_optimizer_info(opt, names) for opt in optimizers],
     }
 
 
@@ -310,9 +315,10 @@ def _prefix_of(module: torch.nn.Module, model: torch.nn.Module) -> str:
     raise ValueError("the streamed model is not part of the LightningModule")
 
 
-def _optimizer_info(optimizer: torch.optim.Optimizer, engine) -> dict[str, Any]:
-    names = [engine.store.entry(p)[1].name for g in optimizer.param_groups for p in g["params"]]
-    return {"class": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}", "param_names": names}
+def _optimizer_info(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, Any]:
+    """The optimizer's class and its parameters' names (``names``: parameter id -> name in the store)."""
+    params = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    return {"class": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}", "param_names": params}
 
 
 def check_model(reader: CheckpointReader, engine) -> None:
@@ -346,7 +352,7 @@ def check_optimizers(reader: CheckpointReader, optimizers: Sequence[torch.optim.
             f"{len(optimizers)}"
         )
     for i, (meta, opt) in enumerate(zip(saved, optimizers)):
-        info = _optimizer_info(opt, engine)
+        info = _optimizer_info(opt, {id(sp.param): sp.name for g in engine.store.groups for sp in g.params})
         if meta["class"] is not None and meta["class"] != info["class"]:
             raise CheckpointError(
                 f"checkpoint {reader.path} holds the state of a {meta['class']} (optimizer {i}); the resumed run uses "

@@ -246,12 +246,11 @@ class HorizonStrategy(SingleDeviceStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
         if self.engine is not None:
             self.engine.synchronize()
-            if isinstance(self.checkpoint_io, horizon_ckpt.HorizonCheckpointIO):
-                optimizers = self.optimizers if "optimizer_states" in checkpoint else []
-                checkpoint = {
-                    **checkpoint,
-                    horizon_ckpt.LAYOUT_KEY: horizon_ckpt.store_layout(self.engine, self.lightning_module, optimizers),
-                }
+        if isinstance(self.checkpoint_io, horizon_ckpt.HorizonCheckpointIO):  # also after teardown (fit, then save)
+            module = self.lightning_module
+            optimizers = self.optimizers if "optimizer_states" in checkpoint else []
+            layout = horizon_ckpt.store_layout(find_causal_lm(module), module, optimizers)
+            checkpoint = {**checkpoint, horizon_ckpt.LAYOUT_KEY: layout}
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     @override

@@ -133,6 +133,24 @@ class StoreGroup:
         return self.grad
 
 
+def unique_groups(
+    groups: list[tuple[str, list[tuple[str, nn.Parameter]]]],
+) -> list[tuple[str, list[tuple[str, nn.Parameter]]]]:
+    """The store's groups: each parameter once, in the first group that lists it (tied weights), without the groups
+    left empty. The layout a :class:`HostStore` of ``groups`` has, computed without allocating it."""
+    seen: set[int] = set()
+    out = []
+    for name, named_params in groups:
+        unique = []
+        for n, p in named_params:
+            if id(p) not in seen:
+                seen.add(id(p))
+                unique.append((n, p))
+        if unique:
+            out.append((name, unique))
+    return out
+
+
 class HostStore:
     """FP32 masters of a model in flat per-group host buffers.
 
@@ -150,10 +168,7 @@ class HostStore:
         self.by_param: dict[int, tuple[StoreGroup, StoreParam]] = {}
         self.cond = threading.Condition()
         self._pinned: list[torch.Tensor] = []
-        for name, named_params in groups:
-            unique = [(n, p) for n, p in named_params if id(p) not in self.by_param]
-            if not unique:
-                continue
+        for name, unique in unique_groups(groups):
             group = (self._adopt_group(name, unique) if adopt else None) or self._build_group(name, unique)
             self.groups.append(group)
             for sp in group.params:
