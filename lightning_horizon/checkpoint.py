@@ -53,6 +53,7 @@ from lightning_horizon.checkpoint_reader import (  # noqa: F401  (re-exported: t
     LazyOptimizerStates,
     ShardedStateDict,
     is_horizon_checkpoint,
+    load_from_checkpoint,
     load_sharded,
 )
 from lightning_horizon.engine.adapter import describe

@@ -176,5 +176,21 @@ def load_sharded(path: str | os.PathLike, verify: bool = True) -> dict[str, Any]
     return checkpoint
 
 
+def load_from_checkpoint(cls: type, checkpoint_path: str | os.PathLike, strict: bool | None = None, **kwargs: Any):
+    """``cls.load_from_checkpoint(path)`` for a horizon checkpoint directory (which ``torch.load``, and so
+    Lightning's own ``load_from_checkpoint``, cannot open): the LightningModule built from the saved
+    hyper-parameters (``kwargs`` override them, as in Lightning) with every tensor of the checkpoint loaded, on the
+    CPU in FP32. For a Hugging Face model alone, export it instead (``python -m lightning_horizon.export``)::
+
+        module = lightning_horizon.load_from_checkpoint(MyModule, "run/checkpoints/last.ckpt")
+    """
+    from lightning.pytorch.core.saving import _load_state
+
+    checkpoint = load_sharded(checkpoint_path)
+    checkpoint.pop("optimizer_states", None)
+    checkpoint.setdefault(cls.CHECKPOINT_HYPER_PARAMS_KEY, {}).update(kwargs)
+    return _load_state(cls, checkpoint, strict=strict, **kwargs)
+
+
 def is_horizon_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / META_FILE).is_file()

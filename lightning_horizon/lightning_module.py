@@ -179,6 +179,16 @@ class SFTModule(pl.LightningModule):
         self.log("val/loss", loss, prog_bar=True)
         return loss
 
+    @classmethod
+    @override
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):
+        """Lightning's ``load_from_checkpoint``, which also opens the horizon strategy's checkpoint directories."""
+        from lightning_horizon.checkpoint import is_horizon_checkpoint, load_from_checkpoint
+
+        if is_horizon_checkpoint(checkpoint_path):
+            return load_from_checkpoint(cls, checkpoint_path, strict=strict, **kwargs)
+        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, **kwargs)
+
     @override
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.optim

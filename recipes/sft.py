@@ -247,6 +247,7 @@ def train(cfg: DictConfig) -> None:
 
     L.seed_everything(run.seed, workers=True, verbose=False)
     model = build_model(run.model, vocab_size=len(tokenizer))
+    model.train()  # from_pretrained (model.path) returns eval mode: train with the dropout the model config sets
     fill_special_tokens(model.config, model.generation_config, tokenizer)  # generation stops at the end of a reply
     if run.data.pack:
         prepare_model_for_packing(model)

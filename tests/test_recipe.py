@@ -144,6 +144,7 @@ def test_local_data_file_and_local_model_dir(tmp_path, hf_dir, data_file):
     assert generation.top_p == 0.8 and generation.temperature == 0.7 and generation.eos_token_id == [0, 2]
     assert (result.stdout + result.stderr).count("skipped 1 bad row") == 1  # said once
     assert "skipped 1 bad row" in (run_dir / "sft.log").read_text()
+    assert "eval mode" not in result.stdout + result.stderr  # a loaded model trains in train mode
 
 
 def test_multirun_writes_one_run_dir_per_point(tmp_path):

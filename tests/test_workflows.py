@@ -524,3 +524,36 @@ def test_hooks_inside_decoder_layers_are_warned_about_and_hooks_on_layers_fire()
     finally:
         engine.close()
     assert seen == ["layer"]
+
+
+class Saved(LMModule):
+    """A module that saves its hyper-parameters, as ``load_from_checkpoint`` needs."""
+
+    def __init__(self, layers: int = 3, lr: float = 1e-2):
+        super().__init__(tiny_model(layers=layers), lr=lr, total=2)
+        self.save_hyperparameters()
+
+
+def test_a_checkpoint_directory_loads_into_a_new_module(tmp_path):
+    """``torch.load`` (and so Lightning's own ``load_from_checkpoint``) cannot open a checkpoint directory:
+    ``lightning_horizon.load_from_checkpoint`` (and ``SFTModule.load_from_checkpoint``) build the module from it."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_horizon.lightning_module import SFTModule
+
+    module = Saved(layers=2, lr=3e-3)
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="last")
+    L.Trainer(
+        strategy="horizon", accelerator="cpu", devices=1, max_steps=2, precision="32-true", logger=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[saver],
+    ).fit(module, loader(4))  # fmt: skip
+    path = tmp_path / "last.ckpt"
+    with pytest.raises(IsADirectoryError):
+        Saved.load_from_checkpoint(path)
+    loaded = lightning_horizon.load_from_checkpoint(Saved, path)
+    assert loaded.hparams.layers == 2 and loaded.lr == 3e-3
+    want = module.state_dict()
+    assert loaded.state_dict().keys() == want.keys()
+    assert all(torch.equal(loaded.state_dict()[k], want[k]) for k in want)
+    sft = SFTModule.load_from_checkpoint(path, model=tiny_model(layers=2))
+    assert torch.equal(sft.model.lm_head.weight, module.model.lm_head.weight)
