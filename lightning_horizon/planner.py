@@ -8,22 +8,25 @@ never sits on the GPU), P_layers = parameters of all layers, V = vocab, H = hidd
 B x S = micro-batch tokens T, A = accumulate_grad_batches, K = checkpoint_every, c = bytes of compute_dtype (2 for
 bf16), m = bytes of master_dtype (4 for fp32).
 
-Host memory (the engine must match these):
-    master weights       m * N
+Host memory: the engine's own accounting, :func:`lightning_horizon.engine.footprint.host_bytes` over the store's
+element counts (:class:`~lightning_horizon.engine.footprint.StoreShape`: N' = N with every parameter padded to 128
+elements, as the store lays them out; a test checks a real engine's buffers against it):
+    master weights       m * N'
     optimizer state      8 * N for AdamW (two FP32 moments; step counters are negligible), 0 for SGD
-    gradients            4 * N with A > 1 (FP32 accumulation); with A = 1 c * N in the compute dtype, the embedding's
-                         rows in FP32 (+ (4 - c) * its parameters)
-    pinned upload staging    2 * min(64 Mi, U) * c, without weight_copy (FP32 -> BF16 packing in 128 MiB chunks)
-    pinned gradient slabs    num_grad_slabs * min(256 Mi, largest layer) * c, with A > 1 (larger gradients are
-                         split across slabs)
-    pinned weight copy   c * N (with weight_copy)
+    gradients            4 * N' with A > 1 (FP32 accumulation); with A = 1 c * N' in the compute dtype, the
+                         embedding's rows in FP32
+    pinned upload staging    2 * min(64 Mi, U) * c, on a GPU without weight_copy (FP32 -> BF16 packing in chunks)
+    pinned gradient slabs    num_grad_slabs * min(256 Mi, largest layer) * c, on a GPU with A > 1 (larger
+                         gradients are split across slabs)
+    pinned weight copy   c * N' (with weight_copy; ``None`` resolved by the engine's rule,
+                         :func:`~lightning_horizon.engine.footprint.weight_copy_fits`, against this machine)
     process overhead     2 GiB (torch, CUDA context on the host side, Python)
 
 GPU memory:
     weight slots         num_slots * U * c (resident slots and kept activations, `resident_layers` and
                          `keep_activations`, are sized after the first step from the GPU memory this plan leaves
                          unused: not counted here)
-    segment checkpoints  ceil(L / K) * B * S * H * c
+    segment checkpoints  ceil(L / K) * B * S * H * c (:class:`~lightning_horizon.engine.segments.Segments`)
     recompute working set    min(K, L) * B * S * (8 * H + 3 * I) * c -- one layer's saved activations with an
                          SDPA/flash kernel, ~B*S*(16H + 6I) bytes in bf16 (8 hidden-sized tensors: norm in/out,
                          q, attention out, o-proj out, residual, post-norm, MLP out; 3 intermediate-sized: gate,
@@ -60,31 +63,26 @@ Step time (per optimizer step; the terms overlap, the step is their maximum and 
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from lightning_horizon.engine.config import as_dtype
-from lightning_horizon.engine.runtime import MAX_SLAB_NUMEL
-from lightning_horizon.engine.streamer import STAGING_NUMEL
+from lightning_horizon.engine.adapter import describe
+from lightning_horizon.engine.config import EngineConfig, as_dtype
+from lightning_horizon.engine.footprint import StoreShape, host_bytes, weight_copy_fits
+from lightning_horizon.engine.segments import Segments
 from lightning_horizon.hardware import HardwareProfile, load_profile
 from lightning_horizon.models import ModelConfig, build_hf_config
 from lightning_horizon.precision import SUPPORTED, normalize_precision
 
 GiB = 1024**3
-HOST_OVERHEAD_BYTES = 2 * GiB
 CUDA_OVERHEAD_BYTES = int(1.5 * GiB)
 CPU_LAYER_EFFICIENCY = 0.3
 """Fraction of the profile's measured CPU matmul rate (``cpu_tflops``, one 768^3 FP32 matmul) that training whole
 decoder layers on the CPU reaches (small matmuls, attention, norms, the engine's bookkeeping): 0.25-0.35 measured on
 a 2-core machine with the default tiny model (2026-12-02; the undereated plan predicted 3-4x the real tokens/s)."""
-
-GRADIENT_BYTES_PER_PARAM = 4
-PINNED_GRADIENT_SLABS = 3  # as HorizonStrategy(num_grad_slabs=3); the recipe passes strategy.num_grad_slabs
 
 # optimizer name -> (state bytes/param, host-memory traffic bytes/param of one update)
 OPTIMIZERS = {"adamw": (8, 28), "adam": (8, 28), "sgd": (0, 12)}
@@ -126,6 +124,8 @@ class ModelShape:
     """Final norm + lm_head weight, as streamed to the GPU (the lm_head counted even when tied)."""
     num_params: int
     """Unique parameters of the model (tied weights once): what the host stores."""
+    store: StoreShape
+    """Elements of the host store and streamed units as the engine lays them out (what its memory is counted on)."""
 
     @property
     def num_layers(self) -> int:
@@ -141,11 +141,8 @@ def model_shape(hf_config: PretrainedConfig, name: str | None = None) -> ModelSh
     """Count each unit's parameters on a meta-device model (nothing is allocated)."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
-    decoder = model.get_decoder()
-    embed = model.get_input_embeddings()
-    lm_head = model.get_output_embeddings()
-    layers = decoder.layers
-    norm = decoder.norm
+    parts = describe(model)
+    embed, lm_head, layers, norm = parts.embed, parts.lm_head, parts.layers, parts.norm
     hidden = hf_config.hidden_size
     heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
@@ -162,27 +159,21 @@ def model_shape(hf_config: PretrainedConfig, name: str | None = None) -> ModelSh
         layer_params=tuple(sum(p.numel() for p in layer.parameters()) for layer in layers),
         head_params=sum(p.numel() for p in norm.parameters()) + sum(p.numel() for p in lm_head.parameters()),
         num_params=num_params,
+        store=StoreShape.of(parts),
     )
 
 
 @dataclass(frozen=True)
 class PlanSettings:
-    """The run settings a plan depends on (names as in the config: data.*, strategy.*, trainer.*)."""
+    """The run settings a plan depends on (names as in the config: data.*, trainer.*, optim.*; the engine's are
+    ``strategy.*``, an :class:`EngineConfig`)."""
 
     batch_size: int
     """Sequences per micro-batch (data.batch_size)."""
     max_seq_len: int
     """Tokens per sequence (data.max_seq_len)."""
-    checkpoint_every: int
-    """K: segment length in layers (strategy.checkpoint_every)."""
-    num_slots: int = 2
-    """GPU weight slots (strategy.num_slots)."""
-    loss_chunk_tokens: int = 2048
-    """Tokens per loss chunk (strategy.loss_chunk_tokens)."""
-    num_grad_slabs: int = PINNED_GRADIENT_SLABS
-    """Pinned host slabs for gradients in flight (strategy.num_grad_slabs)."""
-    weight_copy: bool = False
-    """A pinned compute-dtype copy of the masters, refreshed by the optimizer (strategy.weight_copy)."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """The engine's settings (strategy.*); the plan resolves ``weight_copy=None`` with the engine's own rule."""
     accumulate_grad_batches: int = 1
     """Micro-batches per optimizer step (trainer.accumulate_grad_batches)."""
     optimizer: str = "adamw"
@@ -193,15 +184,7 @@ class PlanSettings:
     """dtype of streamed weights and activations (from trainer.precision: bf16-mixed -> bf16, 32-true -> fp32)."""
 
     def __post_init__(self) -> None:
-        for key in (
-            "batch_size",
-            "max_seq_len",
-            "checkpoint_every",
-            "num_slots",
-            "loss_chunk_tokens",
-            "num_grad_slabs",
-            "accumulate_grad_batches",
-        ):
+        for key in ("batch_size", "max_seq_len", "accumulate_grad_batches"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.optimizer not in OPTIMIZERS:
@@ -282,26 +265,23 @@ def plan(
     *,
     batch_size: int,
     max_seq_len: int,
-    checkpoint_every: int,
-    num_slots: int = 2,
-    loss_chunk_tokens: int = 2048,
-    num_grad_slabs: int = PINNED_GRADIENT_SLABS,
-    weight_copy: bool = False,
     accumulate_grad_batches: int = 1,
     optimizer: str = "adamw",
     master_dtype: torch.dtype | str = torch.float32,
     compute_dtype: torch.dtype | str = torch.bfloat16,
     name: str | None = None,
+    engine: EngineConfig | None = None,
+    **engine_settings: Any,
 ) -> Plan:
-    """Predict host memory, GPU memory and step time (formulas in the module docstring); allocates nothing."""
+    """Predict host memory, GPU memory and step time (formulas in the module docstring); allocates nothing.
+
+    ``engine`` (and ``engine_settings``, fields of :class:`EngineConfig` by name: ``checkpoint_every=4``) are the
+    engine's settings, as ``strategy.*`` in the recipes."""
+    engine = dataclasses.replace(engine or EngineConfig(), **engine_settings)
     settings = PlanSettings(
         batch_size=batch_size,
         max_seq_len=max_seq_len,
-        checkpoint_every=checkpoint_every,
-        num_slots=num_slots,
-        loss_chunk_tokens=loss_chunk_tokens,
-        num_grad_slabs=num_grad_slabs,
-        weight_copy=weight_copy,
+        engine=engine,
         accumulate_grad_batches=accumulate_grad_batches,
         optimizer=optimizer,
         master_dtype=master_dtype,
@@ -321,37 +301,36 @@ def plan_from_config(cfg: Any, vocab_size: int | None = None, hardware: Hardware
     precision = cfg.trainer.precision
     if precision == "auto":  # the recipe's default: BF16 compute on a GPU, FP32 on the CPU
         precision = "bf16-mixed" if hardware.has_gpu else "32-true"
+    return plan(
+        build_hf_config(model_cfg, vocab_size=vocab_size),
+        hardware,
+        batch_size=cfg.data.batch_size,
+        max_seq_len=cfg.data.max_seq_len,
+        accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
+        optimizer=cfg.optim.name,
+        compute_dtype=precision_dtype(precision),
+        name=model_cfg.name,
+        engine=engine_config(cfg.strategy),
+    )
 
-    def planned(weight_copy: bool) -> Plan:
-        return plan(
-            build_hf_config(model_cfg, vocab_size=vocab_size),
-            hardware,
-            batch_size=cfg.data.batch_size,
-            max_seq_len=cfg.data.max_seq_len,
-            checkpoint_every=cfg.strategy.checkpoint_every,
-            num_slots=cfg.strategy.num_slots,
-            loss_chunk_tokens=cfg.strategy.loss_chunk_tokens,
-            num_grad_slabs=cfg.strategy.num_grad_slabs,
-            weight_copy=weight_copy,
-            accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
-            optimizer=cfg.optim.name,
-            compute_dtype=precision_dtype(precision),
-            name=model_cfg.name,
+
+def engine_config(strategy: Any) -> EngineConfig:
+    """The composed ``strategy:`` group as an :class:`EngineConfig` (its keys are the settings' names)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    values = OmegaConf.to_container(strategy, resolve=True) if isinstance(strategy, DictConfig) else dict(strategy)
+    run = sorted(set(values) & set(EngineConfig.run_fields()))
+    if run:
+        raise ValueError(
+            f"strategy.{run[0]} is not a strategy setting: the Trainer sets it "
+            f"(trainer.{EngineConfig.run_fields()[run[0]]})"
         )
-
-    return with_weight_copy(planned, cfg.strategy.get("weight_copy", False), hardware)
-
-
-def with_weight_copy(planned: Callable[[bool], Plan], weight_copy: bool | None, hardware: HardwareProfile) -> Plan:
-    """``planned(weight_copy)``, with ``weight_copy=None`` (auto) resolved: never when compute runs on the CPU (the
-    layers are used in place: the copy costs memory and buys nothing), else when host memory has room for it (it
-    saves re-packing FP32 -> BF16 on every upload)."""
-    if weight_copy is not None:
-        return planned(bool(weight_copy))
-    if not hardware.has_gpu:
-        return planned(False)
-    with_copy = planned(True)
-    return with_copy if with_copy.host_fits else planned(False)
+    try:
+        return EngineConfig(**values)
+    except ValueError as err:
+        raise ValueError(f"strategy.{err}") from err
+    except TypeError as err:
+        raise ValueError(f"strategy: {err}") from err
 
 
 def plan_shape(shape: ModelShape, hardware: HardwareProfile, settings: PlanSettings) -> Plan:
@@ -361,51 +340,51 @@ def plan_shape(shape: ModelShape, hardware: HardwareProfile, settings: PlanSetti
     hidden, inter, vocab = shape.hidden_size, shape.intermediate_size, shape.vocab_size
     c = s.compute_dtype.itemsize
     m = s.master_dtype.itemsize
-    unit = shape.largest_gpu_unit_params
-    k = s.checkpoint_every
+    unit = shape.store.unit_numel
+    k = s.engine.checkpoint_every
     b, seq = s.batch_size, s.max_seq_len
     tokens = b * seq
     state_bytes, optimizer_traffic = OPTIMIZERS[s.optimizer]
-
     accumulate = s.accumulate_grad_batches > 1
-    if accumulate:
-        grads = (f"gradients (fp32, {GRADIENT_BYTES_PER_PARAM} B/param)", GRADIENT_BYTES_PER_PARAM * n)
-    else:  # direct mode: compute-dtype gradients, the embedding's scattered rows in FP32
-        extra = (GRADIENT_BYTES_PER_PARAM - c) * shape.embedding_params
-        grads = (f"gradients ({_dtype_name(s.compute_dtype)}, embedding fp32)", c * n + extra)
-    largest_layer = max(shape.layer_params, default=unit)
+
+    def footprint(weight_copy: bool) -> dict[str, int]:  # the engine's own accounting (engine/footprint.py)
+        return host_bytes(
+            shape.store, s.compute_dtype, accumulate, weight_copy, s.engine.num_grad_slabs, hardware.has_gpu,
+            optimizer_state_bytes=state_bytes, master_bytes=m,
+        )  # fmt: skip
+
+    if s.engine.weight_copy is None:  # the engine's rule, against this machine's host memory
+        fits = weight_copy_fits(hardware.has_gpu, footprint(True), hardware.host_memory_bytes)
+        s = dataclasses.replace(s, engine=dataclasses.replace(s.engine, weight_copy=fits))
     pinned = "pinned " if hardware.has_gpu else ""
-    staging = min(STAGING_NUMEL, unit) * c
-    slab = min(MAX_SLAB_NUMEL, largest_layer) * c
-    host = {
-        f"master weights ({_dtype_name(s.master_dtype)}, {m} B/param)": m * n,
-        f"optimizer state ({s.optimizer}, {state_bytes} B/param)": state_bytes * n,
-        grads[0]: grads[1],
+    gradients = "fp32" if accumulate else f"{_dtype_name(s.compute_dtype)}, embedding fp32"
+    labels = {
+        "masters": f"master weights ({_dtype_name(s.master_dtype)}, {m} B/param)",
+        "optimizer state": f"optimizer state ({s.optimizer}, {state_bytes} B/param)",
+        "gradients": f"gradients ({gradients})",
+        "upload staging": f"{pinned}upload staging (2 x {_size(shape.store.staging_numel * c)})",
+        "gradient slabs": f"{pinned}gradient slabs ({s.engine.num_grad_slabs} x {_size(shape.store.slab_numel * c)})",
+        "weight copy": f"{pinned}weight copy ({_dtype_name(s.compute_dtype)}, {c} B/param)",
+        "process overhead": "process overhead",
     }
-    if not s.weight_copy:
-        host[f"{pinned}upload staging (2 x {_size(staging)})"] = 2 * staging
-    if accumulate:
-        host[f"{pinned}gradient slabs ({s.num_grad_slabs} x {_size(slab)})"] = s.num_grad_slabs * slab
-    host["process overhead"] = HOST_OVERHEAD_BYTES
-    if s.weight_copy:
-        host[f"{pinned}weight copy ({_dtype_name(s.compute_dtype)}, {c} B/param)"] = c * n
-    num_segments = math.ceil(num_layers / k)
+    host = {labels[key]: value for key, value in footprint(bool(s.engine.weight_copy)).items()}
+    segments = Segments(num_layers, k)
     gpu = {
-        f"weight slots ({s.num_slots} x largest unit)": s.num_slots * unit * c,
-        f"segment checkpoints ({num_segments} x B x S x H)": num_segments * tokens * hidden * c,
+        f"weight slots ({s.engine.num_slots} x largest unit)": s.engine.num_slots * unit * c,
+        f"segment checkpoints ({segments.num_checkpoints} x B x S x H)": segments.num_checkpoints * tokens * hidden * c,
         f"recompute working set (K = {min(k, num_layers)} layer(s))": min(k, num_layers)
         * tokens
         * (8 * hidden + 3 * inter)
         * c,
         "layer gradients (unit + flat copy)": 2 * unit * c,
-        "loss chunk (logits, fp32 upcast, fp32 grad)": min(s.loss_chunk_tokens, tokens) * vocab * (c + 4 + 4),
+        "loss chunk (logits, fp32 upcast, fp32 grad)": min(s.engine.loss_chunk_tokens, tokens) * vocab * (c + 4 + 4),
         "head fp32 gradient accumulator": vocab * hidden * 4,
     }
     if hardware.has_gpu:
         gpu["CUDA context + allocator slack"] = CUDA_OVERHEAD_BYTES
 
     # Layers that are not the last of their segment run forward once more (the no-graph recompute) when K > 1.
-    recomputed = [i for i in range(num_layers) if k > 1 and (i + 1) % k != 0 and i != num_layers - 1]
+    recomputed = [i for i, recompute in segments.backward_order() if recompute]
     params_layers = sum(shape.layer_params)
     params_recomputed = sum(shape.layer_params[i] for i in recomputed)
     d_q = shape.num_attention_heads * shape.head_dim
@@ -458,7 +437,8 @@ def format_plan(plan: Plan) -> str:
         f"Plan: {shape.name} ({_count(n)} params, {shape.num_layers} layers, {unit} "
         f"{_count(shape.largest_gpu_unit_params)} params) on hardware {hw.name!r}",
         f"  batch {s.batch_size} x {s.max_seq_len} tokens, accumulate {s.accumulate_grad_batches}, "
-        f"checkpoint_every {s.checkpoint_every}, num_slots {s.num_slots}, loss_chunk_tokens {s.loss_chunk_tokens}, "
+        f"checkpoint_every {s.engine.checkpoint_every}, num_slots {s.engine.num_slots}, "
+        f"loss_chunk_tokens {s.engine.loss_chunk_tokens}, "
         f"{s.optimizer}, compute {_dtype_name(s.compute_dtype)}",
         "",
         f"{'Host memory':<52}{'GB':>10}",
@@ -512,16 +492,20 @@ def _alternatives(plan: Plan, hardware: HardwareProfile) -> list[str]:
     """Single-setting changes that make the plan fit (the mildest value of each), as CLI overrides."""
     s = plan.settings
     candidates: dict[str, list[int]] = {
-        "loss_chunk_tokens": [v for v in (2048, 1024, 512, 256) if v < s.loss_chunk_tokens],
-        "num_slots": [v for v in (2,) if v < s.num_slots],
-        "checkpoint_every": [v for v in (2, 4, 8, 16) if v != s.checkpoint_every],
+        "loss_chunk_tokens": [v for v in (2048, 1024, 512, 256) if v < s.engine.loss_chunk_tokens],
+        "num_slots": [v for v in (2,) if v < s.engine.num_slots],
+        "checkpoint_every": [v for v in (2, 4, 8, 16) if v != s.engine.checkpoint_every],
         "batch_size": [s.batch_size // 2**i for i in range(1, 8) if s.batch_size // 2**i >= 1],
         "max_seq_len": [s.max_seq_len // 2**i for i in range(1, 6) if s.max_seq_len // 2**i >= 256],
     }
     found = []
     for key, name in _KNOBS:
         for value in candidates[name]:
-            trial = plan_shape(plan.shape, hardware, dataclasses.replace(s, **{name: value}))
+            if name in ("batch_size", "max_seq_len"):
+                trial_settings = dataclasses.replace(s, **{name: value})
+            else:
+                trial_settings = dataclasses.replace(s, engine=dataclasses.replace(s.engine, **{name: value}))
+            trial = plan_shape(plan.shape, hardware, trial_settings)
             if trial.fits:
                 found.append(f"{key}={value}")
                 break

@@ -10,6 +10,7 @@ optimizer state in host memory and streams its layers to one GPU (or computes on
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 from collections.abc import Generator
 from typing import Any
@@ -33,63 +34,33 @@ class HorizonStrategy(SingleDeviceStrategy):
     """Train a model far larger than GPU memory on one GPU, with host memory as the store of record.
 
     Args:
-        checkpoint_every: K, segment length of the recomputation (keep every K-th layer's input).
-        num_slots: GPU weight slots (2 = double buffering).
-        resident_layers: Extra GPU slots (one decoder layer each) that keep layers resident between uses, so the
-            backward and later micro-batches reuse them; None = after the first step, as many as the measured unused
-            GPU memory holds, leaving free a fifth of the device or the first step's working set again if larger;
-            0 = none (set a number when later batches can be much longer than the first).
-        keep_activations: Decoder layers at the end of the stack that keep their forward graph (activations) on the
-            GPU so their backward skips the recomputation (each holds a weight slot until then); 0 = recompute
-            every layer; None = after the first step, as many as the measured unused GPU memory holds (fewer for a
-            pass with more tokens than the first).
-        num_grad_slabs: Pinned slabs for gradients in flight to the host.
-        loss_chunk_tokens: Rows of logits the chunked loss computes at once.
-        pin_masters: Also page-lock the FP32 masters.
-        weight_copy: Keep a pinned compute-dtype copy of the masters (+2 bytes/param for BF16), refreshed by the
-            optimizer, so uploads need no FP32 -> BF16 packing. None: on when this machine's available host memory
-            has room for it beside the optimizer state and gradients still to be allocated.
-        offload_checkpoints: Keep segment checkpoints in pinned host memory (GPU memory then does not grow with
-            depth); None = only when they would take more than a fifth of the GPU's memory.
-        sparse_experts: Expert-sparse streaming of MoE layers: upload only the routed experts that received tokens
-            and send back only their gradients (exactly the dense result); False streams every expert.
-        compile_layers: Run the decoder layers through ``torch.compile`` (the first step compiles; layers with routed
-            experts stay eager); None = on for CUDA, off on the CPU.
+        config: The engine's settings (:class:`~lightning_horizon.engine.EngineConfig`, where each is documented);
+            None: the defaults.
+        **settings: Fields of :class:`~lightning_horizon.engine.EngineConfig` by name, over ``config``
+            (``HorizonStrategy(checkpoint_every=2)``). The run's own fields (device, compute dtype, gradient
+            accumulation, norm tracking) come from the Trainer (``accelerator``, ``precision``,
+            ``accumulate_grad_batches``, ``gradient_clip_val``) and are refused here.
     """
 
     strategy_name = "horizon"
 
     def __init__(
         self,
-        checkpoint_every: int = 1,
-        num_slots: int = 2,
-        resident_layers: int | None = None,
-        keep_activations: int | None = None,
-        num_grad_slabs: int = 3,
-        loss_chunk_tokens: int = 2048,
-        pin_masters: bool = False,
-        weight_copy: bool | None = None,
-        offload_checkpoints: bool | None = None,
-        sparse_experts: bool = True,
-        compile_layers: bool | None = None,
+        config: EngineConfig | None = None,
         accelerator=None,
         precision_plugin: Precision | None = None,
+        **settings: Any,
     ) -> None:
         super().__init__(device="cpu", accelerator=accelerator, precision_plugin=precision_plugin)
-        self._engine_options = dict(
-            checkpoint_every=checkpoint_every,
-            num_slots=num_slots,
-            resident_layers=resident_layers,
-            keep_activations=keep_activations,
-            num_grad_slabs=num_grad_slabs,
-            loss_chunk_tokens=loss_chunk_tokens,
-            pin_masters=pin_masters,
-            weight_copy=weight_copy,
-            offload_checkpoints=offload_checkpoints,
-            sparse_experts=sparse_experts,
-            compile_layers=compile_layers,
-        )
-        EngineConfig(device="cpu", **self._engine_options)  # validate now, not at fit time
+        config = dataclasses.replace(config or EngineConfig(), **settings)  # validated now, not at fit time
+        defaults = EngineConfig()
+        for name, trainer_arg in EngineConfig.run_fields().items():
+            if getattr(config, name) != getattr(defaults, name):
+                raise ValueError(
+                    f"HorizonStrategy: {name} is not a strategy setting: the Trainer's {trainer_arg} sets it"
+                )
+        self.config = config
+        """The engine settings as given (the engine's own ``config`` holds them resolved for the run)."""
         self._parallel_devices: list[torch.device] | None = None
         self.engine: HorizonEngine | None = None
 
@@ -190,23 +161,18 @@ class HorizonStrategy(SingleDeviceStrategy):
         if self.engine is not None:  # teardown did not run (an interrupted setup): not ours to reuse
             self.engine.close()
             self.engine = None
-        options = dict(self._engine_options)
         accumulate = trainer.accumulate_grad_batches > 1
         if trainer.state.fn == TrainerFn.FITTING and _reads_gradients(module, trainer):
             accumulate = True  # param.grad must exist when hooks read it: FP32 host gradients (+2 bytes/param)
-        if options["weight_copy"] is None:
-            options["weight_copy"] = self.root_device.type == "cuda" and _room_for_weight_copy(
-                model, self.precision_plugin.compute_dtype, accumulate
-            )
-        config = EngineConfig(
+        clip_alg = getattr(trainer, "gradient_clip_algorithm", None)
+        config = dataclasses.replace(
+            self.config,
             device=self.root_device,
             compute_dtype=self.precision_plugin.compute_dtype,
             accumulate_grads=accumulate,
-            **options,
+            track_grad_norm=bool(trainer.gradient_clip_val) and clip_alg in (None, "norm"),
         )
         self.engine = HorizonEngine(model, config)
-        clip_alg = getattr(trainer, "gradient_clip_algorithm", None)
-        self.engine.sink.track_norms = bool(trainer.gradient_clip_val) and clip_alg in (None, "norm")
         _place_rest(module, model, self.root_device)
         module._device = self.root_device
 
@@ -304,24 +270,6 @@ class HorizonStrategy(SingleDeviceStrategy):
                 cls,
                 description="Host-memory FP32 masters and optimizer, BF16 layers streamed to one GPU",
             )
-
-
-def _room_for_weight_copy(model: torch.nn.Module, dtype: torch.dtype, accumulate: bool) -> bool:
-    """Whether available host memory holds the weight copy beside what training still allocates (Adam moments,
-    gradients), with 2 GiB to spare. The planner (``lightning_horizon.planner``) makes the same decision up front."""
-    from lightning_horizon.hardware import _usable_host_memory_bytes
-
-    n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    low = torch.finfo(dtype).bits // 8
-    still_needed = n * (8 + (4 if accumulate else low))
-    room = _usable_host_memory_bytes() - still_needed - 2 * 2**30
-    if room < n * low:
-        rank_zero_warn(
-            f"not enough host memory for the {low}-byte/param weight copy: uploads will pack FP32 -> "
-            f"{dtype} on the way (pass weight_copy=True to force it)"
-        )
-        return False
-    return True
 
 
 def _check_optimizers(optimizers: list[Optimizer], engine: HorizonEngine | None) -> None:

@@ -19,7 +19,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_horizon import HorizonStrategy, benchmark, planner
+from lightning_horizon import EngineConfig, HorizonStrategy, benchmark, planner
 from lightning_horizon.hardware import load_profile
 from lightning_horizon.models import ModelConfig, build_hf_config
 from recipes import config_dir
@@ -32,10 +32,10 @@ NAMES = {
 }
 
 
-def _strategy(system: str, hf_config, strategy_args: dict):
+def _strategy(system: str, hf_config, engine: EngineConfig):
     """The Lightning strategy and optimizer implementation of one system."""
     if system == "horizon":
-        return HorizonStrategy(**strategy_args), None
+        return HorizonStrategy(engine), None
     if system == "deepspeed":
         return "deepspeed_stage_3_offload", "deepspeed"
     from lightning.pytorch.strategies import FSDPStrategy
@@ -75,29 +75,24 @@ def main(cfg: DictConfig) -> None:
         accumulate_grad_batches=accumulate,
         gradient_clip_val=cfg.trainer.gradient_clip_val,
     )
-    strategy_args = OmegaConf.to_container(cfg.strategy, resolve=True)
-    predicted = planner.with_weight_copy(
-        lambda weight_copy: planner.plan(
-            hf_config,
-            hardware,
-            batch_size=batch,
-            max_seq_len=seq,
-            checkpoint_every=int(strategy_args["checkpoint_every"]),
-            accumulate_grad_batches=accumulate,
-            weight_copy=weight_copy,
-            compute_dtype=planner.precision_dtype(cfg.trainer.precision),
-        ),
-        strategy_args["weight_copy"],
+    engine = planner.engine_config(cfg.strategy)
+    predicted = planner.plan(
+        hf_config,
         hardware,
+        batch_size=batch,
+        max_seq_len=seq,
+        accumulate_grad_batches=accumulate,
+        compute_dtype=planner.precision_dtype(cfg.trainer.precision),
+        engine=engine,
     )
-    strategy_args["weight_copy"] = predicted.settings.weight_copy  # null resolved as the sft recipe does
+    engine = predicted.settings.engine  # weight_copy=null resolved by the engine's rule for this machine, as sft does
     system = str(cfg.system)
     if system not in SYSTEMS:
         raise SystemExit(f"error: system must be one of {', '.join(SYSTEMS)}, got {system!r}")
     if cfg.peers:  # every system in a fresh process of its own: one's memory never counts against the next
         runs = [row for s in SYSTEMS if (row := _run_peer(s, Path(cfg.output_dir) / s)) is not None]
     else:
-        strategy, optimizer = _strategy(system, hf_config, strategy_args)
+        strategy, optimizer = _strategy(system, hf_config, engine)
         result = benchmark.run(
             hf_config,
             strategy=strategy,

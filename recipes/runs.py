@@ -30,6 +30,8 @@ from lightning_horizon.export import is_hf_export
 log = logging.getLogger("recipes")
 CHECKPOINTS = "checkpoints"
 EXPORT = "hf_export"
+ENGINE_CONFIG = "engine.json"
+"""The engine's effective settings of the run (every automatic value as decided)."""
 METRICS = Path("csv") / "metrics.csv"
 # Warnings that every run would print and that say nothing about the run.
 _NOISE = (

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import inspect
+import json
 import logging
 import sys
 import warnings
@@ -35,7 +36,7 @@ from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
-from lightning_horizon import HorizonStrategy
+from lightning_horizon import EngineConfig, HorizonStrategy
 from lightning_horizon import export as horizon_export
 from lightning_horizon.checkpoint_callback import HorizonModelCheckpoint
 from lightning_horizon.data import DataConfig, SFTDataModule, build_default_tokenizer, load_tokenizer
@@ -54,10 +55,18 @@ from lightning_horizon.models import (
     from_mapping,
     to_plain_dict,
 )
-from lightning_horizon.planner import PlanError, check_fits, format_plan, plan_from_config, precision_dtype
+from lightning_horizon.planner import (
+    PlanError,
+    check_fits,
+    engine_config,
+    format_plan,
+    plan_from_config,
+    precision_dtype,
+)
 from recipes import config_dir
 from recipes.runs import (
     CHECKPOINTS,
+    ENGINE_CONFIG,
     EXPORT,
     ResumeHint,
     RunCSVLogger,
@@ -74,26 +83,25 @@ log = logging.getLogger("recipes.sft")
 ROOT_KEYS = ("model", "data", "hardware", "trainer", "optim", "strategy", "plan", "resume", "output_dir")
 
 
+class SaveEngineConfig(L.Callback):
+    """Writes the engine's effective settings (every automatic value as decided for this run) to ``path`` once the
+    strategy has built its engine (they are also in the log)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        config = trainer.strategy.engine.config
+        values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        plain = {
+            k: v if v is None or isinstance(v, bool | int) else str(v).removeprefix("torch.") for k, v in values.items()
+        }
+        self.path.write_text(json.dumps(plain, indent=1) + "\n")
+
+
 def progress_bar() -> RichProgressBar | TQDMProgressBar:
     """The recipe's progress bar: Rich when it is installed (as Lightning's default), else tqdm."""
     return StepBoundProgressBar() if importlib.util.find_spec("rich") is not None else TQDMProgressBar()
-
-
-@dataclass
-class StrategyConfig:
-    """The ``strategy:`` group: exactly the arguments of :class:`HorizonStrategy` (see its docstring)."""
-
-    checkpoint_every: int = 1
-    num_slots: int = 2
-    resident_layers: int | None = None
-    keep_activations: int | None = None
-    num_grad_slabs: int = 3
-    loss_chunk_tokens: int = 2048
-    pin_masters: bool = False
-    weight_copy: bool | None = None
-    offload_checkpoints: bool | None = None
-    sparse_experts: bool = True
-    compile_layers: bool | None = None
 
 
 @dataclass
@@ -103,7 +111,7 @@ class RunConfig:
     model: ModelConfig
     data: DataConfig
     optim: OptimConfig
-    strategy: StrategyConfig
+    strategy: EngineConfig
     trainer: dict[str, Any]
     seed: int
     plan: bool
@@ -116,11 +124,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     unknown = sorted(set(cfg) - set(ROOT_KEYS))
     if unknown:
         raise ValueError(f"unknown config key(s): {', '.join(unknown)}. Known top-level keys: {', '.join(ROOT_KEYS)}")
-    strategy = from_mapping(StrategyConfig, cfg.strategy, prefix="strategy")
-    try:
-        HorizonStrategy(**dataclasses.asdict(strategy))  # the engine's own checks (e.g. num_slots >= 2)
-    except ValueError as err:
-        raise ValueError(f"strategy.{err}") from err
+    strategy = engine_config(cfg.strategy)  # the engine's own checks (e.g. num_slots >= 2)
     trainer = to_plain_dict(cfg.trainer, prefix="trainer")
     seed = trainer.pop("seed", 0)
     check_known_keys_of_trainer(trainer)
@@ -222,10 +226,8 @@ def train(cfg: DictConfig) -> None:
         print(format_plan(plan))
         return
     check_fits(plan)
-    if run.strategy.weight_copy is None:  # auto: what the plan chose (never on the CPU; else from host memory)
-        run.strategy.weight_copy = plan.settings.weight_copy
-        why = "chosen from host memory" if plan.compute_on_gpu else "compute on the CPU: nothing to upload"
-        log.info("strategy.weight_copy: %s (%s)", run.strategy.weight_copy, why)
+    if run.strategy.weight_copy is None:  # the engine's rule, applied by the plan to this machine: what ran is shown
+        run.strategy = dataclasses.replace(run.strategy, weight_copy=plan.settings.engine.weight_copy)
 
     # The run directory: a fresh one, or the run a checkpoint continues.
     overrides = list(HydraConfig.get().overrides.task)
@@ -274,11 +276,11 @@ def train(cfg: DictConfig) -> None:
     )
     # The model line above says what Lightning's summary table would (without its "FLOPs 0"); both can be overridden.
     trainer_args = {"enable_model_summary": False, "enable_progress_bar": True, **run.trainer}
-    callbacks = [checkpointing, ResumeHint(run_dir, overrides)]
+    callbacks = [checkpointing, ResumeHint(run_dir, overrides), SaveEngineConfig(run_dir / ENGINE_CONFIG)]
     if trainer_args["enable_progress_bar"]:
         callbacks.append(progress_bar())
     trainer = L.Trainer(
-        strategy=HorizonStrategy(**dataclasses.asdict(run.strategy)),
+        strategy=HorizonStrategy(run.strategy),
         logger=loggers,
         callbacks=callbacks,
         **trainer_args,

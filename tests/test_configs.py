@@ -11,6 +11,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from lightning_horizon.data import DataConfig
+from lightning_horizon.engine import EngineConfig
 from lightning_horizon.hardware import HardwareProfile, load_profile
 from lightning_horizon.models import ModelConfig
 
@@ -22,19 +23,7 @@ OPTIM_KEYS = {
     "name", "lr", "weight_decay", "betas", "eps", "warmup_steps", "schedule", "min_lr_ratio",
     "no_decay_norms_and_biases", "implementation",
 }  # fmt: skip
-STRATEGY_KEYS = {
-    "checkpoint_every",
-    "num_slots",
-    "resident_layers",
-    "keep_activations",
-    "num_grad_slabs",
-    "loss_chunk_tokens",
-    "pin_masters",
-    "weight_copy",
-    "offload_checkpoints",
-    "sparse_experts",
-    "compile_layers",
-}
+STRATEGY_KEYS = {f.name for f in EngineConfig.settings()}
 ROOT_KEYS = {"model", "data", "hardware", "trainer", "optim", "plan", "resume", "output_dir", "strategy"}
 
 
@@ -159,7 +148,7 @@ def _undocumented_keys(path: Path, section: str | None = None) -> list[str]:
 
 @pytest.mark.parametrize(
     "file,section",
-    [("data/default.yaml", None), ("trainer/default.yaml", None), ("optim/adamw.yaml", None), ("sft.yaml", "strategy")],
+    [("data/default.yaml", None), ("trainer/default.yaml", None), ("optim/adamw.yaml", None)],
 )
 def test_every_option_is_documented_in_its_yaml_file(file, section):
     # The README promises it: a comment right above every option (model and hardware fields are documented once,
@@ -170,3 +159,28 @@ def test_every_option_is_documented_in_its_yaml_file(file, section):
 def test_documentation_check_sees_a_missing_comment(tmp_path):
     (tmp_path / "x.yaml").write_text("# documented\na: 1\nb: 2\n")
     assert _undocumented_keys(tmp_path / "x.yaml") == ["b"]
+
+
+def test_engine_settings_are_declared_once_with_a_docstring_each():
+    """The strategy group has no YAML copy: its keys and defaults are EngineConfig's settings (each documented under
+    its field, once), in sft and bench alike; unknown keys and run fields are refused."""
+    import ast
+
+    tree = ast.parse(inspect.getsource(EngineConfig))
+    body = tree.body[0].body
+    documented = {
+        node.target.id
+        for node, after in zip(body, body[1:])
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+    }
+    assert documented == {f.name for f in dataclasses.fields(EngineConfig)}
+    want = {f.name: f.default for f in EngineConfig.settings()}
+    assert OmegaConf.to_container(_compose().strategy) == want
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        assert OmegaConf.to_container(compose("bench").strategy) == want
+    with pytest.raises(ConfigCompositionException, match="checkpoint_evry"):
+        _compose(["strategy.checkpoint_evry=2"])
+    with pytest.raises(ConfigCompositionException):
+        _compose(["strategy.num_slots=two"])  # typed from EngineConfig
+    with pytest.raises(ConfigCompositionException, match="device"):
+        _compose(["strategy.device=cuda"])  # the Trainer's (accelerator), not a strategy setting

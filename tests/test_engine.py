@@ -344,7 +344,8 @@ def test_sized_kept_count_shrinks_for_longer_passes():
     engine = HorizonEngine(model, device="cpu", compute_dtype="fp32", resident_layers=8, keep_activations=None)
     try:
         total = len(engine.streamer.slots)
-        engine.runner.keep_layers, engine.runner.graph_tokens = 4, 24  # as the first step sizes from 2 x 12 tokens
+        runner = engine.runner  # as the first step on CUDA sizes it, from 2 x 12 tokens:
+        runner.keep_layers, runner.graph_tokens, runner.keep_sized = 4, 24, True
         for seq, kept in ((12, 4), (6, 4), (24, 2), (48, 1), (60, 0)):
             loss = model(**make_batch(0, seq=seq)).loss
             assert total - engine.streamer.num_unclaimed() == kept, seq
@@ -439,12 +440,12 @@ def test_compiled_layers_match_eager():
 
 def test_default_compiles_only_where_kernels_can_be_built(monkeypatch):
     """compile_layers=None: eager on the CPU; on CUDA eager (with a log note) when Triton or a C compiler is missing."""
-    from lightning_horizon.engine import templates
+    from lightning_horizon.engine import config
 
     engine = HorizonEngine(tiny_model("qwen2", layers=2), device="cpu", compute_dtype="fp32")
     try:
         assert engine.bank.compiled == set()
     finally:
         engine.close()
-    monkeypatch.setattr(templates.shutil, "which", lambda name: None)
-    assert templates._can_compile() is False
+    monkeypatch.setattr(config.shutil, "which", lambda name: None)
+    assert config.can_compile() is False

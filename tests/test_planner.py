@@ -36,7 +36,9 @@ def hardware(name: str) -> HardwareProfile:
 
 
 def test_72b_on_h200_fits():
-    p = plan(hf_config("qwen2_72b"), hardware("h200"), batch_size=1, max_seq_len=4096, checkpoint_every=1)
+    p = plan(
+        hf_config("qwen2_72b"), hardware("h200"), batch_size=1, max_seq_len=4096, checkpoint_every=1, weight_copy=False
+    )
     n = p.shape.num_params
     assert n / 1e9 == pytest.approx(72.7, rel=0.005)
     # 4 (masters) + 8 (moments) + 2 (BF16 gradients; the embedding's in FP32) + staging + overhead
@@ -79,13 +81,17 @@ def test_units_and_tied_embeddings():
 
 def test_memory_formulas():
     shape_cfg = hf_config("qwen2_7b")
-    p = plan(shape_cfg, hardware("h200"), batch_size=2, max_seq_len=1024, checkpoint_every=4, num_slots=3)
-    n, unit = p.shape.num_params, p.shape.largest_gpu_unit_params
+    p = plan(
+        shape_cfg, hardware("h200"), batch_size=2, max_seq_len=1024, checkpoint_every=4, num_slots=3, weight_copy=False
+    )
+    # the store's element counts: every parameter padded to 128 elements, as the engine lays them out
+    n, stored, unit = p.shape.num_params, p.shape.store.store_numel, p.shape.store.unit_numel
+    assert n <= stored < n * 1.001 and p.shape.largest_gpu_unit_params <= unit
     host = list(p.host_bytes.values())
-    assert not p.settings.weight_copy
+    assert not p.settings.engine.weight_copy
     staging = 2 * min(64 * 2**20, unit) * 2
-    embed = p.shape.embedding_params
-    assert host == [4 * n, 8 * n, 2 * n + 2 * embed, staging, 2 * GiB]  # BF16 gradients, no slabs (no row for them)
+    embed = p.shape.store.embedding_numel
+    assert host == [4 * stored, 8 * n, 2 * stored + 2 * embed, staging, 2 * GiB]  # BF16 gradients, no slabs
     acc = plan(
         shape_cfg,
         hardware("h200"),
@@ -95,9 +101,10 @@ def test_memory_formulas():
         accumulate_grad_batches=4,
         weight_copy=False,
     )
-    layer = max(acc.shape.layer_params)
+    layer = acc.shape.store.layer_numel
     host = list(acc.host_bytes.values())
-    assert host == [4 * n, 8 * n, 4 * n, 2 * 64 * 2**20 * 2, acc.settings.num_grad_slabs * layer * 2, 2 * GiB]
+    slabs = acc.settings.engine.num_grad_slabs * layer * 2
+    assert host == [4 * stored, 8 * n, 4 * stored, 2 * 64 * 2**20 * 2, slabs, 2 * GiB]
     h, i, v, tokens = 3584, 18944, 152064, 2 * 1024
     gpu = list(p.gpu_bytes.values())
     assert gpu == [
@@ -172,7 +179,7 @@ def test_cpu_compute_counts_the_working_set_in_host_memory():
 
 
 def test_settings_are_validated():
-    with pytest.raises(ValueError, match="checkpoint_every must be >= 1"):
+    with pytest.raises(ValueError, match="checkpoint_every must be an integer >= 1"):
         plan(hf_config("qwen2_0_5b"), hardware("h200"), batch_size=1, max_seq_len=8, checkpoint_every=0)
     with pytest.raises(ValueError, match="optimizer must be one of"):
         plan(hf_config("qwen2_0_5b"), hardware("h200"), batch_size=1, max_seq_len=8, checkpoint_every=1, optimizer="x")
@@ -205,7 +212,7 @@ def test_plan_from_composed_config():
         cfg = compose("sft", overrides=["model=qwen2_72b", "hardware=h200", "data.batch_size=1",
                                         "data.max_seq_len=4096", "strategy.checkpoint_every=2"])  # fmt: skip
     p = plan_from_config(cfg)
-    assert p.shape.name == "qwen2_72b" and p.settings.checkpoint_every == 2 and p.settings.batch_size == 1
+    assert p.shape.name == "qwen2_72b" and p.settings.engine.checkpoint_every == 2 and p.settings.batch_size == 1
     assert p.settings.compute_dtype == torch.bfloat16
     check_fits(p)
 
@@ -229,7 +236,7 @@ def test_weight_copy_auto_follows_host_memory(host_gib, expected):
         )
     assert cfg.strategy.weight_copy is None
     p = plan_from_config(cfg)
-    assert p.settings.weight_copy is expected
+    assert p.settings.engine.weight_copy is expected
     assert p.host_fits
 
 
@@ -243,8 +250,8 @@ def test_weight_copy_auto_is_never_chosen_for_cpu_compute():
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("sft", overrides=["model=qwen2_0_5b", "data.batch_size=1", "data.max_seq_len=256"])
     assert cfg.strategy.weight_copy is None
-    assert plan_from_config(cfg, hardware=_cpu()).settings.weight_copy is False  # room for it: still no copy
-    assert plan_from_config(cfg, hardware=hardware("h200")).settings.weight_copy is True  # a GPU with room: a copy
+    assert plan_from_config(cfg, hardware=_cpu()).settings.engine.weight_copy is False  # room for it: still no copy
+    assert plan_from_config(cfg, hardware=hardware("h200")).settings.engine.weight_copy is True  # a GPU with room
 
 
 def _memory_rows(table: str) -> list[tuple[str, float]]:
@@ -266,9 +273,48 @@ def test_plan_table_prints_only_what_applies():
     assert rows and all(value > 0 for _, value in rows), rows  # no zero-sized row
     assert "CUDA" not in table and "pinned" not in table and "gradient slabs" not in table
     assert "largest GPU unit" not in table and "expect +-50%" in table  # the CPU prediction says what it is
-    staging = next(name for name, _ in rows if name.startswith("upload staging"))
-    assert staging == f"upload staging (2 x {cpu.shape.largest_gpu_unit_params * 2 / 2**10:.3g} KiB)"  # its real size
+    assert "upload staging" not in table  # CPU compute uses the layers in place: nothing is packed for an upload
     gpu = plan(hf_config("qwen2_7b"), hardware("h200"), batch_size=2, max_seq_len=1024, checkpoint_every=1,
-               accumulate_grad_batches=4)  # fmt: skip
+               accumulate_grad_batches=4, weight_copy=False)  # fmt: skip
     table = format_plan(gpu)
     assert "pinned gradient slabs (3 x 445 MiB)" in table and "CUDA context" in table and "+-50%" not in table
+    staging = gpu.shape.store.staging_numel * 2 / 2**20
+    assert f"pinned upload staging (2 x {staging:.3g} MiB)" in table  # its real size
+
+
+@pytest.mark.parametrize("accumulate", [1, 2], ids=["direct", "fold"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_planner_predicts_what_the_engine_allocates(accumulate, tied):
+    """The planner counts with the engine's own layout and footprint: a real tiny engine's host buffers (masters,
+    gradients, weight copy, optimizer state after a step) and slot sizes equal the plan's rows, byte for byte."""
+    from lightning_horizon import HorizonEngine
+    from lightning_horizon.engine.footprint import StoreShape
+    from tests.helpers import make_batch, tiny_config, tiny_model
+
+    model = tiny_model("qwen2", tied=tied, layers=3)
+    p = plan(tiny_config("qwen2", tied=tied, layers=3), _cpu(), batch_size=2, max_seq_len=12, checkpoint_every=1,
+             accumulate_grad_batches=accumulate, weight_copy=True, compute_dtype="fp32")  # fmt: skip
+    engine = HorizonEngine(model, device="cpu", compute_dtype="fp32", weight_copy=True, accumulate_grads=accumulate > 1)
+    try:
+        assert p.shape.store == StoreShape.of(engine.parts)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        for micro in range(accumulate):
+            model(**make_batch(micro)).loss.backward()
+        engine.step(opt)
+        engine.synchronize()
+        groups = engine.store.groups
+        allocated = {
+            "master weights": sum(g.master.numel() * 4 for g in groups),
+            "optimizer state": sum(t.numel() * 4 for s in opt.state.values() for k, t in s.items() if k != "step"),
+            "gradients": sum(
+                t.numel() * t.element_size() for g in groups for t in (g.grad, g.grad_lp) if t is not None
+            ),
+            "weight copy": sum(g.copy.numel() * g.copy.element_size() for g in groups),
+        }
+        predicted = {name.split(" (")[0]: value for name, value in p.host_bytes.items()}
+        assert {k: predicted[k] for k in allocated} == allocated
+        assert sum(s.buf.numel() for s in engine.streamer.slots) * 4 == next(
+            v for k, v in p.gpu_bytes.items() if k.startswith("weight slots")
+        )
+    finally:
+        engine.close()

@@ -103,10 +103,14 @@ def test_short_run_trains_logs_and_exports(tmp_path):
     assert model.config.eos_token_id == tokenizer.eos_token_id is not None
     stops = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
     assert model.generation_config.eos_token_id == stops
-    # the log: useful (Lightning's messages, the loss, the resolved weight copy) and quiet
+    # the log: useful (Lightning's messages, the loss, the engine's effective settings, once) and quiet
     log = (tmp_path / "sft.log").read_text()
-    for expected in ("strategy.weight_copy: False (compute on the CPU", "`Trainer.fit` stopped", "first logged"):
+    for expected in ("weight_copy=False", "`Trainer.fit` stopped", "first logged"):
         assert expected in log, log
+    assert log.count("horizon engine: ") == 1
+    engine = json.loads((tmp_path / "engine.json").read_text())  # every automatic setting as decided for this run
+    assert engine["weight_copy"] is False and engine["device"] == "cpu" and engine["compute_dtype"] == "float32"
+    assert engine["checkpoint_every"] == 1 and engine["resident_layers"] == 0 and engine["compile_layers"] is False
     output = result.stdout + result.stderr
     for noise in ("litlogger", "LeafSpec", "_pytree", "FLOPs", "Total estimated model params size"):
         assert noise not in output, noise
@@ -252,17 +256,17 @@ def test_unknown_override_is_refused_by_hydra(tmp_path):
     assert result.returncode != 0 and "checkpoint_evry" in result.stderr
 
 
-def test_strategy_group_mirrors_horizon_strategy():
-    import dataclasses
-    import inspect
+def test_strategy_group_is_the_engine_config():
+    """``strategy.*`` validates straight into an EngineConfig (one declaration); a run field is refused with the
+    Trainer argument that sets it."""
+    from lightning_horizon.engine import EngineConfig
+    from lightning_horizon.planner import engine_config
 
-    from lightning_horizon import HorizonStrategy
-    from recipes.sft import StrategyConfig
-
-    params = inspect.signature(HorizonStrategy.__init__).parameters
-    want = {k: p.default for k, p in params.items() if k not in ("self", "accelerator", "precision_plugin")}
-    assert {f.name: f.default for f in dataclasses.fields(StrategyConfig)} == want
-    assert OmegaConf.load(ROOT / "conf" / "sft.yaml").strategy == want  # the shipped defaults are the strategy's
+    assert engine_config({"checkpoint_every": 2}) == EngineConfig(checkpoint_every=2)
+    with pytest.raises(ValueError, match="strategy.num_slots must be >= 2"):
+        engine_config({"num_slots": 1})
+    with pytest.raises(ValueError, match=r"strategy.compute_dtype .*trainer.precision"):
+        engine_config({"compute_dtype": "bf16"})
 
 
 def test_lr_schedule_and_parameter_groups():

@@ -170,16 +170,20 @@ def test_forking_dataloader_workers_are_warned_about():
 
 
 @pytest.mark.parametrize("available_gib,expected", [(64, True), (0.5, False)])
-def test_weight_copy_auto_follows_available_host_memory(available_gib, expected, monkeypatch):
-    from lightning_horizon import hardware
-    from lightning_horizon.strategy import _room_for_weight_copy
+def test_weight_copy_auto_follows_available_host_memory(available_gib, expected):
+    """The one rule of weight_copy=None (the engine's and the planner's): on for a GPU when the host footprint with
+    the copy fits; the engine counts its existing masters as available to it."""
+    from lightning_horizon.engine.adapter import describe
+    from lightning_horizon.engine.footprint import StoreShape, auto_weight_copy
 
-    monkeypatch.setattr(hardware, "_usable_host_memory_bytes", lambda: int(available_gib * 2**30))
+    shape = StoreShape.of(describe(tiny_model("qwen2")))
+    available = int(available_gib * 2**30)
     if expected:
-        assert _room_for_weight_copy(tiny_model("qwen2"), torch.bfloat16, accumulate=False)
+        assert auto_weight_copy(shape, torch.bfloat16, False, 3, True, available)
     else:
         with pytest.warns(UserWarning, match="weight copy"):
-            assert not _room_for_weight_copy(tiny_model("qwen2"), torch.bfloat16, accumulate=False)
+            assert not auto_weight_copy(shape, torch.bfloat16, False, 3, True, available)
+    assert not auto_weight_copy(shape, torch.bfloat16, False, 3, False, 2**50)  # never for CPU compute
 
 
 def test_weight_copy_auto_is_off_on_the_cpu():

@@ -1,10 +1,26 @@
-"""Settings of the streaming engine, and the dtype names they accept."""
+"""``EngineConfig``: every setting of the streaming engine, declared once (each field documented under it).
+
+The same names are used everywhere: ``HorizonEngine(model, config)`` or ``HorizonEngine(model, **settings)``,
+``HorizonStrategy(config, **settings)``, the recipes' ``strategy.*`` keys (the ``strategy`` config group is built
+from this class) and the planner. A field left ``None`` means "decide for me"; :func:`resolve` decides every such
+field for a model and a machine in one place, and the engine logs the result once.
+
+Four fields describe the run rather than the engine (``run`` in their metadata): the strategy sets them from the
+Trainer (``accelerator``, ``precision``, ``accumulate_grad_batches``, ``gradient_clip_val``), so they are not
+strategy or recipe settings.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import importlib.util
+import logging
+import shutil
+from dataclasses import dataclass, field
 
 import torch
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {
     "bf16": torch.bfloat16,
@@ -27,56 +43,19 @@ def as_dtype(value: str | torch.dtype) -> torch.dtype:
 
 @dataclass
 class EngineConfig:
-    """Settings of the streaming engine (the same names are used by the strategy and the recipes' ``strategy:``)."""
+    """Settings of the streaming engine (see the module docstring)."""
 
-    device: str | torch.device | None = None
-    """Compute device; None picks ``cuda`` when available, else ``cpu``."""
-    compute_dtype: str | torch.dtype = "bf16"
-    """Dtype of the streamed weights and activations (masters stay FP32)."""
     checkpoint_every: int = 1
-    """K: keep every K-th layer's input in the forward; backward recomputes the K-1 layers in between."""
+    """K: keep every K-th layer's input in the forward; the backward recomputes the K-1 layers in between."""
     num_slots: int = 2
-    """GPU weight slots (2 = double buffering)."""
+    """GPU weight slots for streamed units (2 = double buffering)."""
     resident_layers: int | None = None
     """Extra GPU slots, one decoder layer each, that keep layers resident between uses: the backward finds the
     layers the forward left, and micro-batches of one step reuse them (uploads and FP32 -> BF16 packing happen once
     per weight version instead of once per pass). None: on CUDA, after the first step, as many as the measured
     unused GPU memory holds (up to every layer) while a fifth of the device, or as much again as the first step's
-    working set if that is more, stays free; 0: none. Set a number (or 0) when later batches can be much longer
-    than the first."""
-    num_grad_slabs: int = 3
-    """Pinned slabs for gradients in flight to the host."""
-    loss_chunk_tokens: int = 2048
-    """Rows of logits computed at once by the chunked loss."""
-    pin_masters: bool = False
-    """Page-lock the FP32 master buffers too (uploads come from pinned BF16 staging, so this is rarely useful)."""
-    track_grad_norm: bool = False
-    """Record per-parameter gradient norms as gradients land (makes clipping by norm free); the strategy sets it."""
-    weight_copy: bool = True
-    """Keep a copy of the masters in the compute dtype in pinned host memory (+2 bytes/param for BF16), refreshed
-    by the optimizer: uploads then need no FP32 -> BF16 packing on the way. Off: every upload packs from FP32."""
-    offload_checkpoints: bool | None = None
-    """Move segment checkpoints to pinned host memory during the forward and back one segment ahead in the
-    backward, so GPU memory does not grow with depth. None: only when a pass's checkpoints would take more than a
-    fifth of the GPU's memory. Ignored on the CPU."""
-    host_kernels: bool | None = None
-    """Use the compiled one-pass host kernels of ``lightning_horizon/csrc/host_kernels.cpp`` (built on first use):
-    a plain ``torch.optim.AdamW`` steps in one pass (reads the BF16 gradient, writes the BF16 weight copy; matches
-    ``AdamW(fused=True)`` to ~1 ulp), accumulated gradients fold into FP32 with their norm in the same pass, and
-    uploads pack FP32 -> BF16 with a bounded thread count. None: on for CUDA compute, off on the CPU (where the
-    tests compare with PyTorch's own AdamW bit for bit, and a CPU run does not wait for a compiler)."""
-    host_threads: int | None = None
-    """CPU threads of each host kernel (optimizer, gradient fold, upload packing; they may run at once: on a
-    16-core H200 host, sharing the cores beat splitting them). None: ``torch.get_num_threads()``."""
-    sparse_experts: bool = True
-    """Expert-sparse streaming of MoE layers: the prefetched upload of a layer leaves out its routed experts'
-    weights; just before the experts run, only the experts that received tokens are uploaded (those not already in
-    the slot), and only their gradients go back to the host (the others' are exactly zero; the host zero-fills them,
-    so the optimizer steps every expert as a dense run would). Off: every expert is streamed and sent back."""
-    accumulate_grads: bool = False
-    """Gradients are summed over several backward passes per step: keep them in FP32 on the host (4 bytes/param).
-    Off: they stay in the compute dtype (2 bytes/param for BF16); a second backward before a step switches over."""
-
+    working set if that is more, stays free; none on the CPU. 0: none. Set a number (or 0) when later batches can be
+    much longer than the first."""
     keep_activations: int | None = None
     """Decoder layers at the end of the stack whose forward keeps its autograd graph (activations) on the GPU, so
     their backward runs without recomputing them (whole segments of ``checkpoint_every`` layers). Each keeps its
@@ -84,8 +63,27 @@ class EngineConfig:
     ``resident_layers``. 0: every layer is recomputed. None: on CUDA, after the first step, as many as the measured
     unused GPU memory holds (the first step measures one layer's graph; the headroom of ``resident_layers`` stays
     free), with the slots they need, fewer in proportion for a later pass with more tokens than the first; resident
-    slots then take what is left. On the CPU None keeps none."""
-
+    slots then take what is left (+11% at 7B 16x2048, +14% at 3B 32x1024 on an H200). None keeps none on the CPU."""
+    num_grad_slabs: int = 3
+    """Pinned host slabs (one decoder layer each) for gradients in flight to the host when they are accumulated."""
+    loss_chunk_tokens: int = 2048
+    """Rows of logits the chunked loss computes at once (never batch x sequence x vocabulary)."""
+    pin_masters: bool = False
+    """Page-lock the FP32 master buffers too (uploads come from pinned BF16 staging, so this is rarely useful)."""
+    weight_copy: bool | None = None
+    """Keep a copy of the masters in the compute dtype in pinned host memory (+2 bytes/param for BF16), refreshed
+    by the optimizer: uploads then need no FP32 -> BF16 packing on the way. None: on when compute runs on a GPU and
+    the host footprint with it (AdamW state assumed) fits the host memory (:func:`.footprint.weight_copy_fits`, the
+    rule the planner applies too); never on the CPU, where it would cost memory and buy nothing."""
+    offload_checkpoints: bool | None = None
+    """Move segment checkpoints to pinned host memory during the forward and back one segment ahead in the
+    backward, so GPU memory does not grow with depth. None: per pass, only when its checkpoints would take more than
+    a fifth of the GPU's memory. Ignored on the CPU."""
+    sparse_experts: bool = True
+    """Expert-sparse streaming of MoE layers: the prefetched upload of a layer leaves out its routed experts'
+    weights; just before the experts run, only the experts that received tokens are uploaded (those not already in
+    the slot), and only their gradients go back to the host (the others' are exactly zero; the host zero-fills them,
+    so the optimizer steps every expert as a dense run would). False: every expert is streamed and sent back."""
     compile_layers: bool | None = None
     """Run the decoder layers through ``torch.compile`` (Inductor fuses the norms, rotary embedding, activation and
     residual adds around the matmuls; +18% per 7B layer and +31% per 3B layer on an H200). The slots' layer
@@ -93,24 +91,114 @@ class EngineConfig:
     Layers with routed experts always run eager (their expert upload reads the routing mid-layer), and so do models
     with dropout (the recomputation replays the forward's random masks through PyTorch's own RNG). None: on for CUDA
     compute where Triton and a C compiler are installed, off on the CPU; False: eager PyTorch."""
+    host_kernels: bool | None = None
+    """Use the compiled one-pass host kernels of ``lightning_horizon/csrc/host_kernels.cpp`` (built on first use):
+    a plain ``torch.optim.AdamW`` steps in one pass (reads the BF16 gradient, writes the BF16 weight copy; matches
+    ``AdamW(fused=True)`` to ~1 ulp), accumulated gradients fold into FP32 with their norm in the same pass, and
+    uploads pack FP32 -> BF16 with a bounded thread count. None: on for CUDA compute where they build, off on the CPU
+    (where the tests compare with PyTorch's own AdamW bit for bit, and a CPU run does not wait for a compiler)."""
+    host_threads: int | None = None
+    """CPU threads of each host kernel (optimizer, gradient fold, upload packing; they may run at once: on a
+    16-core H200 host, sharing the cores beat splitting them). None: ``torch.get_num_threads()``."""
+
+    device: str | torch.device | None = field(default=None, metadata={"run": "accelerator"})
+    """Compute device; None picks ``cuda`` when available, else ``cpu``. The strategy sets it from the Trainer."""
+    compute_dtype: str | torch.dtype | None = field(default=None, metadata={"run": "precision"})
+    """Dtype of the streamed weights and activations (masters stay FP32); None: BF16. The strategy sets it from the
+    Trainer's ``precision`` (``bf16-mixed``: BF16, ``32-true``: FP32)."""
+    accumulate_grads: bool = field(default=False, metadata={"run": "accumulate_grad_batches"})
+    """Gradients are summed over several backward passes per step: keep them in FP32 on the host (4 bytes/param).
+    Off: they stay in the compute dtype (2 bytes/param for BF16); a second backward before a step switches over.
+    The strategy sets it from ``accumulate_grad_batches`` (and when a hook reads ``param.grad``)."""
+    track_grad_norm: bool = field(default=False, metadata={"run": "gradient_clip_val"})
+    """Record per-parameter gradient norms as gradients land (clipping by norm then needs no pass over the host
+    gradients). The strategy sets it from ``gradient_clip_val``."""
 
     def __post_init__(self) -> None:
-        if self.device is None:
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(self.device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        if self.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"device must be a CUDA device or 'cpu', got {self.device}")
-        self.compute_dtype = as_dtype(self.compute_dtype)
-        if self.host_threads is None:
-            self.host_threads = torch.get_num_threads()
-        for name in ("checkpoint_every", "loss_chunk_tokens", "num_grad_slabs", "host_threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.keep_activations is not None and self.keep_activations < 0:
-            raise ValueError(f"keep_activations must be >= 0 or None, got {self.keep_activations}")
-        if self.resident_layers is not None and self.resident_layers < 0:
-            raise ValueError(f"resident_layers must be >= 0 or None, got {self.resident_layers}")
+        if self.device is not None:
+            self.device = torch.device(self.device)
+            if self.device.type not in ("cpu", "cuda"):
+                raise ValueError(f"device must be a CUDA device or 'cpu', got {self.device}")
+        if self.compute_dtype is not None:
+            self.compute_dtype = as_dtype(self.compute_dtype)
+        for name in ("checkpoint_every", "loss_chunk_tokens", "num_grad_slabs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.num_slots < 2:
             raise ValueError(f"num_slots must be >= 2 (double buffering), got {self.num_slots}")
+        for name in ("resident_layers", "keep_activations"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be an integer >= 0 or None (automatic), got {value!r}")
+        if self.host_threads is not None and self.host_threads < 1:
+            raise ValueError(f"host_threads must be >= 1 or None, got {self.host_threads}")
+
+    @classmethod
+    def settings(cls) -> list[dataclasses.Field]:
+        """The fields a user sets (the strategy's and the recipes' ``strategy.*``), not the run's."""
+        return [f for f in dataclasses.fields(cls) if "run" not in f.metadata]
+
+    @classmethod
+    def run_fields(cls) -> dict[str, str]:
+        """Run fields and the Trainer argument that sets each."""
+        return {f.name: f.metadata["run"] for f in dataclasses.fields(cls) if "run" in f.metadata}
+
+    def summary(self) -> str:
+        """``name=value`` of every field, for the log."""
+        values = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            values.append(f"{f.name}={str(value).removeprefix('torch.') if value is not None else 'auto'}")
+        return ", ".join(values)
+
+
+def resolve(config: EngineConfig, decide_weight_copy=None) -> EngineConfig:
+    """The effective settings on this machine: every ``None`` decided, in one place. ``resident_layers`` and
+    ``keep_activations`` stay None on CUDA (they are sized after the first step, from measured memory) and
+    ``offload_checkpoints`` stays None (decided per pass); on the CPU they resolve to 0 / False.
+
+    Args:
+        config: The settings as given.
+        decide_weight_copy: ``decide_weight_copy(on_gpu)`` for ``weight_copy=None`` (the engine applies
+            :func:`.footprint.weight_copy_fits` to its own footprint); without it, on for a GPU.
+    """
+    device = config.device
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    cuda = device.type == "cuda"
+    weight_copy = config.weight_copy
+    if weight_copy is None:
+        weight_copy = decide_weight_copy(cuda) if decide_weight_copy is not None else cuda
+    host_kernels = config.host_kernels if config.host_kernels is not None else cuda
+    if host_kernels:
+        from .host_kernels import host_kernels_available
+
+        host_kernels = host_kernels_available()  # builds the kernels now, not on the first step
+    return dataclasses.replace(
+        config,
+        device=device,
+        compute_dtype=config.compute_dtype or torch.bfloat16,
+        weight_copy=bool(weight_copy),
+        host_kernels=host_kernels,
+        host_threads=config.host_threads or torch.get_num_threads(),
+        compile_layers=config.compile_layers if config.compile_layers is not None else cuda and can_compile(),
+        resident_layers=config.resident_layers if config.resident_layers is not None or cuda else 0,
+        keep_activations=config.keep_activations if config.keep_activations is not None or cuda else 0,
+        offload_checkpoints=config.offload_checkpoints if cuda else False,
+    )
+
+
+def can_compile() -> bool:
+    """Whether ``torch.compile`` can build GPU kernels here (Triton, and the C compiler its launchers need); the
+    default then compiles the layers, otherwise they run eager with a note in the log."""
+    missing = []
+    if importlib.util.find_spec("triton") is None:
+        missing.append("triton")
+    if not any(shutil.which(c) for c in ("cc", "gcc", "clang")):
+        missing.append("a C compiler")
+    if missing:
+        log.info("horizon: layers run eager (compile_layers needs %s)", " and ".join(missing))
+    return not missing

@@ -77,6 +77,8 @@ class PassRunner:
         """Head runs the forward of a pass makes after its last layer (the final norm on its own, then the head)."""
         self.keep_layers = config.keep_activations or 0
         """Layers a pass keeps (``keep_activations``, or the count sized after the first step)."""
+        self.keep_sized = False
+        """``keep_layers`` was sized from the first step's tokens (``graph_tokens``): longer passes keep fewer."""
         self.measure_graphs = measure_graphs
         self.graph_bytes = 0
         """Largest GPU memory one layer's recompute graph took (measured in the backward while ``measure_graphs``)."""
@@ -118,7 +120,7 @@ class PassRunner:
         """Layers a new pass of ``tokens`` tokens keeps: ``keep_layers`` (fewer in proportion for a pass with more
         tokens than the first step's, when sized from it), while two unclaimed slots remain for the others."""
         count = self.keep_layers
-        if self.config.keep_activations is None and tokens > self.graph_tokens > 0:
+        if self.keep_sized and tokens > self.graph_tokens > 0:
             count = count * self.graph_tokens // tokens  # a layer's graph grows with its tokens
         return min(count, max(0, self.streamer.num_unclaimed() - 2), self.parts.num_layers)
 

@@ -25,6 +25,8 @@ The engine knows nothing about Lightning. A plain PyTorch loop::
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import weakref
 from typing import Any
@@ -34,7 +36,8 @@ from torch import nn
 
 from .activations import CheckpointOffloader
 from .adapter import DecoderParts, describe, find_causal_lm, is_peft_wrapper
-from .config import EngineConfig, as_dtype  # noqa: F401  (re-exported)
+from .config import EngineConfig, as_dtype, resolve
+from .footprint import StoreShape, auto_weight_copy
 from .gradients import GradientSink
 from .hooks import ModelPatch, check_not_streamed
 from .optimizer import LayerOptimizer, clip_coefficient
@@ -49,9 +52,6 @@ from .workers import WorkerGroup
 
 log = logging.getLogger(__name__)
 
-MAX_SLAB_NUMEL = 256 * 2**20
-"""Largest pinned gradient slab (elements): 512 MiB in BF16; bigger layers are sent in several slabs."""
-
 
 class HorizonEngine:
     """Streams a Hugging Face decoder-only causal LM from host memory (see the module docstring).
@@ -63,13 +63,7 @@ class HorizonEngine:
     """
 
     def __init__(self, model: nn.Module, config: EngineConfig | None = None, **overrides: Any) -> None:
-        if config is None:
-            config = EngineConfig(**overrides)
-        elif overrides:
-            raise TypeError("pass either an EngineConfig or keyword overrides, not both")
-        self.config = config
-        self.device: torch.device = config.device  # type: ignore[assignment]
-        self.dtype: torch.dtype = config.compute_dtype  # type: ignore[assignment]
+        config = dataclasses.replace(config or EngineConfig(), **overrides)
         self._closed = False
         for name, p in model.named_parameters():
             if p.device.type != "cpu":
@@ -82,6 +76,13 @@ class HorizonEngine:
         self.parts: DecoderParts = describe(model)
         check_not_streamed(self.parts.model)
         self.model = model
+        self.shape = StoreShape.of(self.parts)
+        config = resolve(config, functools.partial(self._auto_weight_copy, config))
+        self.config = config
+        """The effective settings (every automatic value decided; logged once)."""
+        log.info("horizon engine: %s", config.summary())
+        self.device: torch.device = config.device  # type: ignore[assignment]
+        self.dtype: torch.dtype = config.compute_dtype  # type: ignore[assignment]
         cuda = self.device.type == "cuda"
         # adopt: a model loaded straight into the store's layout (lightning_horizon.loading) is taken over, not copied
         self.store = HostStore.adopt(self.parts.store_groups(), pin=config.pin_masters and cuda)
@@ -100,11 +101,7 @@ class HorizonEngine:
                 for group in self.store.groups:
                     group.copy = pinned_empty(group.master.numel(), self.dtype, pin=cuda)
                     group.copy.copy_(group.master)
-        kernels = config.host_kernels if config.host_kernels is not None else cuda
-        if kernels:
-            from .host_kernels import host_kernels_available
-
-            kernels = host_kernels_available()  # builds the kernels now, not on the first step
+        kernels = config.host_kernels
         self.workers = WorkerGroup(self.device)
         self.streamer = LayerStreamer(
             self.units,
@@ -121,7 +118,7 @@ class HorizonEngine:
             self.store,
             self.device,
             self.dtype,
-            min(self._layer_slot_numel(), MAX_SLAB_NUMEL),  # a decoder layer: the head's travels in several slabs
+            self.shape.slab_numel,  # a decoder layer: the head's gradient travels in several slabs
             config.num_grad_slabs,
             direct=not config.accumulate_grads,
             workers=self.workers,
@@ -134,8 +131,8 @@ class HorizonEngine:
         self.optim = LayerOptimizer(self.store, self.workers, use_fused=kernels, threads=config.host_threads)
         self.bank = TemplateBank(self.units, self.parts, self.streamer, self.device, config.compile_layers)
         self.bank.add_slots(self.streamer.slots)
-        self._keep_pending = config.keep_activations is None and cuda
-        self._resident_pending = config.resident_layers is None and cuda
+        self._keep_pending = config.keep_activations is None  # (resolved: only on CUDA) sized after the first step
+        self._resident_pending = config.resident_layers is None
         self.runner = PassRunner(
             self.units,
             self.parts,
@@ -331,19 +328,25 @@ class HorizonEngine:
             self.optim.schedule(groups)
             self.num_overlapped_updates += len(groups)
 
-    def _layer_slot_numel(self) -> int:
-        return max(u.numel for u in self.units[: self.head_uid] or self.units)
+    def _auto_weight_copy(self, config: EngineConfig, on_gpu: bool) -> bool:
+        from lightning_horizon.hardware import _usable_host_memory_bytes
+
+        dtype = as_dtype(config.compute_dtype or torch.bfloat16)
+        return auto_weight_copy(
+            self.shape, dtype, config.accumulate_grads, config.num_grad_slabs, on_gpu, _usable_host_memory_bytes()
+        )
 
     def _size_from_first_step(self) -> None:
         """Kept layers first (with the slots they hold), then resident slots, from the first step's measurements
         (:mod:`.residency`)."""
-        slot_bytes = self._layer_slot_numel() * self.dtype.itemsize
+        slot_bytes = self.shape.layer_numel * self.dtype.itemsize
         if self._keep_pending:
             self._keep_pending = self.runner.measure_graphs = False
             keep = layers_to_keep(self._spare_gpu_bytes(), self.runner.graph_bytes, slot_bytes, self.parts.num_layers)
             if keep:
                 self.add_resident_slots(max(0, keep + 2 - len(self.streamer.slots)))
                 self.runner.keep_layers = min(keep, len(self.streamer.slots) - 2)
+                self.runner.keep_sized = True
                 log.info("horizon: the last %d layers keep their activations (no recomputation)", self.num_kept_layers)
         if self._resident_pending:
             self._resident_pending = False
@@ -360,7 +363,7 @@ class HorizonEngine:
         count = min(count, len(self.units) - len(self.streamer.slots))  # every layer and the head resident
         if count <= 0:
             return
-        slots = self.streamer.make_slots(count, self._layer_slot_numel())
+        slots = self.streamer.make_slots(count, self.shape.layer_numel)
         self.bank.add_slots(slots)
         self.streamer.attach(slots)
         log.info("horizon: %d extra GPU slots keep layers resident between uses", count)

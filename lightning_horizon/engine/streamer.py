@@ -47,14 +47,13 @@ from collections import deque
 
 import torch
 
+from .footprint import STAGING_NUMEL
 from .host_kernels import pack_bf16_
 from .pinned import StagingPool, staged_copy
 from .store import HostStore
 from .units import ExpertSet, Unit, expert_runs
 from .workers import WorkerGroup, wait_until
 
-STAGING_NUMEL = 64 * 2**20
-"""Elements per pinned staging buffer of layer uploads (128 MiB in BF16); two buffers alternate."""
 EXPERT_STAGING_NUMEL = 16 * 2**20
 """Elements per pinned staging buffer of expert uploads without a compute-dtype copy (32 MiB in BF16; two)."""
 

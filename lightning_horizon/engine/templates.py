@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import logging
-import shutil
 from typing import Any
 
 import torch
@@ -48,10 +46,12 @@ class TemplateBank:
         parts: Where the model keeps its parts (layer state, experts, router spec).
         streamer: Uploads the experts a template's tokens are routed to (expert-sparse units).
         device: Compute device (template buffers live there).
-        compile_layers: ``EngineConfig.compile_layers`` (None: on for CUDA where Triton and a C compiler exist).
+        compile_layers: ``EngineConfig.compile_layers`` (resolved): compile the dense decoder layers' forward.
     """
 
-    def __init__(self, units: list[Unit], parts: DecoderParts, streamer, device: torch.device, compile_layers) -> None:
+    def __init__(
+        self, units: list[Unit], parts: DecoderParts, streamer, device: torch.device, compile_layers: bool
+    ) -> None:
         self.units, self.parts, self.streamer, self.device = units, parts, streamer, device
         self.head_uid = len(units) - 1
         self.routers = RouterTap([], parts.router_spec())
@@ -66,8 +66,6 @@ class TemplateBank:
         for unit in units:  # each structure's first unit
             if unit.structure not in self._prototypes:
                 self._prototypes[unit.structure] = _prototype(unit.source)
-        if compile_layers is None:
-            compile_layers = device.type == "cuda" and _can_compile()
         stochastic = parts.is_stochastic()  # recomputation replays dropout through PyTorch's own RNG: eager only
         self.compiled = (
             {u.structure for i, u in enumerate(units[: self.head_uid]) if not parts.expert_modules(i)}
@@ -175,16 +173,3 @@ def _owner(root: nn.Module, dotted: str) -> tuple[nn.Module, str]:
     for p in path:
         mod = getattr(mod, p)
     return mod, leaf
-
-
-def _can_compile() -> bool:
-    """Whether ``torch.compile`` can build GPU kernels here (Triton, and the C compiler its launchers need); the
-    default then compiles the layers, otherwise they run eager with a note in the log."""
-    missing = []
-    if importlib.util.find_spec("triton") is None:
-        missing.append("triton")
-    if not any(shutil.which(c) for c in ("cc", "gcc", "clang")):
-        missing.append("a C compiler")
-    if missing:
-        log.info("horizon: layers run eager (compile_layers needs %s)", " and ".join(missing))
-    return not missing

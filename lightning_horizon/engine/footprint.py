@@ -1,0 +1,139 @@
+"""What the engine allocates, computed without allocating it: the one place the engine's memory rules live.
+
+:class:`StoreShape` counts the elements of a model's host store and streamed units exactly as the engine lays them
+out (each parameter padded to 128 elements, tied weights once), from the model or from its meta-device twin, so the
+planner (before anything exists) and the engine (deciding its automatic settings) count with the same numbers, and
+a test checks them against a real engine's allocations. :func:`host_bytes` is the host footprint by component;
+:func:`weight_copy_fits` is the single rule for ``EngineConfig.weight_copy=None``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .adapter import DecoderParts
+from .store import _align, unique_groups
+
+STAGING_NUMEL = 64 * 2**20
+"""Elements per pinned staging buffer of layer uploads (128 MiB in BF16); two buffers alternate."""
+MAX_SLAB_NUMEL = 256 * 2**20
+"""Largest pinned gradient slab (elements): 512 MiB in BF16; bigger layers are sent in several slabs."""
+HOST_OVERHEAD_BYTES = 2 * 2**30
+"""Host memory of the process beyond the engine's buffers (torch, CUDA's host side, Python)."""
+ADAMW_STATE_BYTES = 8
+"""Optimizer state per parameter assumed before the optimizer exists: AdamW's two FP32 moments."""
+
+
+@dataclass(frozen=True)
+class StoreShape:
+    """Element counts of a model's host store and streamed units, as the engine allocates them."""
+
+    num_params: int
+    """Unique parameters (tied weights once)."""
+    store_numel: int
+    """Elements of every group buffer together (the FP32 masters; also the weight copy and FP32 gradients)."""
+    embedding_numel: int
+    """Elements of the embedding's group (its gradient is FP32 on the host even without accumulation)."""
+    layer_numel: int
+    """Elements of the largest decoder layer unit: resident slots and gradient slabs are this large."""
+    unit_numel: int
+    """Elements of the largest streamed unit (a layer or the head = final norm + lm_head): a weight slot."""
+    tied: bool = False
+    """lm_head shares the embedding's weight: in direct mode its gradient lands in the compute dtype beside the
+    embedding's FP32 one (both buffers exist for that group)."""
+
+    @classmethod
+    def of(cls, parts: DecoderParts) -> StoreShape:
+        """The counts of the model ``parts`` describes (real or on the meta device)."""
+        groups = unique_groups(parts.store_groups())
+        sizes = {name: max(1, sum(_align(p.numel()) for _, p in named)) for name, named in groups}
+        layers = [_unit_numel(layer) for layer in parts.layers]
+        head = _unit_numel(parts.norm) + _unit_numel(parts.lm_head)
+        return cls(
+            num_params=sum(p.numel() for _, named in groups for _, p in named),
+            store_numel=sum(sizes.values()),
+            embedding_numel=sizes.get("embed", 0),
+            layer_numel=max(layers),
+            unit_numel=max(*layers, head),
+            tied=parts.tied,
+        )
+
+    @property
+    def staging_numel(self) -> int:
+        """Elements of each of the two pinned staging buffers of packed uploads."""
+        return min(STAGING_NUMEL, self.unit_numel)
+
+    @property
+    def slab_numel(self) -> int:
+        """Elements of each pinned gradient slab (folded gradients; larger gradients take several)."""
+        return min(MAX_SLAB_NUMEL, self.layer_numel)
+
+
+def _unit_numel(module: torch.nn.Module) -> int:
+    return sum(_align(p.numel()) for _, p in module.named_parameters(remove_duplicate=False))
+
+
+def host_bytes(
+    shape: StoreShape,
+    compute_dtype: torch.dtype,
+    accumulate: bool,
+    weight_copy: bool,
+    num_grad_slabs: int,
+    on_gpu: bool,
+    optimizer_state_bytes: int = ADAMW_STATE_BYTES,
+    master_bytes: int = 4,
+) -> dict[str, int]:
+    """Host memory by component of an engine over ``shape`` (with its optimizer's state): FP32 masters, optimizer
+    state, gradients (FP32 when accumulating; else in the compute dtype, the embedding's scattered rows in FP32 and a
+    tied lm_head's gradient beside them in the compute dtype),
+    pinned upload staging (only without the weight copy, only for a GPU), pinned gradient slabs (only when
+    accumulating on a GPU), the weight copy, and the process's own overhead."""
+    c = compute_dtype.itemsize
+    n = shape.store_numel
+    out = {
+        "masters": master_bytes * n,
+        "optimizer state": optimizer_state_bytes * shape.num_params,
+        "gradients": 4 * n
+        if accumulate
+        else c * (n - shape.embedding_numel) + (4 + c * shape.tied) * shape.embedding_numel,
+    }
+    if on_gpu and not weight_copy:
+        out["upload staging"] = 2 * shape.staging_numel * c
+    if on_gpu and accumulate:
+        out["gradient slabs"] = num_grad_slabs * shape.slab_numel * c
+    if weight_copy:
+        out["weight copy"] = c * n
+    out["process overhead"] = HOST_OVERHEAD_BYTES
+    return out
+
+
+def weight_copy_fits(on_gpu: bool, footprint_with_copy: dict[str, int], memory_bytes: float) -> bool:
+    """The rule of ``EngineConfig.weight_copy=None``: keep the copy when compute runs on a GPU (on the CPU the layers
+    are used in place: it would cost memory and buy nothing) and the host footprint with it fits ``memory_bytes``."""
+    return on_gpu and sum(footprint_with_copy.values()) <= memory_bytes
+
+
+def auto_weight_copy(
+    shape: StoreShape,
+    compute_dtype: torch.dtype,
+    accumulate: bool,
+    num_grad_slabs: int,
+    on_gpu: bool,
+    available_bytes: float,
+) -> bool:
+    """``weight_copy=None`` for an engine whose masters already exist: :func:`weight_copy_fits` with its footprint
+    against the host memory available now plus what the masters take; warns when a GPU run goes without it."""
+    footprint = host_bytes(shape, compute_dtype, accumulate, True, num_grad_slabs, on_gpu)
+    memory = available_bytes + footprint["masters"]
+    fits = weight_copy_fits(on_gpu, footprint, memory)
+    if on_gpu and not fits:
+        warnings.warn(
+            f"not enough host memory for the {compute_dtype.itemsize}-byte/param weight copy (the footprint with "
+            f"it, {sum(footprint.values()) / 2**30:.1f} GiB, exceeds {memory / 2**30:.1f} GiB): uploads will pack "
+            f"FP32 -> {compute_dtype} on the way (pass weight_copy=True to force it)",
+            stacklevel=2,
+        )
+    return fits
