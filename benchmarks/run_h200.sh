@@ -33,8 +33,8 @@ if [[ $what == moe || $what == all ]]; then
   done
 fi
 if [[ $what == kernels || $what == all ]]; then
-  python cuda/bench_adamw.py 200000000   # includes DeepSpeedCPUAdam when deepspeed is importable
-  python cuda/bench_host_threads.py
-  python cuda/bench_layer_compile.py --shape 7b --batch 16 --seq 2048 --repeats 4
-  python cuda/bench_layer_compile.py --shape 3b --batch 8 --seq 1024 --repeats 6
+  python benchmarks/bench_adamw.py 200000000   # includes DeepSpeedCPUAdam when deepspeed is importable
+  python benchmarks/bench_host_threads.py
+  python benchmarks/bench_layer_compile.py --shape 7b --batch 16 --seq 2048 --repeats 4
+  python benchmarks/bench_layer_compile.py --shape 3b --batch 8 --seq 1024 --repeats 6
 fi

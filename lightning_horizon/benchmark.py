@@ -28,6 +28,7 @@ def random_model(hf_config, seed: int = 0) -> torch.nn.Module:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     model = model.to_empty(device="cpu")
+    model.tie_weights()  # to_empty gives each module a Parameter of its own: tied embeddings would count twice
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -47,6 +47,9 @@ def test_the_wheel_runs_both_recipes_without_a_clone(tmp_path):
     _copy_sources(src)
     _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", src, "-w", wheels, cwd=src)
     (wheel,) = wheels.glob("lightning_horizon-*.whl")
+    import zipfile
+
+    assert "lightning_horizon/csrc/host_kernels.cpp" in zipfile.ZipFile(wheel).namelist()  # built on first use
     _run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp_path)
     python = venv / "bin" / "python"
     _run(sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "-q", wheel, cwd=tmp_path)

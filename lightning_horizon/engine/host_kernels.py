@@ -13,7 +13,7 @@ refreshing the BF16 copy of the weights as three passes moves ~46 bytes/param; :
 pass (~34 bytes/param with FP32 gradients, ~28 with BF16 ones): clip coefficient and clip-by-value on the gradient,
 the AdamW update exactly as torch's CPU ``fused=True`` kernel computes it, and the BF16 copy of the new parameter.
 
-The kernels (``lightning_horizon/csrc/host_kernels.cpp``) are compiled with ``torch.utils.cpp_extension.load`` on
+The kernels (``cuda/host_kernels.cpp``; ``lightning_horizon/csrc/`` in an installed wheel) are compiled with ``torch.utils.cpp_extension.load`` on
 first use (never at import), into ``TORCH_EXTENSIONS_DIR`` (torch's default cache when unset). :func:`host_kernels_available` is the
 ``HAS_HOST_KERNELS`` flag, evaluated once, lazily: it is False when ``LIGHTNING_HORIZON_NO_EXTENSIONS=1`` or when the
 build fails (one warning), and every function then computes the same values with torch ops.
@@ -31,7 +31,12 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "host_kernels.cpp"
+_PACKAGE = Path(__file__).resolve().parents[1]
+# An installed wheel ships the source inside the package (lightning_horizon/csrc); a clone keeps it in cuda/.
+_SOURCE = next(
+    (p for p in (_PACKAGE / "csrc" / "host_kernels.cpp", _PACKAGE.parent / "cuda" / "host_kernels.cpp") if p.is_file()),
+    _PACKAGE / "csrc" / "host_kernels.cpp",
+)
 _FALLBACK_CHUNK = 1 << 22  # elements per chunk of the fallback (bounds its temporaries)
 
 _lock = threading.Lock()

@@ -1,0 +1,111 @@
+"""A plain LightningModule, as a user writes it, timed under ``Trainer(strategy="horizon")`` with default arguments.
+
+The Hugging Face model is built in ``configure_model`` (``AutoModelForCausalLM.from_config``, Hugging Face's own
+initialisation), the optimizer is ``torch.optim.AdamW`` from ``configure_optimizers``, the strategy is the string
+``"horizon"``: nothing of the recipe's tuning. Metrics as in ``recipes.bench`` (design.md: real tokens, optimizer
+included, median step after warm-up, host bytes/param = peak RSS / N)::
+
+    python benchmarks/plain_module.py --model qwen2_3b --batch 8 --seq 1024 --steps 8 --out plain.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+from transformers import AutoModelForCausalLM
+
+import lightning_horizon  # noqa: F401  (registers strategy="horizon")
+from lightning_horizon.benchmark import RssSampler, SyntheticTokens
+from lightning_horizon.models import ModelConfig, build_hf_config
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+
+
+class Plain(L.LightningModule):
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+        self.model = None
+        self.losses: list[float] = []
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = AutoModelForCausalLM.from_config(self.config)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model(**batch).loss
+        self.losses.append(loss.detach())
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.model.parameters(), lr=1e-5)
+
+
+class StepEnds(L.Callback):
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # between steps only: timing, not part of the step
+        self.ends.append(time.perf_counter())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="qwen2_3b", help="a conf/model/ name")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", default=None, help="write the result as JSON here")
+    args = parser.parse_args()
+    raw = OmegaConf.to_container(OmegaConf.load(CONF / f"{args.model}.yaml"), resolve=True)
+    hf_config = build_hf_config(ModelConfig.from_dict(raw.get("model", raw)), vocab_size=2048)  # when the model says null
+    module = Plain(hf_config)
+    data = SyntheticTokens(hf_config.vocab_size, args.seq, args.batch * (args.steps + 1))
+    timer = StepEnds()
+    trainer = L.Trainer(
+        strategy="horizon",
+        precision="bf16-mixed",
+        devices=1,
+        max_steps=args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    )
+    with RssSampler() as rss:
+        trainer.fit(module, DataLoader(data, batch_size=args.batch))
+    num_params = sum(p.numel() for p in module.model.parameters())  # each Parameter once: tied weights once
+    step_s = statistics.median([b - a for a, b in zip(timer.ends, timer.ends[1:])][args.warmup :])
+    tokens = args.batch * args.seq
+    result = {
+        "system": "horizon, plain LightningModule (configure_model, torch AdamW, default strategy)",
+        "model": args.model,
+        "num_params": num_params,
+        "tokens_per_step": tokens,
+        "step_s": step_s,
+        "tokens_per_s": tokens / step_s,
+        "model_tflops": 6 * num_params * tokens / step_s / 1e12,
+        "host_peak_gib": rss.peak / 2**30,
+        "host_bytes_per_param": rss.peak / num_params,
+        "gpu_peak_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0,
+        "losses": [float(x) for x in module.losses],
+    }
+    print(json.dumps({k: v for k, v in result.items() if k != "losses"}))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
