@@ -28,8 +28,15 @@ def build(shape: str, device: torch.device):
     from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
 
     h, i, nh, kv = SHAPES[shape]
-    cfg = Qwen2Config(hidden_size=h, intermediate_size=i, num_attention_heads=nh, num_key_value_heads=kv,
-                      num_hidden_layers=2, vocab_size=1024, max_position_embeddings=32768)
+    cfg = Qwen2Config(
+        hidden_size=h,
+        intermediate_size=i,
+        num_attention_heads=nh,
+        num_key_value_heads=kv,
+        num_hidden_layers=2,
+        vocab_size=1024,
+        max_position_embeddings=32768,
+    )
     cfg._attn_implementation = "sdpa"
     layers = [Qwen2DecoderLayer(cfg, layer_idx=j).to(device, torch.bfloat16) for j in range(2)]
     return cfg, layers, Qwen2RotaryEmbedding(cfg).to(device)
@@ -88,15 +95,19 @@ def main() -> None:
     flops = layer_flops(cfg, args.batch * args.seq, args.seq)
 
     eager = run(layers, hidden, pos, args.repeats)
-    print(f"{args.shape} {args.batch}x{args.seq} eager    {eager * 1e3:8.2f} ms/layer  {flops / eager / 1e12:6.1f} TFLOP/s")
+    print(
+        f"{args.shape} {args.batch}x{args.seq} eager    {eager * 1e3:8.2f} ms/layer  {flops / eager / 1e12:6.1f} TFLOP/s"
+    )
     start = time.perf_counter()
     for m in layers:
         m.compile()
     compiled = run(layers, hidden, pos, args.repeats)
     warm = time.perf_counter() - start
     frames = counters["stats"]["unique_graphs"]
-    print(f"{args.shape} {args.batch}x{args.seq} compiled {compiled * 1e3:8.2f} ms/layer  {flops / compiled / 1e12:6.1f} "
-          f"TFLOP/s  ({eager / compiled:.3f}x eager; {frames} graphs, {warm:.0f} s incl. compilation)")
+    print(
+        f"{args.shape} {args.batch}x{args.seq} compiled {compiled * 1e3:8.2f} ms/layer  {flops / compiled / 1e12:6.1f} "
+        f"TFLOP/s  ({eager / compiled:.3f}x eager; {frames} graphs, {warm:.0f} s incl. compilation)"
+    )
 
 
 if __name__ == "__main__":

@@ -69,7 +69,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the result as JSON here")
     args = parser.parse_args()
     raw = OmegaConf.to_container(OmegaConf.load(CONF / f"{args.model}.yaml"), resolve=True)
-    hf_config = build_hf_config(ModelConfig.from_dict(raw.get("model", raw)), vocab_size=2048)  # when the model says null
+    hf_config = build_hf_config(
+        ModelConfig.from_dict(raw.get("model", raw)), vocab_size=2048
+    )  # when the model says null
     module = Plain(hf_config)
     data = SyntheticTokens(hf_config.vocab_size, args.seq, args.batch * (args.steps + 1))
     timer = StepEnds()
