@@ -214,20 +214,20 @@ def test_cuda_resume_from_checkpoint(tmp_path):
 def test_cuda_host_kernels_match_torch_ops(mode):
     """On CUDA (host kernels on by default): accumulated gradients folded by the kernel, split across slabs, and
     uploads packed by the kernel train like the engine with torch ops."""
-    from lightning_horizon.engine import runtime
+    from lightning_horizon.engine import footprint
     from tests.test_sparse_experts import moe_model
 
     ref = moe_model("mixtral")
     results = []
     for kernels in (True, False):
         model = clone(ref)
-        real = runtime.MAX_SLAB_NUMEL
-        runtime.MAX_SLAB_NUMEL = 999  # every layer's and the head's gradient spans several slabs
+        real = footprint.MAX_SLAB_NUMEL
+        footprint.MAX_SLAB_NUMEL = 999  # every layer's and the head's gradient spans several slabs
         try:
             engine = HorizonEngine(model, device="cuda", compute_dtype="fp32", host_kernels=kernels,
                                    accumulate_grads=mode == "fold", weight_copy=mode != "nocopy", track_grad_norm=True)  # fmt: skip
         finally:
-            runtime.MAX_SLAB_NUMEL = real
+            footprint.MAX_SLAB_NUMEL = real
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
         norms = []
         try:

@@ -190,7 +190,7 @@ def test_other_moe_families_sparse_equals_dense(family):
 def test_gradients_split_across_slabs_fold_exactly(monkeypatch, sparse):
     """Accumulated gradients larger than a slab (the head's, every layer's here) travel in several slabs, split
     mid-parameter and mid-expert: the result is bit for bit the one of whole-unit slabs."""
-    from lightning_horizon.engine import gradients, runtime
+    from lightning_horizon.engine import footprint, gradients
 
     ref = moe_model("mixtral")
     whole = run_engine(ref, sparse=sparse, mode="fold")
@@ -199,7 +199,7 @@ def test_gradients_split_across_slabs_fold_exactly(monkeypatch, sparse):
     monkeypatch.setattr(
         gradients, "chunk_spans", lambda spans, cap: chunks.append(list(real(spans, cap))) or chunks[-1]
     )
-    monkeypatch.setattr(runtime, "MAX_SLAB_NUMEL", 777)
+    monkeypatch.setattr(footprint, "MAX_SLAB_NUMEL", 777)
     split = run_engine(ref, sparse=sparse, mode="fold")
     assert max(len(c) for c in chunks) > 3  # gradients really were split
     assert split[0] == whole[0]
