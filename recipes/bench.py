@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_horizon import EngineConfig, HorizonStrategy, benchmark, planner
+from lightning_horizon.config_groups import engine_config
 from lightning_horizon.hardware import load_profile
 from lightning_horizon.models import ModelConfig, build_hf_config
 from recipes import config_dir
@@ -75,7 +76,7 @@ def main(cfg: DictConfig) -> None:
         accumulate_grad_batches=accumulate,
         gradient_clip_val=cfg.trainer.gradient_clip_val,
     )
-    engine = planner.engine_config(cfg.strategy)
+    engine = engine_config(cfg.strategy)
     predicted = planner.plan(
         hf_config,
         hardware,

@@ -39,6 +39,7 @@ from omegaconf import DictConfig
 from lightning_horizon import EngineConfig, HorizonStrategy
 from lightning_horizon import export as horizon_export
 from lightning_horizon.checkpoint_callback import HorizonModelCheckpoint
+from lightning_horizon.config_groups import engine_config
 from lightning_horizon.data import DataConfig, SFTDataModule, build_default_tokenizer, load_tokenizer
 from lightning_horizon.data.packing import prepare_model_for_packing
 from lightning_horizon.data.tokenizer import as_exported
@@ -55,14 +56,8 @@ from lightning_horizon.models import (
     from_mapping,
     to_plain_dict,
 )
-from lightning_horizon.planner import (
-    PlanError,
-    check_fits,
-    engine_config,
-    format_plan,
-    plan_from_config,
-    precision_dtype,
-)
+from lightning_horizon.plan_report import PlanError, check_fits, format_plan
+from lightning_horizon.planner import plan_from_config, precision_dtype
 from recipes import config_dir
 from recipes.runs import (
     CHECKPOINTS,

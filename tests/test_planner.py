@@ -13,15 +13,8 @@ from omegaconf import OmegaConf
 
 from lightning_horizon.hardware import HardwareProfile, load_profile
 from lightning_horizon.models import ModelConfig, build_hf_config
-from lightning_horizon.planner import (
-    GiB,
-    PlanError,
-    check_fits,
-    format_plan,
-    model_shape,
-    plan,
-    plan_from_config,
-)
+from lightning_horizon.plan_report import PlanError, check_fits, format_plan
+from lightning_horizon.planner import GiB, model_shape, plan, plan_from_config
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 

@@ -259,8 +259,8 @@ def test_unknown_override_is_refused_by_hydra(tmp_path):
 def test_strategy_group_is_the_engine_config():
     """``strategy.*`` validates straight into an EngineConfig (one declaration); a run field is refused with the
     Trainer argument that sets it."""
+    from lightning_horizon.config_groups import engine_config
     from lightning_horizon.engine import EngineConfig
-    from lightning_horizon.planner import engine_config
 
     assert engine_config({"checkpoint_every": 2}) == EngineConfig(checkpoint_every=2)
     with pytest.raises(ValueError, match="strategy.num_slots must be >= 2"):
