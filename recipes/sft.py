@@ -293,7 +293,7 @@ def train(cfg: DictConfig) -> None:
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
-    except (ValueError, PlanError, ImportError) as err:  # DataError and CheckpointError are ValueErrors
+    except (ValueError, PlanError, ImportError, MemoryError) as err:  # DataError, CheckpointError: ValueErrors
         log_error(str(err))
         sys.exit(2)
 

@@ -194,3 +194,39 @@ def test_weight_copy_auto_is_off_on_the_cpu():
     assert all(g.copy is None for g in engine.store.groups)
     _, trainer = fit(HorizonStrategy(weight_copy=True), tiny_model("qwen2"), steps=2)
     assert trainer.probe.engine.config.weight_copy is True
+
+
+def test_preflight_refuses_a_run_the_host_cannot_hold(monkeypatch):
+    """Before the optimizer's state exists (PyTorch allocates it at the first step), the strategy refuses a run whose
+    remaining host memory exceeds what the machine has, naming each component; with room, the same run trains."""
+    from lightning_horizon import hardware
+
+    monkeypatch.setattr(hardware, "_usable_host_memory_bytes", lambda: 512 * 2**20)
+    model = tiny_model()
+    start = clone(model)
+    with pytest.raises(MemoryError, match=r"not enough host memory(.|\n)*optimizer state(.|\n)*To fit"):
+        fit("horizon", model, steps=2)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), start.parameters()))  # refused before a step
+    monkeypatch.setattr(hardware, "_usable_host_memory_bytes", lambda: 4 * 2**30)
+    trained, _ = fit("horizon", model, steps=2)
+    assert not all(torch.equal(p, q) for p, q in zip(trained.model.parameters(), start.parameters()))
+
+
+def test_remaining_host_memory_counts_what_each_optimizer_will_allocate():
+    from lightning_horizon.engine.adapter import describe
+    from lightning_horizon.engine.footprint import StoreShape, still_to_allocate
+
+    model = tiny_model()
+    shape = StoreShape.of(describe(model))
+    params = list(model.parameters())
+    n = sum(p.numel() for p in params)
+    adam, amsgrad = torch.optim.AdamW(params), torch.optim.Adam(params, amsgrad=True)
+    sgd, momentum = torch.optim.SGD(params, lr=0.1), torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    for opt, per_param in ((adam, 8), (amsgrad, 12), (sgd, 0), (momentum, 4)):
+        got = still_to_allocate(shape, torch.bfloat16, False, True, 3, True, [opt])
+        assert got["optimizer state"] == per_param * n
+        assert got["gradients"] == 4 * shape.embedding_numel and "upload staging" not in got  # the copy uploads
+    accumulating = still_to_allocate(shape, torch.bfloat16, True, False, 3, True, [sgd])
+    assert accumulating["gradients"] == 4 * shape.store_numel
+    assert accumulating["upload staging"] == 2 * shape.staging_numel * 2
+    assert accumulating["gradient slabs"] == 3 * shape.slab_numel * 2

@@ -137,3 +137,71 @@ def auto_weight_copy(
             stacklevel=2,
         )
     return fits
+
+
+PREFLIGHT_MARGIN_BYTES = 2**30
+"""Host memory a preflight leaves free beyond what the run still allocates (page cache, allocator slack)."""
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes per parameter of ``optimizer``'s state once it has stepped (FP32 state, as PyTorch allocates it): Adam
+    and AdamW 8 (12 with ``amsgrad``), SGD 4 with momentum and 0 without, anything else assumed 8 (Adam-like)."""
+    defaults = optimizer.defaults
+    if isinstance(optimizer, torch.optim.SGD):
+        return 4 if defaults.get("momentum", 0) else 0
+    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        return 12 if defaults.get("amsgrad") else 8
+    return ADAMW_STATE_BYTES
+
+
+def still_to_allocate(
+    shape: StoreShape,
+    compute_dtype: torch.dtype,
+    accumulate: bool,
+    weight_copy: bool,
+    num_grad_slabs: int,
+    on_gpu: bool,
+    optimizers: list[torch.optim.Optimizer],
+) -> dict[str, int]:
+    """Host memory an engine built over ``shape`` allocates after its construction: the state of ``optimizers`` that
+    have not stepped yet (PyTorch allocates it at the first step), FP32 gradients (at the first accumulated fold; the
+    embedding's at the first backward), pinned staging and slabs (at the first packed upload or fold). What the
+    engine allocates when it is built (masters, compute-dtype gradients, the weight copy) is not in it."""
+    c = compute_dtype.itemsize
+    state = sum(
+        optimizer_state_bytes(opt) * sum(p.numel() for g in opt.param_groups for p in g["params"] if p.requires_grad)
+        for opt in optimizers
+        if not opt.state
+    )
+    out = {"optimizer state": state}
+    out["gradients"] = 4 * shape.store_numel if accumulate else 4 * shape.embedding_numel
+    if on_gpu and not weight_copy:
+        out["upload staging"] = 2 * shape.staging_numel * c
+    if on_gpu and accumulate:
+        out["gradient slabs"] = num_grad_slabs * shape.slab_numel * c
+    return out
+
+
+def check_host_memory(shape: StoreShape, config, optimizers: list[torch.optim.Optimizer], available_bytes: float):
+    """Refuses (``MemoryError`` naming every component and what to change) a run whose host memory still to be
+    allocated (:func:`still_to_allocate`, with the engine's resolved ``config``) exceeds ``available_bytes``: the
+    operating system would kill it minutes later, at its first step."""
+    on_gpu = config.device.type == "cuda"
+    needed = still_to_allocate(
+        shape, config.compute_dtype, config.accumulate_grads, config.weight_copy, config.num_grad_slabs, on_gpu,
+        optimizers,
+    )  # fmt: skip
+    total = sum(needed.values())
+    if total + PREFLIGHT_MARGIN_BYTES <= available_bytes:
+        return
+    rows = "\n".join(f"  {name:<32}{value / 2**30:10.2f} GiB" for name, value in needed.items() if value)
+    advice = ["use a machine with more host memory or a smaller model"]
+    if config.weight_copy:
+        advice.append("weight_copy=False frees the 2-byte/param weight copy")
+    if config.accumulate_grads:
+        advice.append("without gradient accumulation the gradients stay in the compute dtype")
+    raise MemoryError(
+        f"not enough host memory for this run: it still needs {total / 2**30:.1f} GiB "
+        f"(+{PREFLIGHT_MARGIN_BYTES / 2**30:.0f} GiB margin) and {available_bytes / 2**30:.1f} GiB are available:\n"
+        f"{rows}\nTo fit: " + "; ".join(advice) + " (python -m recipes.sft ... plan=true prints the whole plan)."
+    )

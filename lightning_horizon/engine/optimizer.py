@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -304,3 +306,30 @@ def clip_coefficient(
         total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     return total, coef
+
+
+class ZeroGradWatch:
+    """``optimizer.zero_grad`` replaced by one that first calls ``discard(optimizer)`` (the engine forgets its host
+    gradients of the optimizer's parameters); :meth:`restore` gives the optimizer its own ``zero_grad`` back."""
+
+    def __init__(self, discard, optimizer: torch.optim.Optimizer) -> None:
+        self.discard = weakref.WeakMethod(discard)
+        self.optimizer = weakref.ref(optimizer)
+        self.own = optimizer.__dict__.get("zero_grad")  # an instance attribute to give back, if there was one
+        self.original = optimizer.zero_grad
+        optimizer.zero_grad = self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        discard, optimizer = self.discard(), self.optimizer()
+        if discard is not None and optimizer is not None:
+            discard(optimizer)
+        return self.original(*args, **kwargs)
+
+    def restore(self) -> None:
+        optimizer = self.optimizer()
+        if optimizer is None or optimizer.__dict__.get("zero_grad") is not self:
+            return
+        if self.own is None:
+            del optimizer.zero_grad
+        else:
+            optimizer.zero_grad = self.own

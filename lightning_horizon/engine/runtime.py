@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import weakref
 from typing import Any
 
 import torch
@@ -37,10 +36,10 @@ from torch import nn
 from .activations import CheckpointOffloader
 from .adapter import DecoderParts, describe, find_causal_lm, is_peft_wrapper
 from .config import EngineConfig, as_dtype, resolve
-from .footprint import StoreShape, auto_weight_copy
+from .footprint import StoreShape, auto_weight_copy, check_host_memory
 from .gradients import GradientSink
 from .hooks import ModelPatch, check_not_streamed
-from .optimizer import LayerOptimizer, clip_coefficient
+from .optimizer import LayerOptimizer, ZeroGradWatch, clip_coefficient
 from .passes import PassRunner
 from .pinned import pinned_empty, unregister_pinned
 from .residency import layers_to_keep, measure_spare_gpu_bytes, resident_slots_to_add
@@ -153,7 +152,7 @@ class HorizonEngine:
         self._overlapped_at_begin = 0
         if config.resident_layers:
             self.add_resident_slots(config.resident_layers)
-        self._watched: list[_ZeroGradWatch] = []
+        self._watched: list[ZeroGradWatch] = []
         self.patch = ModelPatch(
             self.parts, self.runner, self.device, config.loss_chunk_tokens, self.synchronize, self.streamer.invalidate
         )
@@ -226,7 +225,18 @@ class HorizonEngine:
         discards ``param.grad`` (the strategy watches every optimizer; :meth:`step` watches the ones it steps).
         :meth:`close` gives the optimizer its own ``zero_grad`` back."""
         if not any(w.optimizer() is optimizer for w in self._watched):
-            self._watched.append(_ZeroGradWatch(self, optimizer))
+            self._watched.append(ZeroGradWatch(self.discard_gradients, optimizer))
+            self.preflight()
+
+    def preflight(self) -> None:
+        """Refuses, with a ``MemoryError`` that names each component, a run whose host memory still to be allocated
+        (the state of the watched optimizers that have not stepped, lazily allocated gradients and pinned buffers)
+        exceeds what this machine has available now: run at the strategy's setup and when :meth:`step` first sees
+        an optimizer, before its state exists. Counted with the planner's own functions (:mod:`.footprint`)."""
+        from lightning_horizon.hardware import _usable_host_memory_bytes
+
+        optimizers = [o for o in (w.optimizer() for w in self._watched) if o is not None]
+        check_host_memory(self.shape, self.config, optimizers, _usable_host_memory_bytes())
 
     def discard_gradients(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Forgets the current gradients of ``optimizer``'s parameters (or of every parameter): the next backward
@@ -371,29 +381,3 @@ class HorizonEngine:
     def _grad_entries(self, optimizer: torch.optim.Optimizer | None):
         params = None if optimizer is None else [p for g in optimizer.param_groups for p in g["params"]]
         return [self.store.entry(sp.param) for sp in self.store.params(params) if sp.trainable and sp.has_grad]
-
-
-class _ZeroGradWatch:
-    """``optimizer.zero_grad`` replaced by one that first discards the engine's gradients of its parameters."""
-
-    def __init__(self, engine: HorizonEngine, optimizer: torch.optim.Optimizer) -> None:
-        self.engine = weakref.ref(engine)
-        self.optimizer = weakref.ref(optimizer)
-        self.own = optimizer.__dict__.get("zero_grad")  # an instance attribute to give back, if there was one
-        self.original = optimizer.zero_grad
-        optimizer.zero_grad = self
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        engine, optimizer = self.engine(), self.optimizer()
-        if engine is not None and optimizer is not None:
-            engine.discard_gradients(optimizer)
-        return self.original(*args, **kwargs)
-
-    def restore(self) -> None:
-        optimizer = self.optimizer()
-        if optimizer is None or optimizer.__dict__.get("zero_grad") is not self:
-            return
-        if self.own is None:
-            del optimizer.zero_grad
-        else:
-            optimizer.zero_grad = self.own
