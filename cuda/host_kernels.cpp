@@ -10,6 +10,9 @@
 //
 // Bytes per parameter: read param 4 + exp_avg 4 + exp_avg_sq 4 + grad 2 (bf16) or 4; write param 4 + exp_avg 4 +
 // exp_avg_sq 4 + copy 2 = 28 (+2 with FP32 gradients), against ~46 for upcast + torch fused AdamW + separate copy.
+// With BF16 moments (EngineConfig.optimizer_state_dtype="bf16") the moments are read and written in 2 bytes each
+// (20 bytes/param): computed in FP32, stored with stochastic rounding (below), so that small updates of a moment
+// (v * 0.999 moves v by less than half a BF16 ulp) are kept in expectation instead of rounded away.
 //
 // Plain loops written for the auto-vectoriser (-O3 -march=native -fno-math-errno); no -ffast-math and no implicit FP
 // contraction: the two fmas below are explicit, placed where ATen's Vectorized<float> code (as torch's x86 wheels are
@@ -39,6 +42,32 @@ inline uint16_t float_to_bf16(float value) {
 inline float load_grad(const float* g, int64_t i) { return g[i]; }
 inline float load_grad(const uint16_t* g, int64_t i) { return bf16_to_float(g[i]); }
 
+// A 32-bit integer hash (Wellons' lowbias32): the random bits of stochastic rounding, a pure function of the element
+// index and a per-call seed (reproducible, and the same in the PyTorch fallback: host_kernels._stochastic_bf16).
+inline uint32_t hash32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// FP32 -> BF16 rounding up with probability (dropped bits / 2^16): unbiased. Non-finite values round as torch does.
+inline uint16_t float_to_bf16_stochastic(float value, uint32_t index, uint32_t seed) {
+  const uint32_t u = __builtin_bit_cast(uint32_t, value);
+  if ((u & 0x7F800000u) == 0x7F800000u) return float_to_bf16(value);
+  const uint32_t r = hash32(index * 0x9E3779B9u ^ seed) & 0xFFFFu;
+  return static_cast<uint16_t>((u + r) >> 16);
+}
+
+inline float load_moment(const float* m, int64_t i) { return m[i]; }
+inline float load_moment(const uint16_t* m, int64_t i) { return bf16_to_float(m[i]); }
+inline void store_moment(float* m, int64_t i, float value, uint32_t, uint32_t) { m[i] = value; }
+inline void store_moment(uint16_t* m, int64_t i, float value, uint32_t index, uint32_t seed) {
+  m[i] = float_to_bf16_stochastic(value, index, seed);
+}
+
 struct Coefs {
   float decay;       // 1 - lr * weight_decay
   float lerp_w;      // 1 - beta1
@@ -50,18 +79,19 @@ struct Coefs {
   float eps;
   float clip_coef;
   float clip_lo, clip_hi;
+  uint32_t seed_m, seed_v;  // stochastic rounding of BF16 moments: one seed per moment per step
 };
 
-template <typename G, bool kDecay, bool kSmallW, bool kCoef, bool kClamp, bool kCopy>
-void adamw_range(float* __restrict p, const G* __restrict g, float* __restrict m, float* __restrict v,
-                 uint16_t* __restrict c, int64_t n, const Coefs k) {
+template <typename G, typename M, bool kDecay, bool kSmallW, bool kCoef, bool kClamp, bool kCopy>
+void adamw_range(float* __restrict p, const G* __restrict g, M* __restrict m, M* __restrict v,
+                 uint16_t* __restrict c, int64_t n, int64_t base, const Coefs k) {
   for (int64_t i = 0; i < n; ++i) {
     float grad = load_grad(g, i);
     if constexpr (kCoef) grad = grad * k.clip_coef;
     if constexpr (kClamp) grad = grad < k.clip_lo ? k.clip_lo : (grad > k.clip_hi ? k.clip_hi : grad);
     float param = p[i];
     if constexpr (kDecay) param = param * k.decay;
-    float ea = m[i];
+    float ea = load_moment(m, i);
     // at::lerp as Vectorized<float> computes it: w < 0.5 ? fma(w, g - m, m) : fma(w - 1, g - m, g)
     if constexpr (kSmallW) {
       ea = std::fma(k.lerp_w, grad - ea, ea);
@@ -69,9 +99,10 @@ void adamw_range(float* __restrict p, const G* __restrict g, float* __restrict m
       ea = std::fma(k.lerp_w_m1, grad - ea, grad);
     }
     // ATen writes v * beta2 + (1 - beta2) * g * g; torch's own build contracts it into this fma (bit-identical)
-    const float sq = std::fma(k.sq_w * grad, grad, v[i] * k.beta2);
-    m[i] = ea;
-    v[i] = sq;
+    const float sq = std::fma(k.sq_w * grad, grad, load_moment(v, i) * k.beta2);
+    const uint32_t index = static_cast<uint32_t>(base + i);
+    store_moment(m, i, ea, index, k.seed_m);
+    store_moment(v, i, sq, index, k.seed_v);
     const float denom = std::sqrt(sq) / k.bc2_sqrt + k.eps;
     param = param - (k.step_size * ea) / denom;
     p[i] = param;
@@ -79,31 +110,42 @@ void adamw_range(float* __restrict p, const G* __restrict g, float* __restrict m
   }
 }
 
-template <typename G, bool kDecay, bool kSmallW, bool kCoef, bool kClamp, bool kCopy>
-void adamw_all(float* p, const G* g, float* m, float* v, uint16_t* c, int64_t n, const Coefs& k, int threads) {
+template <typename G, typename M, bool kDecay, bool kSmallW, bool kCoef, bool kClamp, bool kCopy>
+void adamw_all(float* p, const G* g, M* m, M* v, uint16_t* c, int64_t n, const Coefs& k, int threads) {
   const int64_t blocks = (n + kBlock - 1) / kBlock;
 #pragma omp parallel for schedule(static) num_threads(threads) if (blocks > 1 && threads > 1)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t start = b * kBlock;
     const int64_t len = std::min(kBlock, n - start);
-    adamw_range<G, kDecay, kSmallW, kCoef, kClamp, kCopy>(p + start, g + start, m + start, v + start,
-                                                         kCopy ? c + start : nullptr, len, k);
+    adamw_range<G, M, kDecay, kSmallW, kCoef, kClamp, kCopy>(p + start, g + start, m + start, v + start,
+                                                            kCopy ? c + start : nullptr, len, start, k);
   }
 }
 
 // Expands the runtime flags into template parameters (the hot loop stays branch-free).
-template <typename G, bool... kFlags>
-void dispatch(float* p, const G* g, float* m, float* v, uint16_t* c, int64_t n, const Coefs& k, int threads) {
-  adamw_all<G, kFlags...>(p, g, m, v, c, n, k, threads);
+template <typename G, typename M, bool... kFlags>
+void dispatch(float* p, const G* g, M* m, M* v, uint16_t* c, int64_t n, const Coefs& k, int threads) {
+  adamw_all<G, M, kFlags...>(p, g, m, v, c, n, k, threads);
 }
 
-template <typename G, bool... kFlags, typename... Rest>
-void dispatch(float* p, const G* g, float* m, float* v, uint16_t* c, int64_t n, const Coefs& k, int threads,
-              bool flag, Rest... rest) {
+template <typename G, typename M, bool... kFlags, typename... Rest>
+void dispatch(float* p, const G* g, M* m, M* v, uint16_t* c, int64_t n, const Coefs& k, int threads, bool flag,
+              Rest... rest) {
   if (flag) {
-    dispatch<G, kFlags..., true>(p, g, m, v, c, n, k, threads, rest...);
+    dispatch<G, M, kFlags..., true>(p, g, m, v, c, n, k, threads, rest...);
   } else {
-    dispatch<G, kFlags..., false>(p, g, m, v, c, n, k, threads, rest...);
+    dispatch<G, M, kFlags..., false>(p, g, m, v, c, n, k, threads, rest...);
+  }
+}
+
+template <typename M>
+void dispatch_grad(const torch::Tensor& grad, float* p, M* m, M* v, uint16_t* c, int64_t n, const Coefs& k,
+                   int threads, const bool* f) {
+  if (grad.scalar_type() == torch::kBFloat16) {
+    const auto* g = reinterpret_cast<const uint16_t*>(grad.data_ptr<at::BFloat16>());
+    dispatch<uint16_t, M>(p, g, m, v, c, n, k, threads, f[0], f[1], f[2], f[3], f[4]);
+  } else {
+    dispatch<float, M>(p, grad.data_ptr<float>(), m, v, c, n, k, threads, f[0], f[1], f[2], f[3], f[4]);
   }
 }
 
@@ -125,14 +167,17 @@ void check_flat(const torch::Tensor& t, torch::ScalarType dtype, int64_t numel, 
 void fused_adamw(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg, torch::Tensor exp_avg_sq,
                  std::optional<torch::Tensor> copy, double lr, double beta1, double beta2, double eps,
                  double weight_decay, double step, std::optional<double> clip_coef,
-                 std::optional<double> clip_value, int64_t num_threads) {
+                 std::optional<double> clip_value, int64_t num_threads, int64_t seed) {
   const int64_t n = param.numel();
   check_flat(param, torch::kFloat32, n, "param");
   TORCH_CHECK(grad.scalar_type() == torch::kFloat32 || grad.scalar_type() == torch::kBFloat16,
               "grad must be float32 or bfloat16, got ", grad.scalar_type());
   check_flat(grad, grad.scalar_type(), n, "grad");
-  check_flat(exp_avg, torch::kFloat32, n, "exp_avg");
-  check_flat(exp_avg_sq, torch::kFloat32, n, "exp_avg_sq");
+  const auto moments = exp_avg.scalar_type();
+  TORCH_CHECK(moments == torch::kFloat32 || moments == torch::kBFloat16,
+              "exp_avg must be float32 or bfloat16, got ", moments);
+  check_flat(exp_avg, moments, n, "exp_avg");
+  check_flat(exp_avg_sq, moments, n, "exp_avg_sq");
   if (copy.has_value()) check_flat(*copy, torch::kBFloat16, n, "copy");
   if (n == 0) return;
 
@@ -151,22 +196,22 @@ void fused_adamw(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg,
   const float cv = static_cast<float>(clip_value.value_or(0.0));
   k.clip_lo = -cv;
   k.clip_hi = cv;
+  k.seed_m = hash32(static_cast<uint32_t>(seed) * 2u);
+  k.seed_v = hash32(static_cast<uint32_t>(seed) * 2u + 1u);
 
   const int threads = resolve_threads(num_threads);
 
   float* p = param.data_ptr<float>();
-  float* m = exp_avg.data_ptr<float>();
-  float* v = exp_avg_sq.data_ptr<float>();
   uint16_t* c = copy.has_value() ? reinterpret_cast<uint16_t*>(copy->data_ptr<at::BFloat16>()) : nullptr;
   const bool flags[] = {weight_decay != 0.0, std::abs(w) < 0.5, clip_coef.has_value(), clip_value.has_value(),
                         copy.has_value()};
   pybind11::gil_scoped_release no_gil;
-  if (grad.scalar_type() == torch::kBFloat16) {
-    const auto* g = reinterpret_cast<const uint16_t*>(grad.data_ptr<at::BFloat16>());
-    dispatch<uint16_t>(p, g, m, v, c, n, k, threads, flags[0], flags[1], flags[2], flags[3], flags[4]);
+  if (moments == torch::kBFloat16) {
+    auto* m = reinterpret_cast<uint16_t*>(exp_avg.data_ptr<at::BFloat16>());
+    auto* v = reinterpret_cast<uint16_t*>(exp_avg_sq.data_ptr<at::BFloat16>());
+    dispatch_grad<uint16_t>(grad, p, m, v, c, n, k, threads, flags);
   } else {
-    dispatch<float>(p, grad.data_ptr<float>(), m, v, c, n, k, threads, flags[0], flags[1], flags[2], flags[3],
-                    flags[4]);
+    dispatch_grad<float>(grad, p, exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(), c, n, k, threads, flags);
   }
 }
 
@@ -241,7 +286,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           pybind11::arg("param"), pybind11::arg("grad"), pybind11::arg("exp_avg"), pybind11::arg("exp_avg_sq"),
           pybind11::arg("copy"), pybind11::arg("lr"), pybind11::arg("beta1"), pybind11::arg("beta2"),
           pybind11::arg("eps"), pybind11::arg("weight_decay"), pybind11::arg("step"), pybind11::arg("clip_coef"),
-          pybind11::arg("clip_value"), pybind11::arg("num_threads"));
+          pybind11::arg("clip_value"), pybind11::arg("num_threads"), pybind11::arg("seed"));
   mod.def("fold", &fold, "dst (+)= src over flat CPU buffers; returns the sum of squares of the new dst",
           pybind11::arg("dst"), pybind11::arg("src"), pybind11::arg("overwrite"), pybind11::arg("num_threads"));
   mod.def("pack_bf16", &pack_bf16, "dst = src.to(bfloat16) over flat CPU buffers", pybind11::arg("dst"),

@@ -15,7 +15,7 @@ def strategy_schema() -> type:
     import dataclasses
     from typing import Optional
 
-    types = {"int": int, "bool": bool, "int | None": Optional[int], "bool | None": Optional[bool]}  # noqa: UP045
+    types = {"int": int, "bool": bool, "str": str, "int | None": Optional[int], "bool | None": Optional[bool]}  # noqa: UP045
     fields = []
     for f in EngineConfig.settings():
         if f.type not in types:

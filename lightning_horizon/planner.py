@@ -323,6 +323,9 @@ def plan_shape(shape: ModelShape, hardware: HardwareProfile, settings: PlanSetti
     b, seq = s.batch_size, s.max_seq_len
     tokens = b * seq
     state_bytes, optimizer_traffic = OPTIMIZERS[s.optimizer]
+    if s.optimizer == "adamw" and s.engine.optimizer_state_dtype != "fp32":  # compact moments (one-pass AdamW)
+        saved = 2 * (4 - s.engine.state_dtype.itemsize)
+        state_bytes, optimizer_traffic = state_bytes - saved, optimizer_traffic - 2 * saved
     accumulate = s.accumulate_grad_batches > 1
 
     def footprint(weight_copy: bool) -> dict[str, int]:  # the engine's own accounting (engine/footprint.py)

@@ -242,7 +242,7 @@ class HorizonStrategy(SingleDeviceStrategy):
                 horizon_ckpt.check_optimizers(states.reader, self.optimizers, self.engine)
             # Not super(): it moves the state to root_device, and the optimizer state stays in host memory.
             for optimizer, opt_state in zip(self.optimizers, states):
-                optimizer.load_state_dict(opt_state)
+                self.engine.load_optimizer_state_dict(optimizer, opt_state)
             return
         super().load_optimizer_state_dict(checkpoint)
 

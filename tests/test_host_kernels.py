@@ -276,3 +276,55 @@ def test_engine_host_kernels_fold_and_pack_match_torch_ops(weight_copy):
     assert k_norms == pytest.approx(t_norms, rel=1e-6)
     for name, w in t_weights.items():
         assert rel_err(k_weights[name], w) < 1e-5, name
+
+
+# --------------------------------------------------------------------------------------------- BF16 moments
+def test_bf16_moments_kernel_and_fallback_agree_bit_for_bit():
+    """optimizer_state_dtype=bf16: the kernel and the PyTorch fallback store the same BF16 moments (the same
+    stochastic rounding, from the same hash of index and seed) and the same parameters to a few ulps."""
+    _skip_without_kernel(True)
+    n = 70001
+    gen = torch.Generator().manual_seed(0)
+    p0 = torch.randn(n, generator=gen)
+    grads = [torch.randn(n, generator=gen).to(torch.bfloat16) for _ in range(6)]
+    results = []
+    for use_extension in (True, False):
+        p, m, v = p0.clone(), torch.zeros(n, dtype=torch.bfloat16), torch.zeros(n, dtype=torch.bfloat16)
+        copy = torch.empty(n, dtype=torch.bfloat16)
+        for step, g in enumerate(grads, 1):
+            fused_adamw_(p, g, m, v, copy, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, step=step,
+                         clip_coef=0.7, use_extension=use_extension, seed=step * 7919)  # fmt: skip
+        results.append((p, m, v, copy))
+    (kp, km, kv, kc), (fp, fm, fv, fc) = results
+    assert torch.equal(km.view(torch.int16), fm.view(torch.int16))
+    assert torch.equal(kv.view(torch.int16), fv.view(torch.int16))
+    assert _max_rel(kp, fp) < ULPS and torch.equal(kc, kp.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("use_extension", PATHS)
+def test_bf16_moments_decay_in_expectation(use_extension):
+    """v * 0.999 changes v by less than half a BF16 ulp: round to nearest would keep v forever; stochastic rounding
+    decays it as FP32 does, on average (and matches the FP32 update of the first moment to within rounding)."""
+    _skip_without_kernel(use_extension)
+    n, steps = 20000, 300
+    p = torch.zeros(n)
+    m = torch.full((n,), 0.5, dtype=torch.bfloat16)
+    v = torch.full((n,), 1.0, dtype=torch.bfloat16)
+    zero = torch.zeros(n)
+    for step in range(1, steps + 1):
+        fused_adamw_(p, zero, m, v, None, lr=0.0, beta1=0.99, beta2=0.999, eps=1e-8, weight_decay=0.0, step=step,
+                     use_extension=use_extension, seed=step)  # fmt: skip
+    assert v.float().mean().item() == pytest.approx(0.999**steps, rel=0.01)  # RNE would leave 1.0
+    assert m.float().mean().item() == pytest.approx(0.5 * 0.99**steps, rel=0.01)
+    assert v.float().std().item() > 0  # rounded up or down per element: not one value
+
+
+def test_seed_changes_the_rounding_and_same_seed_repeats_it():
+    n = 5000
+    results = []
+    for seed in (1, 1, 2):
+        m, v = torch.full((n,), 0.3, dtype=torch.bfloat16), torch.full((n,), 0.7, dtype=torch.bfloat16)
+        fused_adamw_(torch.zeros(n), torch.full((n,), 0.1), m, v, None, lr=0.0, beta1=0.9, beta2=0.999, eps=1e-8,
+                     weight_decay=0.0, step=1, use_extension=False, seed=seed)  # fmt: skip
+        results.append(v.view(torch.int16).clone())
+    assert torch.equal(results[0], results[1]) and not torch.equal(results[0], results[2])

@@ -311,3 +311,14 @@ def test_planner_predicts_what_the_engine_allocates(accumulate, tied):
         )
     finally:
         engine.close()
+
+
+def test_compact_optimizer_state_halves_its_row():
+    fp32 = plan(hf_config("qwen2_7b"), hardware("h200"), batch_size=1, max_seq_len=1024, weight_copy=False)
+    bf16 = plan(hf_config("qwen2_7b"), hardware("h200"), batch_size=1, max_seq_len=1024, weight_copy=False,
+                optimizer_state_dtype="bf16")  # fmt: skip
+    n = fp32.shape.num_params
+    assert fp32.host_bytes["optimizer state (adamw, 8 B/param)"] == 8 * n
+    assert bf16.host_bytes["optimizer state (adamw, 4 B/param)"] == 4 * n
+    assert fp32.host_total_bytes - bf16.host_total_bytes == 4 * n
+    assert bf16.step_seconds["host memory traffic"] < fp32.step_seconds["host memory traffic"]

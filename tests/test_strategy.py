@@ -226,6 +226,8 @@ def test_remaining_host_memory_counts_what_each_optimizer_will_allocate():
         got = still_to_allocate(shape, torch.bfloat16, False, True, 3, True, [opt])
         assert got["optimizer state"] == per_param * n
         assert got["gradients"] == 4 * shape.embedding_numel and "upload staging" not in got  # the copy uploads
+    compact = still_to_allocate(shape, torch.bfloat16, False, True, 3, True, [adam], torch.bfloat16)
+    assert compact["optimizer state"] == 4 * n  # optimizer_state_dtype=bf16: AdamW's moments in 2 bytes each
     accumulating = still_to_allocate(shape, torch.bfloat16, True, False, 3, True, [sgd])
     assert accumulating["gradients"] == 4 * shape.store_numel
     assert accumulating["upload staging"] == 2 * shape.staging_numel * 2

@@ -22,6 +22,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
+STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""``EngineConfig.optimizer_state_dtype`` names."""
+
 _DTYPES = {
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
@@ -100,6 +103,11 @@ class EngineConfig:
     host_threads: int | None = None
     """CPU threads of each host kernel (optimizer, gradient fold, upload packing; they may run at once: on a
     16-core H200 host, sharing the cores beat splitting them). None: ``torch.get_num_threads()``."""
+    optimizer_state_dtype: str = "fp32"
+    """Dtype of AdamW's two moments on the host: ``fp32`` (exact, 8 bytes/param) or ``bf16`` (4 bytes/param:
+    updated in FP32 by the one-pass AdamW, stored with stochastic rounding so small updates survive in expectation;
+    a plain ``torch.optim.AdamW`` only, other optimizers are refused). A checkpoint saved with the other dtype
+    resumes converted (a warning when values change)."""
 
     device: str | torch.device | None = field(default=None, metadata={"run": "accelerator"})
     """Compute device; None picks ``cuda`` when available, else ``cpu``. The strategy sets it from the Trainer."""
@@ -131,8 +139,17 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"{name} must be an integer >= 0 or None (automatic), got {value!r}")
+        if self.optimizer_state_dtype not in STATE_DTYPES:
+            raise ValueError(
+                f"optimizer_state_dtype must be one of {', '.join(STATE_DTYPES)}, got {self.optimizer_state_dtype!r}"
+            )
         if self.host_threads is not None and self.host_threads < 1:
             raise ValueError(f"host_threads must be >= 1 or None, got {self.host_threads}")
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        """``optimizer_state_dtype`` as a torch dtype."""
+        return STATE_DTYPES[self.optimizer_state_dtype]
 
     @classmethod
     def settings(cls) -> list[dataclasses.Field]:

@@ -123,10 +123,19 @@ def auto_weight_copy(
     num_grad_slabs: int,
     on_gpu: bool,
     available_bytes: float,
+    state_dtype: torch.dtype = torch.float32,
 ) -> bool:
     """``weight_copy=None`` for an engine whose masters already exist: :func:`weight_copy_fits` with its footprint
     against the host memory available now plus what the masters take; warns when a GPU run goes without it."""
-    footprint = host_bytes(shape, compute_dtype, accumulate, True, num_grad_slabs, on_gpu)
+    footprint = host_bytes(
+        shape,
+        compute_dtype,
+        accumulate,
+        True,
+        num_grad_slabs,
+        on_gpu,
+        optimizer_state_bytes=adamw_state_bytes(state_dtype),
+    )
     memory = available_bytes + footprint["masters"]
     fits = weight_copy_fits(on_gpu, footprint, memory)
     if on_gpu and not fits:
@@ -143,10 +152,17 @@ PREFLIGHT_MARGIN_BYTES = 2**30
 """Host memory a preflight leaves free beyond what the run still allocates (page cache, allocator slack)."""
 
 
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes per parameter of ``optimizer``'s state once it has stepped (FP32 state, as PyTorch allocates it): Adam
-    and AdamW 8 (12 with ``amsgrad``), SGD 4 with momentum and 0 without, anything else assumed 8 (Adam-like)."""
+def adamw_state_bytes(state_dtype: torch.dtype = torch.float32) -> int:
+    """Bytes per parameter of AdamW's two moments in ``state_dtype`` (``EngineConfig.optimizer_state_dtype``)."""
+    return 2 * state_dtype.itemsize
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer, state_dtype: torch.dtype = torch.float32) -> int:
+    """Bytes per parameter of ``optimizer``'s state once it has stepped: AdamW's moments in ``state_dtype``, Adam 8
+    (12 with ``amsgrad``), SGD 4 with momentum and 0 without, anything else assumed 8 (Adam-like)."""
     defaults = optimizer.defaults
+    if type(optimizer) is torch.optim.AdamW and not defaults.get("amsgrad"):
+        return adamw_state_bytes(state_dtype)
     if isinstance(optimizer, torch.optim.SGD):
         return 4 if defaults.get("momentum", 0) else 0
     if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
@@ -162,6 +178,7 @@ def still_to_allocate(
     num_grad_slabs: int,
     on_gpu: bool,
     optimizers: list[torch.optim.Optimizer],
+    state_dtype: torch.dtype = torch.float32,
 ) -> dict[str, int]:
     """Host memory an engine built over ``shape`` allocates after its construction: the state of ``optimizers`` that
     have not stepped yet (PyTorch allocates it at the first step), FP32 gradients (at the first accumulated fold; the
@@ -169,7 +186,8 @@ def still_to_allocate(
     engine allocates when it is built (masters, compute-dtype gradients, the weight copy) is not in it."""
     c = compute_dtype.itemsize
     state = sum(
-        optimizer_state_bytes(opt) * sum(p.numel() for g in opt.param_groups for p in g["params"] if p.requires_grad)
+        optimizer_state_bytes(opt, state_dtype)
+        * sum(p.numel() for g in opt.param_groups for p in g["params"] if p.requires_grad)
         for opt in optimizers
         if not opt.state
     )
@@ -189,7 +207,7 @@ def check_host_memory(shape: StoreShape, config, optimizers: list[torch.optim.Op
     on_gpu = config.device.type == "cuda"
     needed = still_to_allocate(
         shape, config.compute_dtype, config.accumulate_grads, config.weight_copy, config.num_grad_slabs, on_gpu,
-        optimizers,
+        optimizers, config.state_dtype,
     )  # fmt: skip
     total = sum(needed.values())
     if total + PREFLIGHT_MARGIN_BYTES <= available_bytes:

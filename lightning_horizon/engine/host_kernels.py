@@ -110,17 +110,22 @@ def fused_adamw_(
     clip_value: float | None = None,
     num_threads: int | None = None,
     use_extension: bool | None = None,
+    seed: int = 0,
 ) -> None:
     """One AdamW step (``maximize=False``, ``amsgrad=False``) on flat contiguous CPU tensors, in place.
 
     Args:
-        param, exp_avg, exp_avg_sq: FP32. grad: BF16 or FP32 (read only: scaling and clamping are not written back).
+        param: FP32. grad: BF16 or FP32 (read only: scaling and clamping are not written back).
+        exp_avg, exp_avg_sq: FP32, or both BF16 (``optimizer_state_dtype="bf16"``): the moments are then updated in
+            FP32 and stored with stochastic rounding, unbiased, its random bits a hash of each element's index and
+            ``seed`` (the same in the kernel and the fallback).
         copy: BF16 buffer that receives ``param.to(torch.bfloat16)`` after the update, or None.
         step: The step count *after* incrementing (1 on the first step), as in ``state["step"]``.
         clip_coef: Multiplies the gradient first (``clip_grad_norm_``'s coefficient).
         clip_value: Then clamps it to ``[-clip_value, clip_value]`` (``clip_grad_value_``).
         num_threads: OpenMP threads of the kernel (default ``torch.get_num_threads()``).
         use_extension: Force (True) or refuse (False) the C++ kernel; default: use it when available.
+        seed: Seed of the stochastic rounding of BF16 moments (one per parameter and step).
     """
     lr, beta1, beta2, eps, weight_decay, step = (float(x) for x in (lr, beta1, beta2, eps, weight_decay, step))
     coef = None if clip_coef is None else float(clip_coef)
@@ -144,15 +149,19 @@ def fused_adamw_(
             coef,
             value,
             _threads(num_threads),
+            int(seed) & 0xFFFFFFFF,
         )
         return
-    _reference(param, grad, exp_avg, exp_avg_sq, copy, lr, beta1, beta2, eps, weight_decay, step, coef, value)
+    _reference(param, grad, exp_avg, exp_avg_sq, copy, lr, beta1, beta2, eps, weight_decay, step, coef, value, seed)
 
 
-def _reference(param, grad, exp_avg, exp_avg_sq, copy, lr, beta1, beta2, eps, weight_decay, step, coef, value):
-    """The pure-PyTorch path: torch's single-tensor AdamW formula, chunk by chunk."""
-    if param.dtype != torch.float32 or exp_avg.dtype != torch.float32 or exp_avg_sq.dtype != torch.float32:
-        raise ValueError("param, exp_avg and exp_avg_sq must be float32")
+def _reference(param, grad, exp_avg, exp_avg_sq, copy, lr, beta1, beta2, eps, weight_decay, step, coef, value, seed):
+    """The pure-PyTorch path: torch's single-tensor AdamW formula, chunk by chunk (BF16 moments: in FP32, stored
+    with the kernel's stochastic rounding)."""
+    if param.dtype != torch.float32:
+        raise ValueError("param must be float32")
+    if exp_avg.dtype not in (torch.float32, torch.bfloat16) or exp_avg_sq.dtype != exp_avg.dtype:
+        raise ValueError("exp_avg and exp_avg_sq must both be float32 or both bfloat16")
     if grad.dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"grad must be float32 or bfloat16, got {grad.dtype}")
     n = param.numel()
@@ -162,9 +171,13 @@ def _reference(param, grad, exp_avg, exp_avg_sq, copy, lr, beta1, beta2, eps, we
     bias_correction2_sqrt = math.sqrt(1 - beta2**step)
     flat = [t.view(-1) for t in (param, grad, exp_avg, exp_avg_sq)]
     copy_flat = copy.view(-1) if copy is not None else None
+    compact = exp_avg.dtype == torch.bfloat16
+    seed = int(seed) & 0xFFFFFFFF
+    seeds = (_hash32(torch.tensor([seed * 2 & 0xFFFFFFFF])), _hash32(torch.tensor([(seed * 2 + 1) & 0xFFFFFFFF])))
     with torch.no_grad():
         for start in range(0, n, _FALLBACK_CHUNK):
-            p, g, m, v = (t[start : start + _FALLBACK_CHUNK] for t in flat)
+            p, g, m_stored, v_stored = (t[start : start + _FALLBACK_CHUNK] for t in flat)
+            m, v = (m_stored.float(), v_stored.float()) if compact else (m_stored, v_stored)
             g = g.float() if g.dtype != torch.float32 else g.clone() if coef is not None or value is not None else g
             if coef is not None:
                 g.mul_(coef)
@@ -174,10 +187,37 @@ def _reference(param, grad, exp_avg, exp_avg_sq, copy, lr, beta1, beta2, eps, we
                 p.mul_(1 - lr * weight_decay)
             m.lerp_(g, 1 - beta1)
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            if compact:
+                index = torch.arange(start, start + m.numel(), dtype=torch.int64)
+                m_stored.copy_(_stochastic_bf16(m, index, seeds[0]))
+                v_stored.copy_(_stochastic_bf16(v, index, seeds[1]))
             denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
             p.addcdiv_(m, denom, value=-step_size)
             if copy_flat is not None:
                 copy_flat[start : start + _FALLBACK_CHUNK].copy_(p)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """The kernel's ``hash32`` (Wellons' lowbias32) on int64 tensors holding 32-bit values."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _stochastic_bf16(values: torch.Tensor, index: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    """FP32 -> BF16 rounding up with probability (dropped bits / 2^16), as the kernel's ``float_to_bf16_stochastic``:
+    the random bits are ``hash32(index * 0x9E3779B9 ^ seed)``; non-finite values round to nearest as torch does."""
+    bits = values.contiguous().view(torch.int32).to(torch.int64) & _MASK32
+    r = _hash32(((index * 0x9E3779B9) & _MASK32) ^ seed) & 0xFFFF
+    rounded = ((bits + r) >> 16) & 0xFFFF
+    out = rounded.to(torch.int32).to(torch.int16).view(torch.bfloat16)
+    finite = torch.isfinite(values)
+    return torch.where(finite, out, values.to(torch.bfloat16))
 
 
 def fold_(
@@ -239,26 +279,51 @@ def adamw_group_scalars(optimizer: torch.optim.Optimizer, group: dict) -> dict[s
 
 
 def adamw_state(
-    state: dict, param: torch.Tensor, group: dict
+    state: dict, param: torch.Tensor, group: dict, moments: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """``(step, exp_avg, exp_avg_sq)`` of one parameter's AdamW state, initialised as torch's AdamW does on its first
-    step when empty; None when the state is not FP32 CPU tensors the kernel can update in place."""
+    """``(step, exp_avg, exp_avg_sq)`` of one parameter's AdamW state with moments of dtype ``moments``, initialised
+    as torch's AdamW does on its first step when empty; moments of the other dtype (a resumed checkpoint) are
+    converted in place in ``state`` (with a warning when values change: FP32 moments made BF16). None when the
+    state is not CPU tensors the kernel can update in place."""
     if len(state) == 0:
         with torch.inference_mode(False):
             # torch.optim.Adam._init_group: a 0-dim CPU `step`, float32 for fused (the default dtype's otherwise)
             fused = group.get("fused") or group.get("capturable")
             dtype = torch.float64 if not fused and torch.get_default_dtype() == torch.float64 else torch.float32
             state["step"] = torch.zeros((), dtype=dtype, device=param.device)
-            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg"] = torch.zeros_like(param, dtype=moments, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, dtype=moments, memory_format=torch.preserve_format)
     step, exp_avg, exp_avg_sq = state.get("step"), state.get("exp_avg"), state.get("exp_avg_sq")
     if not isinstance(step, torch.Tensor) or step.numel() != 1 or step.device.type != "cpu" or step.requires_grad:
         return None
-    for t in (exp_avg, exp_avg_sq):
-        ok = isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type == "cpu"
+    for key, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        ok = isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.bfloat16) and t.device.type == "cpu"
         if not ok or t.shape != param.shape or not t.is_contiguous() or t.requires_grad:
             return None
-    return step, exp_avg, exp_avg_sq
+        if t.dtype != moments:
+            state[key] = convert_moment(t, moments)
+    return step, state["exp_avg"], state["exp_avg_sq"]
+
+
+_conversion_warned: set[tuple[torch.dtype, torch.dtype]] = set()
+
+
+def convert_moment(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An optimizer moment in ``dtype``; warns once per direction when the conversion changes values (FP32 state
+    resumed with BF16 moments; BF16 state resumed in FP32 is exact, and so is BF16 state that PyTorch's
+    ``load_state_dict`` widened to the parameter's FP32)."""
+    with torch.inference_mode(False):
+        out = t.to(dtype)
+    exact = dtype == torch.float32 or torch.equal(out.to(t.dtype), t)
+    key = (t.dtype, dtype)
+    if not exact and key not in _conversion_warned:
+        _conversion_warned.add(key)
+        warnings.warn(
+            f"optimizer state of dtype {t.dtype} converted to {dtype} (optimizer_state_dtype differs from the "
+            "checkpoint's): the moments are rounded once",
+            stacklevel=4,
+        )
+    return out
 
 
 def _as_float(value) -> float:

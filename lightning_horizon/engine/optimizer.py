@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .host_kernels import adamw_group_scalars, adamw_state, fused_adamw_, host_kernels_available
+from .host_kernels import adamw_group_scalars, adamw_state, convert_moment, fused_adamw_, host_kernels_available
 from .store import GradState, HostStore, StoreGroup, StoreParam
 from .workers import WorkerGroup
 
@@ -72,11 +72,21 @@ class LayerOptimizer:
         use_fused: Step plain ``torch.optim.AdamW`` groups with the one-pass kernel of :mod:`.host_kernels` when it
             is available (``EngineConfig.host_kernels``).
         threads: Threads of the one-pass kernel (None: ``torch.get_num_threads()``).
+        state_dtype: Dtype of AdamW's moments (``EngineConfig.optimizer_state_dtype``): FP32, or BF16, which only the
+            one-pass AdamW (kernel, else its PyTorch fallback) steps; a state of the other dtype (a resumed
+            checkpoint) is converted at its first update, with a warning when it changes values.
     """
 
-    def __init__(self, store: HostStore, workers: WorkerGroup, use_fused: bool = False, threads: int | None = None):
+    def __init__(
+        self,
+        store: HostStore,
+        workers: WorkerGroup,
+        use_fused: bool = False,
+        threads: int | None = None,
+        state_dtype: torch.dtype = torch.float32,
+    ):
         self.store = store
-        self.use_fused, self.threads = use_fused, threads
+        self.use_fused, self.threads, self.state_dtype = use_fused, threads, state_dtype
         # Prioritized by forward order: when several groups are ready (the end of a backward), the ones the next
         # forward needs first (embedding, first layers) are updated first, so that forward can start sooner.
         self.worker = workers.worker("optimizer", prioritized=True)
@@ -99,6 +109,7 @@ class LayerOptimizer:
                 if self._plan.optimizer is not optimizer:
                     raise ValueError("the horizon engine steps one optimizer; a second one was passed")
                 return
+            check_state_dtype(optimizer, self.state_dtype)
             shadow, shadow_params = self._shadow(optimizer)
             hyper = [{k: _snapshot(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
             group_of_param = {}
@@ -168,7 +179,7 @@ class LayerOptimizer:
     def _update(self, group: StoreGroup, entries: list[_Entry], version: int, plan: _StepPlan):
         try:
             copy_stale = bool(entries)
-            if self.use_fused and entries:
+            if (self.use_fused or self.state_dtype != torch.float32) and entries:
                 entries, copy_stale = self._update_fused(group, entries, plan)
             chunk: list[_Entry] = []
             used = 0
@@ -223,7 +234,8 @@ class LayerOptimizer:
         """Steps the entries of a plain ``torch.optim.AdamW`` with FP32 CPU state in one pass each: gradient read
         straight from ``grad_lp``/``grad`` (no upcast), BF16 copy written in the same pass. Returns the entries left
         to the shadow optimizer and whether the group's copy still needs a refresh for those it stepped."""
-        if type(plan.optimizer) is not torch.optim.AdamW or not host_kernels_available():
+        compact = self.state_dtype != torch.float32  # only this path steps compact moments (fallback if no kernel)
+        if type(plan.optimizer) is not torch.optim.AdamW or not (compact or host_kernels_available()):
             return entries, bool(entries)
         copy = group.copy if group.copy is not None and group.copy.dtype == torch.bfloat16 else None
         scalars: dict[int, dict[str, float] | None] = {}
@@ -233,8 +245,12 @@ class LayerOptimizer:
             if pg not in scalars:
                 scalars[pg] = adamw_group_scalars(plan.optimizer, plan.hyper[pg])
             hyper = scalars[pg]
-            state = None if hyper is None else adamw_state(plan.optimizer.state[sp.param], sp.param, plan.hyper[pg])
+            state = None
+            if hyper is not None:
+                state = adamw_state(plan.optimizer.state[sp.param], sp.param, plan.hyper[pg], self.state_dtype)
             if state is None:
+                if compact:
+                    raise RuntimeError(f"{sp.name}: its AdamW state cannot be stepped with {self.state_dtype} moments")
                 rest.append(entry)
                 continue
             if copy is not None and not waited and group.h2d_event is not None:
@@ -257,6 +273,8 @@ class LayerOptimizer:
                 num_threads=self.threads,
                 clip_coef=clip_coef,
                 clip_value=entry.clip_value,
+                use_extension=None if self.use_fused else False,
+                seed=int(step.item()) * 1_000_003 + sp.offset,  # stochastic rounding of compact moments
                 **hyper,
             )
         stepped = len(rest) < len(entries)
@@ -280,6 +298,40 @@ class LayerOptimizer:
                     params[id(p)] = torch.nn.Parameter(p.detach(), requires_grad=p.requires_grad)
             self._shadows[key] = (shadow, params)
         return self._shadows[key]
+
+
+def check_state_dtype(optimizer: torch.optim.Optimizer, state_dtype: torch.dtype) -> None:
+    """Refuses an optimizer whose state the engine cannot keep in ``state_dtype`` (compact moments are stepped by the
+    one-pass AdamW only: a plain ``torch.optim.AdamW`` without amsgrad/maximize, scalar hyper-parameters)."""
+    if state_dtype == torch.float32:
+        return
+    name = {torch.bfloat16: "bf16"}.get(state_dtype, str(state_dtype))
+    if type(optimizer) is not torch.optim.AdamW or any(
+        adamw_group_scalars(optimizer, g) is None for g in optimizer.param_groups
+    ):
+        raise ValueError(
+            f"optimizer_state_dtype={name} keeps AdamW's moments compact in the engine's one-pass AdamW: it steps a "
+            f"plain torch.optim.AdamW (no amsgrad, maximize or tensor hyper-parameters), got "
+            f"{type(optimizer).__name__}; use optimizer_state_dtype=fp32 for other optimizers"
+        )
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict, state_dtype: torch.dtype) -> None:
+    """``optimizer.load_state_dict(state_dict)`` with AdamW's moments going straight into ``state_dtype`` (PyTorch's
+    own load widens every moment to the parameter's FP32 first: with compact moments, twice their memory at once)."""
+    if state_dtype == torch.float32:
+        optimizer.load_state_dict(state_dict)
+        return
+    check_state_dtype(optimizer, state_dtype)
+    optimizer.load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    by_id = dict(zip(ids, params))
+    for pid, saved in state_dict["state"].items():
+        state = optimizer.state[by_id[pid]]
+        for key, value in saved.items():
+            moment = key in ("exp_avg", "exp_avg_sq") and isinstance(value, torch.Tensor)
+            state[key] = convert_moment(value, state_dtype) if moment else value
 
 
 def _snapshot(value):

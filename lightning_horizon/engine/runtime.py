@@ -39,7 +39,7 @@ from .config import EngineConfig, as_dtype, resolve
 from .footprint import StoreShape, auto_weight_copy, check_host_memory
 from .gradients import GradientSink
 from .hooks import ModelPatch, check_not_streamed
-from .optimizer import LayerOptimizer, ZeroGradWatch, clip_coefficient
+from .optimizer import LayerOptimizer, ZeroGradWatch, clip_coefficient, load_optimizer_state
 from .passes import PassRunner
 from .pinned import pinned_empty, unregister_pinned
 from .residency import layers_to_keep, measure_spare_gpu_bytes, resident_slots_to_add
@@ -127,7 +127,9 @@ class HorizonEngine:
             kernels=kernels,
             threads=config.host_threads,
         )
-        self.optim = LayerOptimizer(self.store, self.workers, use_fused=kernels, threads=config.host_threads)
+        self.optim = LayerOptimizer(
+            self.store, self.workers, use_fused=kernels, threads=config.host_threads, state_dtype=config.state_dtype
+        )
         self.bank = TemplateBank(self.units, self.parts, self.streamer, self.device, config.compile_layers)
         self.bank.add_slots(self.streamer.slots)
         self._keep_pending = config.keep_activations is None  # (resolved: only on CUDA) sized after the first step
@@ -246,6 +248,12 @@ class HorizonEngine:
         for sp in self.store.params(params):
             sp.discard()
 
+    def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+        """``optimizer.load_state_dict(state_dict)``, except that with compact moments
+        (``optimizer_state_dtype="bf16"``) each parameter's moments go straight into that dtype: PyTorch's own load
+        would first widen every moment to the parameter's FP32 (twice the state's memory at once)."""
+        load_optimizer_state(optimizer, state_dict, self.config.state_dtype)
+
     def finish_backward(self) -> None:
         """Waits until every gradient is on the host and exposes them as ``param.grad`` (where they are FP32)."""
         self.sink.finish()
@@ -343,7 +351,13 @@ class HorizonEngine:
 
         dtype = as_dtype(config.compute_dtype or torch.bfloat16)
         return auto_weight_copy(
-            self.shape, dtype, config.accumulate_grads, config.num_grad_slabs, on_gpu, _usable_host_memory_bytes()
+            self.shape,
+            dtype,
+            config.accumulate_grads,
+            config.num_grad_slabs,
+            on_gpu,
+            _usable_host_memory_bytes(),
+            config.state_dtype,
         )
 
     def _size_from_first_step(self) -> None:
