@@ -54,19 +54,21 @@ inline uint32_t hash32(uint32_t x) {
 }
 
 // FP32 -> BF16 rounding up with probability (dropped bits / 2^16): unbiased. Non-finite values round as torch does.
-inline uint16_t float_to_bf16_stochastic(float value, uint32_t index, uint32_t seed) {
+// Branch-free (the loop stays vectorised): infinities keep their upper half, NaN becomes torch's 0x7FC0. `r` holds
+// 16 random bits: one 32-bit hash per element serves both moments (its low half and its high half).
+inline uint16_t float_to_bf16_stochastic(float value, uint32_t r) {
   const uint32_t u = __builtin_bit_cast(uint32_t, value);
-  if ((u & 0x7F800000u) == 0x7F800000u) return float_to_bf16(value);
-  const uint32_t r = hash32(index * 0x9E3779B9u ^ seed) & 0xFFFFu;
-  return static_cast<uint16_t>((u + r) >> 16);
+  const bool finite = (u & 0x7F800000u) != 0x7F800000u;
+  const uint32_t special = (u & 0x007FFFFFu) != 0u ? 0x7FC0u : (u >> 16);
+  return static_cast<uint16_t>(finite ? (u + r) >> 16 : special);
 }
 
 inline float load_moment(const float* m, int64_t i) { return m[i]; }
 inline float load_moment(const uint16_t* m, int64_t i) { return bf16_to_float(m[i]); }
-inline void store_moment(float* m, int64_t i, float value, uint32_t, uint32_t) { m[i] = value; }
-inline void store_moment(uint16_t* m, int64_t i, float value, uint32_t index, uint32_t seed) {
-  m[i] = float_to_bf16_stochastic(value, index, seed);
-}
+inline void store_moment(float* m, int64_t i, float value, uint32_t) { m[i] = value; }
+inline void store_moment(uint16_t* m, int64_t i, float value, uint32_t r) { m[i] = float_to_bf16_stochastic(value, r); }
+inline uint32_t random_bits(float*, uint32_t, uint32_t) { return 0; }
+inline uint32_t random_bits(uint16_t*, uint32_t index, uint32_t seed) { return hash32(index * 0x9E3779B9u ^ seed); }
 
 struct Coefs {
   float decay;       // 1 - lr * weight_decay
@@ -79,7 +81,7 @@ struct Coefs {
   float eps;
   float clip_coef;
   float clip_lo, clip_hi;
-  uint32_t seed_m, seed_v;  // stochastic rounding of BF16 moments: one seed per moment per step
+  uint32_t seed;  // stochastic rounding of BF16 moments: one seed per parameter per step
 };
 
 template <typename G, typename M, bool kDecay, bool kSmallW, bool kCoef, bool kClamp, bool kCopy>
@@ -100,9 +102,9 @@ void adamw_range(float* __restrict p, const G* __restrict g, M* __restrict m, M*
     }
     // ATen writes v * beta2 + (1 - beta2) * g * g; torch's own build contracts it into this fma (bit-identical)
     const float sq = std::fma(k.sq_w * grad, grad, load_moment(v, i) * k.beta2);
-    const uint32_t index = static_cast<uint32_t>(base + i);
-    store_moment(m, i, ea, index, k.seed_m);
-    store_moment(v, i, sq, index, k.seed_v);
+    const uint32_t r = random_bits(m, static_cast<uint32_t>(base + i), k.seed);
+    store_moment(m, i, ea, r & 0xFFFFu);
+    store_moment(v, i, sq, r >> 16);
     const float denom = std::sqrt(sq) / k.bc2_sqrt + k.eps;
     param = param - (k.step_size * ea) / denom;
     p[i] = param;
@@ -196,8 +198,7 @@ void fused_adamw(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg,
   const float cv = static_cast<float>(clip_value.value_or(0.0));
   k.clip_lo = -cv;
   k.clip_hi = cv;
-  k.seed_m = hash32(static_cast<uint32_t>(seed) * 2u);
-  k.seed_v = hash32(static_cast<uint32_t>(seed) * 2u + 1u);
+  k.seed = hash32(static_cast<uint32_t>(seed));
 
   const int threads = resolve_threads(num_threads);
 

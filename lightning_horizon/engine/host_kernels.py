@@ -173,7 +173,7 @@ def _reference(param, grad, exp_avg, exp_avg_sq, copy, lr, beta1, beta2, eps, we
     copy_flat = copy.view(-1) if copy is not None else None
     compact = exp_avg.dtype == torch.bfloat16
     seed = int(seed) & 0xFFFFFFFF
-    seeds = (_hash32(torch.tensor([seed * 2 & 0xFFFFFFFF])), _hash32(torch.tensor([(seed * 2 + 1) & 0xFFFFFFFF])))
+    seed_bits = _hash32(torch.tensor([seed]))
     with torch.no_grad():
         for start in range(0, n, _FALLBACK_CHUNK):
             p, g, m_stored, v_stored = (t[start : start + _FALLBACK_CHUNK] for t in flat)
@@ -187,10 +187,11 @@ def _reference(param, grad, exp_avg, exp_avg_sq, copy, lr, beta1, beta2, eps, we
                 p.mul_(1 - lr * weight_decay)
             m.lerp_(g, 1 - beta1)
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            if compact:
+            if compact:  # one 32-bit hash per element: its low half rounds m, its high half v
                 index = torch.arange(start, start + m.numel(), dtype=torch.int64)
-                m_stored.copy_(_stochastic_bf16(m, index, seeds[0]))
-                v_stored.copy_(_stochastic_bf16(v, index, seeds[1]))
+                r = _hash32(((index * 0x9E3779B9) & _MASK32) ^ seed_bits)
+                m_stored.copy_(_stochastic_bf16(m, r & 0xFFFF))
+                v_stored.copy_(_stochastic_bf16(v, r >> 16))
             denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
             p.addcdiv_(m, denom, value=-step_size)
             if copy_flat is not None:
@@ -209,11 +210,10 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def _stochastic_bf16(values: torch.Tensor, index: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
-    """FP32 -> BF16 rounding up with probability (dropped bits / 2^16), as the kernel's ``float_to_bf16_stochastic``:
-    the random bits are ``hash32(index * 0x9E3779B9 ^ seed)``; non-finite values round to nearest as torch does."""
+def _stochastic_bf16(values: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """FP32 -> BF16 rounding up with probability (dropped bits / 2^16), as the kernel's ``float_to_bf16_stochastic``
+    with 16 random bits ``r`` per element; non-finite values round to nearest as torch does."""
     bits = values.contiguous().view(torch.int32).to(torch.int64) & _MASK32
-    r = _hash32(((index * 0x9E3779B9) & _MASK32) ^ seed) & 0xFFFF
     rounded = ((bits + r) >> 16) & 0xFFFF
     out = rounded.to(torch.int32).to(torch.int16).view(torch.bfloat16)
     finite = torch.isfinite(values)
