@@ -9,9 +9,9 @@
 2. For FP32 (what the engine keeps), :meth:`HostStore.from_meta` allocates the store's flat per-group buffers
    (uninitialised) and turns every parameter into a view into them. ``HostStore.adopt`` later takes these buffers
    over without a copy. Other dtypes get one plain tensor per parameter.
-3. Each safetensors file is opened with ``safetensors.safe_open`` and read one tensor at a time (large tensors in
-   row chunks) and cast into its view. The only extra memory is the file's pages mapped by ``safe_open`` (at most one
-   shard) plus one chunk.
+3. Each safetensors file is read one tensor at a time with ``pread`` (:class:`SafetensorsReader`, no memory map):
+   a tensor of the target's dtype straight into its view, any other in chunks cast into it. The only extra memory
+   is one chunk (64 MiB), whatever the size of the shards.
 
 Missing, unexpected, mis-shaped or inconsistently tied tensors raise a ``ValueError`` naming the key and the file;
 an unreadable (corrupted, truncated, empty) safetensors file one naming the file. :func:`check_model_dir` checks a
@@ -22,9 +22,12 @@ The source's ``generation_config.json`` becomes the model's ``generation_config`
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
+import math
 import os
 import re
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -210,7 +213,7 @@ def load_safetensors_into(model: nn.Module, directory: str | os.PathLike) -> Non
     ]
     for file_name in sorted(weight_files(directory)):
         file_path = directory / file_name
-        with _open(file_path) as f, torch.no_grad():
+        with SafetensorsReader(file_path) as f, torch.no_grad():
             for key in f.keys():
                 if key not in targets:
                     if any(p.search(key) for p in ignored):
@@ -220,7 +223,7 @@ def load_safetensors_into(model: nn.Module, directory: str | os.PathLike) -> Non
                         "of that name (wrong model class or config?)"
                     )
                 target, first = targets[key]
-                shape = tuple(f.get_slice(key).get_shape())
+                shape = f.shape(key)
                 if shape != tuple(target.shape):
                     raise ValueError(
                         f"shape mismatch for {key!r} in {file_path}: the file has {shape}, the model expects "
@@ -233,7 +236,7 @@ def load_safetensors_into(model: nn.Module, directory: str | os.PathLike) -> Non
                             "values (set tie_word_embeddings to match the checkpoint)"
                         )
                     continue
-                _copy_chunked(f, key, target)
+                f.read_into(key, target)
                 loaded[first] = f"{key!r} ({file_path.name})"
     missing = sorted(n for n, first in alias_of.items() if first not in loaded and n == first and _persistent(model, n))
     if missing:
@@ -243,16 +246,118 @@ def load_safetensors_into(model: nn.Module, directory: str | os.PathLike) -> Non
         )
 
 
-def _copy_chunked(f, key: str, target: torch.Tensor) -> None:
-    nbytes = target.numel() * target.element_size()
-    if target.dim() == 0 or nbytes <= _CHUNK_BYTES:
-        target.copy_(f.get_tensor(key))
-        return
-    sl = f.get_slice(key)
-    rows = target.shape[0]
-    step = max(1, rows * _CHUNK_BYTES // nbytes)
-    for start in range(0, rows, step):
-        target[start : start + step].copy_(sl[start : start + step])
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+    "F8_E5M2": getattr(torch, "float8_e5m2", None),
+}
+
+
+class SafetensorsReader:
+    """A safetensors file read with ``pread`` into memory the caller owns, never memory-mapped.
+
+    ``safe_open`` maps the whole file: every page a read touches stays in the process's resident set until the file
+    is closed, so loading a single-file checkpoint needed the masters plus the whole file (twice the model in
+    resident memory for an FP32 file). Here a tensor whose dtype matches its target is read straight into the
+    target's memory, and any other in chunks of at most ``_CHUNK_BYTES`` through one reused buffer: the extra
+    memory is one chunk, whatever the file's size. The page cache still holds the file (reclaimable, not the
+    process's). Use it as a context manager.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        with _open(self.path):  # safetensors' own validation of the header (names the file when it fails)
+            pass
+        self._fd = os.open(self.path, os.O_RDONLY)
+        try:
+            (header_len,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
+            header = json.loads(os.pread(self._fd, header_len, 8))
+        except BaseException:
+            os.close(self._fd)
+            raise
+        header.pop("__metadata__", None)
+        self._base = 8 + header_len
+        self._entries = header
+        self._buffer: torch.Tensor | None = None
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._buffer = None
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._entries[key]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        name = self._entries[key]["dtype"]
+        dtype = _DTYPES.get(name)
+        if dtype is None:
+            raise ValueError(f"{self.path}: tensor {key!r} has dtype {name}, which this loader does not read")
+        return dtype
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        """A new tensor holding ``key``."""
+        out = torch.empty(self.shape(key), dtype=self.dtype(key))
+        self.read_into(key, out)
+        return out
+
+    def read_into(self, key: str, target: torch.Tensor) -> None:
+        """Reads ``key`` into ``target`` (same shape; cast to its dtype)."""
+        dtype, shape = self.dtype(key), self.shape(key)
+        start, end = self._entries[key]["data_offsets"]
+        numel = math.prod(shape)
+        if end - start != numel * dtype.itemsize or tuple(target.shape) != shape:
+            raise ValueError(f"{self.path}: tensor {key!r} is {end - start} bytes, not {numel} x {dtype}")
+        if target.dtype == dtype and target.is_contiguous() and target.device.type == "cpu":
+            self._pread(target.view(-1).view(torch.uint8), self._base + start)
+            return
+        flat = target.view(-1) if target.is_contiguous() else None
+        if flat is None:  # a non-contiguous target (never a store view): one temporary tensor
+            target.copy_(self.get_tensor(key))
+            return
+        step = max(1, _CHUNK_BYTES // dtype.itemsize)
+        if self._buffer is None or self._buffer.numel() < min(step, numel) * dtype.itemsize:
+            self._buffer = torch.empty(min(step, numel) * dtype.itemsize, dtype=torch.uint8)
+        for first in range(0, numel, step):
+            n = min(step, numel - first)
+            chunk = self._buffer[: n * dtype.itemsize]
+            self._pread(chunk, self._base + start + first * dtype.itemsize)
+            flat[first : first + n].copy_(chunk.view(dtype))
+
+    def _pread(self, dst: torch.Tensor, offset: int) -> None:
+        """Fills the contiguous uint8 tensor ``dst`` from the file at ``offset``."""
+        total = dst.numel()
+        if total == 0:
+            return
+        view = memoryview((ctypes.c_char * total).from_address(dst.data_ptr())).cast("B")
+        done = 0
+        while done < total:
+            got = os.preadv(self._fd, [view[done : done + (1 << 30)]], offset + done)
+            if got <= 0:
+                raise ValueError(
+                    f"cannot read the safetensors file {self.path}: it ends before tensor data at byte "
+                    f"{offset + done}. The file is corrupted or truncated: download or save it again"
+                )
+            done += got
 
 
 def _targets(model: nn.Module) -> dict[str, tuple[torch.Tensor, str]]:

@@ -271,5 +271,5 @@ def test_peak_host_memory_of_loading_and_saving_a_1gb_model(tmp_path):
         f"(masters + Adam state) peak over footprint {r['save_peak'] / mib:.0f} MiB in {r['save_s']:.1f} s"
     )
     small = 64 * mib
-    assert r["load_peak"] <= r["masters"] + max(shards) + small
+    assert r["load_peak"] <= r["masters"] + small  # read with pread, never mapped: no shard in the resident set
     assert r["save_peak"] <= small
