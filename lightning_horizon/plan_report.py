@@ -31,6 +31,7 @@ def format_plan(plan: Plan) -> str:
         f"Plan: {shape.name} ({_count(n)} params, {shape.num_layers} layers, {unit} "
         f"{_count(shape.largest_gpu_unit_params)} params) on hardware {hw.name!r}",
         f"  batch {s.batch_size} x {s.max_seq_len} tokens, accumulate {s.accumulate_grad_batches}, "
+        f"{'clipping' if s.clip_gradients else 'no clipping'}, "
         f"checkpoint_every {s.engine.checkpoint_every}, num_slots {s.engine.num_slots}, "
         f"loss_chunk_tokens {s.engine.loss_chunk_tokens}, "
         f"{s.optimizer}, compute {dtype_name(s.compute_dtype)}",
@@ -103,6 +104,10 @@ def _alternatives(plan: Plan, hardware: HardwareProfile) -> list[str]:
             if trial.fits:
                 found.append(f"{key}={value}")
                 break
+    if s.clip_gradients and plan_shape(plan.shape, hardware, dataclasses.replace(s, clip_gradients=False)).fits:
+        found.append(
+            "trainer.gradient_clip_val=null (the gradients then go through the pool, not a whole-model buffer)"
+        )
     return found
 
 

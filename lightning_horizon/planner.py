@@ -14,7 +14,10 @@ elements, as the store lays them out; a test checks a real engine's buffers agai
     master weights       m * N'
     optimizer state      8 * N for AdamW (two FP32 moments; step counters are negligible), 0 for SGD
     gradients            4 * N' with A > 1 (FP32 accumulation); with A = 1 c * N' in the compute dtype, the
-                         embedding's rows in FP32
+                         embedding's rows in FP32; with A = 1 and no clipping (the updates run during the backward)
+                         only the embedding's FP32 rows, and
+    pinned gradient pool     grad_pool_buffers * G * c instead (G = the largest store group but the embedding, or
+                         the embedding with a tied lm_head: each layer's gradients go from the pool to its update)
     pinned upload staging    2 * min(64 Mi, U) * c, on a GPU without weight_copy (FP32 -> BF16 packing in chunks)
     pinned gradient slabs    num_grad_slabs * min(256 Mi, largest layer) * c, on a GPU with A > 1 (larger
                          gradients are split across slabs)
@@ -173,6 +176,8 @@ class PlanSettings:
     """The engine's settings (strategy.*); the plan resolves ``weight_copy=None`` with the engine's own rule."""
     accumulate_grad_batches: int = 1
     """Micro-batches per optimizer step (trainer.accumulate_grad_batches)."""
+    clip_gradients: bool = False
+    """Gradients are clipped (trainer.gradient_clip_val): they are kept until the step, so no gradient pool."""
     optimizer: str = "adamw"
     """Host optimizer (optim.name): adamw, adam or sgd."""
     master_dtype: torch.dtype = torch.float32
@@ -263,6 +268,7 @@ def plan(
     batch_size: int,
     max_seq_len: int,
     accumulate_grad_batches: int = 1,
+    gradient_clip_val: float | None = None,
     optimizer: str = "adamw",
     master_dtype: torch.dtype | str = torch.float32,
     compute_dtype: torch.dtype | str = torch.bfloat16,
@@ -280,6 +286,7 @@ def plan(
         max_seq_len=max_seq_len,
         engine=engine,
         accumulate_grad_batches=accumulate_grad_batches,
+        clip_gradients=bool(gradient_clip_val),
         optimizer=optimizer,
         master_dtype=master_dtype,
         compute_dtype=compute_dtype,
@@ -304,6 +311,7 @@ def plan_from_config(cfg: Any, vocab_size: int | None = None, hardware: Hardware
         batch_size=cfg.data.batch_size,
         max_seq_len=cfg.data.max_seq_len,
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
+        gradient_clip_val=cfg.trainer.gradient_clip_val,
         optimizer=cfg.optim.name,
         compute_dtype=precision_dtype(precision),
         name=model_cfg.name,
@@ -327,11 +335,14 @@ def plan_shape(shape: ModelShape, hardware: HardwareProfile, settings: PlanSetti
         saved = 2 * (4 - s.engine.state_dtype.itemsize)
         state_bytes, optimizer_traffic = state_bytes - saved, optimizer_traffic - 2 * saved
     accumulate = s.accumulate_grad_batches > 1
+    # the strategy's rule (automatic optimization, as the recipes train): updates during the backward unless clipping
+    run = dataclasses.replace(s.engine, accumulate_grads=accumulate, updates_in_backward=not s.clip_gradients)
+    pool = run.pooled_grads
 
     def footprint(weight_copy: bool) -> dict[str, int]:  # the engine's own accounting (engine/footprint.py)
         return host_bytes(
             shape.store, s.compute_dtype, accumulate, weight_copy, s.engine.num_grad_slabs, hardware.has_gpu,
-            optimizer_state_bytes=state_bytes, master_bytes=m,
+            optimizer_state_bytes=state_bytes, master_bytes=m, grad_pool=pool,
         )  # fmt: skip
 
     if s.engine.weight_copy is None:  # the engine's rule, against this machine's host memory
@@ -339,12 +350,15 @@ def plan_shape(shape: ModelShape, hardware: HardwareProfile, settings: PlanSetti
         s = dataclasses.replace(s, engine=dataclasses.replace(s.engine, weight_copy=fits))
     pinned = "pinned " if hardware.has_gpu else ""
     gradients = "fp32" if accumulate else f"{dtype_name(s.compute_dtype)}, embedding fp32"
+    if pool:
+        gradients = "embedding fp32; the others in the pool"
     labels = {
         "masters": f"master weights ({dtype_name(s.master_dtype)}, {m} B/param)",
         "optimizer state": f"optimizer state ({s.optimizer}, {state_bytes} B/param)",
         "gradients": f"gradients ({gradients})",
         "upload staging": f"{pinned}upload staging (2 x {_size(shape.store.staging_numel * c)})",
         "gradient slabs": f"{pinned}gradient slabs ({s.engine.num_grad_slabs} x {_size(shape.store.slab_numel * c)})",
+        "gradient pool": f"{pinned}gradient pool ({pool} x {_size(shape.store.grad_group_numel * c)})",
         "weight copy": f"{pinned}weight copy ({dtype_name(s.compute_dtype)}, {c} B/param)",
         "process overhead": "process overhead",
     }

@@ -83,6 +83,7 @@ def main(cfg: DictConfig) -> None:
         batch_size=batch,
         max_seq_len=seq,
         accumulate_grad_batches=accumulate,
+        gradient_clip_val=cfg.trainer.gradient_clip_val,
         compute_dtype=planner.precision_dtype(cfg.trainer.precision),
         engine=engine,
     )

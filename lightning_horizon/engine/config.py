@@ -5,9 +5,9 @@ The same names are used everywhere: ``HorizonEngine(model, config)`` or ``Horizo
 from this class) and the planner. A field left ``None`` means "decide for me"; :func:`resolve` decides every such
 field for a model and a machine in one place, and the engine logs the result once.
 
-Four fields describe the run rather than the engine (``run`` in their metadata): the strategy sets them from the
-Trainer (``accelerator``, ``precision``, ``accumulate_grad_batches``, ``gradient_clip_val``), so they are not
-strategy or recipe settings.
+Five fields describe the run rather than the engine (``run`` in their metadata): the strategy sets them from the
+Trainer (``accelerator``, ``precision``, ``accumulate_grad_batches``, ``gradient_clip_val``, and the module's
+``automatic_optimization``), so they are not strategy or recipe settings.
 """
 
 from __future__ import annotations
@@ -122,6 +122,27 @@ class EngineConfig:
     """Record per-parameter gradient norms as gradients land (clipping by norm then needs no pass over the host
     gradients). The strategy sets it from ``gradient_clip_val``."""
 
+    # Pooled gradients (issue #14, item 3): the whole model's gradients are never held when nothing needs them.
+    grad_pool_buffers: int = 4
+    """Pinned compute-dtype gradient buffers, each as large as the largest store group, that carry gradients from
+    their landing to their optimizer update when every update is scheduled during the backward
+    (``updates_in_backward``, no accumulation): the host then holds these few buffers instead of the whole model's
+    gradients (2 bytes/param in BF16), and the backward waits for a free buffer when the optimizer lags behind. Four
+    keep the copy of one layer, the update of another and a third waiting for it going at once (plus the tied
+    lm_head's, which waits for the embedding's). 0: whole-model buffers always; else at least 2."""
+    updates_in_backward: bool = field(default=False, metadata={"run": "automatic_optimization"})
+    """Each step's optimizer updates start during its backward, group by group, as soon as a group's gradients are
+    complete (``HorizonEngine.begin_step`` before the backward, one forward pass per step, nothing reading the
+    gradients before ``step``): the gradients may then go through the pool of ``grad_pool_buffers``. A step that
+    breaks this makes the engine fall back to whole-model buffers (with a warning). The strategy sets it for
+    automatic optimization without clipping, accumulation or hooks that read gradients."""
+
+    @property
+    def pooled_grads(self) -> int:
+        """Buffers of the gradient pool this configuration uses (0: whole-model compute-dtype gradient buffers, or
+        FP32 accumulation)."""
+        return self.grad_pool_buffers if self.updates_in_backward and not self.accumulate_grads else 0
+
     def __post_init__(self) -> None:
         if self.device is not None:
             self.device = torch.device(self.device)
@@ -142,6 +163,11 @@ class EngineConfig:
         if self.optimizer_state_dtype not in STATE_DTYPES:
             raise ValueError(
                 f"optimizer_state_dtype must be one of {', '.join(STATE_DTYPES)}, got {self.optimizer_state_dtype!r}"
+            )
+        pool = self.grad_pool_buffers
+        if isinstance(pool, bool) or not isinstance(pool, int) or pool == 1 or pool < 0:
+            raise ValueError(
+                f"grad_pool_buffers must be 0 (no pool) or an integer >= 2, got {self.grad_pool_buffers!r}"
             )
         if self.host_threads is not None and self.host_threads < 1:
             raise ValueError(f"host_threads must be >= 1 or None, got {self.host_threads}")

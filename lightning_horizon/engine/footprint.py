@@ -44,6 +44,9 @@ class StoreShape:
     tied: bool = False
     """lm_head shares the embedding's weight: in direct mode its gradient lands in the compute dtype beside the
     embedding's FP32 one (both buffers exist for that group)."""
+    grad_group_numel: int = 0
+    """Elements of the largest group whose gradient lands in the compute dtype (every group but the embedding's,
+    unless a tied lm_head's gradient lands in it): each buffer of the gradient pool is this large."""
 
     @classmethod
     def of(cls, parts: DecoderParts) -> StoreShape:
@@ -52,6 +55,7 @@ class StoreShape:
         sizes = {name: max(1, sum(_align(p.numel()) for _, p in named)) for name, named in groups}
         layers = [_unit_numel(layer) for layer in parts.layers]
         head = _unit_numel(parts.norm) + _unit_numel(parts.lm_head)
+        landing = [size for name, size in sizes.items() if name != "embed" or parts.tied]
         return cls(
             num_params=sum(p.numel() for _, named in groups for _, p in named),
             store_numel=sum(sizes.values()),
@@ -59,6 +63,7 @@ class StoreShape:
             layer_numel=max(layers),
             unit_numel=max(*layers, head),
             tied=parts.tied,
+            grad_group_numel=max(landing, default=1),
         )
 
     @property
@@ -85,21 +90,29 @@ def host_bytes(
     on_gpu: bool,
     optimizer_state_bytes: int = ADAMW_STATE_BYTES,
     master_bytes: int = 4,
+    grad_pool: int = 0,
 ) -> dict[str, int]:
     """Host memory by component of an engine over ``shape`` (with its optimizer's state): FP32 masters, optimizer
     state, gradients (FP32 when accumulating; else in the compute dtype, the embedding's scattered rows in FP32 and a
-    tied lm_head's gradient beside them in the compute dtype),
+    tied lm_head's gradient beside them in the compute dtype; with ``grad_pool`` buffers, ``EngineConfig.pooled_grads``,
+    only the embedding's FP32 rows, and the pool's buffers, pinned on a GPU, instead of the rest),
     pinned upload staging (only without the weight copy, only for a GPU), pinned gradient slabs (only when
     accumulating on a GPU), the weight copy, and the process's own overhead."""
     c = compute_dtype.itemsize
     n = shape.store_numel
+    if accumulate:
+        gradients = 4 * n
+    elif grad_pool:
+        gradients = 4 * shape.embedding_numel
+    else:
+        gradients = c * (n - shape.embedding_numel) + (4 + c * shape.tied) * shape.embedding_numel
     out = {
         "masters": master_bytes * n,
         "optimizer state": optimizer_state_bytes * shape.num_params,
-        "gradients": 4 * n
-        if accumulate
-        else c * (n - shape.embedding_numel) + (4 + c * shape.tied) * shape.embedding_numel,
+        "gradients": gradients,
     }
+    if grad_pool and not accumulate:
+        out["gradient pool"] = grad_pool * shape.grad_group_numel * c
     if on_gpu and not weight_copy:
         out["upload staging"] = 2 * shape.staging_numel * c
     if on_gpu and accumulate:
@@ -124,6 +137,7 @@ def auto_weight_copy(
     on_gpu: bool,
     available_bytes: float,
     state_dtype: torch.dtype = torch.float32,
+    grad_pool: int = 0,
 ) -> bool:
     """``weight_copy=None`` for an engine whose masters already exist: :func:`weight_copy_fits` with its footprint
     against the host memory available now plus what the masters take; warns when a GPU run goes without it."""
@@ -135,6 +149,7 @@ def auto_weight_copy(
         num_grad_slabs,
         on_gpu,
         optimizer_state_bytes=adamw_state_bytes(state_dtype),
+        grad_pool=grad_pool,
     )
     memory = available_bytes + footprint["masters"]
     fits = weight_copy_fits(on_gpu, footprint, memory)
@@ -183,7 +198,8 @@ def still_to_allocate(
     """Host memory an engine built over ``shape`` allocates after its construction: the state of ``optimizers`` that
     have not stepped yet (PyTorch allocates it at the first step), FP32 gradients (at the first accumulated fold; the
     embedding's at the first backward), pinned staging and slabs (at the first packed upload or fold). What the
-    engine allocates when it is built (masters, compute-dtype gradients, the weight copy) is not in it."""
+    engine allocates when it is built (masters, compute-dtype gradients, whole or the pool of
+    ``EngineConfig.pooled_grads``, the weight copy) is not in it: the same with and without the pool."""
     c = compute_dtype.itemsize
     state = sum(
         optimizer_state_bytes(opt, state_dtype)

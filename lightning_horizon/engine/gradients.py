@@ -4,7 +4,14 @@ Two modes, chosen per engine (``direct`` is the default; the first accumulated b
 
 * ``direct`` (no gradient accumulation): every gradient is copied on its own ``d2h_stream`` straight into the
   group's pinned gradient buffer in the compute dtype (``StoreGroup.grad_lp``). Nothing is folded: the CPU
-  optimizer upcasts one group at a time. Host cost: 2 bytes/param for BF16 compute.
+  optimizer upcasts one group at a time. Host cost: 2 bytes/param for BF16 compute, or, *pooled*, a few buffers:
+  when every update is scheduled during the backward (``EngineConfig.updates_in_backward``: no clipping, no
+  accumulation, nothing reads the gradients before the step), a group's buffer is needed only from its landing
+  until its update has read it, so it is leased from a bounded :class:`~.grad_pool.GradPool` (each buffer the size
+  of the largest group; the compute thread waits for a free one) and given back by the optimizer. The sink leases
+  only while the engine confirms, for each landing, that the update follows it (``updates_follow``); the moment it
+  does not (no ``begin_step``, a second forward pass in the step, a parameter outside the step's optimizer), the
+  sink gives the pool up for good and every group gets its whole buffer, as without the pool (with a warning).
 * ``fold`` (gradient accumulation): gradients arrive in a bounded pool of pinned slabs, each the size of a decoder
   layer's gradient at most (larger gradients, the head's, are split across slabs; the compute thread blocks when all
   slabs are in flight: back-pressure, bounded pinned memory); a fold worker adds each slab into the group's
@@ -32,6 +39,7 @@ from collections.abc import Callable
 
 import torch
 
+from .grad_pool import GradPool
 from .host_kernels import fold_
 from .moe import ExpertGrad
 from .pinned import chunk_spans, pinned_empty, unregister_pinned
@@ -52,6 +60,11 @@ class GradientSink:
             Slabs are allocated on the first fold.
         num_slabs: Slabs in the pool (bounds pinned memory and the number of gradients in flight in fold mode).
         direct: Start in direct mode (its compute-dtype gradient buffers are allocated now, not in the first backward).
+        pool_buffers: In direct mode, lease compute-dtype gradient buffers from a pool of this many (allocated now)
+            instead of one whole buffer per group; 0: whole buffers.
+        pool_numel: Elements of each pooled buffer (the largest group whose gradient lands in the compute dtype).
+        updates_follow: ``updates_follow(params)``: whether the updates of these parameters' groups are scheduled as
+            soon as their gradients are complete (asked for every pooled landing, on the compute thread).
         workers: The engine's workers (the gradient worker joins them; waits check them all).
         scattered: Groups whose gradients always use the FP32 buffer (the embedding: its rows are scattered).
         on_final: Called (on the gradient worker) with the groups whose gradients are complete.
@@ -74,12 +87,16 @@ class GradientSink:
         track_norms: bool = False,
         kernels: bool = False,
         threads: int | None = None,
+        pool_buffers: int = 0,
+        pool_numel: int = 0,
+        updates_follow: Callable[[list[StoreParam]], bool] | None = None,
     ) -> None:
         self.store, self.device, self.dtype = store, device, dtype
         self.cuda = device.type == "cuda"
         self.track_norms = track_norms
         self.direct = direct
         self.worker = workers.worker("gradient")
+        self.workers = workers
         self.on_final = on_final
         self.bytes_d2h = 0
         self._slab_numel, self._num_slabs = slab_numel, num_slabs
@@ -89,7 +106,14 @@ class GradientSink:
         self.scattered = {id(g) for g in scattered}
         self.kernels = kernels
         self.threads = threads
-        if direct:
+        self.updates_follow = updates_follow
+        self.pool: GradPool | None = None
+        """The pooled compute-dtype gradient buffers (None: whole buffers, or fold mode)."""
+        if direct and pool_buffers:
+            if updates_follow is None:
+                raise ValueError("a gradient pool needs updates_follow (whether each landing's update follows it)")
+            self.pool = GradPool(store, pool_buffers, pool_numel, dtype, self.cuda, workers.check)
+        elif direct:
             for group in self.store.groups:
                 if id(group) not in self.scattered:
                     self._ensure_lp(group)
@@ -157,6 +181,8 @@ class GradientSink:
         self.worker.close()
         for slab in self._all_slabs:
             unregister_pinned(slab)
+        if self.pool is not None:
+            self.pool.close()
         for group in self.store.groups:
             if group.grad_lp is not None:
                 unregister_pinned(group.grad_lp)
@@ -179,17 +205,67 @@ class GradientSink:
 
     # ------------------------------------------------------------------------------------------------ internals
     def _ensure_lp(self, group: StoreGroup) -> None:
+        """Gives ``group`` a whole compute-dtype gradient buffer (if it has none)."""
         if group.grad_lp is None and group.trainable:
             with torch.inference_mode(False):
                 group.grad_lp = pinned_empty(group.master.numel(), self.dtype, pin=self.cuda)
+
+    def consumed(self, group: StoreGroup) -> None:
+        """Called by the optimizer worker once an update has read ``group``'s gradients: a pooled buffer goes back."""
+        pool = self.pool
+        if pool is not None:
+            pool.release(group, after_update=True)
+
+    def discarded(self, group: StoreGroup) -> None:
+        """Called (after :meth:`wait`) once ``group``'s gradients were discarded: a pooled buffer goes back unless an
+        update still reads it (that update gives it back)."""
+        pool = self.pool
+        if pool is not None:
+            pool.release(group)
+
+    def leave_pool(self, reason: str) -> None:
+        """Gives the gradient pool up for good: ``reason`` says why an update may no longer follow each landing
+        during the backward. Every group gets its whole compute-dtype buffer (as without the pool); gradients held
+        in pooled buffers move there."""
+        pool = self.pool
+        if pool is None:
+            return
+        warnings.warn(
+            f"{reason}: the horizon engine now keeps whole-model gradient buffers in the compute dtype "
+            f"(+{self.dtype.itemsize} bytes/param, which its preflight did not count) instead of its gradient pool",
+            stacklevel=3,
+        )
+        self.wait()
+        pool.wait_quiet()
+        self.pool = None
+        for group in self.store.groups:
+            held = pool.end_lease(group)
+            group.grad_lp = None
+            if held is not None and any(sp.grad_state is GradState.COMPUTE for sp in group.params):
+                with torch.inference_mode(False):
+                    group.grad_lp = pinned_empty(group.master.numel(), self.dtype, pin=self.cuda)
+                group.grad_lp.copy_(held)
+            elif id(group) not in self.scattered:
+                self._ensure_lp(group)
+        pool.close()
+
+    def _lp_buffers(self, pairs: list[tuple[Target, torch.Tensor]]) -> None:
+        """Gives every group of ``pairs`` its compute-dtype buffer: a pooled one (waiting for a free one) while the
+        engine confirms that the updates follow, else a whole one (leaving the pool first)."""
+        if self.pool is not None and pairs and not self.updates_follow([sp for (_, sp), _ in pairs]):
+            self.leave_pool("a gradient landed whose optimizer update is not scheduled during the backward")
+        for (group, _), _ in pairs:
+            if self.pool is not None:
+                self.pool.acquire(group)
+            else:
+                self._ensure_lp(group)
 
     def _report(self, groups: list[StoreGroup]) -> None:
         if groups and self.on_final is not None:
             self.on_final(groups)
 
     def _submit_direct(self, pairs: list[tuple[Target, torch.Tensor]], final: list[StoreGroup]) -> None:
-        for (group, _), _ in pairs:
-            self._ensure_lp(group)
+        self._lp_buffers(pairs)
         for (_, sp), _ in pairs:
             sp.land(GradState.COMPUTE)
         if not self.cuda:
@@ -295,6 +371,10 @@ class GradientSink:
         for group in self.store.groups:
             for sp in group.params:
                 self._to_fp32(group, sp)
+        if self.pool is not None:  # every lease was given back by the upcasts or is, by its update
+            self.pool.wait_quiet()
+            self.pool.close()
+            self.pool = None
 
     def _to_fp32(self, group: StoreGroup, sp: StoreParam) -> None:
         """Moves a gradient held in the compute dtype into the FP32 buffer (allocated on first use)."""
@@ -302,6 +382,8 @@ class GradientSink:
         if sp.grad_state is GradState.COMPUTE:
             group.grad_view(sp).copy_(group.lp_grad_view(sp))
             sp.land(GradState.FP32)
+            if self.pool is not None:  # the tied lm_head's gradient, joined by the embedding's rows
+                self.pool.release(group)
 
     def _take_slab(self) -> torch.Tensor:
         if not self._all_slabs:

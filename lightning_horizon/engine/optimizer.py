@@ -23,6 +23,7 @@ import math
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +76,8 @@ class LayerOptimizer:
         state_dtype: Dtype of AdamW's moments (``EngineConfig.optimizer_state_dtype``): FP32, or BF16, which only the
             one-pass AdamW (kernel, else its PyTorch fallback) steps; a state of the other dtype (a resumed
             checkpoint) is converted at its first update, with a warning when it changes values.
+        on_consumed: Called on the worker with each group whose update has read its gradients, before the group
+            counts as updated (the gradient sink then gives a pooled gradient buffer back).
     """
 
     def __init__(
@@ -84,8 +87,10 @@ class LayerOptimizer:
         use_fused: bool = False,
         threads: int | None = None,
         state_dtype: torch.dtype = torch.float32,
+        on_consumed: Callable[[StoreGroup], None] | None = None,
     ):
         self.store = store
+        self.on_consumed = on_consumed
         self.use_fused, self.threads, self.state_dtype = use_fused, threads, state_dtype
         # Prioritized by forward order: when several groups are ready (the end of a backward), the ones the next
         # forward needs first (embedding, first layers) are updated first, so that forward can start sooner.
@@ -190,6 +195,8 @@ class LayerOptimizer:
                 chunk.append(entry)
                 used += entry.sp.numel if entry.in_lp else 0
             self._apply(group, chunk, plan)
+            if self.on_consumed is not None:
+                self.on_consumed(group)  # nothing reads this update's gradients any more
             if group.copy is not None and (entries or copy_stale):
                 if group.h2d_event is not None:
                     group.h2d_event.synchronize()  # no upload still reads the old copy

@@ -126,9 +126,17 @@ class HorizonEngine:
             track_norms=config.track_grad_norm,
             kernels=kernels,
             threads=config.host_threads,
+            pool_buffers=config.pooled_grads,
+            pool_numel=self.shape.grad_group_numel,
+            updates_follow=self._updates_follow,
         )
         self.optim = LayerOptimizer(
-            self.store, self.workers, use_fused=kernels, threads=config.host_threads, state_dtype=config.state_dtype
+            self.store,
+            self.workers,
+            use_fused=kernels,
+            threads=config.host_threads,
+            state_dtype=config.state_dtype,
+            on_consumed=self.sink.consumed,
         )
         self.bank = TemplateBank(self.units, self.parts, self.streamer, self.device, config.compile_layers)
         self.bank.add_slots(self.streamer.slots)
@@ -147,6 +155,8 @@ class HorizonEngine:
             on_grad_pass=self._on_grad_pass,
         )
         self._overlap = False
+        self._step_params: set[int] = set()
+        """Ids of the parameters of the optimizer of :meth:`begin_step` (their updates may overlap the backward)."""
         self._grad_passes = 0
         """Forward passes with gradients since :meth:`begin_step`: updates overlap the backward only with one."""
         self.num_overlapped_updates = 0
@@ -168,6 +178,7 @@ class HorizonEngine:
         from more than one forward pass of the model, a group's gradient is complete only at the end of the whole
         backward, so the updates then wait for :meth:`step`."""
         self.optim.begin(optimizer)
+        self._step_params = {id(p) for g in optimizer.param_groups for p in g["params"]}
         self._overlap = True
         self._grad_passes = 0
         self._overlapped_at_begin = self.num_overlapped_updates
@@ -247,6 +258,8 @@ class HorizonEngine:
         params = (p for g in optimizer.param_groups for p in g["params"]) if optimizer is not None else None
         for sp in self.store.params(params):
             sp.discard()
+        for group in self.store.groups:
+            self.sink.discarded(group)
 
     def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
         """``optimizer.load_state_dict(state_dict)``, except that with compact moments
@@ -340,6 +353,12 @@ class HorizonEngine:
                     "a forward pass with gradients started after updates of this step began overlapping its backward"
                 )
             self._overlap = False  # a group's gradient is complete only at the end of the whole backward
+            self.sink.leave_pool("the loss of this step comes from more than one forward pass")
+
+    def _updates_follow(self, params) -> bool:
+        """Whether the updates of ``params`` (gradients about to land) start as soon as their groups' gradients are
+        complete: :meth:`begin_step` announced this step, it has one forward pass, and its optimizer holds them."""
+        return self._overlap and all(id(sp.param) in self._step_params for sp in params)
 
     def _on_final(self, groups) -> None:
         if self._overlap:
@@ -358,6 +377,7 @@ class HorizonEngine:
             on_gpu,
             _usable_host_memory_bytes(),
             config.state_dtype,
+            config.pooled_grads,
         )
 
     def _size_from_first_step(self) -> None:
