@@ -165,17 +165,17 @@ class HorizonStrategy(SingleDeviceStrategy):
         if trainer.state.fn == TrainerFn.FITTING and _reads_gradients(module, trainer):
             accumulate = True  # param.grad must exist when hooks read it: FP32 host gradients (+2 bytes/param)
         clip_alg = getattr(trainer, "gradient_clip_algorithm", None)
-        config = dataclasses.replace(
         in_backward = not accumulate and not trainer.gradient_clip_val and module.automatic_optimization
+        config = dataclasses.replace(
             self.config,
             device=self.root_device,
             compute_dtype=self.precision_plugin.compute_dtype,
             accumulate_grads=accumulate,
             track_grad_norm=bool(trainer.gradient_clip_val) and clip_alg in (None, "norm"),
-        )
             # what HorizonPrecision.optimizer_step checks before it calls begin_step: the updates then run during
             # the backward, and the gradients may go through the engine's bounded pool (no whole-model buffer)
             updates_in_backward=trainer.state.fn == TrainerFn.FITTING and in_backward,
+        )
         self.engine = HorizonEngine(model, config)
         _place_rest(module, model, self.root_device)
         module._device = self.root_device
