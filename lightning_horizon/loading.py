@@ -161,6 +161,38 @@ def materialize(model: nn.Module, dtype: torch.dtype = torch.float32) -> HostSto
     return store
 
 
+def initialize_on_host(model: nn.Module) -> HostStore | None:
+    """Materialises a causal LM built on the meta device (``with torch.device("meta"):`` in ``configure_model``)
+    straight into the host store's layout and initialises it with the model's own initialisation, module by module.
+
+    The FP32 buffers are allocated once, uninitialised, and filled in place (``PreTrainedModel.init_weights``, or
+    each module's ``reset_parameters`` for other models): host memory never holds more than the masters, however
+    the model was meant to be built (its dtype included: the masters are FP32). Only a model whose parameters are
+    all on the meta device is taken: part real, part meta is refused (the real values would have to be copied).
+    Returns the store layout it allocated (``HostStore.adopt`` takes it over), or None when the model has no
+    parameter on the meta device."""
+    params = list(model.parameters())
+    meta = [p for p in params if p.is_meta]
+    if not meta:
+        return None
+    if len(meta) != len(params):
+        name = next(n for n, p in model.named_parameters() if p.is_meta)
+        raise ValueError(
+            f"parameter {name!r} is on the meta device but {len(params) - len(meta)} other parameter(s) are not: build "
+            "the whole model on the meta device (the horizon strategy then materialises it straight into host "
+            "memory) or none of it"
+        )
+    store = materialize(model, torch.float32)
+    with torch.no_grad():
+        if hasattr(model, "init_weights"):
+            model.init_weights()
+        else:
+            for module in model.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+    return store
+
+
 def _init_meta_buffers(model: nn.Module) -> None:
     for module in model.modules():
         meta = [k for k, b in module._buffers.items() if b is not None and b.is_meta]

@@ -3,7 +3,9 @@
 ``Trainer(strategy="horizon", precision="bf16-mixed")`` keeps the wrapped Hugging Face causal LM's FP32 masters and
 optimizer state in host memory and streams its layers to one GPU (or computes on the CPU with
 ``accelerator="cpu"``). The LightningModule stays ordinary: build the model in ``__init__`` or ``configure_model``
-(on the CPU), call ``self.model(**batch).loss`` in ``training_step``, return ``torch.optim.AdamW(...)`` from
+(on the CPU in any dtype, converted group by group into the FP32 store; or on the meta device, materialised straight
+into it and initialised by the model's own ``init_weights``: setup never holds more than the masters plus one
+layer), call ``self.model(**batch).loss`` in ``training_step``, return ``torch.optim.AdamW(...)`` from
 ``configure_optimizers``. ``self.device`` is the compute device.
 """
 
@@ -27,6 +29,7 @@ from typing_extensions import override
 
 from lightning_horizon import checkpoint as horizon_ckpt
 from lightning_horizon.engine import EngineConfig, HorizonEngine, find_causal_lm
+from lightning_horizon.loading import initialize_on_host
 from lightning_horizon.precision import HorizonPrecision
 
 
@@ -176,6 +179,8 @@ class HorizonStrategy(SingleDeviceStrategy):
             # the backward, and the gradients may go through the engine's bounded pool (no whole-model buffer)
             updates_in_backward=trainer.state.fn == TrainerFn.FITTING and in_backward,
         )
+        # A model built on the meta device is materialised straight into the store's layout (nothing copied)
+        initialize_on_host(model)
         self.engine = HorizonEngine(model, config)
         _place_rest(module, model, self.root_device)
         module._device = self.root_device
