@@ -84,6 +84,8 @@ def _child(case: str, workdir: str) -> dict:
     loader = DataLoader(data, batch_size=1)
     optim = OptimConfig(lr=1e-5, weight_decay=0.0)
     out: dict = {}
+    if os.environ.get("SETUP_MEMORY_BREAK"):
+        _break(os.environ["SETUP_MEMORY_BREAK"])
 
     class Configured(SFTModule):
         def __init__(self, dtype, device=None) -> None:
@@ -177,12 +179,48 @@ def _child(case: str, workdir: str) -> dict:
     return out
 
 
-def measure(case: str, workdir: Path) -> dict:
+def _break(how: str) -> None:
+    """Reintroduces a whole-model copy into setup (the negative controls: the bounds must catch each)."""
+    import torch
+
+    from lightning_horizon import loading, strategy
+
+    engine_cls = strategy.HorizonEngine
+
+    def engine_after_a_copy(model, config):
+        if how == "state_dict_copy":  # a transient FP32 snapshot of the model, freed before the engine exists
+            snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            del snapshot
+        # keep_sources: the user's tensors held until the whole store is built (a BF16 model then coexists with
+        # all of its FP32 masters instead of being freed parameter by parameter)
+        sources = model.state_dict() if how == "keep_sources" else None
+        engine = engine_cls(model, config)
+        del sources
+        return engine
+
+    def mapped_read_into(self, key, target):  # the file memory-mapped for as long as it is read (safe_open)
+        from safetensors import safe_open
+
+        if not hasattr(self, "_mapped"):
+            self._mapped = safe_open(str(self.path), framework="pt")
+        target.copy_(self._mapped.get_tensor(key))
+
+    if how == "mmap_reads":
+        loading.SafetensorsReader.read_into = mapped_read_into
+    else:
+        strategy.HorizonEngine = engine_after_a_copy
+    del torch
+
+
+def measure(case: str, workdir: Path, break_with: str | None = None) -> dict:
     code = (
         "import json, sys; from tests.test_setup_memory import _child; "
         "print('RESULT ' + json.dumps(_child(sys.argv[1], sys.argv[2])))"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("SETUP_MEMORY_BREAK", None)
+    if break_with:
+        env["SETUP_MEMORY_BREAK"] = break_with
     proc = subprocess.run(
         [sys.executable, "-c", code, case, str(workdir)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
@@ -210,10 +248,8 @@ CASES = {
 }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case", list(CASES))
-def test_setup_peak_is_the_footprint_plus_one_layer(case, inputs):
-    r = measure(case, inputs)
+def exceeded(case: str, r: dict) -> list[str]:
+    """The bounds the measurements ``r`` of ``case`` break (printed with the numbers)."""
     base = r["baseline"]
     peak, after_setup = r["setup_peak"] - base, r["after_setup"] - base
     final = sum(r["footprint"].values())
@@ -224,13 +260,38 @@ def test_setup_peak_is_the_footprint_plus_one_layer(case, inputs):
         f"{final / MiB:.0f} ({', '.join(f'{k} {v / MiB:.0f}' for k, v in r['footprint'].items())}); after the "
         f"first step {(r['after_step'] - base) / MiB:.0f}"
     )
+    bounds = {
+        "final footprint + one layer": final + layer,  # the issue's bound
+        # Setup's own bound: what setup keeps (the masters; a restored optimizer state) + one layer. A whole-model
+        # copy, even a transient one, breaks it by 512 MiB (BF16) to 1 GiB (FP32).
+        "allocated by setup + one layer": setup + layer,
+        "end of setup + one layer": after_setup + layer,  # nothing transient beyond one layer
+    }
+    return [
+        f"{name}: {peak / MiB:.0f} > {(b + TOLERANCE) / MiB:.0f} MiB"
+        for name, b in bounds.items()
+        if peak > b + TOLERANCE
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_setup_peak_is_the_footprint_plus_one_layer(case, inputs):
+    r = measure(case, inputs)
     assert r["params"] * 4 >= 2**30  # a >= 1 GB model
-    assert r["adopted"]
-    assert peak <= final + layer + TOLERANCE  # the issue's bound
-    # Setup's own bound: what setup keeps (masters; restored optimizer state) + one layer. A whole-model copy,
-    # even a transient one, breaks it by 512 MiB (BF16) to 1 GiB (FP32).
-    assert peak <= setup + layer + TOLERANCE
-    assert peak - after_setup <= layer + TOLERANCE  # nothing transient beyond one layer
+    assert r["adopted"]  # the parameters are views into the store's buffers
+    assert exceeded(case, r) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case,break_with",
+    [("configure_fp32", "state_dict_copy"), ("configure_bf16", "keep_sources"), ("model_path", "mmap_reads")],
+)
+def test_the_bounds_catch_a_whole_model_copy(case, break_with, inputs):
+    """Negative controls: each of these setups with a whole-model copy put back in breaks the setup bound."""
+    broken = exceeded(case, measure(case, inputs, break_with))
+    assert any(b.startswith("allocated by setup") for b in broken), broken
 
 
 # ------------------------------------------------------------------------------- what the measured paths rely on
