@@ -30,13 +30,24 @@ def hardware(name: str) -> HardwareProfile:
 
 def test_72b_on_h200_fits():
     p = plan(
-        hf_config("qwen2_72b"), hardware("h200"), batch_size=1, max_seq_len=4096, checkpoint_every=1, weight_copy=False
-    )
+        hf_config("qwen2_72b"), hardware("h200"), batch_size=1, max_seq_len=4096, checkpoint_every=1, weight_copy=False,
+        gradient_clip_val=1.0,
+    )  # fmt: skip
     n = p.shape.num_params
     assert n / 1e9 == pytest.approx(72.7, rel=0.005)
-    # 4 (masters) + 8 (moments) + 2 (BF16 gradients; the embedding's in FP32) + staging + overhead
+    # 4 (masters) + 8 (moments) + 2 (BF16 gradients, kept for clipping; the embedding's in FP32) + staging + overhead
     assert 14.0 < p.host_total_bytes / n < 14.2
     assert 1.0e12 < p.host_total_bytes < 1.05e12 < 1.5e12
+    # without clipping the updates run during the backward: four pooled buffers (the lm_head, 1.25 B params, is the
+    # largest group) instead of the 2-byte/param gradients
+    pooled = plan(
+        hf_config("qwen2_72b"), hardware("h200"), batch_size=1, max_seq_len=4096, checkpoint_every=1, weight_copy=False
+    )
+    pool = 4 * p.shape.store.grad_group_numel * 2
+    assert pooled.host_bytes["pinned gradient pool (4 x 2.32 GiB)"] == pool
+    saved = p.host_total_bytes - pooled.host_total_bytes
+    assert saved == 2 * (p.shape.store.store_numel - p.shape.store.embedding_numel) - pool
+    assert 12.1 < pooled.host_total_bytes / n < 12.3
     assert p.gpu_total_bytes < 60e9  # of 141 GB
     check_fits(p, hardware("h200"))
     table = format_plan(p)
@@ -51,7 +62,7 @@ def test_72b_on_h200_fits():
 def test_72b_refused_on_small_hosts(machine):
     p = plan(hf_config("qwen2_72b"), hardware(machine), batch_size=1, max_seq_len=4096, checkpoint_every=1)
     assert not p.host_fits
-    with pytest.raises(PlanError, match="host memory: needs 102[0-9]") as err:
+    with pytest.raises(PlanError, match="host memory: needs 88[0-9]") as err:
         check_fits(p, hardware(machine))
     assert "host RAM" in str(err.value) and "Host memory" in str(err.value)  # suggestion + the table
 
@@ -84,7 +95,14 @@ def test_memory_formulas():
     assert not p.settings.engine.weight_copy
     staging = 2 * min(64 * 2**20, unit) * 2
     embed = p.shape.store.embedding_numel
-    assert host == [4 * stored, 8 * n, 2 * stored + 2 * embed, staging, 2 * GiB]  # BF16 gradients, no slabs
+    pool = 4 * p.shape.store.grad_group_numel * 2  # no clipping: BF16 gradients in four pooled buffers, no slabs
+    assert host == [4 * stored, 8 * n, 4 * embed, pool, staging, 2 * GiB]
+    clipped = plan(
+        shape_cfg, hardware("h200"), batch_size=2, max_seq_len=1024, checkpoint_every=4, num_slots=3, weight_copy=False,
+        gradient_clip_val=1.0,
+    )  # fmt: skip
+    host = list(clipped.host_bytes.values())
+    assert host == [4 * stored, 8 * n, 2 * stored + 2 * embed, staging, 2 * GiB]  # whole-model BF16 gradients
     acc = plan(
         shape_cfg,
         hardware("h200"),
@@ -275,37 +293,55 @@ def test_plan_table_prints_only_what_applies():
     assert f"pinned upload staging (2 x {staging:.3g} MiB)" in table  # its real size
 
 
-@pytest.mark.parametrize("accumulate", [1, 2], ids=["direct", "fold"])
+@pytest.mark.parametrize("mode", ["direct", "pooled", "fold"])
 @pytest.mark.parametrize("tied", [False, True])
-def test_planner_predicts_what_the_engine_allocates(accumulate, tied):
+def test_planner_predicts_what_the_engine_allocates(mode, tied):
     """The planner counts with the engine's own layout and footprint: a real tiny engine's host buffers (masters,
-    gradients, weight copy, optimizer state after a step) and slot sizes equal the plan's rows, byte for byte."""
+    gradients, the gradient pool, weight copy, optimizer state after a step) and slot sizes equal the plan's rows,
+    byte for byte. ``direct``: clipping keeps whole-model compute-dtype gradients; ``pooled``: without it the
+    updates run during the backward, from a pool of two buffers; ``fold``: accumulation, FP32 gradients."""
     from lightning_horizon import HorizonEngine
     from lightning_horizon.engine.footprint import StoreShape
     from tests.helpers import make_batch, tiny_config, tiny_model
 
+    accumulate = 2 if mode == "fold" else 1
     model = tiny_model("qwen2", tied=tied, layers=3)
     p = plan(tiny_config("qwen2", tied=tied, layers=3), _cpu(), batch_size=2, max_seq_len=12, checkpoint_every=1,
-             accumulate_grad_batches=accumulate, weight_copy=True, compute_dtype="fp32")  # fmt: skip
-    engine = HorizonEngine(model, device="cpu", compute_dtype="fp32", weight_copy=True, accumulate_grads=accumulate > 1)
+             accumulate_grad_batches=accumulate, gradient_clip_val=1.0 if mode == "direct" else None,
+             weight_copy=True, compute_dtype="fp32", grad_pool_buffers=2)  # fmt: skip
+    engine = HorizonEngine(model, device="cpu", compute_dtype="fp32", weight_copy=True, accumulate_grads=accumulate > 1,
+                           updates_in_backward=mode == "pooled", grad_pool_buffers=2)  # fmt: skip
     try:
         assert p.shape.store == StoreShape.of(engine.parts)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        if mode == "pooled":
+            engine.begin_step(opt)
         for micro in range(accumulate):
             model(**make_batch(micro)).loss.backward()
+        if mode == "direct":
+            engine.clip_grad_norm_(1.0)
         engine.step(opt)
         engine.synchronize()
         groups = engine.store.groups
+        pool = engine.sink.pool
+        assert (pool is not None) == (mode == "pooled")
+        leased = {b.data_ptr() for b in pool.buffers} if pool is not None else set()
         allocated = {
             "master weights": sum(g.master.numel() * 4 for g in groups),
             "optimizer state": sum(t.numel() * 4 for s in opt.state.values() for k, t in s.items() if k != "step"),
             "gradients": sum(
-                t.numel() * t.element_size() for g in groups for t in (g.grad, g.grad_lp) if t is not None
+                t.numel() * t.element_size()
+                for g in groups
+                for t in (g.grad, g.grad_lp)
+                if t is not None and t.data_ptr() not in leased
             ),
             "weight copy": sum(g.copy.numel() * g.copy.element_size() for g in groups),
         }
+        if pool is not None:
+            allocated["gradient pool"] = pool.nbytes
         predicted = {name.split(" (")[0]: value for name, value in p.host_bytes.items()}
         assert {k: predicted[k] for k in allocated} == allocated
+        assert ("gradient pool" in predicted) == (mode == "pooled")
         assert sum(s.buf.numel() for s in engine.streamer.slots) * 4 == next(
             v for k, v in p.gpu_bytes.items() if k.startswith("weight slots")
         )
