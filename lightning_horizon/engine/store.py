@@ -104,7 +104,9 @@ class StoreGroup:
     copy: torch.Tensor | None = None
     """Masters in the compute dtype (pinned on CUDA), refreshed by the optimizer: uploads need no packing."""
     grad_lp: torch.Tensor | None = None
-    """Gradients in the compute dtype (pinned on CUDA): the D2H target when no accumulation happens."""
+    """Gradients in the compute dtype (pinned on CUDA): the D2H target when no accumulation happens. A whole buffer
+    of the group's own, or, with pooled gradients, a view of a buffer leased from the sink's
+    :class:`~.grad_pool.GradPool` from the group's landing until its update has read it (None in between)."""
     h2d_event: object | None = None
     """CUDA event after the last upload read ``copy``; the optimizer waits on it before rewriting ``copy``."""
     scheduled_step: int = -1
