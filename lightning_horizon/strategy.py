@@ -41,8 +41,9 @@ class HorizonStrategy(SingleDeviceStrategy):
             None: the defaults.
         **settings: Fields of :class:`~lightning_horizon.engine.EngineConfig` by name, over ``config``
             (``HorizonStrategy(checkpoint_every=2)``). The run's own fields (device, compute dtype, gradient
-            accumulation, norm tracking) come from the Trainer (``accelerator``, ``precision``,
-            ``accumulate_grad_batches``, ``gradient_clip_val``) and are refused here.
+            accumulation, norm tracking, updates during the backward) come from the Trainer (``accelerator``,
+            ``precision``, ``accumulate_grad_batches``, ``gradient_clip_val``, the module's
+            ``automatic_optimization``) and are refused here.
     """
 
     strategy_name = "horizon"
