@@ -4,7 +4,7 @@ Runs ``python -m recipes.sft strategy.optimizer_state_dtype=<dtype>`` once per d
 and writes ``curves.csv`` (step, one ``train/loss`` column per dtype) and ``summary.json`` (final losses and their
 relative difference to FP32) into ``--out``::
 
-    python benchmarks/state_dtype_curves.py --out benchmarks/raw/2026-12-02/state_dtype [--dtypes fp32 bf16]
+    python benchmarks/state_dtype_curves.py --out benchmarks/raw/2026-12-02/state_dtype [--dtypes fp32 bf16 int8]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def run(dtype: str, run_dir: Path, overrides: list[str]) -> dict[int, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16", "int8"])
     parser.add_argument("overrides", nargs="*", help="more recipe overrides (e.g. trainer.max_steps=300)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

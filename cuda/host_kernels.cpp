@@ -19,8 +19,10 @@
 // built) rounds once, so results match torch's fused AdamW bit for bit except for rare 1-ulp differences in param.
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -82,7 +84,109 @@ struct Coefs {
   float clip_coef;
   float clip_lo, clip_hi;
   uint32_t seed;  // stochastic rounding of BF16 moments: one seed per parameter per step
+  // int8 moments: the block scales (read, then rewritten, block by block)
+  float* m_scale;
+  float* v_scale;
 };
+
+// ------------------------------------------------------------------------------------ int8 blockwise moments
+// Each block of kQBlock elements of a moment has one FP32 scale: its largest magnitude. An element's code is an
+// 8-bit float relative to it (host_kernels.MomentFormat): code 0 is zero, code c >= 1 is 2^(E - bias) * (1 + f/8)
+// with E, f = divmod(c - 1, 8). exp_avg: int8, sign and magnitude, bias 15, stochastic rounding (20 random bits of
+// the element's hash); exp_avg_sq: uint8, bias 31, round to nearest, a positive value never stored as zero. The
+// parameter's update uses the FP32 moments computed in this step; only their storage is quantised.
+constexpr int64_t kQBlock = 256;
+constexpr int kExpAvgBias = 15;
+constexpr int kExpAvgSqBias = 31;
+
+// FP32 bits of u in [2^-bias, 1] plus `add` (random bits below the 3 kept mantissa bits, or half of them), as a code.
+inline int32_t code_of(float u, uint32_t add, int bias) {
+  return static_cast<int32_t>((__builtin_bit_cast(uint32_t, u) + add) >> 20) - (((127 - bias) << 3) - 1);
+}
+
+// Branch-free encoders (the loops stay vectorised): `u` is the element's magnitude divided by its block's scale
+// (the block's largest magnitude), 0 for every element of a block whose scale is 0 or not finite (the scale, 0 or
+// NaN, then carries the value).
+inline int8_t encode_exp_avg(float value, float u, uint32_t r20) {
+  // Under the smallest code (2^-15): that code with probability u / 2^-15, else zero (integer compares only).
+  const int32_t below = static_cast<int32_t>(r20) < static_cast<int32_t>(std::min(u, 0x1p-15f) * 0x1p35f) ? 1 : 0;
+  const int32_t code = __builtin_bit_cast(uint32_t, u) < (112u << 23) ? below : code_of(u, r20, kExpAvgBias);
+  const int32_t sign = static_cast<int32_t>(__builtin_bit_cast(uint32_t, value)) >> 31;  // -1 when negative
+  return static_cast<int8_t>((code ^ sign) - sign);
+}
+
+inline uint8_t encode_exp_avg_sq(float u) {
+  const int32_t code = u < 0x1p-31f ? 1 : code_of(u, 1u << 19, kExpAvgSqBias);
+  return static_cast<uint8_t>(u > 0.0f ? code : 0);
+}
+
+// A code's value relative to its block's scale: 0, or the float whose bits are (c - 1) << 20 over the format's
+// exponent bias (E, f = divmod(c - 1, 8) land in the exponent and the top 3 mantissa bits). Integer ops only.
+inline float decode_magnitude(int32_t code, int bias) {
+  const uint32_t bits = (static_cast<uint32_t>(code - 1) << 20) + (static_cast<uint32_t>(127 - bias) << 23);
+  return code == 0 ? 0.0f : __builtin_bit_cast(float, bits);
+}
+
+inline float decode_exp_avg(int8_t code) {
+  const float magnitude = decode_magnitude(code < 0 ? -code : code, kExpAvgBias);
+  return code < 0 ? -magnitude : magnitude;
+}
+
+inline bool usable_scale(float s) { return s > 0.0f && std::isfinite(s); }
+
+// The largest of n non-negative values (NaN if any is NaN, as torch.amax): their magnitudes' bits compared as
+// integers, which orders non-negative floats and puts NaN above infinity (an integer max: vectorised).
+inline float max_magnitude(const float* x, int64_t n) {
+  uint32_t best = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t bits = __builtin_bit_cast(uint32_t, x[i]) & 0x7FFFFFFFu;
+    best = bits > best ? bits : best;
+  }
+  return __builtin_bit_cast(float, best);
+}
+
+template <typename G, bool kDecay, bool kSmallW, bool kCoef, bool kClamp, bool kCopy>
+void adamw_qblock(float* __restrict p, const G* __restrict g, int8_t* __restrict m, uint8_t* __restrict v,
+                  uint16_t* __restrict c, int64_t n, int64_t base, const Coefs k) {
+  float ea_new[kQBlock], sq_new[kQBlock];
+  const int64_t q = base / kQBlock;
+  const float m_scale = k.m_scale[q], v_scale = k.v_scale[q];
+  for (int64_t i = 0; i < n; ++i) {
+    float grad = load_grad(g, i);
+    if constexpr (kCoef) grad = grad * k.clip_coef;
+    if constexpr (kClamp) grad = grad < k.clip_lo ? k.clip_lo : (grad > k.clip_hi ? k.clip_hi : grad);
+    float param = p[i];
+    if constexpr (kDecay) param = param * k.decay;
+    float ea = decode_exp_avg(m[i]) * m_scale;
+    if constexpr (kSmallW) {
+      ea = std::fma(k.lerp_w, grad - ea, ea);
+    } else {
+      ea = std::fma(k.lerp_w_m1, grad - ea, grad);
+    }
+    const float sq = std::fma(k.sq_w * grad, grad, (decode_magnitude(v[i], kExpAvgSqBias) * v_scale) * k.beta2);
+    ea_new[i] = ea;
+    sq_new[i] = sq;
+    const float denom = std::sqrt(sq) / k.bc2_sqrt + k.eps;
+    param = param - (k.step_size * ea) / denom;
+    p[i] = param;
+    if constexpr (kCopy) c[i] = float_to_bf16(param);
+  }
+  const float m_max = max_magnitude(ea_new, n), v_max = max_magnitude(sq_new, n);
+  // Divisions by a loop-invariant divisor (never a conditional division: the loops stay branch-free).
+  const bool m_ok = usable_scale(m_max), v_ok = usable_scale(v_max);
+  const float m_div = m_ok ? m_max : 1.0f, v_div = v_ok ? v_max : 1.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t r20 = hash32(static_cast<uint32_t>(base + i) * 0x9E3779B9u ^ k.seed) >> 12;
+    const float u = std::fabs(ea_new[i]) / m_div;
+    m[i] = encode_exp_avg(ea_new[i], m_ok ? u : 0.0f, r20);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const float u = sq_new[i] / v_div;
+    v[i] = encode_exp_avg_sq(v_ok ? u : 0.0f);
+  }
+  k.m_scale[q] = m_max;
+  k.v_scale[q] = v_max;
+}
 
 template <typename G, typename M, bool kDecay, bool kSmallW, bool kCoef, bool kClamp, bool kCopy>
 void adamw_range(float* __restrict p, const G* __restrict g, M* __restrict m, M* __restrict v,
@@ -119,8 +223,17 @@ void adamw_all(float* p, const G* g, M* m, M* v, uint16_t* c, int64_t n, const C
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t start = b * kBlock;
     const int64_t len = std::min(kBlock, n - start);
-    adamw_range<G, M, kDecay, kSmallW, kCoef, kClamp, kCopy>(p + start, g + start, m + start, v + start,
-                                                            kCopy ? c + start : nullptr, len, start, k);
+    if constexpr (std::is_same_v<M, int8_t>) {  // int8 moments: kQBlock-element blocks (kBlock is a multiple)
+      auto* v_codes = reinterpret_cast<uint8_t*>(v);
+      for (int64_t q = start; q < start + len; q += kQBlock) {
+        adamw_qblock<G, kDecay, kSmallW, kCoef, kClamp, kCopy>(p + q, g + q, m + q, v_codes + q,
+                                                               kCopy ? c + q : nullptr,
+                                                               std::min(kQBlock, start + len - q), q, k);
+      }
+    } else {
+      adamw_range<G, M, kDecay, kSmallW, kCoef, kClamp, kCopy>(p + start, g + start, m + start, v + start,
+                                                              kCopy ? c + start : nullptr, len, start, k);
+    }
   }
 }
 
@@ -169,17 +282,25 @@ void check_flat(const torch::Tensor& t, torch::ScalarType dtype, int64_t numel, 
 void fused_adamw(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg, torch::Tensor exp_avg_sq,
                  std::optional<torch::Tensor> copy, double lr, double beta1, double beta2, double eps,
                  double weight_decay, double step, std::optional<double> clip_coef,
-                 std::optional<double> clip_value, int64_t num_threads, int64_t seed) {
+                 std::optional<double> clip_value, int64_t num_threads, int64_t seed,
+                 std::optional<torch::Tensor> exp_avg_scale, std::optional<torch::Tensor> exp_avg_sq_scale) {
   const int64_t n = param.numel();
   check_flat(param, torch::kFloat32, n, "param");
   TORCH_CHECK(grad.scalar_type() == torch::kFloat32 || grad.scalar_type() == torch::kBFloat16,
               "grad must be float32 or bfloat16, got ", grad.scalar_type());
   check_flat(grad, grad.scalar_type(), n, "grad");
   const auto moments = exp_avg.scalar_type();
-  TORCH_CHECK(moments == torch::kFloat32 || moments == torch::kBFloat16,
-              "exp_avg must be float32 or bfloat16, got ", moments);
+  TORCH_CHECK(moments == torch::kFloat32 || moments == torch::kBFloat16 || moments == torch::kInt8,
+              "exp_avg must be float32, bfloat16 or int8, got ", moments);
   check_flat(exp_avg, moments, n, "exp_avg");
-  check_flat(exp_avg_sq, moments, n, "exp_avg_sq");
+  const bool quantized = moments == torch::kInt8;
+  check_flat(exp_avg_sq, quantized ? torch::kUInt8 : moments, n, "exp_avg_sq");
+  if (quantized) {
+    const int64_t blocks = (n + kQBlock - 1) / kQBlock;
+    TORCH_CHECK(exp_avg_scale.has_value() && exp_avg_sq_scale.has_value(), "int8 moments need their block scales");
+    check_flat(*exp_avg_scale, torch::kFloat32, blocks, "exp_avg_scale");
+    check_flat(*exp_avg_sq_scale, torch::kFloat32, blocks, "exp_avg_sq_scale");
+  }
   if (copy.has_value()) check_flat(*copy, torch::kBFloat16, n, "copy");
   if (n == 0) return;
 
@@ -199,6 +320,10 @@ void fused_adamw(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg,
   k.clip_lo = -cv;
   k.clip_hi = cv;
   k.seed = hash32(static_cast<uint32_t>(seed));
+  if (quantized) {
+    k.m_scale = exp_avg_scale->data_ptr<float>();
+    k.v_scale = exp_avg_sq_scale->data_ptr<float>();
+  }
 
   const int threads = resolve_threads(num_threads);
 
@@ -207,7 +332,11 @@ void fused_adamw(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg,
   const bool flags[] = {weight_decay != 0.0, std::abs(w) < 0.5, clip_coef.has_value(), clip_value.has_value(),
                         copy.has_value()};
   pybind11::gil_scoped_release no_gil;
-  if (moments == torch::kBFloat16) {
+  if (quantized) {
+    auto* m = exp_avg.data_ptr<int8_t>();
+    auto* v = reinterpret_cast<int8_t*>(exp_avg_sq.data_ptr<uint8_t>());
+    dispatch_grad<int8_t>(grad, p, m, v, c, n, k, threads, flags);
+  } else if (moments == torch::kBFloat16) {
     auto* m = reinterpret_cast<uint16_t*>(exp_avg.data_ptr<at::BFloat16>());
     auto* v = reinterpret_cast<uint16_t*>(exp_avg_sq.data_ptr<at::BFloat16>());
     dispatch_grad<uint16_t>(grad, p, m, v, c, n, k, threads, flags);
@@ -287,7 +416,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           pybind11::arg("param"), pybind11::arg("grad"), pybind11::arg("exp_avg"), pybind11::arg("exp_avg_sq"),
           pybind11::arg("copy"), pybind11::arg("lr"), pybind11::arg("beta1"), pybind11::arg("beta2"),
           pybind11::arg("eps"), pybind11::arg("weight_decay"), pybind11::arg("step"), pybind11::arg("clip_coef"),
-          pybind11::arg("clip_value"), pybind11::arg("num_threads"), pybind11::arg("seed"));
+          pybind11::arg("clip_value"), pybind11::arg("num_threads"), pybind11::arg("seed"),
+          pybind11::arg("exp_avg_scale") = pybind11::none(), pybind11::arg("exp_avg_sq_scale") = pybind11::none());
   mod.def("fold", &fold, "dst (+)= src over flat CPU buffers; returns the sum of squares of the new dst",
           pybind11::arg("dst"), pybind11::arg("src"), pybind11::arg("overwrite"), pybind11::arg("num_threads"));
   mod.def("pack_bf16", &pack_bf16, "dst = src.to(bfloat16) over flat CPU buffers", pybind11::arg("dst"),

@@ -75,7 +75,13 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from lightning_horizon.config_groups import engine_config
 from lightning_horizon.engine.adapter import describe
 from lightning_horizon.engine.config import EngineConfig, as_dtype
-from lightning_horizon.engine.footprint import StoreShape, host_bytes, weight_copy_fits
+from lightning_horizon.engine.footprint import (
+    ADAMW_STATE_BYTES,
+    StoreShape,
+    adamw_state_bytes,
+    host_bytes,
+    weight_copy_fits,
+)
 from lightning_horizon.engine.segments import Segments
 from lightning_horizon.hardware import HardwareProfile, load_profile
 from lightning_horizon.models import ModelConfig, build_hf_config
@@ -332,7 +338,7 @@ def plan_shape(shape: ModelShape, hardware: HardwareProfile, settings: PlanSetti
     tokens = b * seq
     state_bytes, optimizer_traffic = OPTIMIZERS[s.optimizer]
     if s.optimizer == "adamw" and s.engine.optimizer_state_dtype != "fp32":  # compact moments (one-pass AdamW)
-        saved = 2 * (4 - s.engine.state_dtype.itemsize)
+        saved = ADAMW_STATE_BYTES - adamw_state_bytes(s.engine.state_dtype)
         state_bytes, optimizer_traffic = state_bytes - saved, optimizer_traffic - 2 * saved
     accumulate = s.accumulate_grad_batches > 1
     # the strategy's rule (automatic optimization, as the recipes train): updates during the backward unless clipping

@@ -328,3 +328,91 @@ def test_seed_changes_the_rounding_and_same_seed_repeats_it():
                      weight_decay=0.0, step=1, use_extension=False, seed=seed)  # fmt: skip
         results.append(v.view(torch.int16).clone())
     assert torch.equal(results[0], results[1]) and not torch.equal(results[0], results[2])
+
+
+# --------------------------------------------------------------------------------------------- int8 moments
+def _int8_state(n: int) -> list[torch.Tensor]:
+    blocks = (n + host_kernels.QBLOCK - 1) // host_kernels.QBLOCK
+    return [torch.zeros(n, dtype=torch.int8), torch.zeros(n, dtype=torch.uint8), torch.zeros(blocks),
+            torch.zeros(blocks)]  # fmt: skip
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float32], ids=["bf16_grad", "fp32_grad"])
+@pytest.mark.parametrize("clip", [False, True], ids=["plain", "clipped"])
+def test_int8_moments_kernel_and_fallback_agree_bit_for_bit(grad_dtype, clip):
+    """optimizer_state_dtype=int8: the kernel and the PyTorch fallback store the same codes and block scales (a
+    partial last block included; gradients of magnitudes spread over many binades, so every code path is used) and
+    the same parameters to a few ulps."""
+    _skip_without_kernel(True)
+    n = 3 * 2**14 + 1000 + 17  # several OpenMP work items and a partial last block
+    gen = torch.Generator().manual_seed(0)
+    p0 = torch.randn(n, generator=gen)
+    spread = torch.exp(torch.randn(n, generator=gen) * 4)
+    grads = [(torch.randn(n, generator=gen) * spread).to(grad_dtype) for _ in range(5)]
+    grads[2][:300] = 0  # a block whose first moment decays and a second moment that must not reach zero
+    kw = dict(clip_coef=0.5, clip_value=3.0) if clip else {}
+    results = []
+    for use_extension in (True, False):
+        p, m, v, ms, vs = p0.clone(), *_int8_state(n)
+        copy = torch.empty(n, dtype=torch.bfloat16)
+        for step, g in enumerate(grads, 1):
+            fused_adamw_(p, g, m, v, copy, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, step=step,
+                         use_extension=use_extension, seed=step * 7919, exp_avg_scale=ms, exp_avg_sq_scale=vs,
+                         **kw)  # fmt: skip
+        results.append((p, m, v, ms, vs, copy))
+    (kp, km, kv, kms, kvs, kc), (fp, fm, fv, fms, fvs, _) = results
+    assert torch.equal(km, fm) and torch.equal(kv, fv)
+    assert torch.equal(kms, fms) and torch.equal(kvs, fvs)
+    assert _max_rel(kp, fp) < ULPS and torch.equal(kc, kp.to(torch.bfloat16))
+    assert int(km.abs().max()) == 121 and int(kv.max()) == 249  # each block's largest element is exactly 1.0
+    assert bool((kv > 0).all())  # every element had a nonzero gradient once: no second moment rounds to zero
+
+
+def test_int8_formats_decode_and_round_as_documented():
+    fmt_m, fmt_v = host_kernels.EXP_AVG_FORMAT, host_kernels.EXP_AVG_SQ_FORMAT
+    # code c >= 1 is 2^(E - bias) * (1 + f/8), E, f = divmod(c - 1, 8); the largest code is exactly 1.0
+    assert fmt_m.table[121].item() == 1.0 and fmt_m.table[1].item() == 2.0**-15
+    assert fmt_m.table[(-121) & 0xFF].item() == -1.0 and fmt_m.table[0].item() == 0.0
+    assert fmt_v.table[249].item() == 1.0 and fmt_v.table[1].item() == 2.0**-31
+    assert fmt_v.table[2].item() == 1.125 * 2**-31
+    # values that are codes times a power-of-two scale round trip exactly
+    values = torch.tensor([0.0, 1.0, -0.5, 0.625, -(2.0**-15), 1.875 * 2**-3] + [0.0] * 250) * 4
+    codes, scale = host_kernels.quantize_moment(values, fmt_m)
+    assert scale.tolist() == [4.0] and torch.equal(host_kernels.dequantize_moment(codes, scale, fmt_m), values)
+    # the second moment never rounds a positive value to zero; round to nearest otherwise
+    v = torch.tensor([1.0, 1e-30, 0.0, 0.53, 0.56] + [0.5] * 251)  # codes in [0.5, 1): 1/16 apart
+    codes, scale = host_kernels.quantize_moment(v, fmt_v)
+    decoded = host_kernels.dequantize_moment(codes, scale, fmt_v)
+    assert decoded[1] > 0 and decoded[2] == 0
+    assert decoded[3].item() == 0.5 and decoded[4].item() == 0.5625
+    # the first moment's stochastic rounding is unbiased: the mean over seeds approaches the value
+    x = torch.full((256 * 64,), 0.3)
+    x[::256] = 1.0  # block scale 1.0: 0.3 lies between two codes
+    seeds = [host_kernels._random20(0, x.numel(), host_kernels._hash32(torch.tensor([s]))) for s in range(8)]
+    means = [host_kernels.dequantize_moment(*host_kernels.quantize_moment(x, fmt_m, r), fmt_m) for r in seeds]
+    got = torch.stack(means).mean(0)[x != 1.0].mean().item()
+    assert got == pytest.approx(0.3, rel=2e-3) and not any(torch.equal(means[0], m) for m in means[1:])
+
+
+@pytest.mark.parametrize("use_extension", PATHS)
+def test_int8_moments_train_like_fp32_on_a_quadratic(use_extension):
+    """Elements whose gradients differ by orders of magnitude within a block (where linear 8-bit quantisation
+    would zero the small ones' second moments and blow their updates up) converge as with FP32 moments."""
+    _skip_without_kernel(use_extension)
+    n = 4096
+    gen = torch.Generator().manual_seed(1)
+    target, p0 = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    curvature = torch.logspace(-3, 1, n)[torch.randperm(n, generator=gen)]
+    losses = {}
+    for dtype in ("fp32", "int8"):
+        p = p0.clone()
+        state = _int8_state(n) if dtype == "int8" else [torch.zeros(n), torch.zeros(n), None, None]
+        for step in range(1, 301):
+            g = (p - target) * curvature
+            fused_adamw_(p, g, state[0], state[1], None, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+                         weight_decay=0.0, step=step, use_extension=use_extension if dtype == "int8" else False,
+                         seed=step, exp_avg_scale=state[2], exp_avg_sq_scale=state[3])  # fmt: skip
+            assert torch.isfinite(p).all()
+        losses[dtype] = ((p - target) ** 2 * curvature).mean().item()
+    start = ((p0 - target) ** 2 * curvature).mean().item()
+    assert losses["int8"] < start / 20 and losses["int8"] == pytest.approx(losses["fp32"], rel=0.5)

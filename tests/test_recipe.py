@@ -392,11 +392,12 @@ def test_progress_bar_names_the_epoch_without_a_negative_total():
 
 
 @pytest.mark.slow
-def test_bf16_optimizer_state_trains_the_default_run_like_fp32(tmp_path):
-    """The embedded default run (tiny model, bundled data, 200 steps) with BF16 AdamW moments ends within 2% of the
-    FP32 state's loss (the mean of the last five logged values; the curves: benchmarks/state_dtype_curves.py)."""
+def test_compact_optimizer_state_trains_the_default_run_like_fp32(tmp_path):
+    """The embedded default run (tiny model, bundled data, 200 steps) with BF16 and with int8 AdamW moments ends
+    within 2% of the FP32 state's loss (the mean of the last five logged values; the curves:
+    benchmarks/state_dtype_curves.py)."""
     finals = {}
-    for dtype in ("fp32", "bf16"):
+    for dtype in ("fp32", "bf16", "int8"):
         run_dir = tmp_path / dtype
         result = sft(f"strategy.optimizer_state_dtype={dtype}", "trainer.limit_val_batches=1", run_dir=run_dir,
                      timeout=600)  # fmt: skip
@@ -405,3 +406,4 @@ def test_bf16_optimizer_state_trains_the_default_run_like_fp32(tmp_path):
         assert len(logged) >= 40 and logged[-1] < logged[0] / 3  # 200 steps, and the loss falls
         finals[dtype] = sum(logged[-5:]) / 5
     assert finals["bf16"] == pytest.approx(finals["fp32"], rel=0.02)
+    assert finals["int8"] == pytest.approx(finals["fp32"], rel=0.02)

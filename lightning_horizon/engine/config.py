@@ -22,8 +22,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-"""``EngineConfig.optimizer_state_dtype`` names."""
+STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+"""``EngineConfig.optimizer_state_dtype`` names (``torch.int8`` stands for blockwise int8/uint8 codes with FP32 block
+scales)."""
 
 _DTYPES = {
     "bf16": torch.bfloat16,
@@ -104,10 +105,14 @@ class EngineConfig:
     """CPU threads of each host kernel (optimizer, gradient fold, upload packing; they may run at once: on a
     16-core H200 host, sharing the cores beat splitting them). None: ``torch.get_num_threads()``."""
     optimizer_state_dtype: str = "fp32"
-    """Dtype of AdamW's two moments on the host: ``fp32`` (exact, 8 bytes/param) or ``bf16`` (4 bytes/param:
-    updated in FP32 by the one-pass AdamW, stored with stochastic rounding so small updates survive in expectation;
-    a plain ``torch.optim.AdamW`` only, other optimizers are refused). A checkpoint saved with the other dtype
-    resumes converted (a warning when values change)."""
+    """Storage of AdamW's two moments on the host: ``fp32`` (exact, 8 bytes/param), ``bf16`` (4 bytes/param,
+    stored with stochastic rounding so small updates survive in expectation) or ``int8`` (2.03 bytes/param: 8-bit
+    codes relative to an FP32 scale per block of 256 elements, in the manner of 8-bit Adam; the first moment
+    signed with stochastic rounding, the second rounded to nearest and never to zero, so ``m / sqrt(v)`` cannot
+    blow up; see ``engine/host_kernels.py`` ``MomentFormat``). Compact moments are decoded, updated in FP32 (the
+    parameter's update uses the FP32 values) and stored again by the one-pass AdamW, so only a plain
+    ``torch.optim.AdamW`` can use them (other optimizers are refused). Checkpoints store the moments as they are;
+    one saved with another setting resumes converted (a warning when values change)."""
 
     device: str | torch.device | None = field(default=None, metadata={"run": "accelerator"})
     """Compute device; None picks ``cuda`` when available, else ``cpu``. The strategy sets it from the Trainer."""

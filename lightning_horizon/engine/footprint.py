@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapter import DecoderParts
+from .host_kernels import QBLOCK
 from .store import _align, unique_groups
 
 STAGING_NUMEL = 64 * 2**20
@@ -108,7 +109,7 @@ def host_bytes(
         gradients = c * (n - shape.embedding_numel) + (4 + c * shape.tied) * shape.embedding_numel
     out = {
         "masters": master_bytes * n,
-        "optimizer state": optimizer_state_bytes * shape.num_params,
+        "optimizer state": int(optimizer_state_bytes * shape.num_params),
         "gradients": gradients,
     }
     if grad_pool and not accumulate:
@@ -167,12 +168,15 @@ PREFLIGHT_MARGIN_BYTES = 2**30
 """Host memory a preflight leaves free beyond what the run still allocates (page cache, allocator slack)."""
 
 
-def adamw_state_bytes(state_dtype: torch.dtype = torch.float32) -> int:
-    """Bytes per parameter of AdamW's two moments in ``state_dtype`` (``EngineConfig.optimizer_state_dtype``)."""
+def adamw_state_bytes(state_dtype: torch.dtype = torch.float32) -> float:
+    """Bytes per parameter of AdamW's two moments in ``state_dtype`` (``EngineConfig.optimizer_state_dtype``; int8
+    codes carry an FP32 scale per moment and block of ``QBLOCK`` elements)."""
+    if state_dtype == torch.int8:
+        return 2 + 2 * 4 / QBLOCK
     return 2 * state_dtype.itemsize
 
 
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer, state_dtype: torch.dtype = torch.float32) -> int:
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer, state_dtype: torch.dtype = torch.float32) -> float:
     """Bytes per parameter of ``optimizer``'s state once it has stepped: AdamW's moments in ``state_dtype``, Adam 8
     (12 with ``amsgrad``), SGD 4 with momentum and 0 without, anything else assumed 8 (Adam-like)."""
     defaults = optimizer.defaults
@@ -207,7 +211,7 @@ def still_to_allocate(
         for opt in optimizers
         if not opt.state
     )
-    out = {"optimizer state": state}
+    out = {"optimizer state": int(state)}
     out["gradients"] = 4 * shape.store_numel if accumulate else 4 * shape.embedding_numel
     if on_gpu and not weight_copy:
         out["upload staging"] = 2 * shape.staging_numel * c

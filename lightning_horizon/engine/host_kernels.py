@@ -21,6 +21,8 @@ build fails (one warning), and every function then computes the same values with
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import math
 import os
@@ -63,7 +65,14 @@ def _load():
             _module = load(
                 name=f"lightning_horizon_host_kernels_{_cpu_tag()}",
                 sources=[str(_SOURCE)],
-                extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"],
+                extra_cflags=[
+                    "-O3",
+                    "-march=native",
+                    "-fopenmp",
+                    "-fno-math-errno",
+                    "-fno-trapping-math",
+                    "-ffp-contract=off",
+                ],
                 extra_ldflags=["-fopenmp"],
                 verbose=False,
             )
@@ -111,6 +120,8 @@ def fused_adamw_(
     num_threads: int | None = None,
     use_extension: bool | None = None,
     seed: int = 0,
+    exp_avg_scale: torch.Tensor | None = None,
+    exp_avg_sq_scale: torch.Tensor | None = None,
 ) -> None:
     """One AdamW step (``maximize=False``, ``amsgrad=False``) on flat contiguous CPU tensors, in place.
 
@@ -118,7 +129,10 @@ def fused_adamw_(
         param: FP32. grad: BF16 or FP32 (read only: scaling and clamping are not written back).
         exp_avg, exp_avg_sq: FP32, or both BF16 (``optimizer_state_dtype="bf16"``): the moments are then updated in
             FP32 and stored with stochastic rounding, unbiased, its random bits a hash of each element's index and
-            ``seed`` (the same in the kernel and the fallback).
+            ``seed`` (the same in the kernel and the fallback). Or int8 ``exp_avg`` and uint8 ``exp_avg_sq``
+            (``optimizer_state_dtype="int8"``): blockwise codes (:class:`MomentFormat`, ``QBLOCK`` elements per
+            block) with their FP32 block scales ``exp_avg_scale`` and ``exp_avg_sq_scale``, decoded, updated in FP32
+            (the parameter's update uses the FP32 moments) and encoded again in the same pass.
         copy: BF16 buffer that receives ``param.to(torch.bfloat16)`` after the update, or None.
         step: The step count *after* incrementing (1 on the first step), as in ``state["step"]``.
         clip_coef: Multiplies the gradient first (``clip_grad_norm_``'s coefficient).
@@ -150,18 +164,31 @@ def fused_adamw_(
             value,
             _threads(num_threads),
             int(seed) & 0xFFFFFFFF,
+            exp_avg_scale,
+            exp_avg_sq_scale,
         )
         return
-    _reference(param, grad, exp_avg, exp_avg_sq, copy, lr, beta1, beta2, eps, weight_decay, step, coef, value, seed)
+    _reference(
+        param, grad, exp_avg, exp_avg_sq, copy, lr, beta1, beta2, eps, weight_decay, step, coef, value, seed,
+        exp_avg_scale, exp_avg_sq_scale,
+    )  # fmt: skip
 
 
-def _reference(param, grad, exp_avg, exp_avg_sq, copy, lr, beta1, beta2, eps, weight_decay, step, coef, value, seed):
+def _reference(
+    param, grad, exp_avg, exp_avg_sq, copy, lr, beta1, beta2, eps, weight_decay, step, coef, value, seed,
+    exp_avg_scale=None, exp_avg_sq_scale=None,
+):  # fmt: skip
     """The pure-PyTorch path: torch's single-tensor AdamW formula, chunk by chunk (BF16 moments: in FP32, stored
-    with the kernel's stochastic rounding)."""
+    with the kernel's stochastic rounding; int8 moments: decoded, updated in FP32, encoded as the kernel does)."""
     if param.dtype != torch.float32:
         raise ValueError("param must be float32")
-    if exp_avg.dtype not in (torch.float32, torch.bfloat16) or exp_avg_sq.dtype != exp_avg.dtype:
-        raise ValueError("exp_avg and exp_avg_sq must both be float32 or both bfloat16")
+    quantized = exp_avg.dtype == torch.int8
+    if quantized:
+        _check_int8_state(param.numel(), exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale)
+    elif exp_avg.dtype not in (torch.float32, torch.bfloat16) or exp_avg_sq.dtype != exp_avg.dtype:
+        raise ValueError(
+            "exp_avg and exp_avg_sq must both be float32, both bfloat16, or int8 and uint8 (with their scales)"
+        )
     if grad.dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"grad must be float32 or bfloat16, got {grad.dtype}")
     n = param.numel()
@@ -177,7 +204,12 @@ def _reference(param, grad, exp_avg, exp_avg_sq, copy, lr, beta1, beta2, eps, we
     with torch.no_grad():
         for start in range(0, n, _FALLBACK_CHUNK):
             p, g, m_stored, v_stored = (t[start : start + _FALLBACK_CHUNK] for t in flat)
-            m, v = (m_stored.float(), v_stored.float()) if compact else (m_stored, v_stored)
+            blocks = slice(start // QBLOCK, (start + p.numel() + QBLOCK - 1) // QBLOCK)
+            if quantized:
+                m = dequantize_moment(m_stored, exp_avg_scale[blocks], EXP_AVG_FORMAT)
+                v = dequantize_moment(v_stored, exp_avg_sq_scale[blocks], EXP_AVG_SQ_FORMAT)
+            else:
+                m, v = (m_stored.float(), v_stored.float()) if compact else (m_stored, v_stored)
             g = g.float() if g.dtype != torch.float32 else g.clone() if coef is not None or value is not None else g
             if coef is not None:
                 g.mul_(coef)
@@ -187,7 +219,14 @@ def _reference(param, grad, exp_avg, exp_avg_sq, copy, lr, beta1, beta2, eps, we
                 p.mul_(1 - lr * weight_decay)
             m.lerp_(g, 1 - beta1)
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            if compact:  # one 32-bit hash per element: its low half rounds m, its high half v
+            if quantized:
+                codes, exp_avg_scale[blocks] = quantize_moment(
+                    m, EXP_AVG_FORMAT, _random20(start, m.numel(), seed_bits)
+                )
+                m_stored.copy_(codes)
+                codes, exp_avg_sq_scale[blocks] = quantize_moment(v, EXP_AVG_SQ_FORMAT)
+                v_stored.copy_(codes)
+            elif compact:  # one 32-bit hash per element: its low half rounds m, its high half v
                 index = torch.arange(start, start + m.numel(), dtype=torch.int64)
                 r = _hash32(((index * 0x9E3779B9) & _MASK32) ^ seed_bits)
                 m_stored.copy_(_stochastic_bf16(m, r & 0xFFFF))
@@ -196,6 +235,15 @@ def _reference(param, grad, exp_avg, exp_avg_sq, copy, lr, beta1, beta2, eps, we
             p.addcdiv_(m, denom, value=-step_size)
             if copy_flat is not None:
                 copy_flat[start : start + _FALLBACK_CHUNK].copy_(p)
+
+
+def _check_int8_state(n, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale) -> None:
+    blocks = (n + QBLOCK - 1) // QBLOCK
+    if exp_avg_sq.dtype != torch.uint8:
+        raise ValueError(f"with int8 exp_avg, exp_avg_sq must be uint8, got {exp_avg_sq.dtype}")
+    for name, t in (("exp_avg_scale", exp_avg_scale), ("exp_avg_sq_scale", exp_avg_sq_scale)):
+        if t is None or t.dtype != torch.float32 or t.numel() != blocks or not t.is_contiguous():
+            raise ValueError(f"int8 moments need {name}: a contiguous float32 tensor of {blocks} block scales")
 
 
 _MASK32 = 0xFFFFFFFF
@@ -218,6 +266,105 @@ def _stochastic_bf16(values: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     out = rounded.to(torch.int32).to(torch.int16).view(torch.bfloat16)
     finite = torch.isfinite(values)
     return torch.where(finite, out, values.to(torch.bfloat16))
+
+
+# ------------------------------------------------------------------------------ int8 blockwise optimizer state
+QBLOCK = 256
+"""Elements per quantisation block of int8 moments: each block has one FP32 scale per moment (0.03 bytes/param)."""
+_MANTISSA = 3  # mantissa bits of both int8 moment formats
+
+
+@dataclasses.dataclass(frozen=True)
+class MomentFormat:
+    """An 8-bit floating-point code of a moment relative to its block's scale (the block's largest magnitude, kept
+    in FP32): code 0 is zero, code ``c >= 1`` is ``2 ** (E - bias) * (1 + f / 8)`` with ``E, f = divmod(c - 1, 8)``,
+    so the block's largest element is exactly 1.0 and smaller ones keep 3 mantissa bits over ``bias`` binades.
+
+    * ``exp_avg`` (signed, int8): sign and magnitude codes 0..121, 15 binades below the block maximum; stochastic
+      rounding (unbiased: small changes of a moment survive in expectation), values under the smallest code round
+      to it or to zero with the matching probability.
+    * ``exp_avg_sq`` (unsigned, uint8): codes 0..249, 31 binades; round to nearest; a positive value never becomes
+      zero (below the smallest code it is stored as the smallest code). A second moment rounded to zero would make
+      ``m / (sqrt(v) + eps)`` explode; rounded up, the update can only shrink.
+    """
+
+    bias: int
+    signed: bool
+
+    @property
+    def max_code(self) -> int:
+        return 1 + 8 * self.bias
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.int8 if self.signed else torch.uint8
+
+    @functools.cached_property
+    def table(self) -> torch.Tensor:
+        """The value of each code (indexed by the code's byte), FP32: the float whose bits are ``(c - 1) << 20``
+        over the format's exponent bias (the kernel decodes with the same integer ops)."""
+        codes = torch.arange(256, dtype=torch.int64)
+        if self.signed:
+            codes = torch.where(codes > 127, codes - 256, codes)
+        mag = codes.abs()
+        bits = (((mag - 1) << 20) + ((127 - self.bias) << 23)) & _MASK32
+        value = bits.to(torch.int32).view(torch.float32)
+        value = torch.where(mag > 0, value, torch.zeros(()))
+        return torch.where(codes < 0, -value, value)
+
+
+EXP_AVG_FORMAT = MomentFormat(bias=15, signed=True)
+EXP_AVG_SQ_FORMAT = MomentFormat(bias=31, signed=False)
+
+
+def dequantize_moment(codes: torch.Tensor, scale: torch.Tensor, fmt: MomentFormat) -> torch.Tensor:
+    """FP32 values of int8/uint8 ``codes`` (flat or any shape, ``QBLOCK`` elements per ``scale`` entry)."""
+    flat = codes.reshape(-1)
+    values = fmt.table[flat.view(torch.uint8).to(torch.int64)]
+    per_element = scale.reshape(-1).repeat_interleave(QBLOCK)[: flat.numel()]
+    return (values * per_element).view(codes.shape)
+
+
+def quantize_moment(
+    values: torch.Tensor, fmt: MomentFormat, random_bits: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, scales)`` of FP32 ``values`` (flat), block by block as the kernel stores them. ``random_bits``
+    (int64, 20 random bits per element) select stochastic rounding for a signed format; None rounds to nearest."""
+    n = values.numel()
+    blocks = (n + QBLOCK - 1) // QBLOCK
+    padded = torch.zeros(blocks * QBLOCK, dtype=torch.float32)
+    padded[:n] = values.reshape(-1)
+    padded = padded.view(blocks, QBLOCK)
+    magnitude = padded.abs() if fmt.signed else padded
+    scale = magnitude.amax(dim=1, keepdim=True)  # NaN propagates: a diverged block stays diverged
+    usable = (scale > 0) & torch.isfinite(scale)
+    u = torch.where(usable, magnitude / torch.where(usable, scale, torch.ones(())), torch.zeros(()))
+    bits = u.view(torch.int32).to(torch.int64)
+    if random_bits is None:
+        add: torch.Tensor | int = 1 << 19
+        low = (u * 2.0**fmt.bias >= 0.5).to(torch.int64)
+    else:
+        r = torch.zeros(blocks * QBLOCK, dtype=torch.int64)
+        r[:n] = random_bits.reshape(-1)
+        add = r.view(blocks, QBLOCK)
+        low = (add < (u.clamp(max=2.0**-fmt.bias) * 2.0 ** (fmt.bias + 20)).to(torch.int32)).to(torch.int64)
+    code = ((bits + add) >> 20) - (((127 - fmt.bias) << _MANTISSA) - 1)
+    below = u < 2.0**-fmt.bias
+    if fmt.signed:
+        code = torch.where(below, low, code)
+        code = torch.where(padded < 0, -code, code)
+    else:  # never zero for a positive value
+        code = torch.where(below, torch.ones_like(code), code)
+        code = torch.where(u > 0, code, torch.zeros_like(code))
+    codes = code.reshape(-1)[:n].to(fmt.dtype)
+    return codes, scale.reshape(-1)
+
+
+def _random20(start: int, count: int, seed_bits: torch.Tensor) -> torch.Tensor:
+    """20 random bits per element (the top of the kernel's per-element hash) for the stochastic rounding of int8
+    ``exp_avg``."""
+    index = torch.arange(start, start + count, dtype=torch.int64)
+    return _hash32(((index * 0x9E3779B9) & _MASK32) ^ seed_bits) >> 12
 
 
 def fold_(
@@ -280,50 +427,87 @@ def adamw_group_scalars(optimizer: torch.optim.Optimizer, group: dict) -> dict[s
 
 def adamw_state(
     state: dict, param: torch.Tensor, group: dict, moments: torch.dtype = torch.float32
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """``(step, exp_avg, exp_avg_sq)`` of one parameter's AdamW state with moments of dtype ``moments``, initialised
-    as torch's AdamW does on its first step when empty; moments of the other dtype (a resumed checkpoint) are
-    converted in place in ``state`` (with a warning when values change: FP32 moments made BF16). None when the
-    state is not CPU tensors the kernel can update in place."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+    """``(step, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale)`` of one parameter's AdamW state with moments
+    stored as ``moments`` (FP32, BF16, or ``torch.int8``: int8/uint8 codes with FP32 block scales; the scales are
+    None otherwise), initialised as torch's AdamW does on its first step when empty; moments stored otherwise (a
+    resumed checkpoint) are converted in place (:func:`convert_adamw_state`). None when the state is not CPU tensors
+    the kernel can update in place."""
     if len(state) == 0:
         with torch.inference_mode(False):
             # torch.optim.Adam._init_group: a 0-dim CPU `step`, float32 for fused (the default dtype's otherwise)
             fused = group.get("fused") or group.get("capturable")
             dtype = torch.float64 if not fused and torch.get_default_dtype() == torch.float64 else torch.float32
             state["step"] = torch.zeros((), dtype=dtype, device=param.device)
-            state["exp_avg"] = torch.zeros_like(param, dtype=moments, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, dtype=moments, memory_format=torch.preserve_format)
-    step, exp_avg, exp_avg_sq = state.get("step"), state.get("exp_avg"), state.get("exp_avg_sq")
+            for key, fmt in _FORMATS.items():
+                code_dtype = fmt.dtype if moments == torch.int8 else moments
+                state[key] = torch.zeros_like(param, dtype=code_dtype, memory_format=torch.preserve_format)
+                if moments == torch.int8:
+                    state[key + "_scale"] = torch.zeros(_num_blocks(param.numel()), dtype=torch.float32)
+    step = state.get("step")
     if not isinstance(step, torch.Tensor) or step.numel() != 1 or step.device.type != "cpu" or step.requires_grad:
         return None
-    for key, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        ok = isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.bfloat16) and t.device.type == "cpu"
+    for key in _FORMATS:
+        t = state.get(key)
+        ok = isinstance(t, torch.Tensor) and t.dtype in _STORED_DTYPES and t.device.type == "cpu"
         if not ok or t.shape != param.shape or not t.is_contiguous() or t.requires_grad:
             return None
-        if t.dtype != moments:
-            state[key] = convert_moment(t, moments)
-    return step, state["exp_avg"], state["exp_avg_sq"]
+    convert_adamw_state(state, moments)
+    scales = (state["exp_avg_scale"], state["exp_avg_sq_scale"]) if moments == torch.int8 else (None, None)
+    return step, state["exp_avg"], state["exp_avg_sq"], *scales
+
+
+_FORMATS = {"exp_avg": EXP_AVG_FORMAT, "exp_avg_sq": EXP_AVG_SQ_FORMAT}
+_STORED_DTYPES = (torch.float32, torch.bfloat16, torch.int8, torch.uint8)
+_STATE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int8: "int8"}
+
+
+def _num_blocks(numel: int) -> int:
+    return (numel + QBLOCK - 1) // QBLOCK
+
+
+def stored_moments_dtype(state: dict) -> torch.dtype | None:
+    """How an AdamW state's moments are stored: FP32, BF16, ``torch.int8`` (codes and block scales), or None (no
+    moments)."""
+    t = state.get("exp_avg")
+    if not isinstance(t, torch.Tensor):
+        return None
+    return torch.int8 if t.dtype in (torch.int8, torch.uint8) else t.dtype
 
 
 _conversion_warned: set[tuple[torch.dtype, torch.dtype]] = set()
 
 
-def convert_moment(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An optimizer moment in ``dtype``; warns once per direction when the conversion changes values (FP32 state
-    resumed with BF16 moments; BF16 state resumed in FP32 is exact, and so is BF16 state that PyTorch's
-    ``load_state_dict`` widened to the parameter's FP32)."""
+def convert_adamw_state(state: dict, dtype: torch.dtype) -> None:
+    """Stores an AdamW state's moments as ``dtype`` (FP32, BF16 or ``torch.int8``), in place: int8 codes are decoded
+    exactly to FP32, then rounded to the target (to nearest for int8). Warns once per direction when values change
+    (FP32 state resumed with BF16 or int8 moments; BF16 and int8 resumed in FP32 are exact)."""
+    current = stored_moments_dtype(state)
+    if current is None or current == dtype:
+        return
+    exact = True
     with torch.inference_mode(False):
-        out = t.to(dtype)
-    exact = dtype == torch.float32 or torch.equal(out.to(t.dtype), t)
-    key = (t.dtype, dtype)
-    if not exact and key not in _conversion_warned:
-        _conversion_warned.add(key)
+        for key, fmt in _FORMATS.items():
+            t = state[key]
+            if current == torch.int8:
+                values = dequantize_moment(t, state.pop(key + "_scale"), fmt)
+            else:
+                values = t.float()
+            if dtype == torch.int8:
+                codes, scale = quantize_moment(values, fmt)
+                state[key], state[key + "_scale"] = codes.view(t.shape), scale
+                exact = exact and torch.equal(dequantize_moment(codes, scale, fmt).view(t.shape), values)
+            else:
+                state[key] = values.to(dtype)
+                exact = exact and (dtype == torch.float32 or torch.equal(state[key].float(), values))
+    if not exact and (current, dtype) not in _conversion_warned:
+        _conversion_warned.add((current, dtype))
         warnings.warn(
-            f"optimizer state of dtype {t.dtype} converted to {dtype} (optimizer_state_dtype differs from the "
-            "checkpoint's): the moments are rounded once",
+            f"optimizer state stored as {_STATE_NAMES.get(current, current)} converted to "
+            f"{_STATE_NAMES.get(dtype, dtype)} (optimizer_state_dtype differs from the checkpoint's): the moments "
+            "are rounded once",
             stacklevel=4,
         )
-    return out
 
 
 def _as_float(value) -> float:

@@ -29,7 +29,14 @@ from typing import Any
 
 import torch
 
-from .host_kernels import adamw_group_scalars, adamw_state, convert_moment, fused_adamw_, host_kernels_available
+from .host_kernels import (
+    adamw_group_scalars,
+    adamw_state,
+    convert_adamw_state,
+    fused_adamw_,
+    host_kernels_available,
+    stored_moments_dtype,
+)
 from .store import GradState, HostStore, StoreGroup, StoreParam
 from .workers import WorkerGroup
 
@@ -263,7 +270,7 @@ class LayerOptimizer:
             if copy is not None and not waited and group.h2d_event is not None:
                 group.h2d_event.synchronize()  # no upload still reads the old copy
                 waited = True
-            step, exp_avg, exp_avg_sq = state
+            step, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale = state
             step.add_(1)  # as torch's AdamW does before its update
             span = slice(sp.offset, sp.offset + sp.numel)
             grad = group.grad_lp if in_lp else group.grad
@@ -282,6 +289,8 @@ class LayerOptimizer:
                 clip_value=entry.clip_value,
                 use_extension=None if self.use_fused else False,
                 seed=int(step.item()) * 1_000_003 + sp.offset,  # stochastic rounding of compact moments
+                exp_avg_scale=exp_avg_scale,
+                exp_avg_sq_scale=exp_avg_sq_scale,
                 **hyper,
             )
         stepped = len(rest) < len(entries)
@@ -312,7 +321,7 @@ def check_state_dtype(optimizer: torch.optim.Optimizer, state_dtype: torch.dtype
     one-pass AdamW only: a plain ``torch.optim.AdamW`` without amsgrad/maximize, scalar hyper-parameters)."""
     if state_dtype == torch.float32:
         return
-    name = {torch.bfloat16: "bf16"}.get(state_dtype, str(state_dtype))
+    name = {torch.bfloat16: "bf16", torch.int8: "int8"}.get(state_dtype, str(state_dtype))
     if type(optimizer) is not torch.optim.AdamW or any(
         adamw_group_scalars(optimizer, g) is None for g in optimizer.param_groups
     ):
@@ -325,20 +334,26 @@ def check_state_dtype(optimizer: torch.optim.Optimizer, state_dtype: torch.dtype
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict, state_dtype: torch.dtype) -> None:
     """``optimizer.load_state_dict(state_dict)`` with AdamW's moments going straight into ``state_dtype`` (PyTorch's
-    own load widens every moment to the parameter's FP32 first: with compact moments, twice their memory at once)."""
-    if state_dtype == torch.float32:
+    own load casts every state tensor to the parameter's FP32 first: with compact moments, several times their
+    memory at once, and int8 codes would become numbers without their block scales)."""
+    quantized = any(stored_moments_dtype(s) == torch.int8 for s in state_dict["state"].values())
+    if state_dtype == torch.float32 and not quantized:
         optimizer.load_state_dict(state_dict)
         return
     check_state_dtype(optimizer, state_dtype)
+    if quantized and type(optimizer) is not torch.optim.AdamW:
+        raise ValueError(
+            f"this checkpoint holds int8 AdamW moments (optimizer_state_dtype=int8); the resumed optimizer is a "
+            f"{type(optimizer).__name__}: resume with torch.optim.AdamW"
+        )
     optimizer.load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
     params = [p for g in optimizer.param_groups for p in g["params"]]
     ids = [i for g in state_dict["param_groups"] for i in g["params"]]
     by_id = dict(zip(ids, params))
     for pid, saved in state_dict["state"].items():
         state = optimizer.state[by_id[pid]]
-        for key, value in saved.items():
-            moment = key in ("exp_avg", "exp_avg_sq") and isinstance(value, torch.Tensor)
-            state[key] = convert_moment(value, state_dtype) if moment else value
+        state.update(saved)
+        convert_adamw_state(state, state_dtype)
 
 
 def _snapshot(value):
