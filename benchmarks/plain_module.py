@@ -6,6 +6,13 @@ initialisation), the optimizer is ``torch.optim.AdamW`` from ``configure_optimiz
 included, median step after warm-up, host bytes/param = peak RSS / N)::
 
     python benchmarks/plain_module.py --model qwen2_3b --batch 8 --seq 1024 --steps 8 --out plain.json
+
+``--state-dtype`` and ``--strategy key=value`` pass settings to ``HorizonStrategy`` (the only departure from the
+default strategy); ``--clip`` sets ``Trainer(gradient_clip_val=...)``. Besides speed and memory it reports the bytes
+that crossed PCIe per step (the engine's counters) and the host-memory bytes moved per step: the optimizer's
+per-parameter traffic (its kernel's reads and writes of gradient, master, moments and weight copy) times N, plus the
+PCIe bytes (each read or written once on the host), plus the FP32 -> BF16 packing of uploads when there is no
+weight copy (4 bytes read, 2 written per uploaded element).
 """
 
 from __future__ import annotations
@@ -18,12 +25,16 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import yaml
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
 import lightning_horizon  # noqa: F401  (registers strategy="horizon")
+from lightning_horizon import HorizonStrategy
 from lightning_horizon.benchmark import RssSampler, SyntheticTokens
+from lightning_horizon.engine.config import STATE_DTYPES
+from lightning_horizon.engine.footprint import ADAMW_STATE_BYTES, adamw_state_bytes
 from lightning_horizon.models import ModelConfig, build_hf_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
@@ -52,6 +63,12 @@ class Plain(L.LightningModule):
 class StepEnds(L.Callback):
     def __init__(self) -> None:
         self.ends: list[float] = []
+        self.engine: dict = {}
+
+    def on_train_end(self, trainer, *args) -> None:
+        engine = getattr(trainer.strategy, "engine", None)  # closed at teardown: read its counters before
+        if engine is not None:
+            self.engine = dict(engine.stats, weight_copy=bool(engine.config.weight_copy))
 
     def on_train_batch_end(self, trainer, *args) -> None:
         if torch.cuda.is_available():
@@ -67,7 +84,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default=None, help="write the result as JSON here")
+    parser.add_argument("--state-dtype", default=None, choices=list(STATE_DTYPES), help="optimizer_state_dtype")
+    parser.add_argument("--clip", type=float, default=None, help="Trainer(gradient_clip_val=...)")
+    parser.add_argument("--strategy", nargs="*", default=[], metavar="KEY=VALUE", help="other HorizonStrategy args")
     args = parser.parse_args()
+    settings = dict(_setting(kv) for kv in args.strategy)
+    if args.state_dtype:
+        settings["optimizer_state_dtype"] = args.state_dtype
     raw = OmegaConf.to_container(OmegaConf.load(CONF / f"{args.model}.yaml"), resolve=True)
     hf_config = build_hf_config(
         ModelConfig.from_dict(raw.get("model", raw)), vocab_size=2048
@@ -76,8 +99,9 @@ def main() -> None:
     data = SyntheticTokens(hf_config.vocab_size, args.seq, args.batch * (args.steps + 1))
     timer = StepEnds()
     trainer = L.Trainer(
-        strategy="horizon",
+        strategy=HorizonStrategy(**settings) if settings else "horizon",
         precision="bf16-mixed",
+        gradient_clip_val=args.clip,
         devices=1,
         max_steps=args.steps,
         logger=False,
@@ -91,6 +115,15 @@ def main() -> None:
     num_params = sum(p.numel() for p in module.model.parameters())  # each Parameter once: tied weights once
     step_s = statistics.median([b - a for a, b in zip(timer.ends, timer.ends[1:])][args.warmup :])
     tokens = args.batch * args.seq
+    engine = timer.engine
+    steps_run = max(1, args.steps)
+    pcie = (engine.get("bytes_h2d", 0) + engine.get("bytes_d2h", 0)) / steps_run
+    state = adamw_state_bytes(STATE_DTYPES[args.state_dtype or "fp32"])
+    optimizer_traffic = 28 - 2 * (ADAMW_STATE_BYTES - state)  # the one-pass AdamW's reads and writes per param
+    copy = engine.get("weight_copy", True)
+    packing = 0 if copy else 3 * engine.get("bytes_h2d", 0) / steps_run  # read FP32 (2x the BF16 bytes) + write
+    if not copy:
+        optimizer_traffic -= 2  # no weight copy written
     result = {
         "system": "horizon, plain LightningModule (configure_model, torch AdamW, default strategy)",
         "model": args.model,
@@ -102,11 +135,20 @@ def main() -> None:
         "host_peak_gib": rss.peak / 2**30,
         "host_bytes_per_param": rss.peak / num_params,
         "gpu_peak_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0,
+        "settings": settings | {"gradient_clip_val": args.clip},
+        "pcie_bytes_per_step": pcie,
+        "host_bytes_moved_per_step": optimizer_traffic * num_params + pcie + packing,
+        "engine": engine,
         "losses": [float(x) for x in module.losses],
     }
     print(json.dumps({k: v for k, v in result.items() if k != "losses"}))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+def _setting(text: str) -> tuple[str, object]:
+    key, _, value = text.partition("=")
+    return key, yaml.safe_load(value) if value else None
 
 
 if __name__ == "__main__":
