@@ -14,8 +14,11 @@ through ``/proc/self/clear_refs`` after the imports) is compared with:
 The issue's bound (``peak <= final footprint + one layer``) leaves the optimizer state and the gradients (12 bytes
 per parameter here) as slack, so a whole-model copy during setup would pass it. Each case therefore also checks the
 *setup* bound: until the first step starts, the process holds at most what the engine has allocated by then (the
-masters, and the weight copy where there is one) plus one layer. A copy of the whole model (an FP32 ``state_dict``
-clone, a ``.to()`` of every parameter, a non-streaming read of the checkpoint) exceeds it by 0.5 to 1 GB.
+masters; the weight copy and the pooled gradient buffers where there are some; a restored optimizer state) plus one
+layer. A copy of the whole model (an FP32 ``state_dict`` clone, the user's BF16 tensors kept alive until the whole
+store is built, a memory-mapped read of a single-file checkpoint) exceeds it by 0.5 to 1 GB: the negative controls
+(:func:`test_the_bounds_catch_a_whole_model_copy`) put each back and check that the bound catches it. (Converting
+a model with ``model.float()`` is no such copy: PyTorch converts and frees parameter by parameter.)
 """
 
 from __future__ import annotations
@@ -106,9 +109,12 @@ def _child(case: str, workdir: str) -> dict:
             state = footprint.optimizer_state_bytes(optimizer, engine.config.state_dtype)
             cfg = engine.config
             on_gpu = engine.device.type == "cuda"
+            pool = getattr(engine.sink, "pool", None)
+            counts = {"grad_pool": len(pool.buffers)} if pool is not None else {}
             parts = footprint.host_bytes(
-                engine.shape, engine.dtype, cfg.accumulate_grads, cfg.weight_copy, cfg.num_grad_slabs, on_gpu, state
-            )
+                engine.shape, engine.dtype, cfg.accumulate_grads, cfg.weight_copy, cfg.num_grad_slabs, on_gpu, state,
+                **counts,
+            )  # fmt: skip
             parts.pop("process overhead")
             out["footprint"] = parts
             restored = sum(  # optimizer state that exists before the first step (restored from a checkpoint)
@@ -117,7 +123,10 @@ def _child(case: str, workdir: str) -> dict:
                 for t in st.values()
                 if isinstance(t, torch.Tensor)
             )
-            out["allocated_at_setup"] = parts["masters"] + parts.get("weight copy", 0) + restored
+            # Pooled gradient buffers are allocated with the engine, but resident only when pinned (on a GPU): on the
+            # CPU they are untouched until the first backward, and counting them would hide a copy of their size.
+            pooled = sum(b.numel() * b.element_size() for b in pool.buffers) if pool is not None and on_gpu else 0
+            out["allocated_at_setup"] = parts["masters"] + parts.get("weight copy", 0) + pooled + restored
             out["one_layer"] = max(g.master.numel() * 4 for g in engine.store.groups)
             out["params"] = engine.shape.num_params
             out["adopted"] = all(  # the parameters are views into the store's buffers
