@@ -74,11 +74,12 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from lightning_horizon.config_groups import engine_config
 from lightning_horizon.engine.adapter import describe
-from lightning_horizon.engine.config import EngineConfig, as_dtype
+from lightning_horizon.engine.config import GRAD_POOL_BUFFERS, EngineConfig, as_dtype
 from lightning_horizon.engine.footprint import (
     ADAMW_STATE_BYTES,
     StoreShape,
     adamw_state_bytes,
+    grad_pool_needed,
     host_bytes,
     weight_copy_fits,
 )
@@ -343,6 +344,13 @@ def plan_shape(shape: ModelShape, hardware: HardwareProfile, settings: PlanSetti
     accumulate = s.accumulate_grad_batches > 1
     # the strategy's rule (automatic optimization, as the recipes train): updates during the backward unless clipping
     run = dataclasses.replace(s.engine, accumulate_grads=accumulate, updates_in_backward=not s.clip_gradients)
+    if run.grad_pool_buffers is None:  # the engine's rule, against this machine's host memory
+        whole = host_bytes(
+            shape.store, s.compute_dtype, accumulate, False, s.engine.num_grad_slabs, hardware.has_gpu,
+            optimizer_state_bytes=state_bytes, master_bytes=m,
+        )  # fmt: skip
+        needed = grad_pool_needed(whole, hardware.host_memory_bytes)
+        run = dataclasses.replace(run, grad_pool_buffers=GRAD_POOL_BUFFERS if needed else 0)
     pool = run.pooled_grads
 
     def footprint(weight_copy: bool) -> dict[str, int]:  # the engine's own accounting (engine/footprint.py)

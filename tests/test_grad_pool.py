@@ -72,7 +72,7 @@ def test_pooled_gradients_give_bit_identical_weights(precision, tied):
     and (b) while they run the groups never point at more than the pool's buffers."""
     ref = tiny_model("qwen2", tied=tied, layers=6)  # enough layers for four buffers to hold less than the model
     watch = PoolWatch()
-    pooled, engine = fit(clone(ref), steps=24, precision=precision, callbacks=[watch])
+    pooled, engine = fit(clone(ref), steps=24, precision=precision, callbacks=[watch], grad_pool_buffers=4)
     whole, whole_engine = fit(clone(ref), steps=24, precision=precision, grad_pool_buffers=0)
     assert_identical(pooled.model, whole.model)
     assert pooled.losses == whole.losses
@@ -81,7 +81,7 @@ def test_pooled_gradients_give_bit_identical_weights(precision, tied):
     assert whole_engine.config.updates_in_backward and whole_engine.sink.pool is None
     pool = engine.sink.pool
     assert engine.num_overlapped_updates > 0
-    assert 1 <= pool.peak_leased <= len(pool.buffers) == EngineConfig().grad_pool_buffers
+    assert 1 <= pool.peak_leased <= len(pool.buffers) == 4
     assert len(watch.samples) == 24 * (6 + 3 - tied)  # every step: embedding, layers, norm, untied lm_head
     assert all(count <= len(pool.buffers) and in_pool for count, in_pool in watch.samples)
     itemsize = engine.dtype.itemsize
@@ -163,11 +163,11 @@ def test_the_engine_falls_back_to_whole_buffers_when_updates_may_not_follow(case
     if case == "two forward passes":
         raw_two_passes(want, grad_pool_buffers=0)
         with pytest.warns(UserWarning, match=message):
-            engine = raw_two_passes(got, updates_in_backward=True)
+            engine = raw_two_passes(got, updates_in_backward=True, grad_pool_buffers=4)
     else:
         raw_run(want, steps=4, grad_pool_buffers=0, **kwargs)
         with pytest.warns(UserWarning, match=message):
-            engine = raw_run(got, steps=4, updates_in_backward=True, **kwargs)
+            engine = raw_run(got, steps=4, updates_in_backward=True, grad_pool_buffers=4, **kwargs)
     assert engine.sink.pool is None
     assert_identical(got, want)
 
@@ -228,12 +228,30 @@ def test_whole_model_buffers_whenever_gradients_wait_for_the_step(case):
 
 
 def test_settings():
-    assert EngineConfig(updates_in_backward=True).pooled_grads == 4
+    assert EngineConfig(updates_in_backward=True, grad_pool_buffers=4).pooled_grads == 4
     assert EngineConfig(updates_in_backward=True, accumulate_grads=True).pooled_grads == 0
     assert EngineConfig(updates_in_backward=True, grad_pool_buffers=0).pooled_grads == 0
     assert EngineConfig(grad_pool_buffers=2).pooled_grads == 0  # the run does not say the updates follow
     for bad in (1, -1, True):
         with pytest.raises(ValueError, match="grad_pool_buffers"):
             EngineConfig(grad_pool_buffers=bad)
+    with pytest.raises(ValueError, match="decided by resolve"):
+        EngineConfig(updates_in_backward=True).pooled_grads  # noqa: B018  (automatic: not decided yet)
+
+
+@pytest.mark.parametrize("fits", [True, False])
+def test_the_pool_is_chosen_when_whole_buffers_do_not_fit(monkeypatch, fits):
+    """grad_pool_buffers=None: whole-model buffers where the host holds them (the updates also overlap the next
+    forward), the pool of four where it does not."""
+    from lightning_horizon import hardware
+
+    available = 64 * 2**30 if fits else 1
+    monkeypatch.setattr(hardware, "_usable_host_memory_bytes", lambda: available)
+    engine = HorizonEngine(tiny_model("qwen2", layers=6), device="cpu", compute_dtype="bf16", updates_in_backward=True)
+    try:
+        assert engine.config.grad_pool_buffers == (0 if fits else 4)
+        assert engine.config.pooled_grads == (0 if fits else 4)
+    finally:
+        engine.close()
     with pytest.raises(ValueError, match="updates_in_backward is not a strategy setting"):
         HorizonStrategy(updates_in_backward=True)

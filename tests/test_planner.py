@@ -39,10 +39,16 @@ def test_72b_on_h200_fits():
     assert 14.0 < p.host_total_bytes / n < 14.2
     assert 1.0e12 < p.host_total_bytes < 1.05e12 < 1.5e12
     # without clipping the updates run during the backward: four pooled buffers (the lm_head, 1.25 B params, is the
-    # largest group) instead of the 2-byte/param gradients
+    # largest group) instead of the 2-byte/param gradients (the h200 profile's 2 TiB host holds the whole model's
+    # gradients: the automatic rule keeps them whole there, so the pool is asked for)
     pooled = plan(
+        hf_config("qwen2_72b"), hardware("h200"), batch_size=1, max_seq_len=4096, checkpoint_every=1, weight_copy=False,
+        grad_pool_buffers=4,
+    )  # fmt: skip
+    auto = plan(
         hf_config("qwen2_72b"), hardware("h200"), batch_size=1, max_seq_len=4096, checkpoint_every=1, weight_copy=False
     )
+    assert not any("pool" in key for key in auto.host_bytes)
     pool = 4 * p.shape.store.grad_group_numel * 2
     assert pooled.host_bytes["pinned gradient pool (4 x 2.32 GiB)"] == pool
     saved = p.host_total_bytes - pooled.host_total_bytes
@@ -86,8 +92,9 @@ def test_units_and_tied_embeddings():
 def test_memory_formulas():
     shape_cfg = hf_config("qwen2_7b")
     p = plan(
-        shape_cfg, hardware("h200"), batch_size=2, max_seq_len=1024, checkpoint_every=4, num_slots=3, weight_copy=False
-    )
+        shape_cfg, hardware("h200"), batch_size=2, max_seq_len=1024, checkpoint_every=4, num_slots=3, weight_copy=False,
+        grad_pool_buffers=4,
+    )  # fmt: skip
     # the store's element counts: every parameter padded to 128 elements, as the engine lays them out
     n, stored, unit = p.shape.num_params, p.shape.store.store_numel, p.shape.store.unit_numel
     assert n <= stored < n * 1.001 and p.shape.largest_gpu_unit_params <= unit

@@ -9,6 +9,7 @@ a test checks them against a real engine's allocations. :func:`host_bytes` is th
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ import torch
 from .adapter import DecoderParts
 from .host_kernels import QBLOCK
 from .store import _align, unique_groups
+
+log = logging.getLogger(__name__)
 
 STAGING_NUMEL = 64 * 2**20
 """Elements per pinned staging buffer of layer uploads (128 MiB in BF16); two buffers alternate."""
@@ -128,6 +131,36 @@ def weight_copy_fits(on_gpu: bool, footprint_with_copy: dict[str, int], memory_b
     """The rule of ``EngineConfig.weight_copy=None``: keep the copy when compute runs on a GPU (on the CPU the layers
     are used in place: it would cost memory and buy nothing) and the host footprint with it fits ``memory_bytes``."""
     return on_gpu and sum(footprint_with_copy.values()) <= memory_bytes
+
+
+def grad_pool_needed(footprint_whole: dict[str, int], memory_bytes: float) -> bool:
+    """The rule of ``EngineConfig.grad_pool_buffers=None``: the pool only when the host footprint with whole-model
+    gradient buffers (and without the weight copy) exceeds ``memory_bytes``."""
+    return sum(footprint_whole.values()) > memory_bytes
+
+
+def auto_grad_pool(
+    shape: StoreShape,
+    compute_dtype: torch.dtype,
+    num_grad_slabs: int,
+    on_gpu: bool,
+    available_bytes: float,
+    state_dtype: torch.dtype = torch.float32,
+) -> bool:
+    """``grad_pool_buffers=None`` for an engine whose masters already exist: :func:`grad_pool_needed` with its
+    footprint against the host memory available now plus what the masters take."""
+    footprint = host_bytes(
+        shape, compute_dtype, False, False, num_grad_slabs, on_gpu,
+        optimizer_state_bytes=adamw_state_bytes(state_dtype),
+    )  # fmt: skip
+    needed = grad_pool_needed(footprint, available_bytes + footprint["masters"])
+    if needed:
+        log.info(
+            "horizon: whole-model gradient buffers do not fit (%.1f GiB with them): gradients go through a pool of "
+            "a few layers straight into their updates",
+            sum(footprint.values()) / 2**30,
+        )
+    return needed
 
 
 def auto_weight_copy(

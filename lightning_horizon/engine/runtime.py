@@ -36,7 +36,7 @@ from torch import nn
 from .activations import CheckpointOffloader
 from .adapter import DecoderParts, describe, find_causal_lm, is_peft_wrapper
 from .config import EngineConfig, as_dtype, resolve
-from .footprint import StoreShape, auto_weight_copy, check_host_memory
+from .footprint import StoreShape, auto_grad_pool, auto_weight_copy, check_host_memory
 from .gradients import GradientSink
 from .hooks import ModelPatch, check_not_streamed
 from .optimizer import LayerOptimizer, ZeroGradWatch, clip_coefficient, load_optimizer_state
@@ -76,7 +76,9 @@ class HorizonEngine:
         check_not_streamed(self.parts.model)
         self.model = model
         self.shape = StoreShape.of(self.parts)
-        config = resolve(config, functools.partial(self._auto_weight_copy, config))
+        config = resolve(
+            config, functools.partial(self._auto_weight_copy, config), functools.partial(self._auto_grad_pool, config)
+        )
         self.config = config
         """The effective settings (every automatic value decided; logged once)."""
         log.info("horizon engine: %s", config.summary())
@@ -365,7 +367,15 @@ class HorizonEngine:
             self.optim.schedule(groups)
             self.num_overlapped_updates += len(groups)
 
-    def _auto_weight_copy(self, config: EngineConfig, on_gpu: bool) -> bool:
+    def _auto_grad_pool(self, config: EngineConfig, on_gpu: bool) -> bool:
+        from lightning_horizon.hardware import _usable_host_memory_bytes
+
+        dtype = as_dtype(config.compute_dtype or torch.bfloat16)
+        return auto_grad_pool(
+            self.shape, dtype, config.num_grad_slabs, on_gpu, _usable_host_memory_bytes(), config.state_dtype
+        )
+
+    def _auto_weight_copy(self, config: EngineConfig, on_gpu: bool, grad_pool: int) -> bool:
         from lightning_horizon.hardware import _usable_host_memory_bytes
 
         dtype = as_dtype(config.compute_dtype or torch.bfloat16)
@@ -377,7 +387,7 @@ class HorizonEngine:
             on_gpu,
             _usable_host_memory_bytes(),
             config.state_dtype,
-            config.pooled_grads,
+            grad_pool,
         )
 
     def _size_from_first_step(self) -> None:

@@ -1,0 +1,102 @@
+"""Host bytes per parameter of each optimizer-state format and training mode, and the largest model each host size
+trains with them: the tables in the README, printed by ``python -m lightning_horizon.host_formats``.
+
+Computed with the engine's own accounting (:func:`lightning_horizon.engine.footprint.host_bytes`, the function the
+planner and the strategy's preflight use) over a dense decoder with the Qwen2.5-72B shape's proportions (embedding
+share, 80 layers; untied lm_head), scaled to N parameters. Bytes/param is the part that grows with N (FP32 masters,
+optimizer state, gradients); the fixed part (the process's overhead, pinned staging, the gradient pool, the
+preflight's margin) is added once when the largest model is solved for. Modes: *no clipping* (automatic
+optimization without clipping or accumulation: gradients go from a pool of a few layers straight into their
+update), *clipping* (``gradient_clip_val``: every gradient is kept, in BF16, until the global norm is known),
+*accumulation* (``accumulate_grad_batches > 1``: FP32 gradients). The pinned BF16 weight copy (``weight_copy``) adds
+2 bytes/param; the engine keeps it only where it fits, so the largest models run without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import cache
+
+import torch
+
+from lightning_horizon.engine.config import STATE_DTYPES
+from lightning_horizon.engine.footprint import PREFLIGHT_MARGIN_BYTES, StoreShape, adamw_state_bytes, host_bytes
+
+HOSTS = {"128 GiB": 128 * 2**30, "512 GiB": 512 * 2**30, "1 TiB": 2**40, "1.5 TiB": 3 * 2**39, "2 TiB": 2**41}
+"""Host memory sizes of the README's table."""
+MODES = {"no clipping": (False, True), "clipping": (False, False), "accumulation": (True, False)}
+"""Training mode -> (accumulate in FP32, gradients through the pool)."""
+GRAD_POOL_BUFFERS = 4
+"""``EngineConfig.grad_pool_buffers``'s default."""
+NUM_GRAD_SLABS = 2
+
+
+@cache
+def reference_shape() -> StoreShape:
+    """The Qwen2.5-72B shape's store (counted on the meta device)."""
+    from lightning_horizon.models import ModelConfig, build_hf_config
+    from lightning_horizon.planner import model_shape
+
+    config = build_hf_config(ModelConfig(
+        name="qwen2_72b", model_type="qwen2", hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False,
+        max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-5, attention_bias=True,
+    ))  # fmt: skip
+    return model_shape(config).store
+
+
+def scaled_shape(num_params: float) -> StoreShape:
+    """A store of ``num_params`` parameters with the reference's proportions (80 layers, each scaled)."""
+    ref = reference_shape()
+    f = num_params / ref.num_params
+    return dataclasses.replace(
+        ref,
+        num_params=int(num_params),
+        store_numel=int(ref.store_numel * f),
+        embedding_numel=int(ref.embedding_numel * f),
+        layer_numel=int(ref.layer_numel * f),
+        unit_numel=int(ref.unit_numel * f),
+        grad_group_numel=int(ref.grad_group_numel * f),
+    )
+
+
+def footprint(num_params: float, state: str, mode: str, weight_copy: bool = False) -> dict[str, int]:
+    """Host bytes by component of a GPU run of ``num_params`` parameters with AdamW state ``state``."""
+    accumulate, pooled = MODES[mode]
+    return host_bytes(
+        scaled_shape(num_params), torch.bfloat16, accumulate, weight_copy, NUM_GRAD_SLABS, True,
+        optimizer_state_bytes=adamw_state_bytes(STATE_DTYPES[state]),
+        grad_pool=GRAD_POOL_BUFFERS if pooled else 0,
+    )  # fmt: skip
+
+
+def bytes_per_param(state: str, mode: str) -> float:
+    """The host bytes each further parameter costs (no weight copy)."""
+    big, small = 100e9, 50e9
+    return (sum(footprint(big, state, mode).values()) - sum(footprint(small, state, mode).values())) / (big - small)
+
+
+def largest_model(host: float, state: str, mode: str) -> float:
+    """The most parameters whose footprint (no weight copy) plus the preflight's margin fits ``host`` bytes."""
+    lo, hi = 0.0, host
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        fits = sum(footprint(mid, state, mode).values()) + PREFLIGHT_MARGIN_BYTES <= host
+        lo, hi = (mid, hi) if fits else (lo, mid)
+    return lo
+
+
+def table() -> str:
+    """The README's table: bytes/param and the largest model (billions of parameters) per host, per format and
+    mode."""
+    head = "| optimizer state | mode | host B/param | " + " | ".join(HOSTS) + " |"
+    lines = [head, "|" + "---|" * (3 + len(HOSTS))]
+    for state in STATE_DTYPES:
+        for mode in MODES:
+            sizes = " | ".join(f"{largest_model(h, state, mode) / 1e9:.0f} B" for h in HOSTS.values())
+            lines.append(f"| {state} | {mode} | {bytes_per_param(state, mode):.2f} | {sizes} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table())
