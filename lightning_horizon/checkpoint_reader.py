@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from lightning_horizon.files import file_crc32
+from lightning_horizon.loading import SafetensorsReader
 
 FORMAT_VERSION = 1
 META_FILE = "horizon.json"
@@ -98,14 +98,14 @@ class CheckpointReader:
     def iter_model(self) -> Iterator[tuple[str, str, torch.Tensor]]:
         """``(group name, key, tensor)`` for every saved model tensor, one file open at a time."""
         for g in self.meta["model"]["groups"]:
-            with safe_open(str(self.path / g["file"]), framework="pt") as f:
+            with SafetensorsReader(self.path / g["file"]) as f:  # read, not mapped: see SafetensorsReader
                 for name, _ in g["params"]:
                     yield g["name"], name, f.get_tensor(name)
 
     def optimizer_tensors(self, index: int) -> Iterator[tuple[str, str, torch.Tensor]]:
         """``(parameter name, state key, tensor)`` for optimizer ``index``."""
         for rel in self.meta["optimizers"][index]["files"]:
-            with safe_open(str(self.path / rel), framework="pt") as f:
+            with SafetensorsReader(self.path / rel) as f:
                 for key in f.keys():
                     pname, _, skey = key.rpartition(".")
                     yield pname, skey, f.get_tensor(key)
@@ -131,7 +131,7 @@ class ShardedStateDict(Mapping):
 
     def __getitem__(self, key: str) -> torch.Tensor:
         file, name = self._where[key]
-        with safe_open(str(self.reader.path / file), framework="pt") as f:
+        with SafetensorsReader(self.reader.path / file) as f:
             return f.get_tensor(name)
 
     def __iter__(self) -> Iterator[str]:

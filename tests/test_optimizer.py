@@ -9,6 +9,7 @@ AdamW cannot step are refused.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -146,3 +147,17 @@ def test_compact_state_refuses_what_the_one_pass_adamw_cannot_step(make, dtype):
 def test_unknown_state_dtype_is_refused():
     with pytest.raises(ValueError, match="optimizer_state_dtype must be one of fp32, bf16, int8"):
         HorizonStrategy(optimizer_state_dtype="int4")
+
+
+def test_a_resumed_state_is_read_not_mapped_from_the_checkpoint(tmp_path):
+    """The restored masters and AdamW state live in the process's own memory: no mapping of the checkpoint's files
+    stays behind (it would keep a rotated-away checkpoint's disk space, and page the state in from disk later)."""
+    ref = tiny_model("qwen2")
+    _, trainer = fit(clone(ref), 2, "int8")
+    trainer.save_checkpoint(tmp_path / "ckpt")
+    _, trainer = fit(clone(ref), 3, "int8", ckpt_path=tmp_path / "ckpt")
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc/self/maps")
+    assert str(tmp_path / "ckpt") not in maps.read_text()
+    assert trainer.global_step == 3
