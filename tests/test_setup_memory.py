@@ -316,15 +316,16 @@ def test_a_meta_built_model_is_materialised_into_the_store_and_trains():
 
     class MetaBuilt(LMModule):
         def __init__(self) -> None:
-            super().__init__(None, total=4)
+            super().__init__(None, total=20)
 
         def configure_model(self) -> None:
             with torch.device("meta"):
                 self.model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
 
+    torch.manual_seed(0)  # the model's own init_weights draws from the global generator
     module = MetaBuilt()
     trainer = L.Trainer(
-        strategy="horizon", accelerator="cpu", devices=1, max_steps=4, precision="32-true", logger=False,
+        strategy="horizon", accelerator="cpu", devices=1, max_steps=20, precision="32-true", logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     trainer.fit(module, loader(8))
