@@ -204,7 +204,7 @@ def test_preflight_refuses_a_run_the_host_cannot_hold(monkeypatch):
     monkeypatch.setattr(hardware, "_usable_host_memory_bytes", lambda: 512 * 2**20)
     model = tiny_model()
     start = clone(model)
-    with pytest.raises(MemoryError, match=r"not enough host memory(.|\n)*optimizer state(.|\n)*To fit"):
+    with pytest.raises(MemoryError, match=r"not enough host memory(.|\n)*optimizer state(.|\n)*The same run with"):
         fit("horizon", model, steps=2)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), start.parameters()))  # refused before a step
     monkeypatch.setattr(hardware, "_usable_host_memory_bytes", lambda: 4 * 2**30)
@@ -232,3 +232,37 @@ def test_remaining_host_memory_counts_what_each_optimizer_will_allocate():
     assert accumulating["gradients"] == 4 * shape.store_numel
     assert accumulating["upload staging"] == 2 * shape.staging_numel * 2
     assert accumulating["gradient slabs"] == 3 * shape.slab_numel * 2
+
+
+def test_preflight_names_the_settings_that_would_fit():
+    """The refusal lists what each cheaper setting would still need and marks those that fit: here int8 AdamW
+    state fits and BF16 state does not; an optimizer the one-pass AdamW cannot step is offered no compact state."""
+    import re
+
+    from lightning_horizon.engine.adapter import describe
+    from lightning_horizon.engine.config import EngineConfig, resolve
+    from lightning_horizon.engine.footprint import (
+        PREFLIGHT_MARGIN_BYTES,
+        StoreShape,
+        check_host_memory,
+        still_to_allocate,
+    )
+
+    model = tiny_model()
+    shape = StoreShape.of(describe(model))
+    adamw = torch.optim.AdamW(model.parameters())
+    config = resolve(EngineConfig(device="cpu", compute_dtype="bf16", weight_copy=False))
+    need = {
+        d: sum(still_to_allocate(shape, torch.bfloat16, False, False, 3, False, [adamw], d).values())
+        for d in (torch.float32, torch.bfloat16, torch.int8)
+    }
+    assert need[torch.float32] > need[torch.bfloat16] > need[torch.int8]
+    available = PREFLIGHT_MARGIN_BYTES + (need[torch.bfloat16] + need[torch.int8]) / 2
+    with pytest.raises(MemoryError) as refused:
+        check_host_memory(shape, config, [adamw], available)
+    message = str(refused.value)
+    assert re.search(r"optimizer_state_dtype=int8 +needs +[\d.]+ GiB  \(fits\)", message), message
+    assert re.search(r"optimizer_state_dtype=bf16 +needs +[\d.]+ GiB\n", message), message
+    with pytest.raises(MemoryError) as refused:
+        check_host_memory(shape, config, [torch.optim.SGD(model.parameters(), lr=0.1)], PREFLIGHT_MARGIN_BYTES)
+    assert "optimizer_state_dtype" not in str(refused.value)

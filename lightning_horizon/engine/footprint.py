@@ -266,13 +266,46 @@ def check_host_memory(shape: StoreShape, config, optimizers: list[torch.optim.Op
     if total + PREFLIGHT_MARGIN_BYTES <= available_bytes:
         return
     rows = "\n".join(f"  {name:<32}{value / 2**30:10.2f} GiB" for name, value in needed.items() if value)
-    advice = ["use a machine with more host memory or a smaller model"]
-    if config.weight_copy:
-        advice.append("weight_copy=False frees the 2-byte/param weight copy")
+    options = []
+    for label, total_then in _alternatives(shape, config, optimizers, on_gpu):
+        fits = total_then + PREFLIGHT_MARGIN_BYTES <= available_bytes
+        options.append(f"  {label:<48}needs {total_then / 2**30:8.1f} GiB{'  (fits)' if fits else ''}")
+    advice = "\n".join(options) or "  (no setting of this run frees enough)"
     if config.accumulate_grads:
-        advice.append("without gradient accumulation the gradients stay in the compute dtype")
+        advice += "\n  without gradient accumulation the gradients stay in the compute dtype (2 instead of 4 B/param)"
     raise MemoryError(
         f"not enough host memory for this run: it still needs {total / 2**30:.1f} GiB "
         f"(+{PREFLIGHT_MARGIN_BYTES / 2**30:.0f} GiB margin) and {available_bytes / 2**30:.1f} GiB are available:\n"
-        f"{rows}\nTo fit: " + "; ".join(advice) + " (python -m recipes.sft ... plan=true prints the whole plan)."
+        f"{rows}\nThe same run with (cheapest change first; or use a machine with more host memory or a smaller "
+        f"model):\n{advice}\n(python -m recipes.sft ... plan=true prints the whole plan.)"
     )
+
+
+def _alternatives(shape: StoreShape, config, optimizers: list[torch.optim.Optimizer], on_gpu: bool):
+    """``(setting, host bytes it would still need)`` for the settings that use less host memory than ``config``,
+    cheapest change first: without the weight copy (already allocated: freeing it counts as needing less), then
+    compact AdamW state (only for optimizers the one-pass AdamW steps), then both. Bytes comparable with
+    :func:`still_to_allocate`'s total for ``config``."""
+    from .host_kernels import adamw_group_scalars
+
+    c = config.compute_dtype.itemsize
+    copy_bytes = c * shape.store_numel if config.weight_copy else 0
+    compact = all(
+        type(opt) is torch.optim.AdamW and all(adamw_group_scalars(opt, g) is not None for g in opt.param_groups)
+        for opt in optimizers
+    )
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int8: "int8"}
+    dtypes = [d for d in (torch.bfloat16, torch.int8) if compact and optimizers and
+              adamw_state_bytes(d) < adamw_state_bytes(config.state_dtype)]  # fmt: skip
+    choices = [(True, None)] if copy_bytes else []
+    choices += [(False, d) for d in dtypes] + [(True, d) for d in dtypes if copy_bytes]
+    for drop_copy, dtype in choices:
+        state = dtype or config.state_dtype
+        needed = still_to_allocate(
+            shape, config.compute_dtype, config.accumulate_grads, config.weight_copy and not drop_copy,
+            config.num_grad_slabs, on_gpu, optimizers, state,
+        )  # fmt: skip
+        parts = (["weight_copy=False"] if drop_copy else []) + (
+            [f"optimizer_state_dtype={names[dtype]}"] if dtype else []
+        )
+        yield ", ".join(parts), sum(needed.values()) - (copy_bytes if drop_copy else 0)
