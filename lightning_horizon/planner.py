@@ -368,7 +368,7 @@ def plan_shape(shape: ModelShape, hardware: HardwareProfile, settings: PlanSetti
         gradients = "embedding fp32; the others in the pool"
     labels = {
         "masters": f"master weights ({dtype_name(s.master_dtype)}, {m} B/param)",
-        "optimizer state": f"optimizer state ({s.optimizer}, {state_bytes} B/param)",
+        "optimizer state": f"optimizer state ({s.optimizer}, {state_bytes:.3g} B/param)",
         "gradients": f"gradients ({gradients})",
         "upload staging": f"{pinned}upload staging (2 x {_size(shape.store.staging_numel * c)})",
         "gradient slabs": f"{pinned}gradient slabs ({s.engine.num_grad_slabs} x {_size(shape.store.slab_numel * c)})",
