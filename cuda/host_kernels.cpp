@@ -145,6 +145,32 @@ inline float max_magnitude(const float* x, int64_t n) {
   return __builtin_bit_cast(float, best);
 }
 
+// One element's AdamW update from its old moments: grad scaled and clamped, param decayed and stepped (written with
+// its BF16 copy), the new moments returned through ea_out and sq_out for the caller to store in its format.
+template <typename G, bool kDecay, bool kSmallW, bool kCoef, bool kClamp, bool kCopy>
+inline void adamw_element(float* __restrict p, const G* __restrict g, uint16_t* __restrict c, int64_t i, float ea,
+                          float v_old, const Coefs& k, float& ea_out, float& sq_out) {
+  float grad = load_grad(g, i);
+  if constexpr (kCoef) grad = grad * k.clip_coef;
+  if constexpr (kClamp) grad = grad < k.clip_lo ? k.clip_lo : (grad > k.clip_hi ? k.clip_hi : grad);
+  float param = p[i];
+  if constexpr (kDecay) param = param * k.decay;
+  // at::lerp as Vectorized<float> computes it: w < 0.5 ? fma(w, g - m, m) : fma(w - 1, g - m, g)
+  if constexpr (kSmallW) {
+    ea = std::fma(k.lerp_w, grad - ea, ea);
+  } else {
+    ea = std::fma(k.lerp_w_m1, grad - ea, grad);
+  }
+  // ATen writes v * beta2 + (1 - beta2) * g * g; torch's own build contracts it into this fma (bit-identical)
+  const float sq = std::fma(k.sq_w * grad, grad, v_old * k.beta2);
+  const float denom = std::sqrt(sq) / k.bc2_sqrt + k.eps;
+  param = param - (k.step_size * ea) / denom;
+  p[i] = param;
+  if constexpr (kCopy) c[i] = float_to_bf16(param);
+  ea_out = ea;
+  sq_out = sq;
+}
+
 template <typename G, bool kDecay, bool kSmallW, bool kCoef, bool kClamp, bool kCopy>
 void adamw_qblock(float* __restrict p, const G* __restrict g, int8_t* __restrict m, uint8_t* __restrict v,
                   uint16_t* __restrict c, int64_t n, int64_t base, const Coefs k) {
@@ -152,24 +178,9 @@ void adamw_qblock(float* __restrict p, const G* __restrict g, int8_t* __restrict
   const int64_t q = base / kQBlock;
   const float m_scale = k.m_scale[q], v_scale = k.v_scale[q];
   for (int64_t i = 0; i < n; ++i) {
-    float grad = load_grad(g, i);
-    if constexpr (kCoef) grad = grad * k.clip_coef;
-    if constexpr (kClamp) grad = grad < k.clip_lo ? k.clip_lo : (grad > k.clip_hi ? k.clip_hi : grad);
-    float param = p[i];
-    if constexpr (kDecay) param = param * k.decay;
-    float ea = decode_exp_avg(m[i]) * m_scale;
-    if constexpr (kSmallW) {
-      ea = std::fma(k.lerp_w, grad - ea, ea);
-    } else {
-      ea = std::fma(k.lerp_w_m1, grad - ea, grad);
-    }
-    const float sq = std::fma(k.sq_w * grad, grad, (decode_magnitude(v[i], kExpAvgSqBias) * v_scale) * k.beta2);
-    ea_new[i] = ea;
-    sq_new[i] = sq;
-    const float denom = std::sqrt(sq) / k.bc2_sqrt + k.eps;
-    param = param - (k.step_size * ea) / denom;
-    p[i] = param;
-    if constexpr (kCopy) c[i] = float_to_bf16(param);
+    adamw_element<G, kDecay, kSmallW, kCoef, kClamp, kCopy>(p, g, c, i, decode_exp_avg(m[i]) * m_scale,
+                                                            decode_magnitude(v[i], kExpAvgSqBias) * v_scale, k,
+                                                            ea_new[i], sq_new[i]);
   }
   const float m_max = max_magnitude(ea_new, n), v_max = max_magnitude(sq_new, n);
   // Divisions by a loop-invariant divisor (never a conditional division: the loops stay branch-free).
@@ -192,27 +203,12 @@ template <typename G, typename M, bool kDecay, bool kSmallW, bool kCoef, bool kC
 void adamw_range(float* __restrict p, const G* __restrict g, M* __restrict m, M* __restrict v,
                  uint16_t* __restrict c, int64_t n, int64_t base, const Coefs k) {
   for (int64_t i = 0; i < n; ++i) {
-    float grad = load_grad(g, i);
-    if constexpr (kCoef) grad = grad * k.clip_coef;
-    if constexpr (kClamp) grad = grad < k.clip_lo ? k.clip_lo : (grad > k.clip_hi ? k.clip_hi : grad);
-    float param = p[i];
-    if constexpr (kDecay) param = param * k.decay;
-    float ea = load_moment(m, i);
-    // at::lerp as Vectorized<float> computes it: w < 0.5 ? fma(w, g - m, m) : fma(w - 1, g - m, g)
-    if constexpr (kSmallW) {
-      ea = std::fma(k.lerp_w, grad - ea, ea);
-    } else {
-      ea = std::fma(k.lerp_w_m1, grad - ea, grad);
-    }
-    // ATen writes v * beta2 + (1 - beta2) * g * g; torch's own build contracts it into this fma (bit-identical)
-    const float sq = std::fma(k.sq_w * grad, grad, load_moment(v, i) * k.beta2);
+    float ea, sq;
+    adamw_element<G, kDecay, kSmallW, kCoef, kClamp, kCopy>(p, g, c, i, load_moment(m, i), load_moment(v, i), k, ea,
+                                                            sq);
     const uint32_t r = random_bits(m, static_cast<uint32_t>(base + i), k.seed);
     store_moment(m, i, ea, r & 0xFFFFu);
     store_moment(v, i, sq, r >> 16);
-    const float denom = std::sqrt(sq) / k.bc2_sqrt + k.eps;
-    param = param - (k.step_size * ea) / denom;
-    p[i] = param;
-    if constexpr (kCopy) c[i] = float_to_bf16(param);
   }
 }
 
