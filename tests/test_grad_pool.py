@@ -89,7 +89,20 @@ def test_pooled_gradients_give_bit_identical_weights(precision, tied):
     assert pool.nbytes < (engine.shape.store_numel - engine.shape.embedding_numel * (not tied)) * itemsize
 
 
-def raw_run(model, steps=20, optimizer=None, begin=True, **config):
+def plain_adamw(model):
+    return torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def one_pass(model, i):
+    return model(**make_batch(i)).loss
+
+
+def two_passes(model, i):
+    """A loss from two forward passes: a layer's gradient is complete only at the end of the whole backward."""
+    return model(**make_batch(i)).loss + model(**make_batch(100 + i)).loss
+
+
+def raw_run(model, steps=20, optimizer=None, begin=True, loss=one_pass, **config):
     """A plain loop over the raw engine (``begin_step`` before each backward, as the strategy does)."""
     engine = HorizonEngine(model, device="cpu", compute_dtype="bf16", **config)
     opt = optimizer(model) if optimizer else torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
@@ -97,7 +110,7 @@ def raw_run(model, steps=20, optimizer=None, begin=True, **config):
         for i in range(steps):
             if begin:
                 engine.begin_step(opt)
-            model(**make_batch(i)).loss.backward()
+            loss(model, i).backward()
             engine.step(opt)
             opt.zero_grad()
         engine.synchronize()
@@ -161,30 +174,16 @@ def test_the_engine_falls_back_to_whole_buffers_when_updates_may_not_follow(case
     want = clone(ref)
     got = clone(ref)
     if case == "two forward passes":
-        raw_two_passes(want, grad_pool_buffers=0)
+        raw_run(want, steps=3, loss=two_passes, optimizer=plain_adamw, grad_pool_buffers=0)
         with pytest.warns(UserWarning, match=message):
-            engine = raw_two_passes(got, updates_in_backward=True, grad_pool_buffers=4)
+            engine = raw_run(got, steps=3, loss=two_passes, optimizer=plain_adamw, updates_in_backward=True,
+                             grad_pool_buffers=4)  # fmt: skip
     else:
         raw_run(want, steps=4, grad_pool_buffers=0, **kwargs)
         with pytest.warns(UserWarning, match=message):
             engine = raw_run(got, steps=4, updates_in_backward=True, grad_pool_buffers=4, **kwargs)
     assert engine.sink.pool is None
     assert_identical(got, want)
-
-
-def raw_two_passes(model, **config):
-    engine = HorizonEngine(model, device="cpu", compute_dtype="bf16", **config)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    try:
-        for i in range(3):
-            engine.begin_step(opt)
-            (model(**make_batch(i)).loss + model(**make_batch(100 + i)).loss).backward()
-            engine.step(opt)
-            opt.zero_grad()
-        engine.synchronize()
-    finally:
-        engine.close()
-    return engine
 
 
 class ManualModule(LMModule):
