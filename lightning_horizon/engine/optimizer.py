@@ -80,9 +80,10 @@ class LayerOptimizer:
         use_fused: Step plain ``torch.optim.AdamW`` groups with the one-pass kernel of :mod:`.host_kernels` when it
             is available (``EngineConfig.host_kernels``).
         threads: Threads of the one-pass kernel (None: ``torch.get_num_threads()``).
-        state_dtype: Dtype of AdamW's moments (``EngineConfig.optimizer_state_dtype``): FP32, or BF16, which only the
-            one-pass AdamW (kernel, else its PyTorch fallback) steps; a state of the other dtype (a resumed
-            checkpoint) is converted at its first update, with a warning when it changes values.
+        state_dtype: Storage of AdamW's moments (``EngineConfig.optimizer_state_dtype``): FP32, or BF16 or
+            ``torch.int8`` (blockwise codes), which only the one-pass AdamW (kernel, else its PyTorch fallback)
+            steps; a state stored otherwise (a resumed checkpoint) is converted at its first update, with a warning
+            when it changes values.
         on_consumed: Called on the worker with each group whose update has read its gradients, before the group
             counts as updated (the gradient sink then gives a pooled gradient buffer back).
     """
@@ -245,7 +246,7 @@ class LayerOptimizer:
 
     # ----------------------------------------------------------------------------- one-pass AdamW (host_kernels.py)
     def _update_fused(self, group: StoreGroup, entries: list[_Entry], plan: _StepPlan) -> tuple[list[_Entry], bool]:
-        """Steps the entries of a plain ``torch.optim.AdamW`` with FP32 CPU state in one pass each: gradient read
+        """Steps the entries of a plain ``torch.optim.AdamW`` with CPU state (FP32, BF16 or int8 moments) in one pass each: gradient read
         straight from ``grad_lp``/``grad`` (no upcast), BF16 copy written in the same pass. Returns the entries left
         to the shadow optimizer and whether the group's copy still needs a refresh for those it stepped."""
         compact = self.state_dtype != torch.float32  # only this path steps compact moments (fallback if no kernel)
