@@ -246,9 +246,10 @@ class LayerOptimizer:
 
     # ----------------------------------------------------------------------------- one-pass AdamW (host_kernels.py)
     def _update_fused(self, group: StoreGroup, entries: list[_Entry], plan: _StepPlan) -> tuple[list[_Entry], bool]:
-        """Steps the entries of a plain ``torch.optim.AdamW`` with CPU state (FP32, BF16 or int8 moments) in one pass each: gradient read
-        straight from ``grad_lp``/``grad`` (no upcast), BF16 copy written in the same pass. Returns the entries left
-        to the shadow optimizer and whether the group's copy still needs a refresh for those it stepped."""
+        """Steps the entries of a plain ``torch.optim.AdamW`` with CPU state (FP32, BF16 or int8 moments) in one
+        pass each: gradient read straight from ``grad_lp``/``grad`` (no upcast), BF16 copy written in the same pass.
+        Returns the entries left to the shadow optimizer and whether the group's copy still needs a refresh for those
+        it stepped."""
         compact = self.state_dtype != torch.float32  # only this path steps compact moments (fallback if no kernel)
         if type(plan.optimizer) is not torch.optim.AdamW or not (compact or host_kernels_available()):
             return entries, bool(entries)
