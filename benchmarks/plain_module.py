@@ -34,7 +34,7 @@ import lightning_horizon  # noqa: F401  (registers strategy="horizon")
 from lightning_horizon import HorizonStrategy
 from lightning_horizon.benchmark import RssSampler, SyntheticTokens
 from lightning_horizon.engine.config import STATE_DTYPES
-from lightning_horizon.engine.footprint import ADAMW_STATE_BYTES, adamw_state_bytes
+from lightning_horizon.engine.footprint import adamw_traffic_bytes
 from lightning_horizon.models import ModelConfig, build_hf_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
@@ -118,8 +118,7 @@ def main() -> None:
     engine = timer.engine
     steps_run = max(1, args.steps)
     pcie = (engine.get("bytes_h2d", 0) + engine.get("bytes_d2h", 0)) / steps_run
-    state = adamw_state_bytes(STATE_DTYPES[args.state_dtype or "fp32"])
-    optimizer_traffic = 28 - 2 * (ADAMW_STATE_BYTES - state)  # the one-pass AdamW's reads and writes per param
+    optimizer_traffic = adamw_traffic_bytes(STATE_DTYPES[args.state_dtype or "fp32"])
     copy = engine.get("weight_copy", True)
     packing = 0 if copy else 3 * engine.get("bytes_h2d", 0) / steps_run  # read FP32 (2x the BF16 bytes) + write
     if not copy:

@@ -76,9 +76,9 @@ from lightning_horizon.config_groups import engine_config
 from lightning_horizon.engine.adapter import describe
 from lightning_horizon.engine.config import GRAD_POOL_BUFFERS, EngineConfig, as_dtype
 from lightning_horizon.engine.footprint import (
-    ADAMW_STATE_BYTES,
     StoreShape,
     adamw_state_bytes,
+    adamw_traffic_bytes,
     grad_pool_needed,
     host_bytes,
     weight_copy_fits,
@@ -339,8 +339,8 @@ def plan_shape(shape: ModelShape, hardware: HardwareProfile, settings: PlanSetti
     tokens = b * seq
     state_bytes, optimizer_traffic = OPTIMIZERS[s.optimizer]
     if s.optimizer == "adamw" and s.engine.optimizer_state_dtype != "fp32":  # compact moments (one-pass AdamW)
-        saved = ADAMW_STATE_BYTES - adamw_state_bytes(s.engine.state_dtype)
-        state_bytes, optimizer_traffic = state_bytes - saved, optimizer_traffic - 2 * saved
+        state_bytes = adamw_state_bytes(s.engine.state_dtype)
+        optimizer_traffic = adamw_traffic_bytes(s.engine.state_dtype)
     accumulate = s.accumulate_grad_batches > 1
     # the strategy's rule (automatic optimization, as the recipes train): updates during the backward unless clipping
     run = dataclasses.replace(s.engine, accumulate_grads=accumulate, updates_in_backward=not s.clip_gradients)

@@ -28,6 +28,8 @@ GRAD_POOL_BUFFERS = 4
 STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
 """``EngineConfig.optimizer_state_dtype`` names (``torch.int8`` stands for blockwise int8/uint8 codes with FP32 block
 scales)."""
+STATE_DTYPE_NAMES = {dtype: name for name, dtype in STATE_DTYPES.items()}
+"""The name of each ``STATE_DTYPES`` dtype (for messages)."""
 
 _DTYPES = {
     "bf16": torch.bfloat16,

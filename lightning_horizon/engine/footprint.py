@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapter import DecoderParts
+from .config import STATE_DTYPE_NAMES
 from .host_kernels import QBLOCK
 from .store import _align, unique_groups
 
@@ -29,6 +30,9 @@ HOST_OVERHEAD_BYTES = 2 * 2**30
 """Host memory of the process beyond the engine's buffers (torch, CUDA's host side, Python)."""
 ADAMW_STATE_BYTES = 8
 """Optimizer state per parameter assumed before the optimizer exists: AdamW's two FP32 moments."""
+ADAMW_TRAFFIC_BYTES = 28
+"""Host-memory bytes per parameter of one AdamW update with FP32 moments in the one-pass kernel: reads master 4,
+BF16 gradient 2, moments 8; writes master 4, moments 8, BF16 weight copy 2."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,7 @@ def host_bytes(
     weight_copy: bool,
     num_grad_slabs: int,
     on_gpu: bool,
-    optimizer_state_bytes: int = ADAMW_STATE_BYTES,
+    optimizer_state_bytes: float = ADAMW_STATE_BYTES,
     master_bytes: int = 4,
     grad_pool: int = 0,
 ) -> dict[str, int]:
@@ -209,6 +213,12 @@ def adamw_state_bytes(state_dtype: torch.dtype = torch.float32) -> float:
     return 2 * state_dtype.itemsize
 
 
+def adamw_traffic_bytes(state_dtype: torch.dtype = torch.float32) -> float:
+    """Host-memory bytes per parameter of one one-pass AdamW update with moments in ``state_dtype`` (each moment
+    byte saved is read and written once less)."""
+    return ADAMW_TRAFFIC_BYTES - 2 * (ADAMW_STATE_BYTES - adamw_state_bytes(state_dtype))
+
+
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer, state_dtype: torch.dtype = torch.float32) -> float:
     """Bytes per parameter of ``optimizer``'s state once it has stepped: AdamW's moments in ``state_dtype``, Adam 8
     (12 with ``amsgrad``), SGD 4 with momentum and 0 without, anything else assumed 8 (Adam-like)."""
@@ -294,7 +304,6 @@ def _alternatives(shape: StoreShape, config, optimizers: list[torch.optim.Optimi
         type(opt) is torch.optim.AdamW and all(adamw_group_scalars(opt, g) is not None for g in opt.param_groups)
         for opt in optimizers
     )
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int8: "int8"}
     dtypes = [d for d in (torch.bfloat16, torch.int8) if compact and optimizers and
               adamw_state_bytes(d) < adamw_state_bytes(config.state_dtype)]  # fmt: skip
     choices = [(True, None)] if copy_bytes else []
@@ -306,6 +315,6 @@ def _alternatives(shape: StoreShape, config, optimizers: list[torch.optim.Optimi
             config.num_grad_slabs, on_gpu, optimizers, state,
         )  # fmt: skip
         parts = (["weight_copy=False"] if drop_copy else []) + (
-            [f"optimizer_state_dtype={names[dtype]}"] if dtype else []
+            [f"optimizer_state_dtype={STATE_DTYPE_NAMES[dtype]}"] if dtype else []
         )
         yield ", ".join(parts), sum(needed.values()) - (copy_bytes if drop_copy else 0)

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from .config import STATE_DTYPE_NAMES
+
 _PACKAGE = Path(__file__).resolve().parents[1]
 # An installed wheel ships the source inside the package (lightning_horizon/csrc); a clone keeps it in cuda/.
 _SOURCE = next(
@@ -292,10 +294,6 @@ class MomentFormat:
     signed: bool
 
     @property
-    def max_code(self) -> int:
-        return 1 + 8 * self.bias
-
-    @property
     def dtype(self) -> torch.dtype:
         return torch.int8 if self.signed else torch.uint8
 
@@ -459,7 +457,6 @@ def adamw_state(
 
 _FORMATS = {"exp_avg": EXP_AVG_FORMAT, "exp_avg_sq": EXP_AVG_SQ_FORMAT}
 _STORED_DTYPES = (torch.float32, torch.bfloat16, torch.int8, torch.uint8)
-_STATE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int8: "int8"}
 
 
 def _num_blocks(numel: int) -> int:
@@ -503,8 +500,8 @@ def convert_adamw_state(state: dict, dtype: torch.dtype) -> None:
     if not exact and (current, dtype) not in _conversion_warned:
         _conversion_warned.add((current, dtype))
         warnings.warn(
-            f"optimizer state stored as {_STATE_NAMES.get(current, current)} converted to "
-            f"{_STATE_NAMES.get(dtype, dtype)} (optimizer_state_dtype differs from the checkpoint's): the moments "
+            f"optimizer state stored as {STATE_DTYPE_NAMES.get(current, current)} converted to "
+            f"{STATE_DTYPE_NAMES.get(dtype, dtype)} (optimizer_state_dtype differs from the checkpoint's): the moments "
             "are rounded once",
             stacklevel=4,
         )

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from .config import STATE_DTYPE_NAMES
 from .host_kernels import (
     adamw_group_scalars,
     adamw_state,
@@ -323,7 +324,7 @@ def check_state_dtype(optimizer: torch.optim.Optimizer, state_dtype: torch.dtype
     one-pass AdamW only: a plain ``torch.optim.AdamW`` without amsgrad/maximize, scalar hyper-parameters)."""
     if state_dtype == torch.float32:
         return
-    name = {torch.bfloat16: "bf16", torch.int8: "int8"}.get(state_dtype, str(state_dtype))
+    name = STATE_DTYPE_NAMES.get(state_dtype, str(state_dtype))
     if type(optimizer) is not torch.optim.AdamW or any(
         adamw_group_scalars(optimizer, g) is None for g in optimizer.param_groups
     ):
