@@ -325,7 +325,10 @@ def _optimizer_info(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> 
 def check_model(reader: CheckpointReader, engine) -> None:
     """Refuses a checkpoint whose parameters (names, shapes, grouping) differ from the store's."""
     saved = reader.param_groups()
-    current = [(g.name, [(sp.name, tuple(sp.shape)) for sp in g.params]) for g in engine.store.groups]
+    # the model's groups as the writer lays them out (a group's frozen part held apart in the store is still its own)
+    current = [
+        (name, [(n, tuple(p.shape)) for n, p in named]) for name, named in unique_groups(engine.parts.store_groups())
+    ]
     if saved == current:
         return
     detail = f"{len(saved)} groups saved, {len(current)} in the model"

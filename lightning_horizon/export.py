@@ -73,6 +73,7 @@ def export_hf(
         raise ValueError(
             f"export_hf needs a Hugging Face model or a HorizonEngine, got {type(model_or_engine).__name__}"
         )
+    _refuse_adapters([n for n, _ in model.named_parameters()], type(model).__name__)
     state = model.state_dict()  # views (the engine's pre-hook waits for pending updates first)
     seen: set[tuple] = set()
     entries: list[Entry] = []
@@ -107,6 +108,7 @@ def export_checkpoint(
     config = dict(config)
     if reader.model_class:
         config["architectures"] = [reader.model_class]
+    _refuse_adapters([n for g in reader.meta["model"]["groups"] for n, _ in g["params"]], f"checkpoint {checkpoint}")
     entries: list[Entry] = []
     for g in reader.meta["model"]["groups"]:
         if g["name"] == "extra":
@@ -115,6 +117,27 @@ def export_checkpoint(
         for name, shape in g["params"]:
             entries.append((name, tuple(shape), lambda f=file, n=name: _read(f, n)))
     return _export(entries, config, reader.generation_config, out_dir, _dtype(dtype), tokenizer, max_shard_bytes)
+
+
+_ADAPTER_NAMES = (
+    ".base_layer.",
+    ".lora_A.",
+    ".lora_B.",
+    ".lora_embedding_A.",
+    ".modules_to_save.",
+    ".original_module.",
+)
+
+
+def _refuse_adapters(names: list[str], what: str) -> None:
+    """Refuses to write PEFT adapter layers as a plain model: Hugging Face would not load those names."""
+    found = [n for n in names if any(key in n for key in _ADAPTER_NAMES)]
+    if found:
+        raise ValueError(
+            f"{what} holds PEFT adapter layers ({found[0]}, ...): a plain Hugging Face export would not load. Save the "
+            "adapter with the PeftModel's save_pretrained, or merge it first (merge_and_unload()); "
+            "lightning_horizon.lora.export_peft does either (the recipe: peft.export=adapter|merged)"
+        )
 
 
 def check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> None:

@@ -9,7 +9,9 @@ preflight's margin) is added once when the largest model is solved for. Modes: *
 optimization without clipping or accumulation: gradients go from a pool of a few layers straight into their
 update), *clipping* (``gradient_clip_val``: every gradient is kept, in BF16, until the global norm is known),
 *accumulation* (``accumulate_grad_batches > 1``: FP32 gradients). The pinned BF16 weight copy (``weight_copy``) adds
-2 bytes/param; the engine keeps it only where it fits, so the largest models run without it.
+2 bytes/param; the engine keeps it only where it fits, so the largest models run without it. The last row is LoRA
+(``peft=lora``, rank 16 on every linear layer): the frozen base in BF16, masters, state and gradients only for the
+adapters.
 """
 
 from __future__ import annotations
@@ -31,9 +33,14 @@ GRAD_POOL_BUFFERS = 4
 NUM_GRAD_SLABS = 2
 
 
+LORA = "lora r=16"
+"""The table's LoRA row: PEFT's LoRA of rank 16 on every linear layer, the frozen base in BF16 (``peft=lora``)."""
+
+
 @cache
-def reference_shape() -> StoreShape:
-    """The Qwen2.5-72B shape's store (counted on the meta device)."""
+def reference_shape(lora: bool = False) -> StoreShape:
+    """The Qwen2.5-72B shape's store (counted on the meta device); ``lora``: with :data:`LORA`'s adapters."""
+    from lightning_horizon.lora import PeftSettings
     from lightning_horizon.models import ModelConfig, build_hf_config
     from lightning_horizon.planner import model_shape
 
@@ -42,16 +49,19 @@ def reference_shape() -> StoreShape:
         num_attention_heads=64, num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False,
         max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-5, attention_bias=True,
     ))  # fmt: skip
-    return model_shape(config).store
+    peft = PeftSettings(method="lora", r=16) if lora else None
+    return model_shape(config, peft=peft, frozen=lora).store
 
 
-def scaled_shape(num_params: float) -> StoreShape:
+def scaled_shape(num_params: float, lora: bool = False) -> StoreShape:
     """A store of ``num_params`` parameters with the reference's proportions (80 layers, each scaled)."""
-    ref = reference_shape()
+    ref = reference_shape(lora)
     f = num_params / ref.num_params
     return dataclasses.replace(
         ref,
         num_params=int(num_params),
+        trainable_params=int(ref.optimizer_params * f),
+        frozen_numel=int(ref.frozen_numel * f),
         store_numel=int(ref.store_numel * f),
         embedding_numel=int(ref.embedding_numel * f),
         layer_numel=int(ref.layer_numel * f),
@@ -60,28 +70,32 @@ def scaled_shape(num_params: float) -> StoreShape:
     )
 
 
-def footprint(num_params: float, state: str, mode: str, weight_copy: bool = False) -> dict[str, int]:
-    """Host bytes by component of a GPU run of ``num_params`` parameters with AdamW state ``state``."""
+def footprint(
+    num_params: float, state: str, mode: str, weight_copy: bool = False, lora: bool = False
+) -> dict[str, int]:
+    """Host bytes by component of a GPU run of ``num_params`` parameters with AdamW state ``state`` (``lora``: of
+    :data:`LORA`)."""
     accumulate, pooled = MODES[mode]
     return host_bytes(
-        scaled_shape(num_params), torch.bfloat16, accumulate, weight_copy, NUM_GRAD_SLABS, True,
+        scaled_shape(num_params, lora), torch.bfloat16, accumulate, weight_copy, NUM_GRAD_SLABS, True,
         optimizer_state_bytes=adamw_state_bytes(STATE_DTYPES[state]),
         grad_pool=GRAD_POOL_BUFFERS if pooled else 0,
     )  # fmt: skip
 
 
-def bytes_per_param(state: str, mode: str) -> float:
+def bytes_per_param(state: str, mode: str, lora: bool = False) -> float:
     """The host bytes each further parameter costs (no weight copy)."""
     big, small = 100e9, 50e9
-    return (sum(footprint(big, state, mode).values()) - sum(footprint(small, state, mode).values())) / (big - small)
+    grow = sum(footprint(big, state, mode, lora=lora).values()) - sum(footprint(small, state, mode, lora=lora).values())
+    return grow / (big - small)
 
 
-def largest_model(host: float, state: str, mode: str) -> float:
+def largest_model(host: float, state: str, mode: str, lora: bool = False) -> float:
     """The most parameters whose footprint (no weight copy) plus the preflight's margin fits ``host`` bytes."""
     lo, hi = 0.0, host
     for _ in range(60):
         mid = (lo + hi) / 2
-        fits = sum(footprint(mid, state, mode).values()) + PREFLIGHT_MARGIN_BYTES <= host
+        fits = sum(footprint(mid, state, mode, lora=lora).values()) + PREFLIGHT_MARGIN_BYTES <= host
         lo, hi = (mid, hi) if fits else (lo, mid)
     return lo
 
@@ -95,6 +109,8 @@ def table() -> str:
         for mode in MODES:
             sizes = " | ".join(f"{largest_model(h, state, mode) / 1e9:.0f} B" for h in HOSTS.values())
             lines.append(f"| {state} | {mode} | {bytes_per_param(state, mode):.2f} | {sizes} |")
+    sizes = " | ".join(f"{largest_model(h, 'fp32', 'clipping', lora=True) / 1e9:.0f} B" for h in HOSTS.values())
+    lines.append(f"| fp32, {LORA} | clipping | {bytes_per_param('fp32', 'clipping', lora=True):.2f} | {sizes} |")
     return "\n".join(lines)
 
 

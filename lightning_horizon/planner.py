@@ -11,8 +11,11 @@ bf16), m = bytes of master_dtype (4 for fp32).
 Host memory: the engine's own accounting, :func:`lightning_horizon.engine.footprint.host_bytes` over the store's
 element counts (:class:`~lightning_horizon.engine.footprint.StoreShape`: N' = N with every parameter padded to 128
 elements, as the store lays them out; a test checks a real engine's buffers against it):
-    master weights       m * N'
-    optimizer state      8 * N for AdamW (two FP32 moments; step counters are negligible), 0 for SGD
+    master weights       m * N' (N': the trained parameters only when frozen ones are held apart, below)
+    optimizer state      8 * N for AdamW (two FP32 moments; step counters are negligible), 0 for SGD; N = the
+                         trained parameters (with LoRA, ``peft=``, the adapters)
+    frozen parameters    c * F' (F' = parameters frozen at setup, padded: the base model under LoRA), held in the
+                         compute dtype with ``frozen_dtype=compute`` and no gradient, state or copy
     gradients            4 * N' with A > 1 (FP32 accumulation); with A = 1 c * N' in the compute dtype, the
                          embedding's rows in FP32; with A = 1 and no clipping (the updates run during the backward)
                          only the embedding's FP32 rows, and
@@ -73,7 +76,7 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from lightning_horizon.config_groups import engine_config
-from lightning_horizon.engine.adapter import describe
+from lightning_horizon.engine.adapter import describe, find_causal_lm
 from lightning_horizon.engine.config import GRAD_POOL_BUFFERS, EngineConfig, as_dtype
 from lightning_horizon.engine.footprint import (
     StoreShape,
@@ -85,7 +88,8 @@ from lightning_horizon.engine.footprint import (
 )
 from lightning_horizon.engine.segments import Segments
 from lightning_horizon.hardware import HardwareProfile, load_profile
-from lightning_horizon.models import ModelConfig, build_hf_config
+from lightning_horizon.lora import PeftSettings, apply_peft
+from lightning_horizon.models import ModelConfig, build_hf_config, from_mapping
 from lightning_horizon.precision import SUPPORTED, normalize_precision
 
 GiB = 1024**3
@@ -144,10 +148,15 @@ class ModelShape:
         return max(max(self.layer_params, default=0), self.head_params)
 
 
-def model_shape(hf_config: PretrainedConfig, name: str | None = None) -> ModelShape:
-    """Count each unit's parameters on a meta-device model (nothing is allocated)."""
+def model_shape(
+    hf_config: PretrainedConfig, name: str | None = None, peft: PeftSettings | None = None, frozen: bool = False
+) -> ModelShape:
+    """Count each unit's parameters on a meta-device model (nothing is allocated); with ``peft``, the model with its
+    adapters; ``frozen``: frozen parameters are held in the compute dtype (``EngineConfig.frozen_store_dtype``)."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
+        if peft is not None and peft.enabled:
+            model = find_causal_lm(apply_peft(model, peft))
     parts = describe(model)
     embed, lm_head, layers, norm = parts.embed, parts.lm_head, parts.layers, parts.norm
     hidden = hf_config.hidden_size
@@ -166,7 +175,7 @@ def model_shape(hf_config: PretrainedConfig, name: str | None = None) -> ModelSh
         layer_params=tuple(sum(p.numel() for p in layer.parameters()) for layer in layers),
         head_params=sum(p.numel() for p in norm.parameters()) + sum(p.numel() for p in lm_head.parameters()),
         num_params=num_params,
-        store=StoreShape.of(parts),
+        store=StoreShape.of(parts, frozen=frozen),
     )
 
 
@@ -281,6 +290,7 @@ def plan(
     compute_dtype: torch.dtype | str = torch.bfloat16,
     name: str | None = None,
     engine: EngineConfig | None = None,
+    peft: PeftSettings | None = None,
     **engine_settings: Any,
 ) -> Plan:
     """Predict host memory, GPU memory and step time (formulas in the module docstring); allocates nothing.
@@ -298,7 +308,8 @@ def plan(
         master_dtype=master_dtype,
         compute_dtype=compute_dtype,
     )
-    return plan_shape(model_shape(hf_config, name=name), hardware, settings)
+    frozen = dataclasses.replace(engine, compute_dtype=settings.compute_dtype).frozen_store_dtype() is not None
+    return plan_shape(model_shape(hf_config, name=name, peft=peft, frozen=frozen), hardware, settings)
 
 
 def plan_from_config(cfg: Any, vocab_size: int | None = None, hardware: HardwareProfile | None = None) -> Plan:
@@ -323,6 +334,7 @@ def plan_from_config(cfg: Any, vocab_size: int | None = None, hardware: Hardware
         compute_dtype=precision_dtype(precision),
         name=model_cfg.name,
         engine=engine_config(cfg.strategy),
+        peft=from_mapping(PeftSettings, cfg.peft, prefix="peft") if "peft" in cfg else None,
     )
 
 
@@ -337,6 +349,7 @@ def plan_shape(shape: ModelShape, hardware: HardwareProfile, settings: PlanSetti
     k = s.engine.checkpoint_every
     b, seq = s.batch_size, s.max_seq_len
     tokens = b * seq
+    trained = shape.store.optimizer_params  # parameters with masters' updates, optimizer state and gradients
     state_bytes, optimizer_traffic = OPTIMIZERS[s.optimizer]
     if s.optimizer == "adamw" and s.engine.optimizer_state_dtype != "fp32":  # compact moments (one-pass AdamW)
         state_bytes = adamw_state_bytes(s.engine.state_dtype)
@@ -374,6 +387,7 @@ def plan_shape(shape: ModelShape, hardware: HardwareProfile, settings: PlanSetti
         "gradient slabs": f"{pinned}gradient slabs ({s.engine.num_grad_slabs} x {_size(shape.store.slab_numel * c)})",
         "gradient pool": f"{pinned}gradient pool ({pool} x {_size(shape.store.grad_group_numel * c)})",
         "weight copy": f"{pinned}weight copy ({dtype_name(s.compute_dtype)}, {c} B/param)",
+        "frozen parameters": f"{pinned}frozen parameters ({dtype_name(s.compute_dtype)}, {c} B/param)",
         "process overhead": "process overhead",
     }
     host = {labels[key]: value for key, value in footprint(bool(s.engine.weight_copy)).items()}
@@ -400,9 +414,9 @@ def plan_shape(shape: ModelShape, hardware: HardwareProfile, settings: PlanSetti
     attention_flops = 2 * b * seq * seq * d_q * (4 * num_layers + len(recomputed))
     flops = 8 * params_layers * tokens + 2 * params_recomputed * tokens + 6 * vocab * hidden * tokens + attention_flops
     upload = c * (2 * params_layers + params_recomputed + shape.head_params)
-    download = c * (params_layers + shape.head_params)
+    download = c * (params_layers + shape.head_params) * trained / n  # only trained parameters' gradients go down
     acc = s.accumulate_grad_batches
-    host_traffic = (optimizer_traffic + 2) * n + acc * (upload + 3 * download)
+    host_traffic = (optimizer_traffic + 2) * trained + acc * (upload + 3 * download)
     if hardware.has_gpu:
         steps = {
             "gpu compute": acc * flops / (hardware.gpu_bf16_tflops * 1e12),
@@ -411,7 +425,7 @@ def plan_shape(shape: ModelShape, hardware: HardwareProfile, settings: PlanSetti
         }
     else:  # the matmul rate measured by the profile, derated by what whole layers reach on a CPU
         steps = {"cpu compute": acc * flops / (hardware.cpu_tflops * CPU_LAYER_EFFICIENCY * 1e12)}
-    steps["cpu optimizer"] = n / hardware.cpu_adam_params_per_s
+    steps["cpu optimizer"] = trained / hardware.cpu_adam_params_per_s
     steps["host memory traffic"] = host_traffic / hardware.host_memory_bytes_per_s
     return Plan(shape=shape, hardware=hardware, settings=s, host_bytes=host, gpu_bytes=gpu, step_seconds=steps)
 

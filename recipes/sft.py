@@ -47,6 +47,7 @@ from lightning_horizon.files import remove_stale_temporaries
 from lightning_horizon.hardware import HardwareProfile, load_profile
 from lightning_horizon.lightning_module import OptimConfig, SFTModule
 from lightning_horizon.loading import check_model_dir
+from lightning_horizon.lora import PeftSettings, apply_peft, base_dtype, export_peft
 from lightning_horizon.models import (
     ModelConfig,
     build_hf_config,
@@ -75,7 +76,7 @@ from recipes.runs import (
 )
 
 log = logging.getLogger("recipes.sft")
-ROOT_KEYS = ("model", "data", "hardware", "trainer", "optim", "strategy", "plan", "resume", "output_dir")
+ROOT_KEYS = ("model", "data", "hardware", "trainer", "optim", "peft", "strategy", "plan", "resume", "output_dir")
 
 
 class SaveEngineConfig(L.Callback):
@@ -106,6 +107,7 @@ class RunConfig:
     model: ModelConfig
     data: DataConfig
     optim: OptimConfig
+    peft: PeftSettings
     strategy: EngineConfig
     trainer: dict[str, Any]
     seed: int
@@ -148,6 +150,7 @@ def validate(cfg: DictConfig) -> RunConfig:
         model=model,
         data=from_mapping(DataConfig, cfg.data, prefix="data"),
         optim=from_mapping(OptimConfig, cfg.optim, prefix="optim"),
+        peft=from_mapping(PeftSettings, cfg.peft, prefix="peft") if "peft" in cfg else PeftSettings(),
         strategy=strategy,
         trainer=trainer,
         seed=seed,
@@ -176,15 +179,22 @@ def hardware_profile(cfg: DictConfig, trainer: dict[str, Any]) -> HardwareProfil
     return profile
 
 
-def export_hf(module: SFTModule, tokenizer: Any, out_dir: Path, overwrite: bool = False) -> Path:
+def export_hf(
+    module: SFTModule, tokenizer: Any, out_dir: Path, overwrite: bool = False, peft: PeftSettings | None = None
+) -> Path:
     """Write ``module.model`` and ``tokenizer`` as a Hugging Face directory (BF16 safetensors, streamed tensor by
-    tensor from the host store, written aside and renamed into place)."""
+    tensor from the host store, written aside and renamed into place); with LoRA, the adapter or the merged model
+    (``peft.export``)."""
     strategy = module.trainer.strategy if module._trainer is not None else None
     engine = getattr(strategy, "engine", None)
     model = module.model
     use_cache = model.config.use_cache
     model.config.use_cache = True  # packing turned the cache off for training; generation wants it
     try:
+        if peft is not None and peft.enabled:
+            if engine is not None:
+                engine.synchronize()
+            return export_peft(model, peft, out_dir, tokenizer, overwrite=overwrite)
         target = engine if engine is not None else model
         return horizon_export.export_hf(target, out_dir, "bf16", tokenizer, overwrite=overwrite)
     finally:
@@ -243,18 +253,24 @@ def train(cfg: DictConfig) -> None:
     datamodule.setup("fit")
 
     L.seed_everything(run.seed, workers=True, verbose=False)
-    model = build_model(run.model, vocab_size=len(tokenizer))
+    # With LoRA the base is built (or loaded) straight in the dtype the engine holds it in: no FP32 copy of it.
+    frozen_dtype = dataclasses.replace(
+        run.strategy, compute_dtype=precision_dtype(run.trainer.get("precision", "bf16-mixed"))
+    ).frozen_store_dtype()
+    model = build_model(run.model, dtype=base_dtype(run.peft, frozen_dtype), vocab_size=len(tokenizer))
     model.train()  # from_pretrained (model.path) returns eval mode: train with the dropout the model config sets
     fill_special_tokens(model.config, model.generation_config, tokenizer)  # generation stops at the end of a reply
     if run.data.pack:
         prepare_model_for_packing(model)
+    model = apply_peft(model, run.peft)
     module = SFTModule(model, run.optim, max_steps=run.trainer["max_steps"])
     log.info(
-        "model %s: %s, %.4g M parameters, %d layers, vocabulary %d; plan: %.3g GB of host memory, %.3g s/step "
-        "predicted (%s)",
+        "model %s: %s, %.4g M parameters (%.4g M trained), %d layers, vocabulary %d; plan: %.3g GB of host memory, "
+        "%.3g s/step predicted (%s)",
         run.model.name,
         type(model).__name__,
         sum(p.numel() for p in model.parameters()) / 1e6,
+        sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
         model.config.num_hidden_layers,
         model.config.vocab_size,
         plan.host_total_bytes / 1e9,
@@ -282,7 +298,7 @@ def train(cfg: DictConfig) -> None:
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=where.checkpoint)
 
-    export_dir = export_hf(module, tokenizer, run_dir / EXPORT, overwrite=(run_dir / EXPORT).exists())
+    export_dir = export_hf(module, tokenizer, run_dir / EXPORT, overwrite=(run_dir / EXPORT).exists(), peft=run.peft)
     losses = logged_losses(run_dir)
     if losses:
         log.info("train/loss: first logged %.3f, last logged %.3f (%d values)", losses[0], losses[-1], len(losses))

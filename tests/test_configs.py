@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 from lightning_horizon.data import DataConfig
 from lightning_horizon.engine import EngineConfig
 from lightning_horizon.hardware import HardwareProfile, load_profile
-from lightning_horizon.models import ModelConfig
+from lightning_horizon.lora import PeftSettings
+from lightning_horizon.models import ModelConfig, from_mapping
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
@@ -24,7 +25,7 @@ OPTIM_KEYS = {
     "no_decay_norms_and_biases", "implementation",
 }  # fmt: skip
 STRATEGY_KEYS = {f.name for f in EngineConfig.settings()}
-ROOT_KEYS = {"model", "data", "hardware", "trainer", "optim", "plan", "resume", "output_dir", "strategy"}
+ROOT_KEYS = {"model", "data", "hardware", "trainer", "optim", "peft", "plan", "resume", "output_dir", "strategy"}
 
 
 def _compose(overrides: list[str] | None = None, return_hydra_config: bool = False):
@@ -56,6 +57,7 @@ def test_default_run():
     assert set(cfg.optim) == OPTIM_KEYS and cfg.optim.name == "adamw" and cfg.optim.implementation == "torch"
     assert set(cfg.strategy) == STRATEGY_KEYS
     assert cfg.plan is False and cfg.resume is None
+    assert cfg.peft.method == "none"
     assert cfg.optim.lr == pytest.approx(1e-3)  # tiny trains from scratch
     resolved = _resolved(cfg)
     assert resolved["data"]["seed"] == resolved["trainer"]["seed"]
@@ -148,7 +150,13 @@ def _undocumented_keys(path: Path, section: str | None = None) -> list[str]:
 
 @pytest.mark.parametrize(
     "file,section",
-    [("data/default.yaml", None), ("trainer/default.yaml", None), ("optim/adamw.yaml", None)],
+    [
+        ("data/default.yaml", None),
+        ("trainer/default.yaml", None),
+        ("optim/adamw.yaml", None),
+        ("peft/none.yaml", None),
+        ("peft/lora.yaml", None),
+    ],
 )
 def test_every_option_is_documented_in_its_yaml_file(file, section):
     # The README promises it: a comment right above every option (model and hardware fields are documented once,
@@ -184,3 +192,20 @@ def test_engine_settings_are_declared_once_with_a_docstring_each():
         _compose(["strategy.num_slots=two"])  # typed from EngineConfig
     with pytest.raises(ConfigCompositionException, match="device"):
         _compose(["strategy.device=cuda"])  # the Trainer's (accelerator), not a strategy setting
+
+
+def test_the_peft_group_is_peft_settings():
+    """``peft=lora`` lists every field of PeftSettings with its default; ``peft=none`` turns LoRA off."""
+    lora = _compose(["peft=lora"]).peft
+    assert set(lora) == {f.name for f in dataclasses.fields(PeftSettings)}
+    assert from_mapping(PeftSettings, lora, prefix="peft") == PeftSettings(method="lora")
+    assert not from_mapping(PeftSettings, _compose().peft, prefix="peft").enabled
+    with pytest.raises(ValueError, match="peft.rank"):
+        from_mapping(PeftSettings, {**lora, "rank": 8}, prefix="peft")
+    for bad, match in (
+        ({"r": 0}, "peft.r must"),
+        ({"export": "both"}, "peft.export must"),
+        ({"method": "qlora"}, "method"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            from_mapping(PeftSettings, {**lora, **bad}, prefix="peft")

@@ -31,6 +31,9 @@ scales)."""
 STATE_DTYPE_NAMES = {dtype: name for name, dtype in STATE_DTYPES.items()}
 """The name of each ``STATE_DTYPES`` dtype (for messages)."""
 
+FROZEN_DTYPES = ("compute", "fp32")
+"""``EngineConfig.frozen_dtype`` names."""
+
 _DTYPES = {
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
@@ -119,6 +122,17 @@ class EngineConfig:
     ``torch.optim.AdamW`` can use them (other optimizers are refused). Checkpoints store the moments as they are;
     one saved with another setting resumes converted (a warning when values change)."""
 
+    frozen_dtype: str = "compute"
+    """Storage of the parameters that are frozen (``requires_grad=False``) when the engine is built, such as the base
+    model under LoRA or a frozen part of a full fine-tune: ``compute`` (default) holds them once, in the compute
+    dtype (2 bytes/param for BF16), in pinned host buffers the uploads read directly: no FP32 master, no gradient,
+    no optimizer state, no weight copy. The streamed layers compute with exactly these values today too (the
+    upload rounds the FP32 master to the compute dtype), so training is unchanged; ``state_dict()``, checkpoints and
+    the export show these parameters in the compute dtype. A frozen parameter made trainable later is refused (it
+    has no FP32 master to train): ``fp32`` keeps FP32 masters for frozen parameters too (4 bytes/param, plus the
+    weight copy's 2), for runs that unfreeze parameters during training. With FP32 compute (``32-true``) both
+    settings hold FP32."""
+
     device: str | torch.device | None = field(default=None, metadata={"run": "accelerator"})
     """Compute device; None picks ``cuda`` when available, else ``cpu``. The strategy sets it from the Trainer."""
     compute_dtype: str | torch.dtype | None = field(default=None, metadata={"run": "precision"})
@@ -181,6 +195,8 @@ class EngineConfig:
             raise ValueError(
                 f"optimizer_state_dtype must be one of {', '.join(STATE_DTYPES)}, got {self.optimizer_state_dtype!r}"
             )
+        if self.frozen_dtype not in FROZEN_DTYPES:
+            raise ValueError(f"frozen_dtype must be one of {', '.join(FROZEN_DTYPES)}, got {self.frozen_dtype!r}")
         pool = self.grad_pool_buffers
         if pool is not None and (isinstance(pool, bool) or not isinstance(pool, int) or pool == 1 or pool < 0):
             raise ValueError(
@@ -193,6 +209,11 @@ class EngineConfig:
     def state_dtype(self) -> torch.dtype:
         """``optimizer_state_dtype`` as a torch dtype."""
         return STATE_DTYPES[self.optimizer_state_dtype]
+
+    def frozen_store_dtype(self) -> torch.dtype | None:
+        """The dtype frozen parameters are held in, apart from the FP32 masters (None: in the FP32 masters)."""
+        compute = as_dtype(self.compute_dtype or torch.bfloat16)
+        return compute if self.frozen_dtype == "compute" and compute != torch.float32 else None
 
     @classmethod
     def settings(cls) -> list[dataclasses.Field]:

@@ -18,7 +18,7 @@ import torch
 from .adapter import DecoderParts
 from .config import STATE_DTYPE_NAMES
 from .host_kernels import QBLOCK
-from .store import _align, unique_groups
+from .store import _align, split_frozen
 
 log = logging.getLogger(__name__)
 
@@ -55,24 +55,38 @@ class StoreShape:
     grad_group_numel: int = 0
     """Elements of the largest group whose gradient lands in the compute dtype (every group but the embedding's,
     unless a tied lm_head's gradient lands in it): each buffer of the gradient pool is this large."""
+    frozen_numel: int = 0
+    """Elements of the frozen groups, held in the compute dtype (``EngineConfig.frozen_dtype='compute'``): not in
+    ``store_numel``, no gradients, no weight copy."""
+    trainable_params: int | None = None
+    """Parameters that require gradients (the optimizer's state is this large); None: every parameter."""
 
     @classmethod
-    def of(cls, parts: DecoderParts) -> StoreShape:
-        """The counts of the model ``parts`` describes (real or on the meta device)."""
-        groups = unique_groups(parts.store_groups())
-        sizes = {name: max(1, sum(_align(p.numel()) for _, p in named)) for name, named in groups}
+    def of(cls, parts: DecoderParts, frozen: bool = False) -> StoreShape:
+        """The counts of the model ``parts`` describes (real or on the meta device); ``frozen``: its parameters that do
+        not require gradients are held in the compute dtype (:func:`.store.split_frozen`)."""
+        groups = split_frozen(parts.store_groups(), torch.bfloat16 if frozen else None)
+        sizes = {name: max(1, sum(_align(p.numel()) for _, p in named)) for name, named, _ in groups}
+        fp32 = {name: size for (name, _, dtype), size in zip(groups, sizes.values()) if dtype == torch.float32}
         layers = [_unit_numel(layer) for layer in parts.layers]
         head = _unit_numel(parts.norm) + _unit_numel(parts.lm_head)
-        landing = [size for name, size in sizes.items() if name != "embed" or parts.tied]
+        landing = [size for name, size in fp32.items() if name != "embed" or parts.tied]
         return cls(
-            num_params=sum(p.numel() for _, named in groups for _, p in named),
-            store_numel=sum(sizes.values()),
-            embedding_numel=sizes.get("embed", 0),
+            num_params=sum(p.numel() for _, named, _ in groups for _, p in named),
+            store_numel=sum(fp32.values()),
+            embedding_numel=fp32.get("embed", 0),
             layer_numel=max(layers),
             unit_numel=max(*layers, head),
             tied=parts.tied,
             grad_group_numel=max(landing, default=1),
+            frozen_numel=sum(sizes.values()) - sum(fp32.values()),
+            trainable_params=sum(p.numel() for _, named, _ in groups for _, p in named if p.requires_grad),
         )
+
+    @property
+    def optimizer_params(self) -> int:
+        """Parameters the optimizer keeps state for (those that require gradients)."""
+        return self.num_params if self.trainable_params is None else self.trainable_params
 
     @property
     def staging_numel(self) -> int:
@@ -116,9 +130,11 @@ def host_bytes(
         gradients = c * (n - shape.embedding_numel) + (4 + c * shape.tied) * shape.embedding_numel
     out = {
         "masters": master_bytes * n,
-        "optimizer state": int(optimizer_state_bytes * shape.num_params),
+        "optimizer state": int(optimizer_state_bytes * shape.optimizer_params),
         "gradients": gradients,
     }
+    if shape.frozen_numel:
+        out["frozen parameters"] = c * shape.frozen_numel
     if grad_pool and not accumulate:
         out["gradient pool"] = grad_pool * shape.grad_group_numel * c
     if on_gpu and not weight_copy:

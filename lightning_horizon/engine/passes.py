@@ -28,7 +28,7 @@ from .gradients import GradientSink
 from .loss import ChunkedLoss, head_logits
 from .moe import ExpertGrad
 from .segments import ForwardPass, KeptLayer, LayerFunction, Segments, _rng_replay, local_grads
-from .store import HostStore, StoreGroup
+from .store import HostStore, StoreGroup, check_trainable
 from .streamer import LayerStreamer
 from .templates import TemplateBank
 from .units import Unit, expert_runs
@@ -132,12 +132,13 @@ class PassRunner:
 
     # ---------------------------------------------------------------------------------------------- embedding
     def embed_forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        check_trainable(*self.store.entry(self.parts.embed.weight))  # before any compute of a pass it would fail
         self.store.wait_updated(self.embed_group, poll=self.streamer.workers.check)
         ids = input_ids.to("cpu")
         rows = F.embedding(ids, self.parts.embed.weight.detach())
         scale = self.parts.embed_scale()
         if scale is not None:
-            rows = rows * scale
+            rows = rows.float() * scale  # (a frozen embedding is held in the compute dtype: scale in FP32 anyway)
         return rows.to(self.dtype).to(self.device)
 
     def embed_backward(self, input_ids: torch.Tensor, grad_hidden: torch.Tensor) -> None:

@@ -75,7 +75,8 @@ class HorizonEngine:
         self.parts: DecoderParts = describe(model)
         check_not_streamed(self.parts.model)
         self.model = model
-        self.shape = StoreShape.of(self.parts)
+        frozen_dtype = config.frozen_store_dtype()
+        self.shape = StoreShape.of(self.parts, frozen=frozen_dtype is not None)
         config = resolve(
             config, functools.partial(self._auto_weight_copy, config), functools.partial(self._auto_grad_pool, config)
         )
@@ -86,7 +87,9 @@ class HorizonEngine:
         self.dtype: torch.dtype = config.compute_dtype  # type: ignore[assignment]
         cuda = self.device.type == "cuda"
         # adopt: a model loaded straight into the store's layout (lightning_horizon.loading) is taken over, not copied
-        self.store = HostStore.adopt(self.parts.store_groups(), pin=config.pin_masters and cuda)
+        self.store = HostStore.adopt(
+            self.parts.store_groups(), pin=config.pin_masters and cuda, frozen_dtype=frozen_dtype, pin_frozen=cuda
+        )
         self.units: list[Unit] = [
             make_unit(i, self.parts.layer_structure_key(i), layer, self.store)
             for i, layer in enumerate(self.parts.layers)
@@ -100,8 +103,9 @@ class HorizonEngine:
         if config.weight_copy:
             with torch.inference_mode(False):
                 for group in self.store.groups:
-                    group.copy = pinned_empty(group.master.numel(), self.dtype, pin=cuda)
-                    group.copy.copy_(group.master)
+                    if not group.frozen:  # a frozen group is its own copy
+                        group.copy = pinned_empty(group.master.numel(), self.dtype, pin=cuda)
+                        group.copy.copy_(group.master)
         kernels = config.host_kernels
         self.workers = WorkerGroup(self.device)
         self.streamer = LayerStreamer(
@@ -283,7 +287,7 @@ class HorizonEngine:
         self.synchronize()
         self.streamer.invalidate()
         for group in self.store.groups:
-            if group.copy is not None:
+            if group.copy is not None and not group.frozen:
                 if group.h2d_event is not None:
                     group.h2d_event.synchronize()
                 group.copy.copy_(group.master)
@@ -304,7 +308,7 @@ class HorizonEngine:
             self.optim.close()
             self.store.close()
             for group in self.store.groups:
-                if group.copy is not None:
+                if group.copy is not None and not group.frozen:  # a frozen group's buffer is the store's to unpin
                     unregister_pinned(group.copy)
                 for sp in group.params:
                     sp.param.grad = None

@@ -94,12 +94,15 @@ class StoreParam:
 
 @dataclass(eq=False)
 class StoreGroup:
-    """One flat buffer of FP32 masters and its gradient buffer."""
+    """One flat buffer of FP32 masters and its gradient buffer (or, for a frozen group, the frozen parameters)."""
 
     name: str
     params: list[StoreParam]
     numel: int
     master: torch.Tensor
+    frozen: bool = False
+    """Parameters frozen when the store was built, held in the compute dtype (``EngineConfig.frozen_dtype``):
+    ``master`` is in that dtype and is also ``copy`` (uploads read it); no gradients, no optimizer state."""
     grad: torch.Tensor | None = None
     copy: torch.Tensor | None = None
     """Masters in the compute dtype (pinned on CUDA), refreshed by the optimizer: uploads need no packing."""
@@ -135,6 +138,17 @@ class StoreGroup:
         return self.grad
 
 
+def check_trainable(group: StoreGroup, sp: StoreParam) -> None:
+    """Refuses to compute a gradient for a parameter of a frozen group (it has no FP32 master to train)."""
+    if group.frozen and sp.param.requires_grad:
+        raise RuntimeError(
+            f"parameter {sp.name!r} was frozen when the horizon engine was built, so it is held in "
+            f"{str(group.master.dtype).removeprefix('torch.')} without an FP32 master (frozen_dtype='compute'), and "
+            "now requires gradients: it cannot be trained. Set frozen_dtype='fp32' (HorizonStrategy(frozen_dtype="
+            "'fp32'), or strategy.frozen_dtype=fp32 in a recipe) for runs that unfreeze parameters during training."
+        )
+
+
 def unique_groups(
     groups: list[tuple[str, list[tuple[str, nn.Parameter]]]],
 ) -> list[tuple[str, list[tuple[str, nn.Parameter]]]]:
@@ -153,34 +167,74 @@ def unique_groups(
     return out
 
 
+FROZEN_SUFFIX = ".frozen"
+"""Name of a group's frozen part: ``layers.3`` holds the layer's trainable masters, ``layers.3.frozen`` its frozen
+parameters in the compute dtype."""
+
+
+def split_frozen(
+    groups: list[tuple[str, list[tuple[str, nn.Parameter]]]], frozen_dtype: torch.dtype | None
+) -> list[tuple[str, list[tuple[str, nn.Parameter]], torch.dtype]]:
+    """The store's groups (:func:`unique_groups`) with their dtypes: with ``frozen_dtype``, each group's parameters
+    that do not require gradients go to a group of their own (named ``name + FROZEN_SUFFIX``, right after it) held
+    in ``frozen_dtype``; the rest stay FP32 masters. Without it, every group is FP32."""
+    out = []
+    for name, named in unique_groups(groups):
+        if frozen_dtype is None:
+            out.append((name, named, torch.float32))
+            continue
+        trainable = [(n, p) for n, p in named if p.requires_grad]
+        frozen = [(n, p) for n, p in named if not p.requires_grad]
+        if trainable:
+            out.append((name, trainable, torch.float32))
+        if frozen:
+            out.append((name + FROZEN_SUFFIX, frozen, frozen_dtype))
+    return out
+
+
 class HostStore:
-    """FP32 masters of a model in flat per-group host buffers.
+    """FP32 masters of a model in flat per-group host buffers (and frozen parameters in the compute dtype).
 
     Args:
         groups: ``(group name, [(parameter name, parameter), ...])`` in the order the model uses them. A parameter
             listed twice (tied weights) is stored once, in the first group that lists it.
-        pin: Page-lock the buffers with ``cudaHostRegister`` (only useful when masters are copied to the GPU
+        pin: Page-lock the FP32 buffers with ``cudaHostRegister`` (only useful when masters are copied to the GPU
             directly; the engine packs BF16 copies into its own pinned staging, so it is off by default).
+        frozen_dtype: Hold the parameters that do not require gradients now in groups of this dtype
+            (:func:`split_frozen`, ``EngineConfig.frozen_dtype``); None: every parameter in the FP32 masters.
+        pin_frozen: Page-lock the frozen groups (uploads read them directly).
     """
 
     def __init__(
-        self, groups: list[tuple[str, list[tuple[str, nn.Parameter]]]], pin: bool = False, adopt: bool = False
+        self,
+        groups: list[tuple[str, list[tuple[str, nn.Parameter]]]],
+        pin: bool = False,
+        adopt: bool = False,
+        frozen_dtype: torch.dtype | None = None,
+        pin_frozen: bool = False,
     ) -> None:
         self.groups: list[StoreGroup] = []
         self.by_param: dict[int, tuple[StoreGroup, StoreParam]] = {}
         self.cond = threading.Condition()
         self._pinned: list[torch.Tensor] = []
-        for name, unique in unique_groups(groups):
-            group = (self._adopt_group(name, unique) if adopt else None) or self._build_group(name, unique)
+        for name, unique, dtype in split_frozen(groups, frozen_dtype):
+            group = (self._adopt_group(name, unique, dtype) if adopt else None) or self._build_group(
+                name, unique, dtype
+            )
+            if dtype != torch.float32:
+                group.frozen = True
+                group.copy = group.master
             self.groups.append(group)
             for sp in group.params:
                 self.by_param[id(sp.param)] = (group, sp)
-            if pin:
+            if pin if not group.frozen else pin_frozen:
                 self._pinned.append(register_pinned(group.master))
         self.by_name = {g.name: g for g in self.groups}
 
     @staticmethod
-    def _build_group(name: str, named_params: list[tuple[str, nn.Parameter]]) -> StoreGroup:
+    def _build_group(
+        name: str, named_params: list[tuple[str, nn.Parameter]], dtype: torch.dtype = torch.float32
+    ) -> StoreGroup:
         offset, entries = 0, []
         for pname, p in named_params:
             if p.is_meta:
@@ -192,7 +246,7 @@ class HostStore:
                 raise ValueError(f"parameter {pname!r} has dtype {p.dtype}; only floating-point parameters are stored")
             entries.append(StoreParam(pname, p, offset, p.numel(), p.shape))
             offset += _align(p.numel())
-        master = torch.empty(max(offset, 1), dtype=torch.float32)
+        master = torch.empty(max(offset, 1), dtype=dtype)
         if offset > sum(e.numel for e in entries):
             master.zero_()  # alignment gaps: keep them deterministic for checksums
         with torch.no_grad():
@@ -279,20 +333,28 @@ class HostStore:
         return cls.adopt(new_groups, pin=pin)
 
     @classmethod
-    def adopt(cls, groups: list[tuple[str, list[tuple[str, nn.Parameter]]]], pin: bool = False) -> HostStore:
-        """Like ``HostStore(groups, pin)``, but takes over groups whose parameters already are views into one flat
-        FP32 buffer with the store's layout (as :meth:`from_meta` leaves them): those are not copied. Other groups
-        are built (copied) as the constructor does."""
-        return cls(groups, pin=pin, adopt=True)
+    def adopt(
+        cls,
+        groups: list[tuple[str, list[tuple[str, nn.Parameter]]]],
+        pin: bool = False,
+        frozen_dtype: torch.dtype | None = None,
+        pin_frozen: bool = False,
+    ) -> HostStore:
+        """Like ``HostStore(groups, ...)``, but takes over groups whose parameters already are views into one flat
+        buffer of the group's dtype with the store's layout (as :meth:`from_meta` or an earlier engine leave them):
+        those are not copied. Other groups are built (copied) as the constructor does."""
+        return cls(groups, pin=pin, adopt=True, frozen_dtype=frozen_dtype, pin_frozen=pin_frozen)
 
     @staticmethod
-    def _adopt_group(name: str, named_params: list[tuple[str, nn.Parameter]]) -> StoreGroup | None:
+    def _adopt_group(
+        name: str, named_params: list[tuple[str, nn.Parameter]], dtype: torch.dtype = torch.float32
+    ) -> StoreGroup | None:
         """The group over the parameters' existing flat buffer, or None when they are not laid out as a store's."""
         storage = None
         offset, entries = 0, []
         for pname, p in named_params:
             data = p.data
-            if data.device.type != "cpu" or data.dtype != torch.float32 or not data.is_contiguous():
+            if data.device.type != "cpu" or data.dtype != dtype or not data.is_contiguous():
                 return None
             if storage is None:
                 storage = data.untyped_storage()
@@ -301,7 +363,7 @@ class HostStore:
             entries.append(StoreParam(pname, p, offset, p.numel(), p.shape))
             offset += _align(p.numel())
         total = max(offset, 1)
-        if storage is None or storage.nbytes() != total * 4:
+        if storage is None or storage.nbytes() != total * dtype.itemsize:
             return None
-        master = torch.empty(0, dtype=torch.float32).set_(storage, 0, (total,))
+        master = torch.empty(0, dtype=dtype).set_(storage, 0, (total,))
         return StoreGroup(name, entries, offset, master)

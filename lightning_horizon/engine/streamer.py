@@ -387,7 +387,7 @@ class LayerStreamer:
             slot.copy_event.record(self.h2d_stream)
 
     def _pack(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        if self.kernels:
+        if self.kernels and src.dtype == torch.float32:  # (a frozen group is already in the compute dtype)
             pack_bf16_(dst, src, num_threads=self.pack_threads)
         else:
             dst.copy_(src)

@@ -23,6 +23,7 @@ from torch import nn
 
 from .adapter import DecoderParts, bind_layer_state, module_state
 from .moe import RouterTap
+from .store import check_trainable
 from .units import Unit
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ class TemplateBank:
         bind_layer_state(template, self._state[uid])
         for p, b in zip(params, unit.bindings):
             if p.requires_grad != b.entry.param.requires_grad:  # frozen or unfrozen since the template was made
+                check_trainable(b.group, b.entry)
                 p.requires_grad_(b.entry.param.requires_grad)
         return template, params
 
