@@ -407,3 +407,81 @@ def test_compact_optimizer_state_trains_the_default_run_like_fp32(tmp_path):
         finals[dtype] = sum(logged[-5:]) / 5
     assert finals["bf16"] == pytest.approx(finals["fp32"], rel=0.02)
     assert finals["int8"] == pytest.approx(finals["fp32"], rel=0.02)
+
+
+def _lora_run(tmp_path, hf_dir, data_file, *extra):
+    run_dir = tmp_path / "run"
+    overrides = [f"data.path={data_file}", f"model.path={hf_dir}", "model=qwen2_0_5b", "peft=lora", "peft.r=4",
+                 "trainer.precision=bf16-mixed", "optim.lr=1e-2", "optim.warmup_steps=0"]  # fmt: skip
+    result = sft(*FAST, *overrides, *extra, run_dir=run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result
+
+
+def _checkpoint_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    ckpt = (run_dir / "checkpoints" / "last.ckpt").resolve()
+    return {k: v for f in (ckpt / "model").glob("*.safetensors") for k, v in load_file(f).items()}
+
+
+def _peft_from_checkpoint(hf_dir: Path, tensors: dict[str, torch.Tensor], r: int = 4):
+    """The base of ``hf_dir`` with LoRA adapters set to the checkpoint's masters (a reference built with PEFT)."""
+    peft = pytest.importorskip("peft")
+    base = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=32, target_modules="all-linear"))
+    inner = model.base_model.model
+    with torch.no_grad():
+        for name, p in inner.named_parameters():
+            if "lora_" in name:
+                p.copy_(tensors[name])
+    return model
+
+
+def test_lora_run_exports_an_adapter_that_peft_loads(tmp_path, hf_dir, data_file):
+    """peft=lora: only the adapters train, the base is held (and checkpointed) in BF16, and hf_export/ is PEFT's
+    adapter format: PeftModel.from_pretrained on the base gives the adapters the run trained."""
+    peft = pytest.importorskip("peft")
+    run_dir, result = _lora_run(tmp_path, hf_dir, data_file, "trainer.max_steps=6")
+    got = losses(run_dir)
+    assert len(got) == 6 and got[-1] < got[0]
+    assert "M trained)" in result.stdout
+    engine = json.loads((run_dir / "engine.json").read_text())
+    assert engine["frozen_dtype"] == "compute" and engine["compute_dtype"] == "bfloat16"
+    tensors = _checkpoint_tensors(run_dir)
+    lora = {k: v for k, v in tensors.items() if "lora_" in k}
+    base = {k: v for k, v in tensors.items() if "lora_" not in k}
+    assert lora and all(v.dtype == torch.float32 for v in lora.values())
+    assert base and all(v.dtype == torch.bfloat16 for v in base.values())  # the frozen base: 2 bytes/param
+    source = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16).state_dict()
+    for k, v in base.items():  # untouched by training
+        assert torch.equal(v, source[k.replace(".base_layer", "")]), k
+
+    export = run_dir / "hf_export"
+    assert (export / "adapter_config.json").exists() and (export / "adapter_model.safetensors").exists()
+    assert AutoTokenizer.from_pretrained(export) is not None
+    loaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16), export)
+    loaded_lora = {n: p for n, p in loaded.base_model.model.named_parameters() if "lora_" in n}
+    assert loaded_lora.keys() == lora.keys()
+    for n, p in loaded_lora.items():
+        assert torch.equal(p.float(), lora[n]), n
+    reference = _peft_from_checkpoint(hf_dir, tensors)
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_lora_run_exports_the_merged_model(tmp_path, hf_dir, data_file):
+    run_dir, _ = _lora_run(tmp_path, hf_dir, data_file, "peft.export=merged")
+    export = run_dir / "hf_export"
+    assert not (export / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(export)
+    assert not any("lora_" in n or "base_layer" in n for n, _ in merged.named_parameters())
+    reference = _peft_from_checkpoint(hf_dir, _checkpoint_tensors(run_dir))
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    with torch.no_grad():
+        want = reference(input_ids=ids).logits.float()
+        got = merged.to(torch.bfloat16)(input_ids=ids).logits.float()
+    assert (got - want).abs().max() < 0.05 * want.abs().max()  # BF16 weights, merged once (PEFT's own merge)
+    assert not torch.equal(merged.state_dict()["model.layers.0.mlp.up_proj.weight"],
+                           AutoModelForCausalLM.from_pretrained(hf_dir).state_dict()["model.layers.0.mlp.up_proj.weight"])  # fmt: skip
