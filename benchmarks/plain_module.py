@@ -7,6 +7,7 @@ included, median step after warm-up, host bytes/param = peak RSS / N)::
 
     python benchmarks/plain_module.py --model qwen2_3b --batch 8 --seq 1024 --steps 8 --out plain.json
 
+``--lora RANK`` builds the model in BF16 and wraps it with PEFT's LoRA on every linear layer (only the adapters train).
 ``--state-dtype`` and ``--strategy key=value`` pass settings to ``HorizonStrategy`` (the only departure from the
 default strategy); ``--clip`` sets ``Trainer(gradient_clip_val=...)``. Besides speed and memory it reports the bytes
 that crossed PCIe per step (the engine's counters) and the host-memory bytes moved per step: the optimizer's
@@ -41,15 +42,22 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 
 
 class Plain(L.LightningModule):
-    def __init__(self, config) -> None:
+    def __init__(self, config, lora_rank: int = 0) -> None:
         super().__init__()
         self.config = config
+        self.lora_rank = lora_rank
         self.model = None
         self.losses: list[float] = []
 
     def configure_model(self) -> None:
-        if self.model is None:
+        if self.model is None and not self.lora_rank:
             self.model = AutoModelForCausalLM.from_config(self.config)
+        elif self.model is None:  # LoRA as users write it: the base in BF16, PEFT's adapters (FP32) on every linear
+            import peft
+
+            base = AutoModelForCausalLM.from_config(self.config, dtype=torch.bfloat16)
+            lora = peft.LoraConfig(r=self.lora_rank, lora_alpha=2 * self.lora_rank, target_modules="all-linear")
+            self.model = peft.get_peft_model(base, lora)
 
     def training_step(self, batch, batch_idx):
         loss = self.model(**batch).loss
@@ -57,7 +65,8 @@ class Plain(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.model.parameters(), lr=1e-5)
+        lr = 1e-4 if self.lora_rank else 1e-5
+        return torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr)
 
 
 class StepEnds(L.Callback):
@@ -86,6 +95,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the result as JSON here")
     parser.add_argument("--state-dtype", default=None, choices=list(STATE_DTYPES), help="optimizer_state_dtype")
     parser.add_argument("--clip", type=float, default=None, help="Trainer(gradient_clip_val=...)")
+    parser.add_argument("--lora", type=int, default=0, metavar="RANK", help="train LoRA adapters of this rank")
     parser.add_argument("--strategy", nargs="*", default=[], metavar="KEY=VALUE", help="other HorizonStrategy args")
     args = parser.parse_args()
     settings = dict(_setting(kv) for kv in args.strategy)
@@ -95,7 +105,7 @@ def main() -> None:
     hf_config = build_hf_config(
         ModelConfig.from_dict(raw.get("model", raw)), vocab_size=2048
     )  # when the model says null
-    module = Plain(hf_config)
+    module = Plain(hf_config, args.lora)
     data = SyntheticTokens(hf_config.vocab_size, args.seq, args.batch * (args.steps + 1))
     timer = StepEnds()
     trainer = L.Trainer(
@@ -113,6 +123,7 @@ def main() -> None:
     with RssSampler() as rss:
         trainer.fit(module, DataLoader(data, batch_size=args.batch))
     num_params = sum(p.numel() for p in module.model.parameters())  # each Parameter once: tied weights once
+    trained = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
     step_s = statistics.median([b - a for a, b in zip(timer.ends, timer.ends[1:])][args.warmup :])
     tokens = args.batch * args.seq
     engine = timer.engine
@@ -123,10 +134,14 @@ def main() -> None:
     packing = 0 if copy else 3 * engine.get("bytes_h2d", 0) / steps_run  # read FP32 (2x the BF16 bytes) + write
     if not copy:
         optimizer_traffic -= 2  # no weight copy written
+    if args.lora:  # the optimizer's traffic covers only the adapters; gradients go down only for them
+        optimizer_traffic = optimizer_traffic * trained / num_params
     result = {
-        "system": "horizon, plain LightningModule (configure_model, torch AdamW, default strategy)",
+        "system": "horizon, plain LightningModule (configure_model, torch AdamW, default strategy)"
+        + (f", LoRA r={args.lora} on every linear layer, base built in BF16" if args.lora else ""),
         "model": args.model,
         "num_params": num_params,
+        "trained_params": trained,
         "tokens_per_step": tokens,
         "step_s": step_s,
         "tokens_per_s": tokens / step_s,
