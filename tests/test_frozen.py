@@ -19,15 +19,11 @@ from lightning_horizon import HorizonStrategy
 from lightning_horizon.engine.footprint import host_bytes
 from lightning_horizon.engine.store import FROZEN_SUFFIX
 from tests.helpers import EngineProbe, LMModule, clone, loader, tiny_model
+from tests.test_workflows import lora
 
-peft = pytest.importorskip("peft")
+pytest.importorskip("peft")
 
 QUIET = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-
-
-def lora(model, **kw):
-    config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **{"target_modules": "all-linear", **kw})
-    return peft.get_peft_model(model, config)
 
 
 def fit(module, frozen_dtype: str, steps: int = 4, precision: str = "bf16-mixed", **kw):
