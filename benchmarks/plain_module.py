@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -83,6 +84,8 @@ class StepEnds(L.Callback):
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # between steps only: timing, not part of the step
         self.ends.append(time.perf_counter())
+        took = f", {self.ends[-1] - self.ends[-2]:.2f} s" if len(self.ends) > 1 else ""
+        print(f"step {trainer.global_step} done{took}", file=sys.stderr, flush=True)  # progress, if a run is cut
 
 
 def main() -> None:
