@@ -51,6 +51,11 @@ class Plain(L.LightningModule):
         self.losses: list[float] = []
 
     def configure_model(self) -> None:
+        start = time.perf_counter()
+        self._build()
+        print(f"model built in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+    def _build(self) -> None:
         if self.model is None and not self.lora_rank:
             self.model = AutoModelForCausalLM.from_config(self.config)
         elif self.model is None:  # LoRA as users write it: the base in BF16, PEFT's adapters (FP32) on every linear
