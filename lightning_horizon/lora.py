@@ -81,7 +81,7 @@ def _peft():
     try:
         import peft
     except ImportError:
-        raise ImportError("peft.method=lora needs the peft package: pip install peft") from None
+        raise ImportError("peft.method=lora needs the peft package: pip install peft (or the .[peft] extra)") from None
     return peft
 
 
