@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# LoRA with the base held in BF16 (issue #16) on one GPU (reported figures: one H200, 16 cores, 125 GiB host).
+# Each part fits one device call; JSON under $OUT (default benchmarks/out/issue16), progress on stderr unbuffered.
+#   bash benchmarks/issue16_h200.sh lora7b    # Qwen2.5-7B 8 x 1024, LoRA r=16 on every linear layer, beside SFT's figure
+#   bash benchmarks/issue16_h200.sh lora32b   # Qwen2.5-32B shape (65 GB in BF16), LoRA r=16: trains on the 125 GiB host
+#   bash benchmarks/issue16_h200.sh gpu       # the CUDA tests (LoRA first), each test's result printed as it ends
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/out/issue16}
+mkdir -p "$OUT"
+plain() {  # plain NAME ARGS...
+  local name=$1
+  shift
+  python -u benchmarks/plain_module.py "$@" --out "$OUT/$name.json" 2> >(grep -E "^step|^model built|Error|error" >&2) \
+    | tail -1 | cut -c1-700
+}
+case ${1:-lora7b} in
+  lora7b) plain qwen2_7b_b8_lora16 --model qwen2_7b --batch 8 --seq 1024 --steps 6 --warmup 2 --lora 16 ;;
+  lora32b) plain qwen2_32b_b4_lora16 --model qwen2_32b --batch 4 --seq 1024 --steps 6 --warmup 2 --lora 16 ;;
+  gpu) python -u -m pytest -m gpu tests/test_gpu.py -rA -p no:cacheprovider -v -k lora
+       python -u -m pytest -m gpu tests/test_gpu.py -rA -p no:cacheprovider -v -k "not lora" ;;
+esac
