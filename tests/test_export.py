@@ -213,3 +213,22 @@ def test_a_tokenizer_that_loads_back_differently_is_refused(tmp_path, tokenizer)
         export_hf(model, tmp_path / "hf", dtype="fp32", tokenizer=gpt2_style)
     assert not (tmp_path / "hf").exists() and not list(tmp_path.iterdir())  # nothing published, no temporary left
     export_hf(model, tmp_path / "hf", dtype="fp32", tokenizer=as_exported(gpt2_style, model.config))
+
+
+def test_a_model_with_peft_adapter_layers_is_refused_not_written_broken(tmp_path):
+    """PEFT's layer names (``base_layer``, ``lora_A``) would not load as a plain Hugging Face model: the export says
+    so and points at the adapter and merged exports, from a live model and from a checkpoint, writing nothing."""
+    from tests.test_workflows import lora
+
+    peft_model = lora(tiny_model("qwen2"))
+    with pytest.raises(ValueError, match=r"PEFT adapter layers.*merge_and_unload"):
+        export_hf(peft_model.base_model.model, tmp_path / "live")
+    assert not (tmp_path / "live").exists()
+
+    module = LMModule(peft_model, total=2)
+    cb = HorizonModelCheckpoint(dirpath=tmp_path / "ckpts", save_last=True)
+    L.Trainer(strategy="horizon", accelerator="cpu", devices=1, max_steps=2, precision="32-true", logger=False,
+              callbacks=[cb], enable_progress_bar=False, enable_model_summary=False).fit(module, loader(4))  # fmt: skip
+    with pytest.raises(ValueError, match=r"checkpoint .* holds PEFT adapter layers"):
+        export_checkpoint(tmp_path / "ckpts" / "last.ckpt", tmp_path / "from_ckpt")
+    assert not (tmp_path / "from_ckpt").exists()
