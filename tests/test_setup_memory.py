@@ -126,8 +126,10 @@ def _child(case: str, workdir: str) -> dict:
             # Pooled gradient buffers are allocated with the engine, but resident only when pinned (on a GPU): on the
             # CPU they are untouched until the first backward, and counting them would hide a copy of their size.
             pooled = sum(b.numel() * b.element_size() for b in pool.buffers) if pool is not None and on_gpu else 0
-            out["allocated_at_setup"] = parts["masters"] + parts.get("weight copy", 0) + pooled + restored
-            out["one_layer"] = max(g.master.numel() * 4 for g in engine.store.groups)
+            kept = parts["masters"] + parts.get("frozen parameters", 0) + parts.get("weight copy", 0)
+            out["allocated_at_setup"] = kept + pooled + restored
+            out["one_layer"] = max(g.master.nbytes for g in engine.store.groups)
+            out["frozen_bytes"] = sum(g.master.nbytes for g in engine.store.groups if g.frozen)
             out["params"] = engine.shape.num_params
             out["adopted"] = all(  # the parameters are views into the store's buffers
                 sp.param.data.untyped_storage().data_ptr() == g.master.untyped_storage().data_ptr()
@@ -141,12 +143,12 @@ def _child(case: str, workdir: str) -> dict:
             out["step_peak"] = _mib("VmHWM")
             out["after_step"] = _mib("VmRSS")
 
-    def trainer(max_steps: int = 1, **kw) -> L.Trainer:
+    def trainer(max_steps: int = 1, precision: str = "32-true", **kw) -> L.Trainer:
         return L.Trainer(
             strategy=HorizonStrategy(),
             accelerator="cpu",
             devices=1,
-            precision="32-true",
+            precision=precision,
             max_steps=max_steps,
             logger=False,
             enable_progress_bar=False,
@@ -180,6 +182,15 @@ def _child(case: str, workdir: str) -> dict:
         model = build_model(ModelConfig(name="saved", path=str(work / "hf")))
         model.train()
         trainer(enable_checkpointing=False).fit(SFTModule(model, optim, max_steps=1), loader)
+    elif case == "lora_model_path":
+        from lightning_horizon.lora import PeftSettings, apply_peft, base_dtype
+
+        settings = PeftSettings(method="lora", r=8)
+        model = build_model(
+            ModelConfig(name="saved", path=str(work / "hf")), dtype=base_dtype(settings, torch.bfloat16)
+        )
+        model = apply_peft(model.train(), settings)
+        trainer(enable_checkpointing=False, precision="bf16-mixed").fit(SFTModule(model, optim, max_steps=1), loader)
     elif case == "resume":
         module = SFTModule(AutoModelForCausalLM.from_config(config), optim, max_steps=2)
         trainer(enable_checkpointing=False, max_steps=2).fit(module, loader, ckpt_path=work / "ckpt")
@@ -254,6 +265,7 @@ CASES = {
     "init_fp32": "__init__ builds it in FP32",
     "model_path": "recipes' build_model(model.path=a local HF directory): loading.py, BF16 file -> FP32 store",
     "resume": "a fresh FP32 model resumed from a horizon checkpoint (masters and AdamW state)",
+    "lora_model_path": "the recipe's peft=lora: the base loaded in BF16 (kept as the frozen store), LoRA r=8",
 }
 
 
@@ -290,6 +302,8 @@ def test_setup_peak_is_the_footprint_plus_one_layer(case, inputs):
     assert r["params"] * 4 >= 2**30  # a >= 1 GB model
     assert r["adopted"]  # the parameters are views into the store's buffers
     assert exceeded(case, r) == []
+    if case == "lora_model_path":  # the frozen base: 2 bytes/param, never widened to FP32 on the way
+        assert r["frozen_bytes"] < 2.02 * r["params"] and r["footprint"]["masters"] < 0.05 * r["frozen_bytes"]
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ update is running.
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import threading
 from collections.abc import Iterable
@@ -138,6 +139,20 @@ class StoreGroup:
         return self.grad
 
 
+def release_free_heap() -> None:
+    """Returns the C heap's free pages to the operating system (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    Building the store copies each parameter into its group's buffer and frees the source right after: sources
+    smaller than glibc's mmap threshold (up to 32 MiB) were carved from the heap, and a group buffer allocated while
+    they still lived cannot reuse their holes, so without a trim the process kept up to a few hundred MiB it no longer
+    uses (measured: 193 MiB for a 0.5 GB BF16 model; ``tests/test_setup_memory.py``)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def check_trainable(group: StoreGroup, sp: StoreParam) -> None:
     """Refuses to compute a gradient for a parameter of a frozen group (it has no FP32 master to train)."""
     if group.frozen and sp.param.requires_grad:
@@ -217,10 +232,11 @@ class HostStore:
         self.by_param: dict[int, tuple[StoreGroup, StoreParam]] = {}
         self.cond = threading.Condition()
         self._pinned: list[torch.Tensor] = []
+        copied = False
         for name, unique, dtype in split_frozen(groups, frozen_dtype):
-            group = (self._adopt_group(name, unique, dtype) if adopt else None) or self._build_group(
-                name, unique, dtype
-            )
+            group = self._adopt_group(name, unique, dtype) if adopt else None
+            if group is None:
+                group, copied = self._build_group(name, unique, dtype), True
             if dtype != torch.float32:
                 group.frozen = True
                 group.copy = group.master
@@ -230,6 +246,8 @@ class HostStore:
             if pin if not group.frozen else pin_frozen:
                 self._pinned.append(register_pinned(group.master))
         self.by_name = {g.name: g for g in self.groups}
+        if copied:
+            release_free_heap()
 
     @staticmethod
     def _build_group(
