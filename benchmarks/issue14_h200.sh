@@ -8,12 +8,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out/issue14}
 mkdir -p "$OUT"
-plain() {  # plain NAME ARGS...
-  local name=$1
-  shift
-  python benchmarks/plain_module.py "$@" --out "$OUT/$name.json" 2>"$OUT/$name.stderr" | tail -1 | cut -c1-600 \
-    || { echo "$name: failed"; tail -5 "$OUT/$name.stderr"; }
-}
+source benchmarks/plain_run.sh
 case ${1:-speed3b} in
   speed3b)
     for dtype in fp32 bf16 int8; do

@@ -8,12 +8,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out/issue16}
 mkdir -p "$OUT"
-plain() {  # plain NAME ARGS...
-  local name=$1
-  shift
-  python -u benchmarks/plain_module.py "$@" --out "$OUT/$name.json" 2> >(grep -E "^step|^model built|Error|error" >&2) \
-    | tail -1 | cut -c1-700
-}
+source benchmarks/plain_run.sh
 case ${1:-lora7b} in
   lora7b) plain qwen2_7b_b8_lora16 --model qwen2_7b --batch 8 --seq 1024 --steps 6 --warmup 2 --lora 16 ;;
   lora32b) plain qwen2_32b_b4_lora16 --model qwen2_32b --batch 4 --seq 1024 --steps 6 --warmup 2 --lora 16 ;;
