@@ -144,8 +144,9 @@ def release_free_heap() -> None:
 
     Building the store copies each parameter into its group's buffer and frees the source right after: sources
     smaller than glibc's mmap threshold (up to 32 MiB) were carved from the heap, and a group buffer allocated while
-    they still lived cannot reuse their holes, so without a trim the process kept up to a few hundred MiB it no longer
-    uses (measured: 193 MiB for a 0.5 GB BF16 model; ``tests/test_setup_memory.py``)."""
+    they still lived cannot reuse their holes: without a trim after each group the process kept up to a few hundred
+    MiB it no longer used, at the end of setup (193 MiB for a 0.5 GB BF16 model) and more at its peak
+    (``tests/test_setup_memory.py``, case ``lora_model_path``)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.malloc_trim(0)
@@ -232,11 +233,11 @@ class HostStore:
         self.by_param: dict[int, tuple[StoreGroup, StoreParam]] = {}
         self.cond = threading.Condition()
         self._pinned: list[torch.Tensor] = []
-        copied = False
         for name, unique, dtype in split_frozen(groups, frozen_dtype):
             group = self._adopt_group(name, unique, dtype) if adopt else None
             if group is None:
-                group, copied = self._build_group(name, unique, dtype), True
+                group = self._build_group(name, unique, dtype)
+                release_free_heap()  # the sources this group freed, before the next group's buffer is allocated
             if dtype != torch.float32:
                 group.frozen = True
                 group.copy = group.master
@@ -246,8 +247,6 @@ class HostStore:
             if pin if not group.frozen else pin_frozen:
                 self._pinned.append(register_pinned(group.master))
         self.by_name = {g.name: g for g in self.groups}
-        if copied:
-            release_free_heap()
 
     @staticmethod
     def _build_group(
