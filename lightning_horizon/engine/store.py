@@ -10,6 +10,10 @@ gradient folder writes them (overwriting on the first backward after an optimize
 CPU optimizer reads them, and ``param.grad`` is set to views of them only between the end of a backward and the
 next optimizer step (exactly when plain PyTorch would have gradients).
 
+Parameters that are frozen when the store is built can be held apart, in the compute dtype
+(``EngineConfig.frozen_dtype="compute"``, :func:`split_frozen`): a group ``<name>.frozen`` whose buffer is both its
+"masters" and its upload copy, with no gradients and no optimizer state.
+
 Each group carries a version that the optimizer bumps when it schedules an update and a counter of completed
 updates; the streamer uploads a group only once ``done_version == version`` so no layer is ever read while its
 update is running.
