@@ -115,19 +115,16 @@ def base_dtype(settings: PeftSettings, frozen_store_dtype: torch.dtype | None) -
     return torch.float32
 
 
-def is_peft_model(model: nn.Module) -> bool:
-    return type(model).__module__.startswith("peft.")
-
-
 def export_peft(
     model: nn.Module, settings: PeftSettings, out_dir: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False
 ) -> Path:
     """Writes the adapter (``settings.export="adapter"``) or the merged model (``"merged"``; this merges the adapters
     into ``model``'s base weights in place, so call it when training is over) to ``out_dir``, aside then renamed."""
+    from lightning_horizon.engine.adapter import is_peft_wrapper
     from lightning_horizon.export import check_out_dir, export_hf
     from lightning_horizon.files import publish, remove_stale, temporary_path
 
-    if not is_peft_model(model):
+    if not is_peft_wrapper(model):
         raise ValueError(f"export_peft needs a PEFT model, got {type(model).__name__}")
     check_out_dir(out_dir, overwrite)
     if settings.export == "merged":
