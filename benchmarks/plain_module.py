@@ -8,6 +8,12 @@ included, median step after warm-up, host bytes/param = peak RSS / N)::
     python benchmarks/plain_module.py --model qwen2_3b --batch 8 --seq 1024 --steps 8 --out plain.json
 
 ``--lora RANK`` builds the model in BF16 and wraps it with PEFT's LoRA on every linear layer (only the adapters train).
+``--fast-init`` draws the same initial distributions as Hugging Face's initialisation of these models (linear and
+embedding weights normal(0, initializer_range), biases zero, norms one) on all cores, one generator per thread:
+Hugging Face draws them serially from one generator (~60-100 M params/s, over five minutes for the Qwen2.5-32B shape
+before the first step). It changes nothing the run measures, only how long the process takes to reach the first step.
+Progress goes to stderr as it happens (``plain: <seconds since start> s, rss <GiB>: <event>``, and one line per
+step); ``--stack-dump-after S`` also dumps every thread's stack to stderr every S seconds (where a slow run is).
 ``--state-dtype`` and ``--strategy key=value`` pass settings to ``HorizonStrategy`` (the only departure from the
 default strategy); ``--clip`` sets ``Trainer(gradient_clip_val=...)``. Besides speed and memory it reports the bytes
 that crossed PCIe per step (the engine's counters) and the host-memory bytes moved per step: the optimizer's
@@ -19,10 +25,13 @@ weight copy (4 bytes read, 2 written per uploaded element).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
+import os
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import lightning as L
@@ -34,36 +43,81 @@ from transformers import AutoModelForCausalLM
 
 import lightning_horizon  # noqa: F401  (registers strategy="horizon")
 from lightning_horizon import HorizonStrategy
-from lightning_horizon.benchmark import RssSampler, SyntheticTokens
+from lightning_horizon.benchmark import RssSampler, SyntheticTokens, current_rss_bytes
 from lightning_horizon.engine.config import STATE_DTYPES
 from lightning_horizon.engine.footprint import adamw_traffic_bytes
 from lightning_horizon.models import ModelConfig, build_hf_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+START = time.perf_counter()
+
+
+def progress(event: str) -> None:
+    """One line on stderr, flushed: seconds since the start, resident memory, the event."""
+    elapsed, rss = time.perf_counter() - START, current_rss_bytes() / 2**30
+    print(f"plain: {elapsed:.1f} s, rss {rss:.1f} GiB: {event}", file=sys.stderr, flush=True)
 
 
 class Plain(L.LightningModule):
-    def __init__(self, config, lora_rank: int = 0) -> None:
+    def __init__(self, config, lora_rank: int = 0, fast_init: bool = False) -> None:
         super().__init__()
         self.config = config
         self.lora_rank = lora_rank
+        self.fast_init = fast_init
         self.model = None
         self.losses: list[float] = []
 
     def configure_model(self) -> None:
+        progress("configure_model: building the model" + (" (--fast-init)" if self.fast_init else ""))
         start = time.perf_counter()
         self._build()
         print(f"model built in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
     def _build(self) -> None:
         if self.model is None and not self.lora_rank:
-            self.model = AutoModelForCausalLM.from_config(self.config)
+            self.model = self._from_config(torch.float32)
         elif self.model is None:  # LoRA as users write it: the base in BF16, PEFT's adapters (FP32) on every linear
             import peft
 
-            base = AutoModelForCausalLM.from_config(self.config, dtype=torch.bfloat16)
+            base = self._from_config(torch.bfloat16)
             lora = peft.LoraConfig(r=self.lora_rank, lora_alpha=2 * self.lora_rank, target_modules="all-linear")
             self.model = peft.get_peft_model(base, lora)
+
+    def _from_config(self, dtype: torch.dtype):
+        if not self.fast_init:
+            return AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+        try:
+            from transformers.initialization import no_init_weights
+        except ImportError:  # before transformers 5
+            from transformers.modeling_utils import no_init_weights
+
+        with no_init_weights():  # allocated, not drawn: drawn below, in parallel
+            model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+        progress("model allocated (no initialisation yet)")
+        std = self.config.initializer_range
+        work = []
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                work.append((module.weight, std))
+                if getattr(module, "bias", None) is not None:
+                    work.append((module.bias, 0.0))
+        seen, unique = set(), []
+        for p, s in work:  # tied weights once
+            if id(p) not in seen:
+                seen.add(id(p))
+                unique.append((p, s))
+
+        def draw(item) -> None:
+            index, (p, s) = item
+            with torch.no_grad():
+                if s == 0.0:
+                    p.zero_()
+                else:  # a generator per tensor: the default one is locked for the whole draw
+                    p.normal_(0.0, s, generator=torch.Generator().manual_seed(index))
+
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            list(pool.map(draw, enumerate(unique)))
+        return model
 
     def training_step(self, batch, batch_idx):
         loss = self.model(**batch).loss
@@ -80,6 +134,13 @@ class StepEnds(L.Callback):
         self.ends: list[float] = []
         self.engine: dict = {}
 
+    def on_fit_start(self, trainer, *args) -> None:
+        progress("setup done (engine built, optimizer set up)")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            progress("first step starts (compiles the layers by default on CUDA)")
+
     def on_train_end(self, trainer, *args) -> None:
         engine = getattr(trainer.strategy, "engine", None)  # closed at teardown: read its counters before
         if engine is not None:
@@ -90,7 +151,8 @@ class StepEnds(L.Callback):
             torch.cuda.synchronize()  # between steps only: timing, not part of the step
         self.ends.append(time.perf_counter())
         took = f", {self.ends[-1] - self.ends[-2]:.2f} s" if len(self.ends) > 1 else ""
-        print(f"step {trainer.global_step} done{took}", file=sys.stderr, flush=True)  # progress, if a run is cut
+        at = f" (at {self.ends[-1] - START:.1f} s, rss {current_rss_bytes() / 2**30:.1f} GiB)"
+        print(f"step {trainer.global_step} done{took}{at}", file=sys.stderr, flush=True)  # progress, if a run is cut
 
 
 def main() -> None:
@@ -105,7 +167,12 @@ def main() -> None:
     parser.add_argument("--clip", type=float, default=None, help="Trainer(gradient_clip_val=...)")
     parser.add_argument("--lora", type=int, default=0, metavar="RANK", help="train LoRA adapters of this rank")
     parser.add_argument("--strategy", nargs="*", default=[], metavar="KEY=VALUE", help="other HorizonStrategy args")
+    parser.add_argument("--fast-init", action="store_true", help="draw the initial weights on all cores")
+    parser.add_argument("--stack-dump-after", type=float, default=0, metavar="S", help="dump stacks every S s")
     args = parser.parse_args()
+    progress(f"started: {' '.join(sys.argv[1:])}")
+    if args.stack_dump_after:
+        faulthandler.dump_traceback_later(args.stack_dump_after, repeat=True, file=sys.stderr)
     settings = dict(_setting(kv) for kv in args.strategy)
     if args.state_dtype:
         settings["optimizer_state_dtype"] = args.state_dtype
@@ -113,7 +180,7 @@ def main() -> None:
     hf_config = build_hf_config(
         ModelConfig.from_dict(raw.get("model", raw)), vocab_size=2048
     )  # when the model says null
-    module = Plain(hf_config, args.lora)
+    module = Plain(hf_config, args.lora, args.fast_init)
     data = SyntheticTokens(hf_config.vocab_size, args.seq, args.batch * (args.steps + 1))
     timer = StepEnds()
     trainer = L.Trainer(
@@ -130,6 +197,9 @@ def main() -> None:
     )
     with RssSampler() as rss:
         trainer.fit(module, DataLoader(data, batch_size=args.batch))
+    if args.stack_dump_after:
+        faulthandler.cancel_dump_traceback_later()
+    progress("fit done")
     num_params = sum(p.numel() for p in module.model.parameters())  # each Parameter once: tied weights once
     trained = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
     step_s = statistics.median([b - a for a, b in zip(timer.ends, timer.ends[1:])][args.warmup :])
@@ -158,6 +228,7 @@ def main() -> None:
         "host_bytes_per_param": rss.peak / num_params,
         "gpu_peak_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0,
         "settings": settings | {"gradient_clip_val": args.clip},
+        "fast_init": args.fast_init,
         "pcie_bytes_per_step": pcie,
         "host_bytes_moved_per_step": optimizer_traffic * num_params + pcie + packing,
         "engine": engine,

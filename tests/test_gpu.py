@@ -342,3 +342,47 @@ def test_cuda_lora_hidden_states_and_generate():
         assert torch.equal(tokens.cpu(), want_tokens)
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("weight_copy", [True, False], ids=["copy", "nocopy"])
+def test_cuda_lora_bf16_base_trains_as_fp32_masters(weight_copy):
+    """LoRA under BF16 compute on CUDA: with the frozen base held in page-locked BF16 groups that the uploads read
+    directly (``frozen_dtype="compute"``, the default) the adapters train as with FP32 masters for the base
+    (``frozen_dtype="fp32"``, whose uploads round the same values), with and without the adapters' weight copy (the
+    frozen groups then go up through the staging buffers); the base is never written."""
+    from lightning_horizon import HorizonStrategy
+    from lightning_horizon.engine.store import FROZEN_SUFFIX
+    from tests.helpers import EngineProbe
+    from tests.test_workflows import lora
+
+    pytest.importorskip("peft")
+    ref = lora(tiny_model("qwen2", layers=3, hidden_size=64, intermediate_size=128, attn_implementation="sdpa"))
+    runs = {}
+    for frozen_dtype in ("compute", "fp32"):
+        module, probe = LMModule(clone(ref), lr=1e-2, total=4), EngineProbe()
+        trainer = L.Trainer(
+            strategy=HorizonStrategy(frozen_dtype=frozen_dtype, weight_copy=weight_copy),
+            accelerator="gpu",
+            devices=1,
+            max_steps=4,
+            precision="bf16-mixed",
+            callbacks=[probe],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(module, loader(8))
+        runs[frozen_dtype] = module, probe.engine
+    (got, engine), (want, _) = runs["compute"], runs["fp32"]
+    frozen = [g for g in engine.store.groups if g.frozen]
+    assert frozen and all(g.name.endswith(FROZEN_SUFFIX) and g.master.dtype == torch.bfloat16 for g in frozen)
+    assert got.losses == pytest.approx(want.losses, rel=1e-3)
+    assert got.losses[-1] < got.losses[0]
+    start = dict(ref.named_parameters())
+    for (name, p), q in zip(got.model.named_parameters(), want.model.parameters()):
+        if p.requires_grad:  # the adapters' updates agree (CUDA kernels need not be bitwise deterministic)
+            assert p.dtype == torch.float32 and normwise(p - start[name], q - start[name]) < 1e-2, name
+        else:  # the base: the BF16 values both runs computed with, unchanged
+            assert p.dtype == torch.bfloat16 and torch.equal(p, start[name].to(torch.bfloat16)), name
+            assert torch.equal(q.to(torch.bfloat16), p), name
