@@ -1,7 +1,7 @@
 """Run directories of the recipes: which run a ``resume`` continues, what a fresh run may not overwrite, metrics that
 survive a resume, the progress bar, the resume command printed on Ctrl-C, and a log that records the run.
 
-A run directory (Hydra's ``hydra.run.dir``, by default ``outputs/DATE/TIME``) holds ``.hydra/``, ``sft.log``,
+A run directory (Hydra's ``hydra.run.dir``, by default ``outputs/DATE/TIME``) holds ``.hydra/``, ``sft.log`` (``dpo.log``),
 ``csv/metrics.csv``, ``tensorboard/``, ``checkpoints/`` and ``hf_export/``.
 """
 
@@ -130,10 +130,10 @@ def check_export_dir(run_dir: Path) -> None:
         )
 
 
-def resume_command(run_dir: Path, overrides: Sequence[str]) -> str:
+def resume_command(run_dir: Path, overrides: Sequence[str], recipe: str = "recipes.sft") -> str:
     """The command that continues the run in ``run_dir`` (the same overrides, ``resume=auto``, that directory)."""
     kept = [o for o in overrides if not o.startswith(("resume=", "hydra.run.dir=", "plan="))]
-    return shlex.join(["python", "-m", "recipes.sft", *kept, "resume=auto", f"hydra.run.dir={run_dir}"])
+    return shlex.join(["python", "-m", recipe, *kept, "resume=auto", f"hydra.run.dir={run_dir}"])
 
 
 # --------------------------------------------------------------------------------------------------- metrics
@@ -186,13 +186,13 @@ class RunCSVLogger(CSVLogger):
         return self._experiment
 
 
-def logged_losses(run_dir: Path) -> list[float]:
-    """The ``train/loss`` values of the run's ``metrics.csv``, in order."""
+def logged_losses(run_dir: Path, metric: str = "train/loss") -> list[float]:
+    """The ``metric`` values of the run's ``metrics.csv``, in order."""
     path = run_dir / METRICS
     if not path.is_file():
         return []
     with path.open() as f:
-        return [float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
+        return [float(row[metric]) for row in csv.DictReader(f) if row.get(metric)]
 
 
 # ------------------------------------------------------------------------------------------ progress and Ctrl-C
@@ -219,8 +219,8 @@ class StepBoundProgressBar(RichProgressBar):
 class ResumeHint(Callback):
     """On Ctrl-C, prints how far the run got and the command that continues it."""
 
-    def __init__(self, run_dir: Path, overrides: Sequence[str]) -> None:
-        self.run_dir, self.overrides = run_dir, list(overrides)
+    def __init__(self, run_dir: Path, overrides: Sequence[str], recipe: str = "recipes.sft") -> None:
+        self.run_dir, self.overrides, self.recipe = run_dir, list(overrides), recipe
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if not isinstance(exception, KeyboardInterrupt):
@@ -231,7 +231,7 @@ class ResumeHint(Callback):
         else:
             message = (
                 f"interrupted at step {trainer.global_step}; the newest checkpoint is {checkpoint} (step "
-                f"{checkpoint_step(checkpoint)}). Resume with:\n  {resume_command(self.run_dir, self.overrides)}"
+                f"{checkpoint_step(checkpoint)}). Resume with:\n  {resume_command(self.run_dir, self.overrides, self.recipe)}"
             )
         log.warning(message)
 

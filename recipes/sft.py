@@ -23,6 +23,7 @@ import json
 import logging
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,30 @@ log = logging.getLogger("recipes.sft")
 ROOT_KEYS = ("model", "data", "hardware", "trainer", "optim", "peft", "strategy", "plan", "resume", "output_dir")
 
 
+@dataclass(frozen=True)
+class Workload:
+    """What a recipe trains, on top of the steps every recipe shares (:func:`train`): SFT here, DPO in
+    :mod:`recipes.dpo`."""
+
+    name: str
+    """The recipe's module is ``recipes.<name>``; its log file ``<name>.log``."""
+    datamodule: Callable[[DictConfig, DataConfig, Any], L.LightningDataModule]
+    """``(cfg, data settings, tokenizer)`` -> the DataModule."""
+    module: Callable[[DictConfig, Any, Any], L.LightningModule]
+    """``(cfg, validated RunConfig, model)`` -> the LightningModule."""
+    extra_keys: tuple[str, ...] = ()
+    """Top-level config keys of this recipe beyond ``ROOT_KEYS``."""
+    summary: tuple[str, ...] = ("train/loss",)
+    """Logged metrics whose first and last values the end of the run reports."""
+
+
+SFT = Workload(
+    name="sft",
+    datamodule=lambda cfg, data, tokenizer: SFTDataModule(data, tokenizer),
+    module=lambda cfg, run, model: SFTModule(model, run.optim, max_steps=run.trainer["max_steps"]),
+)
+
+
 class SaveEngineConfig(L.Callback):
     """Writes the engine's effective settings (every automatic value as decided for this run) to ``path`` once the
     strategy has built its engine (they are also in the log)."""
@@ -116,11 +141,12 @@ class RunConfig:
     output_dir: Path
 
 
-def validate(cfg: DictConfig) -> RunConfig:
+def validate(cfg: DictConfig, workload: Workload = SFT) -> RunConfig:
     """Every group into its dataclass: unknown keys and impossible values raise ``ValueError`` naming the key."""
-    unknown = sorted(set(cfg) - set(ROOT_KEYS))
+    known = (*ROOT_KEYS, *workload.extra_keys)
+    unknown = sorted(set(cfg) - set(known))
     if unknown:
-        raise ValueError(f"unknown config key(s): {', '.join(unknown)}. Known top-level keys: {', '.join(ROOT_KEYS)}")
+        raise ValueError(f"unknown config key(s): {', '.join(unknown)}. Known top-level keys: {', '.join(known)}")
     strategy = engine_config(cfg.strategy)  # the engine's own checks (e.g. num_slots >= 2)
     trainer = to_plain_dict(cfg.trainer, prefix="trainer")
     seed = trainer.pop("seed", 0)
@@ -180,7 +206,7 @@ def hardware_profile(cfg: DictConfig, trainer: dict[str, Any]) -> HardwareProfil
 
 
 def export_hf(
-    module: SFTModule, tokenizer: Any, out_dir: Path, overwrite: bool = False, peft: PeftSettings | None = None
+    module: L.LightningModule, tokenizer: Any, out_dir: Path, overwrite: bool = False, peft: PeftSettings | None = None
 ) -> Path:
     """Write ``module.model`` and ``tokenizer`` as a Hugging Face directory (BF16 safetensors, streamed tensor by
     tensor from the host store, written aside and renamed into place); with LoRA, the adapter or the merged model
@@ -214,9 +240,9 @@ def _run_dir_fixed() -> bool:
     return hydra_cfg.mode == RunMode.MULTIRUN or any(o.startswith("hydra.run.dir=") for o in hydra_cfg.overrides.hydra)
 
 
-def train(cfg: DictConfig) -> None:
+def train(cfg: DictConfig, workload: Workload = SFT) -> None:
     quiet_and_logged()
-    run = validate(cfg)
+    run = validate(cfg, workload)
 
     # Tokenizer: the model's own, or the bundled default; its size is the vocabulary when model.vocab_size is null.
     tokenizer = training_tokenizer(run.model, None)
@@ -241,7 +267,7 @@ def train(cfg: DictConfig) -> None:
     run_dir = where.run_dir
     if run_dir != run.output_dir:
         check_export_dir(run_dir)
-        also_log_to(run_dir / "sft.log")
+        also_log_to(run_dir / f"{workload.name}.log")
         log.info("continuing run %s (this invocation's Hydra directory: %s)", run_dir, run.output_dir)
     if where.checkpoint is not None:
         log.info("resuming from %s (step %s)", where.checkpoint, where.step)
@@ -249,7 +275,7 @@ def train(cfg: DictConfig) -> None:
     remove_stale_temporaries(run_dir)  # exports of killed runs (the checkpoint callback sweeps checkpoints/)
 
     # Data: read and tokenised now, so that bad data stops the run before the model is built.
-    datamodule = SFTDataModule(run.data, tokenizer)
+    datamodule = workload.datamodule(cfg, run.data, tokenizer)
     datamodule.setup("fit")
 
     L.seed_everything(run.seed, workers=True, verbose=False)
@@ -263,7 +289,7 @@ def train(cfg: DictConfig) -> None:
     if run.data.pack:
         prepare_model_for_packing(model)
     model = apply_peft(model, run.peft)
-    module = SFTModule(model, run.optim, max_steps=run.trainer["max_steps"])
+    module = workload.module(cfg, run, model)
     log.info(
         "model %s: %s, %.4g M parameters (%.4g M trained), %d layers, vocabulary %d; plan: %.3g GB of host memory, "
         "%.3g s/step predicted (%s)",
@@ -287,7 +313,11 @@ def train(cfg: DictConfig) -> None:
     )
     # The model line above says what Lightning's summary table would (without its "FLOPs 0"); both can be overridden.
     trainer_args = {"enable_model_summary": False, "enable_progress_bar": True, **run.trainer}
-    callbacks = [checkpointing, ResumeHint(run_dir, overrides), SaveEngineConfig(run_dir / ENGINE_CONFIG)]
+    callbacks = [
+        checkpointing,
+        ResumeHint(run_dir, overrides, f"recipes.{workload.name}"),
+        SaveEngineConfig(run_dir / ENGINE_CONFIG),
+    ]
     if trainer_args["enable_progress_bar"]:
         callbacks.append(progress_bar())
     trainer = L.Trainer(
@@ -299,9 +329,10 @@ def train(cfg: DictConfig) -> None:
     trainer.fit(module, datamodule=datamodule, ckpt_path=where.checkpoint)
 
     export_dir = export_hf(module, tokenizer, run_dir / EXPORT, overwrite=(run_dir / EXPORT).exists(), peft=run.peft)
-    losses = logged_losses(run_dir)
-    if losses:
-        log.info("train/loss: first logged %.3f, last logged %.3f (%d values)", losses[0], losses[-1], len(losses))
+    for metric in workload.summary:
+        values = logged_losses(run_dir, metric)
+        if values:
+            log.info("%s: first logged %.3f, last logged %.3f (%d values)", metric, values[0], values[-1], len(values))
     log.info("run dir: %s\nHugging Face export: %s", run_dir, export_dir)
 
 

@@ -1,4 +1,4 @@
-"""Generate the small instruction data set shipped with lightning_horizon.
+"""Generate the small instruction and preference data sets shipped with lightning_horizon.
 
 The set is made by this script alone (no outside text, so no licence question): templated tasks that a tiny model
 learns within a few hundred steps (arithmetic, counting letters, reversing and sorting, unit conversion, spelling and
@@ -9,8 +9,10 @@ Regenerate (from the repository root)::
     python -m lightning_horizon.data.make_assets            # writes lightning_horizon/data/assets/instruct*.jsonl
     python -m lightning_horizon.data.make_assets --check    # exits 1 if the shipped files are out of date
 
-Each line is one JSON object ``{"messages": [{"role": ..., "content": ...}, ...]}`` (chat form, optionally with a
-system message first). Changing this script changes the default tokenizer's cache key (it hashes the data file).
+Each line of ``instruct*.jsonl`` is one JSON object ``{"messages": [{"role": ..., "content": ...}, ...]}`` (chat form,
+optionally with a system message first). Each line of ``preference*.jsonl`` is ``{"prompt", "chosen", "rejected"}``
+(optionally with ``"system"``): the same tasks, the correct answer chosen and a corrupted one rejected (a number
+changed, words or letters out of order), for the embedded default runs of ``recipes.dpo`` and ``recipes.reward``. Changing this script changes the default tokenizer's cache key (it hashes the data file).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +31,11 @@ VAL_FILE = "instruct_val.jsonl"
 NUM_TRAIN = 3000
 NUM_VAL = 200
 SEED = 1234
+PREFERENCE_TRAIN_FILE = "preference.jsonl"
+PREFERENCE_VAL_FILE = "preference_val.jsonl"
+NUM_PREFERENCE_TRAIN = 1000
+NUM_PREFERENCE_VAL = 100
+PREFERENCE_SEED = 4321
 
 WORDS = (
     "apple river stone cloud green orange table window garden yellow silver bridge candle forest pepper rocket "
@@ -192,13 +200,68 @@ def make_splits(seed: int = SEED, num_train: int = NUM_TRAIN, num_val: int = NUM
     return render(train), render(val)
 
 
+def corrupt(response: str, rng: random.Random) -> str:
+    """A wrong answer in the format of ``response``: its last number changed, else its words or letters reordered."""
+    numbers = list(re.finditer(r"\d+", response))
+    if numbers:
+        last = numbers[-1]
+        value = int(last.group())
+        wrong = value + rng.choice((-1, 1)) * rng.randint(1, 9)
+        return response[: last.start()] + str(abs(wrong) if wrong != value else value + 1) + response[last.end() :]
+    words = response.split(" ")
+    if len(words) > 1:
+        shuffled = words[:]
+        while shuffled == words:
+            rng.shuffle(shuffled)
+        return " ".join(shuffled)
+    letters = list(response)
+    while letters == list(response) and len(set(response)) > 1:
+        rng.shuffle(letters)
+    return "".join(letters)
+
+
+def make_preference_pair(rng: random.Random) -> dict | None:
+    """One single-turn pair, or None when the answer cannot be corrupted (a one-letter word)."""
+    prompt, response = rng.choice(TASKS)(rng)
+    rejected = corrupt(response, rng)
+    if rejected == response:
+        return None
+    pair = {"prompt": prompt, "chosen": response, "rejected": rejected}
+    if rng.random() < 0.2:
+        pair = {"system": rng.choice(SYSTEM_PROMPTS), **pair}
+    return pair
+
+
+def make_preference_splits(
+    seed: int = PREFERENCE_SEED, num_train: int = NUM_PREFERENCE_TRAIN, num_val: int = NUM_PREFERENCE_VAL
+) -> tuple[str, str]:
+    """Return the (train, validation) preference JSONL texts; no prompt appears in both."""
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    train: list[dict] = []
+    val: list[dict] = []
+    while len(val) < num_val or len(train) < num_train:
+        pair = make_preference_pair(rng)
+        if pair is None or pair["prompt"] in seen:
+            continue
+        seen.add(pair["prompt"])
+        (val if len(val) < num_val else train).append(pair)
+    return render(train), render(val)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ASSETS_DIR, help="output folder (default: the package assets)")
     parser.add_argument("--check", action="store_true", help="only check that the files in --out are up to date")
     args = parser.parse_args(argv)
     train, val = make_splits()
-    outputs = {TRAIN_FILE: train, VAL_FILE: val}
+    preference_train, preference_val = make_preference_splits()
+    outputs = {
+        TRAIN_FILE: train,
+        VAL_FILE: val,
+        PREFERENCE_TRAIN_FILE: preference_train,
+        PREFERENCE_VAL_FILE: preference_val,
+    }
     if args.check:
         stale = [
             name

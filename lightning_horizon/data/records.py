@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,14 +190,20 @@ def resolve_sources(path: str, format: str = "auto") -> list[tuple[str, str]]:
 
 
 def read_records(
-    path: str, format: str = "auto", split: str = "train", skip_bad_rows: bool = False
-) -> tuple[list[Record], int]:
+    path: str,
+    format: str = "auto",
+    split: str = "train",
+    skip_bad_rows: bool = False,
+    parse: Callable[[Any, str], Any] | None = None,
+) -> tuple[list[Any], int]:
     """Read and validate every record under ``path``; returns (records, number of bad rows skipped).
 
-    With ``skip_bad_rows`` a malformed or invalid row is skipped (counted, and reported in one warning at the end);
+    ``parse(raw, source)`` turns one raw row into a record or raises ``DataError`` (default: :func:`parse_record`;
+    preference pairs use :func:`lightning_horizon.data.preference.parse_pair`). With ``skip_bad_rows`` a malformed or invalid row is skipped (counted, and reported in one warning at the end);
     without it the first one raises ``DataError`` naming its file and line.
     """
-    records: list[Record] = []
+    parse = parse_record if parse is None else parse
+    records: list[Any] = []
     skipped: list[str] = []
     for fmt, location in resolve_sources(path, format):
         rows: Iterable[tuple[str, Any]]
@@ -211,7 +217,7 @@ def read_records(
             try:
                 if isinstance(raw, DataError):
                     raise raw
-                records.append(parse_record(raw, source))
+                records.append(parse(raw, source))
             except DataError as exc:
                 if not skip_bad_rows:
                     raise

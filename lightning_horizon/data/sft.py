@@ -25,7 +25,7 @@ BUNDLED_TRAIN = ASSETS / "instruct.jsonl"
 BUNDLED_VAL = ASSETS / "instruct_val.jsonl"
 
 
-def _split_off(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+def _split_off(records: list, fraction: float, seed: int) -> tuple[list, list]:
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
     num_val = max(1, round(len(records) * fraction))
     if num_val >= len(records):

@@ -155,6 +155,36 @@ class ModelPatch:
         finally:
             self._finished, self.runner.current = self.runner.current, None
 
+    def sequence_logprobs(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Each sequence's summed log-probability of its label tokens, ``(B,)`` FP32, through the chunked head (no
+        ``B x S x V`` logits); see :func:`lightning_horizon.preference.sequence_logprobs`."""
+        runner = self.runner
+        to_dev = lambda t: t.to(self.device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        self._defer_norm = True
+        runner.forward_head_uses = 1
+        try:
+            out = self.parts.base(
+                input_ids=input_ids,
+                attention_mask=to_dev(attention_mask),
+                position_ids=to_dev(position_ids),
+                use_cache=False,
+            )
+            fpass, self._finished = self._finished, None
+            assert fpass is not None
+        finally:
+            self._defer_norm = False
+        hidden = out.last_hidden_state
+        loss_fn = ChunkedLoss(
+            hidden, labels, None, self.loss_chunk_tokens, self.parts.logit_softcap(), norm=True, per_sequence=True
+        )
+        return HeadLossFunction.apply(hidden, runner.anchor, fpass, loss_fn)
+
     def _causal_lm_forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -235,6 +265,13 @@ class ModelPatch:
         if labels is not None:
             result.__class__ = _without_logits(type(result))
         return result
+
+
+def streaming_patch(model: torch.nn.Module) -> ModelPatch | None:
+    """The engine's patch of ``model`` (a ``...ForCausalLM`` or a PEFT wrapper of one), or None when not streamed."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    owner = inner.__dict__.get("_horizon_engine")
+    return None if owner is None else owner()
 
 
 def check_not_streamed(model: torch.nn.Module) -> None:

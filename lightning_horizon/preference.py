@@ -1,0 +1,270 @@
+"""Preference optimisation: per-sequence log-probabilities, the DPO family of losses and ``DPOModule``.
+
+DPO (Rafailov et al., 2023) trains a policy on pairs of replies to one prompt, the ``chosen`` one preferred to the
+``rejected`` one, against a frozen reference model (the policy before training). With ``pi`` and ``ref`` the summed
+log-probabilities of a reply under the policy and the reference, each pair's margin is
+``h = (pi_chosen - ref_chosen) - (pi_rejected - ref_rejected)`` and the losses are:
+
+- ``sigmoid`` (DPO): ``-log sigmoid(beta * h)``;
+- ``ipo`` (Azar et al., 2023): ``(h - 1 / (2 beta))^2`` on log-probabilities averaged over each reply's tokens;
+- ``sigmoid_norm`` (length-normalised DPO): the sigmoid loss on averaged log-probabilities.
+
+The implicit rewards are ``beta * (pi - ref)`` of the same (summed or averaged) log-probabilities.
+
+**Reference log-probabilities are computed once, before the first step, and cached per pair** (``reference_logps``,
+saved in checkpoints): a no-grad forward pass over the training (and validation) pairs, with the policy as it is
+when training starts. It costs one forward pass per pair once, and no memory beyond two numbers per pair; a reference
+model kept beside the policy would cost the same forward pass at every step of every epoch and its weights again in
+host memory. Under the horizon strategy both passes stream the same layers.
+
+:func:`sequence_logprobs` computes the summed log-probabilities: under the horizon strategy through the engine's
+chunked head (never the ``B x S x V`` logits; gradients for each sequence), otherwise from the model's logits.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from typing_extensions import override
+
+from lightning_horizon.data.encode import IGNORE_INDEX
+from lightning_horizon.engine.hooks import streaming_patch
+from lightning_horizon.engine.loss import shift_labels
+from lightning_horizon.lightning_module import OptimConfig, SFTModule
+
+log = logging.getLogger(__name__)
+LOSSES = ("sigmoid", "ipo", "sigmoid_norm")
+_AVERAGED = ("ipo", "sigmoid_norm")
+
+
+@dataclass
+class DPOSettings:
+    """The preference loss (the DPO recipe's ``dpo:`` group; the YAML keys are these field names)."""
+
+    beta: float = 0.1
+    """Strength of the pull towards the reference: the inverse temperature of the implicit reward."""
+    loss: str = "sigmoid"
+    """``sigmoid`` (DPO), ``ipo`` or ``sigmoid_norm`` (DPO on per-token averaged log-probabilities)."""
+    label_smoothing: float = 0.0
+    """``sigmoid`` / ``sigmoid_norm`` only: the probability that a pair's label is flipped (conservative DPO)."""
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"dpo.loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if not (isinstance(self.beta, int | float) and math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"dpo.beta must be a positive number, got {self.beta!r}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}")
+        if self.label_smoothing and self.loss == "ipo":
+            raise ValueError("dpo.label_smoothing applies to the sigmoid losses, not to dpo.loss=ipo")
+
+
+def label_token_counts(labels: torch.Tensor) -> torch.Tensor:
+    """Tokens each row of ``labels`` scores (its shifted labels that are not ``-100``), ``(B,)``."""
+    return (shift_labels(labels).view(labels.shape) != IGNORE_INDEX).sum(-1)
+
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's summed log-probability of its label tokens, ``(B,)`` FP32 (labels shifted as Hugging Face does)."""
+    target = shift_labels(labels).view(labels.shape).to(logits.device)
+    valid = target != IGNORE_INDEX
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * valid).sum(-1)
+
+
+def sequence_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Summed log-probability of each row's label tokens under ``model`` (a causal LM or a PEFT wrapper of one),
+    ``(B,)`` FP32, differentiable.
+
+    Streamed by the horizon engine, the head computes it in chunks of rows (no ``B x S x V`` logits in memory);
+    otherwise it comes from the model's logits. MoE routers' auxiliary loss is not part of it.
+    """
+    patch = streaming_patch(model)
+    if patch is not None:
+        return patch.sequence_logprobs(input_ids, labels, attention_mask, position_ids)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return logprobs_from_logits(out.logits, labels)
+
+
+def dpo_loss(
+    policy: torch.Tensor, reference: torch.Tensor, counts: torch.Tensor, settings: DPOSettings
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses and the implicit rewards of the chosen and rejected replies.
+
+    Args:
+        policy: ``(2B,)`` summed log-probabilities under the policy, the chosen replies first.
+        reference: ``(2B,)`` the same under the reference.
+        counts: ``(2B,)`` scored tokens of each reply (the averaged losses divide by them).
+        settings: Which loss, ``beta``, label smoothing.
+    """
+    policy, reference = policy.float(), reference.to(policy.device, torch.float32)
+    if settings.loss in _AVERAGED:
+        counts = counts.to(policy.device).clamp(min=1)
+        policy, reference = policy / counts, reference / counts
+    ratios = policy - reference
+    chosen, rejected = ratios.chunk(2)
+    margin = chosen - rejected
+    beta = settings.beta
+    if settings.loss == "ipo":
+        losses = (margin - 1 / (2 * beta)) ** 2
+    else:
+        eps = settings.label_smoothing
+        losses = -(1 - eps) * F.logsigmoid(beta * margin) - eps * F.logsigmoid(-beta * margin)
+    return losses, beta * chosen.detach(), beta * rejected.detach()
+
+
+class DPOModule(SFTModule):
+    """Direct preference optimisation of a Hugging Face causal LM on batches of
+    :class:`~lightning_horizon.data.preference.PreferenceDataModule` (see the module docstring).
+
+    Logs ``train/loss``, ``train/reward_accuracy`` (share of pairs whose chosen reward is the larger),
+    ``train/reward_margin``, ``train/rewards_chosen``, ``train/rewards_rejected``, ``train/logps_chosen``,
+    ``train/logps_rejected`` and ``train/tokens_per_s`` (the same under ``val/`` for validation).
+
+    Reference log-probabilities: a batch may carry its own (``reference_logps``, ``(2B,)``); otherwise they are taken
+    from :attr:`reference_logps`, which ``on_fit_start`` (and ``on_validation_start``) fill from the datamodule's
+    ``reference_dataloaders()`` when empty.
+
+    Args:
+        model: A ``...ForCausalLM`` (or a PEFT model), the policy; the reference is the policy at the start.
+        settings: The loss.
+        optim: Optimizer and schedule settings.
+        max_steps: Optimizer steps of the run: where the cosine schedule ends.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        settings: DPOSettings | None = None,
+        optim: OptimConfig | None = None,
+        max_steps: int = 1000,
+    ) -> None:
+        super().__init__(model, optim, max_steps)
+        self.settings = settings if settings is not None else DPOSettings()
+        self.reference_logps: dict[str, torch.Tensor] = {}
+        """Per split (``train``, ``val``): ``(pairs, 2)`` FP32 reference log-probabilities (chosen, rejected)."""
+
+    # ------------------------------------------------------------------------------------ reference log-probs
+    @override
+    def on_fit_start(self) -> None:
+        self._fill_reference(("train", "val"))
+
+    @override
+    def on_validation_start(self) -> None:
+        self._fill_reference(("val",))
+
+    def _fill_reference(self, splits: tuple[str, ...]) -> None:
+        missing = [s for s in splits if s not in self.reference_logps]
+        if not missing:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "reference_dataloaders"):
+            raise ValueError(
+                "DPOModule needs reference log-probabilities: train with a PreferenceDataModule (its "
+                "reference_dataloaders() are scored once before training), or put them in each batch as "
+                "'reference_logps' (2B values, chosen first)"
+            )
+        loaders = datamodule.reference_dataloaders()
+        for split in missing:
+            if split in loaders:
+                start = time.perf_counter()
+                self.reference_logps[split] = self.score_pairs(loaders[split])
+                log.info(
+                    "reference log-probabilities of %d %s pairs computed in %.1f s",
+                    len(self.reference_logps[split]),
+                    split,
+                    time.perf_counter() - start,
+                )
+
+    @torch.no_grad()
+    def score_pairs(self, loader: Any) -> torch.Tensor:
+        """``(pairs, 2)`` summed log-probabilities (chosen, rejected) of every pair ``loader`` yields, under the
+        model as it is now (in eval mode: no dropout), indexed by each batch's ``index``."""
+        rows: dict[int, torch.Tensor] = {}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for batch in loader:
+                batch = self.trainer.strategy.batch_to_device(batch)
+                with self.trainer.precision_plugin.forward_context():
+                    logps = self._policy_logps(batch).float().cpu()
+                chosen, rejected = logps.chunk(2)
+                for i, index in enumerate(batch["index"].tolist()):
+                    rows[index] = torch.stack((chosen[i], rejected[i]))
+        finally:
+            self.model.train(was_training)
+        if sorted(rows) != list(range(len(rows))):
+            raise ValueError("the reference dataloader must yield every pair index 0..N-1 exactly once")
+        return torch.stack([rows[i] for i in range(len(rows))])
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["dpo_reference_logps"] = {k: v.clone() for k, v in self.reference_logps.items()}
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("dpo_reference_logps")
+        if saved is None:
+            raise ValueError(
+                "this checkpoint has no DPO reference log-probabilities (it was not written by DPOModule); resuming "
+                "DPO from it would score against the resumed policy instead of the original reference"
+            )
+        self.reference_logps = {k: v.float() for k, v in saved.items()}
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def _policy_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sequence_logprobs(
+            self.model, batch["input_ids"], batch["labels"], batch.get("attention_mask"), batch.get("position_ids")
+        )
+
+    def _reference(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
+        if "reference_logps" in batch:
+            return batch["reference_logps"]
+        table = self.reference_logps.get(split)
+        if table is None:
+            raise ValueError(f"no reference log-probabilities for the {split} pairs (see DPOModule's docstring)")
+        pairs = table[batch["index"].cpu()]
+        return torch.cat((pairs[:, 0], pairs[:, 1]))
+
+    def _step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
+        policy = self._policy_logps(batch)
+        counts = label_token_counts(batch["labels"])
+        losses, chosen, rejected = dpo_loss(policy, self._reference(batch, split), counts, self.settings)
+        loss = losses.mean()
+        logps_chosen, logps_rejected = policy.detach().chunk(2)
+        metrics = {
+            "loss": loss,
+            "reward_accuracy": (chosen > rejected).float().mean(),
+            "reward_margin": (chosen - rejected).mean(),
+            "rewards_chosen": chosen.mean(),
+            "rewards_rejected": rejected.mean(),
+            "logps_chosen": logps_chosen.mean(),
+            "logps_rejected": logps_rejected.mean(),
+        }
+        pairs = len(chosen)
+        for name, value in metrics.items():
+            self.log(f"{split}/{name}", value, prog_bar=name in ("loss", "reward_accuracy"), batch_size=pairs)
+        return loss
+
+    @override
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._step(batch, "train")
+        self._log_throughput()
+        return loss
+
+    @override
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val")
