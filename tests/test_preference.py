@@ -6,6 +6,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_horizon  # noqa: F401  (registers strategy="horizon")
 from lightning_horizon import HorizonEngine
@@ -193,7 +194,7 @@ def test_datamodule_batches_chosen_then_rejected(tokenizer):
 
 
 # --------------------------------------------------------------------------------------------------- training
-def _dpo_fit(strategy, tmp_path, steps=12, ckpt=None, max_steps=None, tokenizer=None, seed=0):
+def _dpo_fit(strategy, tmp_path, steps=12, ckpt=None, tokenizer=None, seed=0, save_every=None):
     from transformers import Qwen2ForCausalLM
 
     torch.manual_seed(seed)
@@ -204,9 +205,12 @@ def _dpo_fit(strategy, tmp_path, steps=12, ckpt=None, max_steps=None, tokenizer=
     trainer = L.Trainer(
         strategy=strategy,
         accelerator="cpu",
-        max_steps=max_steps or steps,
+        max_steps=steps,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=save_every is not None,
+        callbacks=[]
+        if save_every is None
+        else [ModelCheckpoint(tmp_path / "ckpt", "{step}", every_n_train_steps=save_every, save_top_k=-1)],
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
@@ -226,3 +230,21 @@ def test_dpo_module_under_horizon_equals_auto(tmp_path, tokenizer):
     want = auto.model.state_dict()
     for name, value in horizon.model.state_dict().items():
         assert rel_err(value, want[name]) < 1e-4, name
+
+
+def test_resume_keeps_the_reference_of_the_first_run(tmp_path, tokenizer):
+    """A checkpoint carries the reference log-probabilities: a resumed run (its model built from another seed, so
+    recomputing them would give other values) ends with the weights of an uninterrupted run."""
+    _, straight = _dpo_fit("horizon", tmp_path / "s", steps=8, tokenizer=tokenizer, save_every=4)
+    ckpt = tmp_path / "s" / "ckpt" / "step=4.ckpt"
+    _, resumed = _dpo_fit("horizon", tmp_path / "r", steps=8, ckpt=str(ckpt), tokenizer=tokenizer, seed=1)
+    torch.testing.assert_close(resumed.reference_logps["train"], straight.reference_logps["train"])
+    want = straight.model.state_dict()
+    for name, value in resumed.model.state_dict().items():
+        torch.testing.assert_close(value, want[name], rtol=0, atol=0, msg=name)
+
+
+def test_resuming_from_a_checkpoint_without_reference_is_refused(tmp_path, tokenizer):
+    module = DPOModule(tiny_model("qwen2", layers=1))
+    with pytest.raises(ValueError, match="no DPO reference log-probabilities"):
+        module.on_load_checkpoint({"state_dict": {}})
