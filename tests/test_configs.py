@@ -209,3 +209,22 @@ def test_the_peft_group_is_peft_settings():
     ):
         with pytest.raises(ValueError, match=match):
             from_mapping(PeftSettings, {**lora, **bad}, prefix="peft")
+
+
+def test_the_dpo_config_is_sft_plus_the_dpo_group():
+    """``dpo.yaml`` composes the same groups as ``sft.yaml`` (same defaults except unpacked data), and its ``dpo``
+    section is DPOSettings, every field with its default."""
+    from lightning_horizon.preference import DPOSettings
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        dpo = compose("dpo")
+    sft = _compose()
+    assert set(dpo) == ROOT_KEYS | {"dpo"}
+    dpo_values, sft_values = OmegaConf.to_container(dpo), OmegaConf.to_container(sft)
+    for key in ROOT_KEYS - {"data"}:
+        assert dpo_values[key] == sft_values[key], key
+    assert dpo.data.pack is False and dpo.data.path is None
+    assert {**dpo_values["data"], "pack": True} == sft_values["data"]
+    assert from_mapping(DPOSettings, dpo.dpo, prefix="dpo") == DPOSettings()
+    assert set(dpo.dpo) == {f.name for f in dataclasses.fields(DPOSettings)}
+    assert _undocumented_keys(CONF_DIR / "dpo.yaml", "dpo") == []
