@@ -449,3 +449,21 @@ def test_default_compiles_only_where_kernels_can_be_built(monkeypatch):
         engine.close()
     monkeypatch.setattr(config.shutil, "which", lambda name: None)
     assert config.can_compile() is False
+
+
+def test_model_zero_grad_forgets_the_engines_gradients():
+    """``model.zero_grad()`` between two backwards (instead of ``optimizer.zero_grad()``): the second gradients are
+    those of the second backward alone, not a sum with the host-held first ones."""
+    base = tiny_model("qwen2", tied=True)
+    batch = make_batch(0)
+    _, want = reference_grads(clone(base), [batch])
+    model = clone(base)
+    engine = HorizonEngine(model, device="cpu", compute_dtype="fp32")
+    try:
+        for _ in range(2):
+            model.zero_grad()
+            model(**batch).loss.backward()
+            assert_grads_close({n: p.grad.clone() for n, p in model.named_parameters()}, want)
+    finally:
+        engine.close()
+    assert "zero_grad" not in model.__dict__  # closing gives the model its own zero_grad back

@@ -1,7 +1,8 @@
 """Model adapter: where a Hugging Face decoder-only causal LM keeps its parts, and how families differ.
 
 All model-family specifics live here. A supported model is built as
-``embedding -> list of decoder layers -> final norm -> lm_head`` and exposes them through Hugging Face's accessors
+``embedding -> list of decoder layers -> final norm -> lm_head`` (or ``-> score``: a ``...ForSequenceClassification``
+reward model or value head) and exposes them through Hugging Face's accessors
 (``get_input_embeddings``, the decoder's ``layers`` and ``norm``, ``get_output_embeddings``). The engine keeps the
 model object (and so its ``forward``, mask construction, rotary embeddings and ``state_dict``) and only replaces what
 the embedding, each layer and the final norm *do* when called. What the families differ in, and where it is handled:
@@ -64,6 +65,9 @@ class DecoderParts:
     """An ``nn.Linear`` (or PEFT's ``ModulesToSaveWrapper`` of one)."""
     tied: bool
     """lm_head shares the embedding's weight (one Parameter, stored once)."""
+    score_head: bool = False
+    """A ``...ForSequenceClassification`` model: ``lm_head`` is its ``score`` layer (hidden size -> labels), and the
+    model's own ``forward`` runs (pooling, loss) around the streamed decoder and score."""
 
     @property
     def num_layers(self) -> int:
@@ -110,8 +114,9 @@ class DecoderParts:
         return getattr(self.embed, "padding_idx", None)
 
     def logit_softcap(self) -> float | None:
-        """``tanh`` soft-capping of the final logits (Gemma 2), applied by the head before the loss."""
-        return getattr(self.config, "final_logit_softcapping", None)
+        """``tanh`` soft-capping of the final logits (Gemma 2), applied by the head before the loss (a score head's
+        outputs are not capped: Hugging Face caps only the language-model logits)."""
+        return None if self.score_head else getattr(self.config, "final_logit_softcapping", None)
 
     def is_stochastic(self) -> bool:
         """Whether a layer's forward draws random numbers in training (dropout, router jitter): recomputation
@@ -272,8 +277,9 @@ def find_causal_lm(root: nn.Module) -> nn.Module:
     if not found:
         raise ValueError(
             f"no Hugging Face causal LM found in {type(root).__name__}: the horizon strategy streams a "
-            "`...ForCausalLM` module (from `transformers`) built as embedding -> decoder layers -> norm -> lm_head; "
-            "create it in `__init__` or `configure_model`"
+            "`...ForCausalLM` module (from `transformers`) built as embedding -> decoder layers -> norm -> lm_head, "
+            "or a `...ForSequenceClassification` (a score head instead of lm_head); create it in `__init__` or "
+            "`configure_model`"
         )
     outer = [m for m in found if not any(m is not o and any(c is m for c in o.modules()) for o in found)]
     if len(outer) > 1:
@@ -346,6 +352,9 @@ def describe(model: nn.Module) -> DecoderParts:
         raise ValueError(f"{name} has no decoder stack (`get_decoder()` / `model`) to stream")
     embed = model.get_input_embeddings()
     lm_head = model.get_output_embeddings()
+    score_head = lm_head is None and is_sequence_classifier(model)
+    if score_head:
+        lm_head = model.score
     layers = getattr(base, "layers", None)
     norm = getattr(base, "norm", None)
     missing = [
@@ -366,6 +375,15 @@ def describe(model: nn.Module) -> DecoderParts:
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise ValueError(f"{name}'s decoder `layers` must be a non-empty nn.ModuleList")
     embed = _plain_module(embed, nn.Embedding, "input embeddings", name)
-    lm_head = _plain_module(lm_head, nn.Linear, "output embeddings (lm_head)", name)
+    lm_head = _plain_module(lm_head, nn.Linear, "score head" if score_head else "output embeddings (lm_head)", name)
     tied = lm_head.weight is embed.weight
-    return DecoderParts(model=model, base=base, embed=embed, layers=layers, norm=norm, lm_head=lm_head, tied=tied)
+    return DecoderParts(
+        model=model, base=base, embed=embed, layers=layers, norm=norm, lm_head=lm_head, tied=tied, score_head=score_head
+    )
+
+
+def is_sequence_classifier(model: nn.Module) -> bool:
+    """A Hugging Face ``...ForSequenceClassification`` decoder: a ``score`` linear layer on the final hidden state."""
+    return type(model).__name__.endswith("ForSequenceClassification") and isinstance(
+        _plain_module(getattr(model, "score", None), nn.Linear, "score head", type(model).__name__), nn.Module
+    )

@@ -44,6 +44,8 @@ class ModelPatch:
         loss_chunk_tokens: Rows of logits the chunked loss computes at once.
         synchronize: Waits until the masters are final (before ``state_dict``, ``load_state_dict``).
         invalidate: Forgets weights resident on the GPU (after ``load_state_dict`` changed the masters).
+        discard: Forgets the engine's gradients of every parameter (the model's ``zero_grad`` calls it first: the
+            host holds the gradients, so clearing ``param.grad`` alone would leave them to add to the next ones).
     """
 
     def __init__(
@@ -54,11 +56,13 @@ class ModelPatch:
         loss_chunk_tokens: int,
         synchronize: Callable[[], None],
         invalidate: Callable[[], None],
+        discard: Callable[[], None] | None = None,
     ) -> None:
         from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
         self.parts, self.runner, self.device, self.loss_chunk_tokens = parts, runner, device, loss_chunk_tokens
-        self.synchronize, self.invalidate = synchronize, invalidate
+        self.synchronize, self.invalidate, self.discard = synchronize, invalidate, discard
+        self._own_zero_grad: Any = None
         self._output_classes = (CausalLMOutputWithPast, MoeCausalLMOutputWithPast)
         fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
         self._cache_field = "cache" if "cache" in fields else "past_key_values"
@@ -77,17 +81,26 @@ class ModelPatch:
         """Replaces what the model's modules do when called (instance attributes; :meth:`uninstall` removes them)."""
         parts = self.parts
         base_forward = parts.base.forward
+        # A score head (sequence classification) keeps the model's own forward (pooling, loss): the decoder's
+        # final norm runs on its own and the score layer runs streamed on its output.
+        top = parts.lm_head if parts.score_head else parts.model
         self._replaced = [
             (module, module.__dict__.get("forward"))
-            for module in (parts.embed, parts.norm, parts.base, parts.model, *parts.layers)
+            for module in (parts.embed, parts.norm, parts.base, top, *parts.layers)
         ]
         parts.embed.forward = self._embed_call
         for i, layer in enumerate(parts.layers):
             layer.forward = functools.partial(self._layer_call, i)
         parts.norm.forward = self._norm_call
         parts.base.forward = functools.partial(self._base_call, base_forward)
-        parts.model.forward = self._causal_lm_forward
+        if parts.score_head:
+            parts.lm_head.forward = self._score_call
+            self.runner.forward_head_uses = 2  # the norm on its own, then the score
+        else:
+            parts.model.forward = self._causal_lm_forward
         parts.model.__dict__["_horizon_engine"] = weakref.ref(self)
+        self._own_zero_grad = parts.model.__dict__.get("zero_grad")
+        parts.model.zero_grad = self._zero_grad
         # Layer buffers move too: templates are bound to layer i's own buffers before running as layer i.
         streamed = {id(m) for top in (parts.embed, parts.norm, parts.lm_head) for m in top.modules()}
         for module in parts.model.modules():
@@ -113,6 +126,10 @@ class ModelPatch:
                 module.forward = forward
         self._replaced = []
         self.parts.model.__dict__.pop("_horizon_engine", None)
+        if self._own_zero_grad is None:
+            self.parts.model.__dict__.pop("zero_grad", None)
+        else:
+            self.parts.model.zero_grad = self._own_zero_grad
         for module, name, device in self._moved_buffers:
             module._buffers[name] = module._buffers[name].to(device)
         self._moved_buffers = []
@@ -135,6 +152,23 @@ class ModelPatch:
         if self.runner.current is None:
             raise RuntimeError("the final norm of a streamed model ran outside a forward pass of its decoder")
         return NormFunction.apply(hidden_states, self.runner.anchor, self.runner.current)
+
+    def _zero_grad(self, set_to_none: bool = True) -> None:
+        """``model.zero_grad()``: the engine's host gradients are forgotten too (as ``optimizer.zero_grad`` does)."""
+        if self.discard is not None:
+            self.discard()
+        own = self._own_zero_grad or type(self.parts.model).zero_grad.__get__(self.parts.model)
+        own(set_to_none=set_to_none)
+
+    def _score_call(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The score layer of a sequence classifier on the decoder's output (after its final norm), streamed."""
+        fpass, self._finished = self._finished, None
+        if fpass is None:
+            raise RuntimeError(
+                "the score head of a streamed model runs on the output of the decoder call just before it: call "
+                "model.model(...) then model.score(...) once, or the model itself"
+            )
+        return HeadLogitsFunction.apply(hidden_states.to(self.device), self.runner.anchor, fpass, False)
 
     def _base_call(self, forward, *args: Any, **kwargs: Any):
         """The decoder's own ``forward`` (``model.model(...)``), without a KV cache when gradients are on: a training
@@ -164,6 +198,11 @@ class ModelPatch:
     ) -> torch.Tensor:
         """Each sequence's summed log-probability of its label tokens, ``(B,)`` FP32, through the chunked head (no
         ``B x S x V`` logits); see :func:`lightning_horizon.preference.sequence_logprobs`."""
+        if self.parts.score_head:
+            raise ValueError(
+                f"{type(self.parts.model).__name__} has a score head, not a language-model head: it gives no token "
+                "log-probabilities"
+            )
         runner = self.runner
         to_dev = lambda t: t.to(self.device) if isinstance(t, torch.Tensor) else t  # noqa: E731
         self._defer_norm = True

@@ -172,7 +172,13 @@ class HorizonEngine:
             self.add_resident_slots(config.resident_layers)
         self._watched: list[ZeroGradWatch] = []
         self.patch = ModelPatch(
-            self.parts, self.runner, self.device, config.loss_chunk_tokens, self.synchronize, self.streamer.invalidate
+            self.parts,
+            self.runner,
+            self.device,
+            config.loss_chunk_tokens,
+            self.synchronize,
+            self.streamer.invalidate,
+            self.discard_gradients,
         )
         self.patch.install()
 
