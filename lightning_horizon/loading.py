@@ -28,7 +28,7 @@ import math
 import os
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,22 +48,36 @@ def load_hf_model(
     path: str | os.PathLike,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
+    num_labels: int | None = None,
 ) -> nn.Module:
     """A ``...ForCausalLM`` with the weights of ``path`` (a local directory or a hub id), streamed from safetensors.
+
+    With ``num_labels``, a ``...ForSequenceClassification`` with that many outputs instead (a reward model: 1): the
+    checkpoint's ``lm_head`` is not loaded, and a ``score`` head it lacks (a causal LM's checkpoint) starts from the
+    model's initialisation, ``normal(0, initializer_range)``.
 
     With ``dtype=torch.float32`` the parameters are views into flat buffers laid out as the engine's host store
     (``HorizonEngine`` adopts them without copying once it builds its store with ``HostStore.adopt``). The model is
     returned in eval mode, as ``from_pretrained`` does.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     directory = _resolve(path)
     check_model_dir(directory)
     config = AutoConfig.from_pretrained(directory)
+    auto = AutoModelForCausalLM
+    if num_labels is not None:
+        config.num_labels, auto = num_labels, AutoModelForSequenceClassification
     with params_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+        model = auto.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     materialize(model, dtype)
-    load_safetensors_into(model, directory)
+    if num_labels is None:
+        load_safetensors_into(model, directory)
+    else:
+        missing = load_safetensors_into(model, directory, skip=(r"^lm_head\.",), may_miss=("score.weight",))
+        if missing:
+            with torch.no_grad():
+                model.score.weight.normal_(0.0, float(getattr(config, "initializer_range", 0.02)))
     if (directory / "generation_config.json").is_file():
         from transformers import GenerationConfig
 
@@ -233,8 +247,13 @@ def weight_files(directory: str | os.PathLike) -> dict[str, list[str]]:
     )
 
 
-def load_safetensors_into(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Copies every tensor of the safetensors files in ``directory`` into ``model``'s parameters and buffers."""
+def load_safetensors_into(
+    model: nn.Module, directory: str | os.PathLike, skip: Sequence[str] = (), may_miss: Sequence[str] = ()
+) -> list[str]:
+    """Copies every tensor of the safetensors files in ``directory`` into ``model``'s parameters and buffers.
+
+    ``skip``: patterns of file keys not to load. ``may_miss``: model names the files may lack (returned when they
+    do; any other missing name raises)."""
     directory = Path(directory)
     targets = _targets(model)
     alias_of = {name: first for name, (_, first) in targets.items()}
@@ -243,10 +262,13 @@ def load_safetensors_into(model: nn.Module, directory: str | os.PathLike) -> Non
         re.compile(p)
         for p in (*_IGNORED_UNEXPECTED, *(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []))
     ]
+    skipped = [re.compile(p) for p in skip]
     for file_name in sorted(weight_files(directory)):
         file_path = directory / file_name
         with SafetensorsReader(file_path) as f, torch.no_grad():
             for key in f.keys():
+                if any(p.search(key) for p in skipped):
+                    continue
                 if key not in targets:
                     if any(p.search(key) for p in ignored):
                         continue
@@ -271,11 +293,14 @@ def load_safetensors_into(model: nn.Module, directory: str | os.PathLike) -> Non
                 f.read_into(key, target)
                 loaded[first] = f"{key!r} ({file_path.name})"
     missing = sorted(n for n, first in alias_of.items() if first not in loaded and n == first and _persistent(model, n))
+    allowed = [n for n in missing if n in may_miss]
+    missing = [n for n in missing if n not in may_miss]
     if missing:
         raise ValueError(
             f"{len(missing)} key(s) missing from the safetensors files in {directory}: {', '.join(missing[:8])}"
             f"{', ...' if len(missing) > 8 else ''}"
         )
+    return allowed
 
 
 _DTYPES = {

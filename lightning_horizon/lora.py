@@ -88,9 +88,12 @@ def _peft():
 def apply_peft(model: nn.Module, settings: PeftSettings) -> nn.Module:
     """``model`` wrapped with the adapters of ``settings`` (``model`` itself when ``method=none``). The adapters are
     FP32 whatever the base's dtype (PEFT's ``autocast_adapter_dtype``): they get FP32 masters like any trained
-    weight."""
+    weight. A ``...ForSequenceClassification`` (a reward model) gets PEFT's ``SEQ_CLS`` task, which also trains its
+    score head (PEFT adds it to ``modules_to_save``)."""
     if not settings.enabled:
         return model
+    from lightning_horizon.engine.adapter import is_sequence_classifier
+
     peft = _peft()
     try:
         config = peft.LoraConfig(
@@ -99,7 +102,7 @@ def apply_peft(model: nn.Module, settings: PeftSettings) -> nn.Module:
             lora_dropout=settings.dropout,
             target_modules=settings.target_modules,
             modules_to_save=settings.modules_to_save,
-            task_type="CAUSAL_LM",
+            task_type="SEQ_CLS" if is_sequence_classifier(model) else "CAUSAL_LM",
             **settings.extra,
         )
         return peft.get_peft_model(model, config, autocast_adapter_dtype=True)

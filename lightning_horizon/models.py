@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 # Fields forwarded verbatim to the Hugging Face config class (same names there).
 ARCHITECTURE_FIELDS = (
@@ -211,25 +217,33 @@ def build_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     vocab_size: int | None = None,
+    num_labels: int | None = None,
 ) -> PreTrainedModel:
-    """A causal LM for `cfg`: random init (or uninitialized on `device="meta"`), or real weights when `cfg.path`."""
+    """A causal LM for `cfg`: random init (or uninitialized on `device="meta"`), or real weights when `cfg.path`.
+    With `num_labels`, a `...ForSequenceClassification` with that many outputs instead (a reward model: 1; from a
+    causal LM's checkpoint its score head starts from the model's initialisation)."""
     if cfg.path is not None and torch.device(device).type != "meta":
-        model = load_pretrained(cfg.path, dtype=dtype, attn_implementation=cfg.attn_implementation)
+        model = load_pretrained(
+            cfg.path, dtype=dtype, attn_implementation=cfg.attn_implementation, num_labels=num_labels
+        )
         _check_vocab(cfg.name, model.config.vocab_size, vocab_size)
         return model.to(device)
     hf_config = build_hf_config(cfg, vocab_size=vocab_size)
+    auto = AutoModelForCausalLM
+    if num_labels is not None:
+        hf_config.num_labels, auto = num_labels, AutoModelForSequenceClassification
     with torch.device(device):
-        return AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation=cfg.attn_implementation)
+        return auto.from_config(hf_config, dtype=dtype, attn_implementation=cfg.attn_implementation)
 
 
 def load_pretrained(
-    path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
+    path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", num_labels: int | None = None
 ) -> PreTrainedModel:
     """Real weights from a local directory or hub id, streamed safetensors tensor by tensor into the host store's
     layout (no full model object materialised first, no second copy): see :mod:`lightning_horizon.loading`."""
     from lightning_horizon.loading import load_hf_model
 
-    return load_hf_model(path, dtype=dtype, attn_implementation=attn_implementation)
+    return load_hf_model(path, dtype=dtype, attn_implementation=attn_implementation, num_labels=num_labels)
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:

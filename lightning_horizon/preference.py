@@ -1,4 +1,5 @@
-"""Preference optimisation: per-sequence log-probabilities, the DPO family of losses and ``DPOModule``.
+"""Preference learning: per-sequence log-probabilities, the DPO family of losses and ``DPOModule``; reward models
+(Bradley-Terry) and ``RewardModule``.
 
 DPO (Rafailov et al., 2023) trains a policy on pairs of replies to one prompt, the ``chosen`` one preferred to the
 ``rejected`` one, against a frozen reference model (the policy before training). With ``pi`` and ``ref`` the summed
@@ -19,6 +20,10 @@ host memory. Under the horizon strategy both passes stream the same layers.
 
 :func:`sequence_logprobs` computes the summed log-probabilities: under the horizon strategy through the engine's
 chunked head (never the ``B x S x V`` logits; gradients for each sequence), otherwise from the model's logits.
+
+A reward model is a ``...ForSequenceClassification`` with one label (the engine streams its decoder and its score
+head); :class:`RewardModule` trains it on the same pairs with the Bradley-Terry loss
+``-log sigmoid(r_chosen - r_rejected)``, each reply's reward read at its last token.
 """
 
 from __future__ import annotations
@@ -63,6 +68,18 @@ class DPOSettings:
             raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}")
         if self.label_smoothing and self.loss == "ipo":
             raise ValueError("dpo.label_smoothing applies to the sigmoid losses, not to dpo.loss=ipo")
+
+
+@dataclass
+class RewardSettings:
+    """The reward-model loss (the reward recipe's ``reward:`` group; the YAML keys are these field names)."""
+
+    margin: float = 0.0
+    """Subtracted from each pair's reward difference inside the Bradley-Terry loss (0 = plain Bradley-Terry)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.margin, bool) or not isinstance(self.margin, int | float) or not math.isfinite(self.margin):
+            raise ValueError(f"reward.margin must be a finite number, got {self.margin!r}")
 
 
 def label_token_counts(labels: torch.Tensor) -> torch.Tensor:
@@ -126,7 +143,24 @@ def dpo_loss(
     return losses, beta * chosen.detach(), beta * rejected.detach()
 
 
-class DPOModule(SFTModule):
+class _PairModule(SFTModule):
+    """Training and validation steps on batches of preference pairs: ``_step(batch, split)`` gives the loss."""
+
+    def _step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    @override
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._step(batch, "train")
+        self._log_throughput()
+        return loss
+
+    @override
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val")
+
+
+class DPOModule(_PairModule):
     """Direct preference optimisation of a Hugging Face causal LM on batches of
     :class:`~lightning_horizon.data.preference.PreferenceDataModule` (see the module docstring).
 
@@ -259,12 +293,78 @@ class DPOModule(SFTModule):
             self.log(f"{split}/{name}", value, prog_bar=name in ("loss", "reward_accuracy"), batch_size=pairs)
         return loss
 
-    @override
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._step(batch, "train")
-        self._log_throughput()
-        return loss
 
-    @override
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "val")
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """Per-pair ``-log sigmoid(r_chosen - r_rejected - margin)``: the Bradley-Terry likelihood of the preference."""
+    return -F.logsigmoid(chosen.float() - rejected.float() - margin)
+
+
+def last_token_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A ``...ForSequenceClassification`` model's score at each row's last attended token, ``(B, num_labels)``.
+
+    The decoder and the score head run as in the model's own ``forward`` (``model.model`` then ``model.score``,
+    streamed under the horizon strategy); the row's end comes from ``attention_mask`` (any padding side), not from
+    ``config.pad_token_id``.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model's classifier
+    hidden = inner.model(
+        input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids")
+    ).last_hidden_state
+    scores = inner.score(hidden)
+    mask = batch.get("attention_mask")
+    seq = scores.shape[1]
+    if mask is None:
+        last = torch.full((scores.shape[0],), seq - 1, device=scores.device)
+    else:
+        positions = torch.arange(seq, device=scores.device)
+        last = (positions * mask.to(scores.device)).argmax(-1)
+    return scores[torch.arange(scores.shape[0], device=scores.device), last]
+
+
+class RewardModule(_PairModule):
+    """A reward model trained on preference pairs with the Bradley-Terry loss (batches of
+    :class:`~lightning_horizon.data.preference.PreferenceDataModule`).
+
+    The model is a ``...ForSequenceClassification`` with one label; each reply's reward is its score at the reply's
+    last token. Logs ``train/loss``, ``train/accuracy`` (pairs whose chosen reward is the larger), ``train/margin``,
+    ``train/rewards_chosen``, ``train/rewards_rejected`` and ``train/tokens_per_s`` (``val/...`` likewise).
+
+    Args:
+        model: A ``...ForSequenceClassification`` with ``num_labels=1`` (or a PEFT model whose score head trains).
+        optim: Optimizer and schedule settings.
+        max_steps: Optimizer steps of the run: where the cosine schedule ends.
+        margin: Subtracted from each pair's reward difference inside the loss (0 = plain Bradley-Terry).
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, optim: OptimConfig | None = None, max_steps: int = 1000, margin: float = 0.0
+    ) -> None:
+        score = getattr(model, "score", None)
+        if not isinstance(score, torch.nn.Module) or getattr(model.config, "num_labels", None) != 1:
+            raise ValueError(
+                f"RewardModule trains a ...ForSequenceClassification with num_labels=1 (a score head); got "
+                f"{type(model).__name__} with num_labels={getattr(getattr(model, 'config', None), 'num_labels', None)}"
+            )
+        if not any(p.requires_grad for p in score.parameters()):
+            raise ValueError(
+                "the reward model's score head is frozen (with LoRA, list it in modules_to_save): it would stay at "
+                "its random initialisation"
+            )
+        super().__init__(model, optim, max_steps)
+        self.margin = margin
+
+    def _step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
+        rewards = last_token_scores(self.model, batch).squeeze(-1).float()
+        chosen, rejected = rewards.chunk(2)
+        loss = bradley_terry_loss(chosen, rejected, self.margin).mean()
+        chosen, rejected = chosen.detach(), rejected.detach()
+        metrics = {
+            "loss": loss,
+            "accuracy": (chosen > rejected).float().mean(),
+            "margin": (chosen - rejected).mean(),
+            "rewards_chosen": chosen.mean(),
+            "rewards_rejected": rejected.mean(),
+        }
+        for name, value in metrics.items():
+            self.log(f"{split}/{name}", value, prog_bar=name in ("loss", "accuracy"), batch_size=len(chosen))
+        return loss

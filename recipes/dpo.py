@@ -33,7 +33,7 @@ from recipes.sft import Workload, train
 DPO = Workload(
     name="dpo",
     datamodule=lambda cfg, data, tokenizer: PreferenceDataModule(data, tokenizer),
-    module=lambda cfg, run, model: DPOModule(
+    module=lambda cfg, run, model, datamodule: DPOModule(
         model, from_mapping(DPOSettings, cfg.dpo, prefix="dpo"), run.optim, max_steps=run.trainer["max_steps"]
     ),
     extra_keys=("dpo",),

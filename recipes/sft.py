@@ -89,8 +89,10 @@ class Workload:
     """The recipe's module is ``recipes.<name>``; its log file ``<name>.log``."""
     datamodule: Callable[[DictConfig, DataConfig, Any], L.LightningDataModule]
     """``(cfg, data settings, tokenizer)`` -> the DataModule."""
-    module: Callable[[DictConfig, Any, Any], L.LightningModule]
-    """``(cfg, validated RunConfig, model)`` -> the LightningModule."""
+    module: Callable[[DictConfig, Any, Any, Any], L.LightningModule]
+    """``(cfg, validated RunConfig, model, datamodule)`` -> the LightningModule."""
+    num_labels: int | None = None
+    """Build a ``...ForSequenceClassification`` with this many outputs instead of a causal LM (reward models)."""
     extra_keys: tuple[str, ...] = ()
     """Top-level config keys of this recipe beyond ``ROOT_KEYS``."""
     summary: tuple[str, ...] = ("train/loss",)
@@ -100,7 +102,7 @@ class Workload:
 SFT = Workload(
     name="sft",
     datamodule=lambda cfg, data, tokenizer: SFTDataModule(data, tokenizer),
-    module=lambda cfg, run, model: SFTModule(model, run.optim, max_steps=run.trainer["max_steps"]),
+    module=lambda cfg, run, model, datamodule: SFTModule(model, run.optim, max_steps=run.trainer["max_steps"]),
 )
 
 
@@ -283,13 +285,16 @@ def train(cfg: DictConfig, workload: Workload = SFT) -> None:
     frozen_dtype = dataclasses.replace(
         run.strategy, compute_dtype=precision_dtype(run.trainer.get("precision", "bf16-mixed"))
     ).frozen_store_dtype()
-    model = build_model(run.model, dtype=base_dtype(run.peft, frozen_dtype), vocab_size=len(tokenizer))
+    model = build_model(
+        run.model, dtype=base_dtype(run.peft, frozen_dtype), vocab_size=len(tokenizer), num_labels=workload.num_labels
+    )
     model.train()  # from_pretrained (model.path) returns eval mode: train with the dropout the model config sets
-    fill_special_tokens(model.config, model.generation_config, tokenizer)  # generation stops at the end of a reply
+    # generation stops at the end of a reply (a reward model has no generation config)
+    fill_special_tokens(model.config, getattr(model, "generation_config", None) or {}, tokenizer)
     if run.data.pack:
         prepare_model_for_packing(model)
     model = apply_peft(model, run.peft)
-    module = workload.module(cfg, run, model)
+    module = workload.module(cfg, run, model, datamodule)
     log.info(
         "model %s: %s, %.4g M parameters (%.4g M trained), %d layers, vocabulary %d; plan: %.3g GB of host memory, "
         "%.3g s/step predicted (%s)",

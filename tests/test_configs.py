@@ -228,3 +228,16 @@ def test_the_dpo_config_is_sft_plus_the_dpo_group():
     assert from_mapping(DPOSettings, dpo.dpo, prefix="dpo") == DPOSettings()
     assert set(dpo.dpo) == {f.name for f in dataclasses.fields(DPOSettings)}
     assert _undocumented_keys(CONF_DIR / "dpo.yaml", "dpo") == []
+
+
+def test_the_reward_config_is_sft_plus_the_reward_group():
+    from lightning_horizon.preference import RewardSettings
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        reward = compose("reward")
+    assert set(reward) == ROOT_KEYS | {"reward"} and reward.data.pack is False
+    assert from_mapping(RewardSettings, reward.reward, prefix="reward") == RewardSettings()
+    assert set(reward.reward) == {f.name for f in dataclasses.fields(RewardSettings)}
+    assert _undocumented_keys(CONF_DIR / "reward.yaml", "reward") == []
+    with pytest.raises(ValueError, match="reward.margin must be a finite number"):
+        RewardSettings(margin="big")

@@ -186,6 +186,23 @@ def test_weight_copy_auto_follows_available_host_memory(available_gib, expected)
     assert not auto_weight_copy(shape, torch.bfloat16, False, 3, False, 2**50)  # never for CPU compute
 
 
+def test_weight_copy_auto_counts_the_existing_frozen_base_as_available():
+    """A LoRA model's frozen base already holds its bytes when the engine is built (MemAvailable no longer counts
+    them): the adapters' weight copy is kept when only the rest of the footprint fits what is available."""
+    from lightning_horizon.engine.adapter import describe
+    from lightning_horizon.engine.footprint import StoreShape, auto_weight_copy, host_bytes
+    from tests.test_workflows import lora
+
+    model = lora(tiny_model("qwen2"))
+    shape = StoreShape.of(describe(model.get_base_model()), frozen=True)
+    assert shape.frozen_numel > shape.store_numel
+    footprint = host_bytes(shape, torch.bfloat16, False, True, 3, True)
+    still_needed = sum(footprint.values()) - footprint["masters"] - footprint["frozen parameters"]
+    assert auto_weight_copy(shape, torch.bfloat16, False, 3, True, still_needed)
+    with pytest.warns(UserWarning, match="weight copy"):
+        assert not auto_weight_copy(shape, torch.bfloat16, False, 3, True, still_needed - 1)
+
+
 def test_weight_copy_auto_is_off_on_the_cpu():
     """Uploads on the CPU are plain copies: a weight copy would cost 2-4 bytes/param and buy nothing."""
     module, trainer = fit("horizon", tiny_model("qwen2"), steps=2)

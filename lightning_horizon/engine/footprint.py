@@ -147,6 +147,14 @@ def host_bytes(
     return out
 
 
+def existing_bytes(footprint: dict[str, int]) -> int:
+    """What of ``footprint`` (:func:`host_bytes`) the model's own parameters already hold when the engine is built:
+    the masters and the frozen parameters (the store takes them over, or copies them group by group, each source freed
+    as it is copied). The automatic settings count it as available: MemAvailable no longer does. A LoRA base of 61 GiB
+    in BF16 otherwise read as 61 GiB missing, and the adapters' 0.3 GB weight copy was dropped on a 125 GiB host."""
+    return footprint["masters"] + footprint.get("frozen parameters", 0)
+
+
 def weight_copy_fits(on_gpu: bool, footprint_with_copy: dict[str, int], memory_bytes: float) -> bool:
     """The rule of ``EngineConfig.weight_copy=None``: keep the copy when compute runs on a GPU (on the CPU the layers
     are used in place: it would cost memory and buy nothing) and the host footprint with it fits ``memory_bytes``."""
@@ -168,12 +176,13 @@ def auto_grad_pool(
     state_dtype: torch.dtype = torch.float32,
 ) -> bool:
     """``grad_pool_buffers=None`` for an engine whose masters already exist: :func:`grad_pool_needed` with its
-    footprint against the host memory available now plus what the masters take."""
+    footprint against the host memory available now plus what the masters and frozen parameters take
+    (:func:`existing_bytes`)."""
     footprint = host_bytes(
         shape, compute_dtype, False, False, num_grad_slabs, on_gpu,
         optimizer_state_bytes=adamw_state_bytes(state_dtype),
     )  # fmt: skip
-    needed = grad_pool_needed(footprint, available_bytes + footprint["masters"])
+    needed = grad_pool_needed(footprint, available_bytes + existing_bytes(footprint))
     if needed:
         log.info(
             "horizon: whole-model gradient buffers do not fit (%.1f GiB with them): gradients go through a pool of "
@@ -194,7 +203,8 @@ def auto_weight_copy(
     grad_pool: int = 0,
 ) -> bool:
     """``weight_copy=None`` for an engine whose masters already exist: :func:`weight_copy_fits` with its footprint
-    against the host memory available now plus what the masters take; warns when a GPU run goes without it."""
+    against the host memory available now plus what the masters and frozen parameters take (:func:`existing_bytes`);
+    warns when a GPU run goes without it."""
     footprint = host_bytes(
         shape,
         compute_dtype,
@@ -205,7 +215,7 @@ def auto_weight_copy(
         optimizer_state_bytes=adamw_state_bytes(state_dtype),
         grad_pool=grad_pool,
     )
-    memory = available_bytes + footprint["masters"]
+    memory = available_bytes + existing_bytes(footprint)
     fits = weight_copy_fits(on_gpu, footprint, memory)
     if on_gpu and not fits:
         warnings.warn(
