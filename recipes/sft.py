@@ -244,6 +244,7 @@ def _run_dir_fixed() -> bool:
 
 def train(cfg: DictConfig, workload: Workload = SFT) -> None:
     quiet_and_logged()
+    log = logging.getLogger(f"recipes.{workload.name}")
     run = validate(cfg, workload)
 
     # Tokenizer: the model's own, or the bundled default; its size is the vocabulary when model.vocab_size is null.
