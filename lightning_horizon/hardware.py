@@ -48,6 +48,11 @@ class HardwareProfile:
     """Achievable host memory bandwidth (read + write) with the optimizer and copies running together."""
     cpu_tflops: float = 0.5
     """Achievable FP32 TFLOP/s of the CPU in matmuls: used for the compute term when there is no GPU."""
+    gpu_link_bytes_per_s: float = 0.0
+    """GPU-to-GPU bandwidth of one GPU, each direction (NVLink), for a plan with several GPUs per node; 0 = none
+    known (such a plan is refused)."""
+    network_bytes_per_s: float = 0.0
+    """Network bandwidth of one node, each direction, for a plan with several nodes; 0 = none known (refused)."""
 
     def __post_init__(self) -> None:
         for key in ("gpu_memory_bytes", "host_memory_bytes", "cpu_cores"):
@@ -56,7 +61,10 @@ class HardwareProfile:
                 setattr(self, key, int(value))
             elif not isinstance(getattr(self, key), int):
                 raise ValueError(f"hardware.{key} must be an integer, got {value!r}")
-        for key in ("gpu_memory_bytes", "h2d_bytes_per_s", "d2h_bytes_per_s", "gpu_bf16_tflops"):
+        for key in (
+            "gpu_memory_bytes", "h2d_bytes_per_s", "d2h_bytes_per_s", "gpu_bf16_tflops", "gpu_link_bytes_per_s",
+            "network_bytes_per_s",
+        ):  # fmt: skip
             if getattr(self, key) < 0:
                 raise ValueError(f"hardware.{key} must be >= 0, got {getattr(self, key)}")
         for key in ("host_memory_bytes", "cpu_cores", "cpu_adam_params_per_s", "host_memory_bytes_per_s", "cpu_tflops"):

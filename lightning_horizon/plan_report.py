@@ -35,9 +35,15 @@ def format_plan(plan: Plan) -> str:
         f"checkpoint_every {s.engine.checkpoint_every}, num_slots {s.engine.num_slots}, "
         f"loss_chunk_tokens {s.engine.loss_chunk_tokens}, "
         f"{s.optimizer}, compute {dtype_name(s.compute_dtype)}",
-        "",
-        f"{'Host memory':<52}{'GB':>10}",
     ]
+    several = plan.num_gpus > 1
+    if several:
+        lines.append(
+            f"  {s.devices} GPU(s) per node x {s.num_nodes} node(s), data parallel (the batch above per GPU), "
+            f"{s.node_store} store across nodes: a prediction of the scaling model (docs/scaling.md); the strategy "
+            "trains on one GPU today"
+        )
+    lines += ["", f"{'Host memory' + (' per node' if several else ''):<52}{'GB':>10}"]
     lines += [f"  {name:<50}{_gb(value)}" for name, value in plan.host_bytes.items() if value]
     if not plan.compute_on_gpu:
         lines.append(f"  {'compute working set (no GPU: below, in host RAM)':<50}{_gb(plan.gpu_total_bytes)}")
@@ -47,6 +53,7 @@ def format_plan(plan: Plan) -> str:
         f"({plan.host_total_bytes / n:.1f} B/param): {verdict}"
     )
     title = "GPU memory" if plan.compute_on_gpu else "Compute working set (CPU compute, counted in host memory)"
+    title += " per GPU" if several else ""
     lines += ["", f"{title:<52}{'GB':>10}"]
     lines += [f"  {name:<50}{_gb(value)}" for name, value in plan.gpu_bytes.items() if value]
     if plan.compute_on_gpu:
@@ -64,6 +71,7 @@ def format_plan(plan: Plan) -> str:
     lines.append(
         f"  {'predicted step':<50}{plan.step_time_s:10.3f}  {plan.tokens_per_step} tokens/step, "
         f"{plan.tokens_per_s:,.0f} tokens/s, {plan.model_tflops:.3g} model TFLOP/s (6NT)"
+        + (f", {plan.model_tflops / plan.num_gpus:.3g} per GPU" if several else "")
     )
     if not plan.compute_on_gpu:
         lines.append(

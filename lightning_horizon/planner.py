@@ -200,11 +200,21 @@ class PlanSettings:
     """dtype of the host master weights."""
     compute_dtype: torch.dtype = torch.bfloat16
     """dtype of streamed weights and activations (from trainer.precision: bf16-mixed -> bf16, 32-true -> fp32)."""
+    devices: int = 1
+    """GPUs per node (trainer.devices), each with the micro-batch above (data parallel; planned only, see below)."""
+    num_nodes: int = 1
+    """Nodes (trainer.num_nodes)."""
+    node_store: str = "sharded"
+    """With several nodes: ``sharded`` (each node's host holds 1/num_nodes of the masters and optimizer state, and
+    every layer's weights cross the network) or ``replicated`` (each node holds everything; only the gradients are
+    all-reduced across nodes)."""
 
     def __post_init__(self) -> None:
-        for key in ("batch_size", "max_seq_len", "accumulate_grad_batches"):
+        for key in ("batch_size", "max_seq_len", "accumulate_grad_batches", "devices", "num_nodes"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.node_store not in ("sharded", "replicated"):
+            raise ValueError(f"node_store must be sharded or replicated, got {self.node_store!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         object.__setattr__(self, "master_dtype", as_dtype(self.master_dtype))
@@ -263,9 +273,15 @@ class Plan:
         return max(self.step_seconds, key=self.step_seconds.__getitem__)
 
     @property
+    def num_gpus(self) -> int:
+        """GPUs of the run (devices x num_nodes)."""
+        return self.settings.devices * self.settings.num_nodes
+
+    @property
     def tokens_per_step(self) -> int:
+        """Tokens of one optimizer step over every GPU."""
         s = self.settings
-        return s.batch_size * s.max_seq_len * s.accumulate_grad_batches
+        return s.batch_size * s.max_seq_len * s.accumulate_grad_batches * self.num_gpus
 
     @property
     def tokens_per_s(self) -> float:
@@ -291,6 +307,9 @@ def plan(
     name: str | None = None,
     engine: EngineConfig | None = None,
     peft: PeftSettings | None = None,
+    devices: int = 1,
+    num_nodes: int = 1,
+    node_store: str = "sharded",
     **engine_settings: Any,
 ) -> Plan:
     """Predict host memory, GPU memory and step time (formulas in the module docstring); allocates nothing.
@@ -307,6 +326,9 @@ def plan(
         optimizer=optimizer,
         master_dtype=master_dtype,
         compute_dtype=compute_dtype,
+        devices=devices,
+        num_nodes=num_nodes,
+        node_store=node_store,
     )
     frozen = dataclasses.replace(engine, compute_dtype=settings.compute_dtype).frozen_store_dtype() is not None
     return plan_shape(model_shape(hf_config, name=name, peft=peft, frozen=frozen), hardware, settings)
@@ -335,7 +357,20 @@ def plan_from_config(cfg: Any, vocab_size: int | None = None, hardware: Hardware
         name=model_cfg.name,
         engine=engine_config(cfg.strategy),
         peft=from_mapping(PeftSettings, cfg.peft, prefix="peft") if "peft" in cfg else None,
+        devices=_count_of(cfg.trainer.get("devices", 1), "trainer.devices"),
+        num_nodes=_count_of(cfg.trainer.get("num_nodes", 1), "trainer.num_nodes"),
     )
+
+
+def _count_of(value: Any, key: str) -> int:
+    """A positive device or node count (``auto`` = 1: the horizon strategy's default)."""
+    if value in ("auto", None):
+        return 1
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key} must be a positive number of GPUs or nodes (or auto), got {value!r}")
+    return value
 
 
 def plan_shape(shape: ModelShape, hardware: HardwareProfile, settings: PlanSettings) -> Plan:
@@ -427,7 +462,61 @@ def plan_shape(shape: ModelShape, hardware: HardwareProfile, settings: PlanSetti
         steps = {"cpu compute": acc * flops / (hardware.cpu_tflops * CPU_LAYER_EFFICIENCY * 1e12)}
     steps["cpu optimizer"] = trained / hardware.cpu_adam_params_per_s
     steps["host memory traffic"] = host_traffic / hardware.host_memory_bytes_per_s
+    if s.devices > 1 or s.num_nodes > 1:
+        host, steps = _several_gpus(host, steps, s, hardware, acc * upload, acc * download)
     return Plan(shape=shape, hardware=hardware, settings=s, host_bytes=host, gpu_bytes=gpu, step_seconds=steps)
+
+
+# Host components held once per node's store (scaled by the node's share of it) vs once per process (per GPU).
+_PER_PROCESS = ("upload staging", "gradient slabs", "process overhead")
+
+
+def _several_gpus(
+    host: dict[str, int],
+    steps: dict[str, float],
+    s: PlanSettings,
+    hardware: HardwareProfile,
+    upload: float,
+    download: float,
+) -> tuple[dict[str, int], dict[str, float]]:
+    """Per-node host memory and the step terms of ``s.devices`` GPUs on each of ``s.num_nodes`` nodes (the scaling
+    model of ``docs/scaling.md``), from the one-GPU figures. Every GPU runs the same micro-batches (data parallel).
+
+    Within a node the GPUs share one host store: each uploads 1/devices of every layer over its own PCIe link and
+    the layer is all-gathered over the GPU links; gradients are reduce-scattered there and each GPU sends its share
+    down. Across nodes, ``sharded``: each node holds 1/num_nodes of the store (and steps it), and every layer's
+    shards cross the network (all-gather, reduce-scatter); ``replicated``: each node holds and steps everything, and
+    the gradients are all-reduced across nodes.
+    """
+    n, m = s.devices, s.num_nodes
+    if n > 1 and hardware.gpu_link_bytes_per_s <= 0:
+        raise ValueError(
+            f"hardware {hardware.name!r} has no gpu_link_bytes_per_s: set it (NVLink bandwidth per GPU and direction) "
+            "to plan several GPUs per node"
+        )
+    if m > 1 and hardware.network_bytes_per_s <= 0:
+        raise ValueError(
+            f"hardware {hardware.name!r} has no network_bytes_per_s: set it (per node and direction) to plan several "
+            "nodes"
+        )
+    share = 1 / m if s.node_store == "sharded" else 1.0  # of the model's store each node holds, steps and uploads
+    per_node = {}
+    for label, value in host.items():
+        per_process = any(label.split(" (")[0].endswith(key) for key in _PER_PROCESS)
+        per_node[label] = int(value * n) if per_process else int(value * share)
+    out = dict(steps)
+    for key in ("h2d upload", "d2h gradients"):
+        out[key] = steps[key] * share / n
+    out["cpu optimizer"] = steps["cpu optimizer"] * share
+    out["host memory traffic"] = steps["host memory traffic"] * share
+    if n > 1:  # all-gather of each layer and reduce-scatter of its gradients over the GPU links, per GPU
+        out["gpu links (all-gather, reduce-scatter)"] = (
+            (upload + download) * (n - 1) / n / hardware.gpu_link_bytes_per_s
+        )
+    if m > 1:  # per node: the other nodes' shards of every layer in, gradient shards out (or a gradient all-reduce)
+        crossing = upload + download if s.node_store == "sharded" else 2 * download
+        out["network"] = crossing * (m - 1) / m / hardware.network_bytes_per_s
+    return per_node, out
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -156,10 +156,12 @@ def validate(cfg: DictConfig, workload: Workload = SFT) -> RunConfig:
     for key in ("max_steps", "accumulate_grad_batches", "log_every_n_steps"):
         if not isinstance(trainer.get(key, 1), int) or trainer.get(key, 1) < 1:
             raise ValueError(f"trainer.{key} must be a positive integer, got {trainer[key]!r}")
-    if trainer.get("devices", 1) not in (1, "1", "auto"):
-        raise ValueError(
-            f"trainer.devices must be 1: the horizon strategy trains on one device, got {trainer['devices']!r}"
-        )
+    for key in ("devices", "num_nodes"):
+        if trainer.get(key, 1) not in (1, "1", "auto") and not cfg.plan:
+            raise ValueError(
+                f"trainer.{key} must be 1: the horizon strategy trains on one GPU today, got {trainer[key]!r} "
+                "(plan=true plans several GPUs and nodes)"
+            )
     if (trainer.get("gradient_clip_val") or 0) < 0:
         raise ValueError(f"trainer.gradient_clip_val must be >= 0 or null, got {trainer['gradient_clip_val']}")
     if trainer.get("precision") == "auto":  # BF16 compute on a GPU; FP32 on the CPU, where BF16 matmuls are slow

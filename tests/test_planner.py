@@ -365,3 +365,61 @@ def test_compact_optimizer_state_halves_its_row():
     assert bf16.host_bytes["optimizer state (adamw, 4 B/param)"] == 4 * n
     assert fp32.host_total_bytes - bf16.host_total_bytes == 4 * n
     assert bf16.step_seconds["host memory traffic"] < fp32.step_seconds["host memory traffic"]
+
+
+# ------------------------------------------------------------------------------- several GPUs and nodes (planned)
+def test_several_gpus_per_node_share_one_host_store():
+    """N GPUs on one node: the store is counted once (per-process parts N times), each GPU's PCIe bytes fall as 1/N,
+    the node's host traffic and optimizer time stay flat, the GPU links carry (N-1)/N of every layer both ways."""
+    cfg, hw = hf_config("qwen2_7b"), hardware("h200")
+    one = plan(cfg, hw, batch_size=16, max_seq_len=2048, gradient_clip_val=1.0)
+    eight = plan(cfg, hw, batch_size=16, max_seq_len=2048, gradient_clip_val=1.0, devices=8)
+    assert eight.tokens_per_step == 8 * one.tokens_per_step and eight.num_gpus == 8
+    per_process = {k: v for k, v in one.host_bytes.items() if k.startswith(("process", "pinned upload"))}
+    assert per_process and eight.host_total_bytes == one.host_total_bytes + 7 * sum(per_process.values())
+    assert eight.gpu_bytes == one.gpu_bytes
+    for term in ("h2d upload", "d2h gradients"):
+        assert eight.step_seconds[term] == pytest.approx(one.step_seconds[term] / 8)
+    for term in ("gpu compute", "cpu optimizer", "host memory traffic"):
+        assert eight.step_seconds[term] == pytest.approx(one.step_seconds[term])
+    layer_bytes = (
+        one.step_seconds["h2d upload"] * hw.h2d_bytes_per_s + one.step_seconds["d2h gradients"] * hw.d2h_bytes_per_s
+    )
+    links = eight.step_seconds["gpu links (all-gather, reduce-scatter)"]
+    assert links == pytest.approx(layer_bytes * 7 / 8 / hw.gpu_link_bytes_per_s)
+    assert "network" not in eight.step_seconds
+    assert eight.tokens_per_s == pytest.approx(8 * one.tokens_per_s)  # compute-bound at this batch: linear
+
+
+def test_several_nodes_sharded_or_replicated():
+    cfg, hw = hf_config("qwen2_72b"), hardware("h200")
+    kw = dict(batch_size=4, max_seq_len=2048, gradient_clip_val=1.0, devices=8)
+    node = plan(cfg, hw, **kw)
+    sharded = plan(cfg, hw, **kw, num_nodes=4)
+    replicated = plan(cfg, hw, **kw, num_nodes=4, node_store="replicated")
+    store = {k: v for k, v in node.host_bytes.items() if not k.startswith(("process", "pinned upload"))}
+    assert sharded.host_total_bytes == pytest.approx(node.host_total_bytes - 0.75 * sum(store.values()), rel=1e-6)
+    assert replicated.host_total_bytes == node.host_total_bytes
+    for term in ("cpu optimizer", "host memory traffic", "h2d upload"):
+        assert sharded.step_seconds[term] == pytest.approx(node.step_seconds[term] / 4)
+        assert replicated.step_seconds[term] == pytest.approx(node.step_seconds[term])
+    up = node.step_seconds["h2d upload"] * 8 * hw.h2d_bytes_per_s
+    down = node.step_seconds["d2h gradients"] * 8 * hw.d2h_bytes_per_s
+    assert sharded.step_seconds["network"] == pytest.approx((up + down) * 3 / 4 / hw.network_bytes_per_s)
+    assert replicated.step_seconds["network"] == pytest.approx(2 * down * 3 / 4 / hw.network_bytes_per_s)
+    # host-bound on one node; a quarter of the store per node moves the bound to the GPUs
+    assert node.bottleneck == "host memory traffic" and sharded.bottleneck == "gpu compute"
+
+
+def test_several_gpus_need_the_link_rates_and_are_planned_only(tmp_path):
+    cfg = hf_config("qwen2_7b")
+    no_links = dataclasses.replace(hardware("h200"), gpu_link_bytes_per_s=0.0, network_bytes_per_s=0.0)
+    with pytest.raises(ValueError, match="no gpu_link_bytes_per_s"):
+        plan(cfg, no_links, batch_size=1, max_seq_len=128, devices=2)
+    with pytest.raises(ValueError, match="no network_bytes_per_s"):
+        plan(cfg, no_links, batch_size=1, max_seq_len=128, num_nodes=2)
+    with pytest.raises(ValueError, match="node_store must be"):
+        plan(cfg, hardware("h200"), batch_size=1, max_seq_len=128, node_store="mirrored")
+    text = format_plan(plan(cfg, hardware("h200"), batch_size=1, max_seq_len=128, devices=4, num_nodes=2))
+    for fragment in ("4 GPU(s) per node x 2 node(s)", "Host memory per node", "GPU memory per GPU", "network"):
+        assert fragment in text, text

@@ -167,6 +167,15 @@ def test_plan_prints_the_table_and_exits(tmp_path):
     assert not any((tmp_path / name).exists() for name in OUTPUTS)
 
 
+def test_several_gpus_are_planned_but_not_trained(tmp_path):
+    result = sft("plan=true", "model=qwen2_72b", "hardware=h200", "trainer.devices=8", "+trainer.num_nodes=2",
+                 run_dir=tmp_path / "plan")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "8 GPU(s) per node x 2 node(s)" in result.stdout and "Host memory per node" in result.stdout
+    result = sft(*FAST, "trainer.devices=2", run_dir=tmp_path / "run")
+    assert_refused(result, "trainer.devices must be 1", "plan=true plans several", run_dir=tmp_path / "run")
+
+
 def test_plan_that_does_not_fit_is_refused_before_allocating(tmp_path):
     start = time.perf_counter()
     result = sft("model=qwen2_72b", "hardware=rtx4090", run_dir=tmp_path)
