@@ -149,6 +149,13 @@ class _PairModule(SFTModule):
     def _step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def _log_metrics(self, split: str, metrics: dict[str, torch.Tensor], pairs: int) -> None:
+        """Logs ``split/name`` for each metric (averaged over pairs); the loss and the accuracy in the progress bar."""
+        for name, value in metrics.items():
+            self.log(
+                f"{split}/{name}", value, prog_bar=name in ("loss", "accuracy", "reward_accuracy"), batch_size=pairs
+            )
+
     @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._step(batch, "train")
@@ -288,9 +295,7 @@ class DPOModule(_PairModule):
             "logps_chosen": logps_chosen.mean(),
             "logps_rejected": logps_rejected.mean(),
         }
-        pairs = len(chosen)
-        for name, value in metrics.items():
-            self.log(f"{split}/{name}", value, prog_bar=name in ("loss", "reward_accuracy"), batch_size=pairs)
+        self._log_metrics(split, metrics, len(chosen))
         return loss
 
 
@@ -365,6 +370,5 @@ class RewardModule(_PairModule):
             "rewards_chosen": chosen.mean(),
             "rewards_rejected": rejected.mean(),
         }
-        for name, value in metrics.items():
-            self.log(f"{split}/{name}", value, prog_bar=name in ("loss", "accuracy"), batch_size=len(chosen))
+        self._log_metrics(split, metrics, len(chosen))
         return loss

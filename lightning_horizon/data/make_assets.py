@@ -186,16 +186,22 @@ def render(examples: list[dict]) -> str:
 
 def make_splits(seed: int = SEED, num_train: int = NUM_TRAIN, num_val: int = NUM_VAL) -> tuple[str, str]:
     """Return the (train, validation) JSONL texts; validation conversations never appear in train."""
+    return _splits(make_example, lambda example: json.dumps(example, sort_keys=True), seed, num_train, num_val)
+
+
+def _splits(
+    make: Callable[[random.Random], dict | None], key: Callable[[dict], str], seed: int, num_train: int, num_val: int
+) -> tuple[str, str]:
+    """(train, validation) JSONL texts of examples drawn by ``make`` (None: drawn again), no ``key`` twice."""
     rng = random.Random(seed)
     seen: set[str] = set()
     train: list[dict] = []
     val: list[dict] = []
     while len(val) < num_val or len(train) < num_train:
-        example = make_example(rng)
-        key = json.dumps(example, sort_keys=True)
-        if key in seen:
+        example = make(rng)
+        if example is None or key(example) in seen:
             continue
-        seen.add(key)
+        seen.add(key(example))
         (val if len(val) < num_val else train).append(example)
     return render(train), render(val)
 
@@ -236,17 +242,7 @@ def make_preference_splits(
     seed: int = PREFERENCE_SEED, num_train: int = NUM_PREFERENCE_TRAIN, num_val: int = NUM_PREFERENCE_VAL
 ) -> tuple[str, str]:
     """Return the (train, validation) preference JSONL texts; no prompt appears in both."""
-    rng = random.Random(seed)
-    seen: set[str] = set()
-    train: list[dict] = []
-    val: list[dict] = []
-    while len(val) < num_val or len(train) < num_train:
-        pair = make_preference_pair(rng)
-        if pair is None or pair["prompt"] in seen:
-            continue
-        seen.add(pair["prompt"])
-        (val if len(val) < num_val else train).append(pair)
-    return render(train), render(val)
+    return _splits(make_preference_pair, lambda pair: pair["prompt"], seed, num_train, num_val)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,6 @@ position in its split (the key of the reference log-probabilities, see :mod:`lig
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,12 +36,10 @@ from typing_extensions import override
 from lightning_horizon.data.config import DataConfig
 from lightning_horizon.data.encode import EncodedDocs, _render_ids
 from lightning_horizon.data.errors import DataError
-from lightning_horizon.data.loader import ResumableBatchSampler, ResumableDataLoader
 from lightning_horizon.data.packing import collate_padded
 from lightning_horizon.data.records import _check_messages, read_records
-from lightning_horizon.data.sft import SFTDataModule, _split_off
+from lightning_horizon.data.sft import SFTDataModule
 
-log = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED_TRAIN = ASSETS / "preference.jsonl"
 BUNDLED_VAL = ASSETS / "preference_val.jsonl"
@@ -234,68 +231,30 @@ class PreferenceDataModule(SFTDataModule):
             raise DataError("data.pack must be false for preference pairs: each pair is scored in rows of its own")
         super().__init__(config, tokenizer)
 
-    @override
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_docs is not None:
-            return
-        cfg = self.config
-        train_path = cfg.path if cfg.path is not None else str(BUNDLED_TRAIN)
-        train, _ = read_records(train_path, cfg.format, cfg.split, cfg.skip_bad_rows, parse=parse_pair)
-        if not train:
-            raise DataError(f"{train_path}: no preference pairs")
-        val: list[PreferencePair] = []
-        if cfg.val_path is not None:
-            val, _ = read_records(cfg.val_path, cfg.format, cfg.val_split, cfg.skip_bad_rows, parse=parse_pair)
-            if not val:
-                raise DataError(f"{cfg.val_path}: no validation pairs")
-        elif cfg.path is None:
-            val, _ = read_records(str(BUNDLED_VAL), parse=parse_pair)
-        elif cfg.val_fraction > 0:
-            train, val = _split_off(train, cfg.val_fraction, cfg.seed)
-        self.train_docs = encode_pairs(train, self.tokenizer, cfg.max_seq_len, what=train_path)
-        if cfg.drop_last and len(self.train_docs) // 2 < cfg.batch_size:
-            raise DataError(
-                f"{train_path}: {len(self.train_docs) // 2} pair(s) < batch_size={cfg.batch_size} with drop_last: "
-                "no batch"
-            )
-        if val:
-            self.val_docs = encode_pairs(val, self.tokenizer, cfg.max_seq_len, what=cfg.val_path or "validation")
-        log.info(
-            "data: %d training pairs, %d validation pairs",
-            len(self.train_docs) // 2,
-            len(self.val_docs) // 2 if self.val_docs is not None else 0,
-        )
+    bundled = (BUNDLED_TRAIN, BUNDLED_VAL)
 
     @override
-    def train_dataloader(self) -> ResumableDataLoader:
-        if self.train_docs is None:
-            self.setup("fit")
-        assert self.train_docs is not None
-        cfg = self.config
-        num_pairs = len(self.train_docs) // 2
-        sampler = ResumableBatchSampler(num_pairs, cfg.batch_size, cfg.shuffle, cfg.seed, cfg.drop_last)
-        return ResumableDataLoader(PairDataset(self.train_docs, self.pad_id), sampler, **self._worker_args())
+    def _read(self, path: str, fmt: str, split: str, skip_bad_rows: bool) -> tuple[list, int]:
+        return read_records(path, fmt, split, skip_bad_rows, parse=parse_pair)
 
     @override
-    def val_dataloader(self) -> DataLoader | list:
-        if self.train_docs is None:
-            self.setup("validate")
-        if self.val_docs is None:
-            return []
-        return self._in_order(self.val_docs)
+    def _encode(self, records: list, what: str) -> EncodedDocs:
+        return encode_pairs(records, self.tokenizer, self.config.max_seq_len, what=what)
+
+    @override
+    def _rows(self, docs: EncodedDocs) -> list[tuple[int, ...]]:
+        return [(i,) for i in range(len(docs) // 2)]  # a row of the sampler is a pair (two rows of the batch)
+
+    @override
+    def _dataset(self, docs: EncodedDocs, rows: list[tuple[int, ...]]) -> PairDataset:
+        return PairDataset(docs, self.pad_id)
 
     def reference_dataloaders(self) -> dict[str, DataLoader]:
         """Every pair of each split once, in order (``train``, and ``val`` when there is validation data)."""
         if self.train_docs is None:
             self.setup("fit")
         assert self.train_docs is not None
-        loaders = {"train": self._in_order(self.train_docs)}
+        loaders = {"train": self._in_order(self.train_docs, self.train_rows)}
         if self.val_docs is not None:
-            loaders["val"] = self._in_order(self.val_docs)
+            loaders["val"] = self._in_order(self.val_docs, self.val_rows)
         return loaders
-
-    def _in_order(self, docs: EncodedDocs) -> DataLoader:
-        batches = ResumableBatchSampler(len(docs) // 2, self.config.batch_size, shuffle=False, seed=0)
-        return DataLoader(
-            PairDataset(docs, self.pad_id), batch_size=None, sampler=batches.batches(0), **self._worker_args()
-        )

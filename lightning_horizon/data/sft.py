@@ -16,7 +16,7 @@ from lightning_horizon.data.encode import EncodedDocs, encode_records
 from lightning_horizon.data.errors import DataError
 from lightning_horizon.data.loader import BatchDataset, ResumableBatchSampler, ResumableDataLoader
 from lightning_horizon.data.packing import plan_rows
-from lightning_horizon.data.records import Record, read_records
+from lightning_horizon.data.records import read_records
 from lightning_horizon.data.tokenizer import build_default_tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -71,39 +71,54 @@ class SFTDataModule(pl.LightningDataModule):
             raise DataError("the tokenizer has neither a pad token nor an EOS token to pad with")
         return pad
 
+    bundled = (BUNDLED_TRAIN, BUNDLED_VAL)
+    """The training and validation files read when ``config.path`` is None."""
+
     @override
     def setup(self, stage: str | None = None) -> None:
         if self.train_docs is not None:
             return
         cfg = self.config
-        train_path = cfg.path if cfg.path is not None else str(BUNDLED_TRAIN)
-        train, _ = read_records(train_path, cfg.format, cfg.split, cfg.skip_bad_rows)
+        train_path = cfg.path if cfg.path is not None else str(self.bundled[0])
+        train, _ = self._read(train_path, cfg.format, cfg.split, cfg.skip_bad_rows)
         if not train:
             raise DataError(f"{train_path}: no training records")
-        val: list[Record] = []
+        val: list = []
         if cfg.val_path is not None:
-            val, _ = read_records(cfg.val_path, cfg.format, cfg.val_split, cfg.skip_bad_rows)
+            val, _ = self._read(cfg.val_path, cfg.format, cfg.val_split, cfg.skip_bad_rows)
             if not val:
                 raise DataError(f"{cfg.val_path}: no validation records")
         elif cfg.path is None:
-            val, _ = read_records(str(BUNDLED_VAL))
+            val, _ = self._read(str(self.bundled[1]), "auto", "train", False)
         elif cfg.val_fraction > 0:
             train, val = _split_off(train, cfg.val_fraction, cfg.seed)
-        self.train_docs = encode_records(train, self.tokenizer, cfg.max_seq_len, what=train_path)
-        self.train_rows = plan_rows(self.train_docs.lengths.tolist(), cfg.max_seq_len, cfg.pack)
+        self.train_docs = self._encode(train, train_path)
+        self.train_rows = self._rows(self.train_docs)
         if cfg.drop_last and len(self.train_rows) < cfg.batch_size:
             raise DataError(
                 f"{train_path}: {len(self.train_rows)} row(s) < batch_size={cfg.batch_size} with drop_last: no batch"
             )
         if val:
-            self.val_docs = encode_records(val, self.tokenizer, cfg.max_seq_len, what=cfg.val_path or "validation")
-            self.val_rows = plan_rows(self.val_docs.lengths.tolist(), cfg.max_seq_len, cfg.pack)
+            self.val_docs = self._encode(val, cfg.val_path or "validation")
+            self.val_rows = self._rows(self.val_docs)
         log.info(
             "data: %d training documents in %d rows, %d validation documents",
             len(self.train_docs),
             len(self.train_rows),
             len(self.val_docs) if self.val_docs is not None else 0,
         )
+
+    def _read(self, path: str, fmt: str, split: str, skip_bad_rows: bool) -> tuple[list, int]:
+        """Records of ``path`` (:func:`read_records`)."""
+        return read_records(path, fmt, split, skip_bad_rows)
+
+    def _encode(self, records: list, what: str) -> EncodedDocs:
+        """Tokenised documents of ``records`` (:func:`encode_records`)."""
+        return encode_records(records, self.tokenizer, self.config.max_seq_len, what=what)
+
+    def _rows(self, docs: EncodedDocs) -> list[tuple[int, ...]]:
+        """The rows of a batch: documents packed into rows of ``max_seq_len`` (or one per row)."""
+        return plan_rows(docs.lengths.tolist(), self.config.max_seq_len, self.config.pack)
 
     def _dataset(self, docs: EncodedDocs, rows: list[tuple[int, ...]]) -> BatchDataset:
         return BatchDataset(docs, rows, self.config.max_seq_len, self.pad_id, self.config.pack)
@@ -123,13 +138,12 @@ class SFTDataModule(pl.LightningDataModule):
             self.setup("validate")
         if self.val_docs is None:
             return []
-        batches = ResumableBatchSampler(len(self.val_rows), self.config.batch_size, shuffle=False, seed=0)
-        return DataLoader(
-            self._dataset(self.val_docs, self.val_rows),
-            batch_size=None,
-            sampler=batches.batches(0),
-            **self._worker_args(),
-        )
+        return self._in_order(self.val_docs, self.val_rows)
+
+    def _in_order(self, docs: EncodedDocs, rows: list[tuple[int, ...]]) -> DataLoader:
+        """Every row once, in order, in batches of ``batch_size``."""
+        batches = ResumableBatchSampler(len(rows), self.config.batch_size, shuffle=False, seed=0)
+        return DataLoader(self._dataset(docs, rows), batch_size=None, sampler=batches.batches(0), **self._worker_args())
 
     def _worker_args(self) -> dict:
         # Workers are spawned, not forked: the kernel copies page-locked memory eagerly into a forked child, so each
