@@ -7,6 +7,12 @@ included, median step after warm-up, host bytes/param = peak RSS / N)::
 
     python benchmarks/plain_module.py --model qwen2_3b --batch 8 --seq 1024 --steps 8 --out plain.json
 
+``--dpo`` trains DPO instead (sigmoid loss, beta 0.1) with ``lightning_horizon.preference.sequence_logprobs``: each
+batch is ``--batch`` pairs, ``2 x --batch`` rows (chosen rows, then rejected), the first half of every row the prompt
+(no label); the reference log-probabilities come with the batch (computed once before training in real runs, so not
+part of the step). Tokens per step count every real token of both rows: ``--dpo --batch 4`` has the tokens of SFT's
+``--batch 8``.
+
 ``--lora RANK`` builds the model in BF16 and wraps it with PEFT's LoRA on every linear layer (only the adapters train).
 ``--fast-init`` draws the same initial distributions as Hugging Face's initialisation of these models (linear and
 embedding weights normal(0, initializer_range), biases zero, norms one) on all cores, one generator per thread:
@@ -47,6 +53,7 @@ from lightning_horizon.benchmark import RssSampler, SyntheticTokens, current_rss
 from lightning_horizon.engine.config import STATE_DTYPES
 from lightning_horizon.engine.footprint import adamw_traffic_bytes
 from lightning_horizon.models import ModelConfig, build_hf_config
+from lightning_horizon.preference import DPOSettings, dpo_loss, label_token_counts, sequence_logprobs
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 START = time.perf_counter()
@@ -59,11 +66,12 @@ def progress(event: str) -> None:
 
 
 class Plain(L.LightningModule):
-    def __init__(self, config, lora_rank: int = 0, fast_init: bool = False) -> None:
+    def __init__(self, config, lora_rank: int = 0, fast_init: bool = False, dpo: bool = False) -> None:
         super().__init__()
         self.config = config
         self.lora_rank = lora_rank
         self.fast_init = fast_init
+        self.dpo = dpo
         self.model = None
         self.losses: list[float] = []
 
@@ -120,7 +128,15 @@ class Plain(L.LightningModule):
         return model
 
     def training_step(self, batch, batch_idx):
-        loss = self.model(**batch).loss
+        if self.dpo:  # 2B rows: the chosen replies, then the rejected ones
+            labels = batch["labels"].clone()
+            labels[:, : labels.shape[1] // 2] = -100  # the prompt half carries no label
+            policy = sequence_logprobs(self.model, batch["input_ids"], labels)
+            reference = torch.zeros_like(policy)  # computed once before training in a real run
+            losses, _, _ = dpo_loss(policy, reference, label_token_counts(labels), DPOSettings(beta=0.1))
+            loss = losses.mean()
+        else:
+            loss = self.model(**batch).loss
         self.losses.append(loss.detach())
         return loss
 
@@ -166,6 +182,7 @@ def main() -> None:
     parser.add_argument("--state-dtype", default=None, choices=list(STATE_DTYPES), help="optimizer_state_dtype")
     parser.add_argument("--clip", type=float, default=None, help="Trainer(gradient_clip_val=...)")
     parser.add_argument("--lora", type=int, default=0, metavar="RANK", help="train LoRA adapters of this rank")
+    parser.add_argument("--dpo", action="store_true", help="DPO on --batch pairs (2 x --batch rows) instead of SFT")
     parser.add_argument("--strategy", nargs="*", default=[], metavar="KEY=VALUE", help="other HorizonStrategy args")
     parser.add_argument("--fast-init", action="store_true", help="draw the initial weights on all cores")
     parser.add_argument("--stack-dump-after", type=float, default=0, metavar="S", help="dump stacks every S s")
@@ -180,8 +197,9 @@ def main() -> None:
     hf_config = build_hf_config(
         ModelConfig.from_dict(raw.get("model", raw)), vocab_size=2048
     )  # when the model says null
-    module = Plain(hf_config, args.lora, args.fast_init)
-    data = SyntheticTokens(hf_config.vocab_size, args.seq, args.batch * (args.steps + 1))
+    module = Plain(hf_config, args.lora, args.fast_init, args.dpo)
+    rows = 2 * args.batch if args.dpo else args.batch
+    data = SyntheticTokens(hf_config.vocab_size, args.seq, rows * (args.steps + 1))
     timer = StepEnds()
     trainer = L.Trainer(
         strategy=HorizonStrategy(**settings) if settings else "horizon",
@@ -196,14 +214,14 @@ def main() -> None:
         callbacks=[timer],
     )
     with RssSampler() as rss:
-        trainer.fit(module, DataLoader(data, batch_size=args.batch))
+        trainer.fit(module, DataLoader(data, batch_size=rows))
     if args.stack_dump_after:
         faulthandler.cancel_dump_traceback_later()
     progress("fit done")
     num_params = sum(p.numel() for p in module.model.parameters())  # each Parameter once: tied weights once
     trained = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
     step_s = statistics.median([b - a for a, b in zip(timer.ends, timer.ends[1:])][args.warmup :])
-    tokens = args.batch * args.seq
+    tokens = rows * args.seq
     engine = timer.engine
     steps_run = max(1, args.steps)
     pcie = (engine.get("bytes_h2d", 0) + engine.get("bytes_d2h", 0)) / steps_run
@@ -216,7 +234,8 @@ def main() -> None:
         optimizer_traffic = optimizer_traffic * trained / num_params
     result = {
         "system": "horizon, plain LightningModule (configure_model, torch AdamW, default strategy)"
-        + (f", LoRA r={args.lora} on every linear layer, base built in BF16" if args.lora else ""),
+        + (f", LoRA r={args.lora} on every linear layer, base built in BF16" if args.lora else "")
+        + (f", DPO on {args.batch} pairs per step" if args.dpo else ""),
         "model": args.model,
         "num_params": num_params,
         "trained_params": trained,
