@@ -9,7 +9,7 @@ included, median step after warm-up, host bytes/param = peak RSS / N)::
 
 ``--dpo`` trains DPO instead (sigmoid loss, beta 0.1) with ``lightning_horizon.preference.sequence_logprobs``: each
 batch is ``--batch`` pairs, ``2 x --batch`` rows (chosen rows, then rejected), the first half of every row the prompt
-(no label); the reference log-probabilities come with the batch (computed once before training in real runs, so not
+(no label) and the rejected reply the chosen one reversed; the reference log-probabilities come with the batch (computed once before training in real runs, so not
 part of the step). Tokens per step count every real token of both rows: ``--dpo --batch 4`` has the tokens of SFT's
 ``--batch 8``.
 
@@ -129,9 +129,13 @@ class Plain(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         if self.dpo:  # 2B rows: the chosen replies, then the rejected ones
-            labels = batch["labels"].clone()
-            labels[:, : labels.shape[1] // 2] = -100  # the prompt half carries no label
-            policy = sequence_logprobs(self.model, batch["input_ids"], labels)
+            ids = batch["input_ids"].clone()
+            pairs, half = ids.shape[0] // 2, ids.shape[1] // 2
+            ids[pairs:] = ids[:pairs]  # the same prompts; the rejected reply is the chosen one reversed
+            ids[pairs:, half:] = ids[:pairs, half:].flip(-1)
+            labels = ids.clone()
+            labels[:, :half] = -100  # the prompt half carries no label
+            policy = sequence_logprobs(self.model, ids, labels)
             reference = torch.zeros_like(policy)  # computed once before training in a real run
             losses, _, _ = dpo_loss(policy, reference, label_token_counts(labels), DPOSettings(beta=0.1))
             loss = losses.mean()
