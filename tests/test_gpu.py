@@ -386,3 +386,61 @@ def test_cuda_lora_bf16_base_trains_as_fp32_masters(weight_copy):
         else:  # the base: the BF16 values both runs computed with, unchanged
             assert p.dtype == torch.bfloat16 and torch.equal(p, start[name].to(torch.bfloat16)), name
             assert torch.equal(q.to(torch.bfloat16), p), name
+
+
+@pytest.mark.parametrize("dtype,tol", [("fp32", 1e-4), ("bf16", 3e-2)])
+def test_cuda_dpo_sequence_logprobs_match_cpu(dtype, tol):
+    """DPO's per-sequence log-probabilities through the engine on CUDA (chunked head, chosen and rejected rows in
+    one pass): values and gradients of the DPO loss against plain PyTorch on the CPU in FP32."""
+    from lightning_horizon.preference import DPOSettings, dpo_loss, label_token_counts, sequence_logprobs
+    from tests.test_preference import reference_logps
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ref = tiny_model("qwen2", tied=True, layers=4, hidden_size=128, intermediate_size=256, attn_implementation="sdpa")
+    batch = make_batch(3, batch=4, seq=64)
+    reference = torch.tensor([-300.0, -310.0, -305.0, -290.0])
+    settings, counts = DPOSettings(beta=0.1), label_token_counts(batch["labels"])
+    cpu = clone(ref)
+    want_logps = reference_logps(cpu, batch)
+    want, _, _ = dpo_loss(want_logps, reference, counts, settings)
+    want.mean().backward()
+    m = clone(ref)
+    engine = HorizonEngine(m, device="cuda", compute_dtype=dtype, loss_chunk_tokens=50)
+    try:
+        logps = sequence_logprobs(m, batch["input_ids"], batch["labels"], batch["attention_mask"])
+        assert logps.device.type == "cuda" and logps.dtype == torch.float32
+        assert normwise(logps.cpu(), want_logps) < (1e-5 if dtype == "fp32" else 1e-2)
+        got, _, _ = dpo_loss(logps, reference, counts, settings)
+        got.mean().backward()
+        for name, p in m.named_parameters():
+            if name.endswith(NOISE_ONLY):
+                continue
+            assert normwise(engine.gradient(p), dict(cpu.named_parameters())[name].grad) < tol, name
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("dtype,tol", [("fp32", 1e-4), ("bf16", 3e-2)])
+def test_cuda_reward_model_matches_cpu(dtype, tol):
+    """A ...ForSequenceClassification (the score head streamed) on CUDA: pooled scores and the Bradley-Terry
+    gradients against Hugging Face on the CPU in FP32."""
+    from lightning_horizon.preference import bradley_terry_loss, last_token_scores
+    from tests.test_reward import classifier, padded_batch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ref = classifier("llama", hidden_size=128, intermediate_size=256)
+    batch = padded_batch(5)
+    batch = {k: torch.cat((v[:2], v[1:])) for k, v in batch.items()}  # pairs (0, 1) and (1, 2)
+    cpu = clone(ref)
+    scores = cpu(**batch).logits.squeeze(-1)
+    bradley_terry_loss(scores[:2], scores[2:]).mean().backward()
+    m = clone(ref)
+    engine = HorizonEngine(m, device="cuda", compute_dtype=dtype)
+    try:
+        got = last_token_scores(m, batch).squeeze(-1)
+        assert normwise(got.float().cpu(), scores.detach()) < (1e-4 if dtype == "fp32" else 3e-2)
+        bradley_terry_loss(got[:2], got[2:]).mean().backward()
+        for name, p in m.named_parameters():
+            assert normwise(engine.gradient(p), dict(cpu.named_parameters())[name].grad) < tol, name
+    finally:
+        engine.close()
