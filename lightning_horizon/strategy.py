@@ -183,6 +183,7 @@ class HorizonStrategy(SingleDeviceStrategy):
         # A model built on the meta device is materialised straight into the store's layout (nothing copied)
         initialize_on_host(model)
         self.engine = HorizonEngine(model, config)
+        self.engine.guard_zero_grad(module)  # the LightningModule's zero_grad() discards the host gradients too
         _place_rest(module, model, self.root_device)
         module._device = self.root_device
 

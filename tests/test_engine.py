@@ -467,3 +467,22 @@ def test_model_zero_grad_forgets_the_engines_gradients():
     finally:
         engine.close()
     assert "zero_grad" not in model.__dict__  # closing gives the model its own zero_grad back
+
+
+def test_zero_grad_of_a_module_holding_the_model_forgets_the_engines_gradients():
+    """The same through a module that holds the model (a LightningModule, a PEFT wrapper): its ``zero_grad()``."""
+    base = tiny_model("qwen2")
+    batch = make_batch(1)
+    _, want = reference_grads(clone(base), [batch])
+    holder = torch.nn.ModuleDict({"model": clone(base)})
+    model = holder["model"]
+    engine = HorizonEngine(model, device="cpu", compute_dtype="fp32")
+    engine.guard_zero_grad(holder)
+    try:
+        for _ in range(2):
+            holder.zero_grad()
+            model(**batch).loss.backward()
+            assert_grads_close({n: p.grad.clone() for n, p in model.named_parameters()}, want)
+    finally:
+        engine.close()
+    assert "zero_grad" not in holder.__dict__ and "zero_grad" not in model.__dict__

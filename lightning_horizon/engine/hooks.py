@@ -62,7 +62,8 @@ class ModelPatch:
 
         self.parts, self.runner, self.device, self.loss_chunk_tokens = parts, runner, device, loss_chunk_tokens
         self.synchronize, self.invalidate, self.discard = synchronize, invalidate, discard
-        self._own_zero_grad: Any = None
+        self._zero_grads: list[tuple[torch.nn.Module, Any]] = []
+        """Modules whose ``zero_grad`` is replaced, with their own instance attribute (None: the class's)."""
         self._output_classes = (CausalLMOutputWithPast, MoeCausalLMOutputWithPast)
         fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
         self._cache_field = "cache" if "cache" in fields else "past_key_values"
@@ -99,8 +100,7 @@ class ModelPatch:
         else:
             parts.model.forward = self._causal_lm_forward
         parts.model.__dict__["_horizon_engine"] = weakref.ref(self)
-        self._own_zero_grad = parts.model.__dict__.get("zero_grad")
-        parts.model.zero_grad = self._zero_grad
+        self.guard_zero_grad(parts.model)
         # Layer buffers move too: templates are bound to layer i's own buffers before running as layer i.
         streamed = {id(m) for top in (parts.embed, parts.norm, parts.lm_head) for m in top.modules()}
         for module in parts.model.modules():
@@ -126,10 +126,12 @@ class ModelPatch:
                 module.forward = forward
         self._replaced = []
         self.parts.model.__dict__.pop("_horizon_engine", None)
-        if self._own_zero_grad is None:
-            self.parts.model.__dict__.pop("zero_grad", None)
-        else:
-            self.parts.model.zero_grad = self._own_zero_grad
+        for module, own in self._zero_grads:
+            if own is None:
+                module.__dict__.pop("zero_grad", None)
+            else:
+                module.zero_grad = own
+        self._zero_grads = []
         for module, name, device in self._moved_buffers:
             module._buffers[name] = module._buffers[name].to(device)
         self._moved_buffers = []
@@ -153,12 +155,22 @@ class ModelPatch:
             raise RuntimeError("the final norm of a streamed model ran outside a forward pass of its decoder")
         return NormFunction.apply(hidden_states, self.runner.anchor, self.runner.current)
 
-    def _zero_grad(self, set_to_none: bool = True) -> None:
-        """``model.zero_grad()``: the engine's host gradients are forgotten too (as ``optimizer.zero_grad`` does)."""
+    def guard_zero_grad(self, root: torch.nn.Module) -> None:
+        """``zero_grad()`` of ``root`` and of every module between it and the streamed model (a PEFT wrapper, the
+        LightningModule) also forgets the engine's host gradients, as ``optimizer.zero_grad()`` does: the host holds
+        the gradients, so clearing ``param.grad`` alone would leave them to add to the next backward's."""
+        model = self.parts.model
+        done = {id(m) for m, _ in self._zero_grads}
+        for module in root.modules():
+            if id(module) in done or not any(m is model for m in module.modules()):
+                continue
+            self._zero_grads.append((module, module.__dict__.get("zero_grad")))
+            module.zero_grad = functools.partial(self._zero_grad, module, module.__dict__.get("zero_grad"))
+
+    def _zero_grad(self, module: torch.nn.Module, own: Any, set_to_none: bool = True) -> None:
         if self.discard is not None:
             self.discard()
-        own = self._own_zero_grad or type(self.parts.model).zero_grad.__get__(self.parts.model)
-        own(set_to_none=set_to_none)
+        (own or type(module).zero_grad.__get__(module))(set_to_none=set_to_none)
 
     def _score_call(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The score layer of a sequence classifier on the decoder's output (after its final norm), streamed."""

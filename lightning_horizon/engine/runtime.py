@@ -70,6 +70,7 @@ class HorizonEngine:
                     f"parameter {name!r} is on {p.device}; build the model on the CPU, the engine keeps masters in "
                     "host memory and streams layers to the compute device"
                 )
+        root = model
         if is_peft_wrapper(model):
             model = find_causal_lm(model)
         self.parts: DecoderParts = describe(model)
@@ -181,6 +182,7 @@ class HorizonEngine:
             self.discard_gradients,
         )
         self.patch.install()
+        self.patch.guard_zero_grad(root)
 
     # ------------------------------------------------------------------------------------------ public API
     def begin_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -262,6 +264,11 @@ class HorizonEngine:
 
         optimizers = [o for o in (w.optimizer() for w in self._watched) if o is not None]
         check_host_memory(self.shape, self.config, optimizers, _usable_host_memory_bytes())
+
+    def guard_zero_grad(self, root: nn.Module) -> None:
+        """Makes ``root.zero_grad()`` (e.g. the LightningModule holding the model) forget the engine's gradients too,
+        as the model's own ``zero_grad()`` does."""
+        self.patch.guard_zero_grad(root)
 
     def discard_gradients(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Forgets the current gradients of ``optimizer``'s parameters (or of every parameter): the next backward
