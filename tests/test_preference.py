@@ -248,3 +248,38 @@ def test_resuming_from_a_checkpoint_without_reference_is_refused(tmp_path, token
     module = DPOModule(tiny_model("qwen2", layers=1))
     with pytest.raises(ValueError, match="no DPO reference log-probabilities"):
         module.on_load_checkpoint({"state_dict": {}})
+
+
+def test_preference_pairs_from_parquet_and_a_hugging_face_dataset(tmp_path, tokenizer):
+    """The same readers as SFT data: a Parquet file (rows named in errors) and a ``save_to_disk`` dataset with
+    conversational pairs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lightning_horizon.data.records import read_records
+
+    rows = [{"prompt": f"Add {i} and 1.", "chosen": str(i + 1), "rejected": str(i + 2)} for i in range(6)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pairs.parquet")
+    dm = PreferenceDataModule(DataConfig(path=str(tmp_path / "pairs.parquet"), pack=False, batch_size=2), tokenizer)
+    dm.setup("fit")
+    assert len(dm.train_rows) == 6 and dm.val_docs is None
+    pq.write_table(
+        pa.Table.from_pylist([*rows, {"prompt": "x", "chosen": None, "rejected": "y"}]), tmp_path / "b.parquet"
+    )
+    with pytest.raises(DataError, match=r"b.parquet, row 7: field 'chosen'"):
+        read_records(str(tmp_path / "b.parquet"), parse=parse_pair)
+    datasets = pytest.importorskip("datasets")
+    conversational = [
+        {
+            "prompt": [{"role": "user", "content": r["prompt"]}],
+            "chosen": [{"role": "assistant", "content": r["chosen"]}],
+            "rejected": [{"role": "assistant", "content": r["rejected"]}],
+        }
+        for r in rows
+    ]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(conversational)}).save_to_disk(str(tmp_path / "hf"))
+    dm = PreferenceDataModule(
+        DataConfig(path=str(tmp_path / "hf"), pack=False, batch_size=2, val_fraction=0.34), tokenizer
+    )
+    dm.setup("fit")
+    assert len(dm.train_rows) == 4 and len(dm.val_rows) == 2
