@@ -334,11 +334,14 @@ def plan(
     return plan_shape(model_shape(hf_config, name=name, peft=peft, frozen=frozen), hardware, settings)
 
 
-def plan_from_config(cfg: Any, vocab_size: int | None = None, hardware: HardwareProfile | None = None) -> Plan:
+def plan_from_config(
+    cfg: Any, vocab_size: int | None = None, hardware: HardwareProfile | None = None, rows_per_example: int = 1
+) -> Plan:
     """The plan of a composed `sft.yaml` config (model, hardware, data, strategy, trainer, optim blocks).
 
     `vocab_size` is the tokenizer's (needed when `model.vocab_size` is null); `hardware` defaults to
-    `load_profile(cfg.hardware)`.
+    `load_profile(cfg.hardware)`; `rows_per_example`: rows of a batch per example of `data.batch_size` (2 for
+    preference pairs: the chosen and the rejected reply).
     """
     model_cfg = ModelConfig.from_dict(cfg.model)
     hardware = hardware if hardware is not None else load_profile(cfg.hardware)
@@ -348,7 +351,7 @@ def plan_from_config(cfg: Any, vocab_size: int | None = None, hardware: Hardware
     return plan(
         build_hf_config(model_cfg, vocab_size=vocab_size),
         hardware,
-        batch_size=cfg.data.batch_size,
+        batch_size=cfg.data.batch_size * rows_per_example,
         max_seq_len=cfg.data.max_seq_len,
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
         gradient_clip_val=cfg.trainer.gradient_clip_val,

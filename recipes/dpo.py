@@ -37,6 +37,7 @@ DPO = Workload(
         model, from_mapping(DPOSettings, cfg.dpo, prefix="dpo"), run.optim, max_steps=run.trainer["max_steps"]
     ),
     extra_keys=("dpo",),
+    rows_per_example=2,
     summary=("train/loss", "train/reward_margin", "train/reward_accuracy"),
 )
 

@@ -40,6 +40,7 @@ REWARD = Workload(
     module=_module,
     num_labels=1,
     extra_keys=("reward",),
+    rows_per_example=2,
     summary=("train/loss", "train/accuracy", "train/margin"),
 )
 

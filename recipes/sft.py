@@ -97,6 +97,8 @@ class Workload:
     """Top-level config keys of this recipe beyond ``ROOT_KEYS``."""
     summary: tuple[str, ...] = ("train/loss",)
     """Logged metrics whose first and last values the end of the run reports."""
+    rows_per_example: int = 1
+    """Rows of a batch per example of ``data.batch_size`` (2 for preference pairs), for the plan."""
 
 
 SFT = Workload(
@@ -257,7 +259,9 @@ def train(cfg: DictConfig, workload: Workload = SFT) -> None:
 
     # Plan before allocating anything: the model is only built on the meta device here.
     hardware = hardware_profile(cfg, run.trainer)
-    plan = plan_from_config(cfg, vocab_size=len(tokenizer), hardware=hardware)
+    plan = plan_from_config(
+        cfg, vocab_size=len(tokenizer), hardware=hardware, rows_per_example=workload.rows_per_example
+    )
     if run.plan:
         print(format_plan(plan))
         return

@@ -142,3 +142,11 @@ def test_lora_reward_model_trains_its_score_head_and_exports_an_adapter(tmp_path
     loaded = dict(model.named_parameters())
     key = next(k for k in loaded if "score" in k and "modules_to_save" in k)
     torch.testing.assert_close(loaded[key].float(), saved[score[0]].float())
+
+
+def test_the_plan_counts_both_rows_of_a_pair(tmp_path):
+    """data.batch_size counts pairs; the plan (GPU activations, tokens per step) counts the 2 rows of each."""
+    result = dpo("plan=true", "model=qwen2_7b", "hardware=h200", "data.batch_size=4", "data.max_seq_len=1024",
+                 run_dir=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "batch 8 x 1024 tokens" in result.stdout and "8192 tokens/step" in result.stdout
