@@ -1,4 +1,5 @@
-"""The wheel: ``pip install lightning-horizon`` (no clone) runs ``python -m recipes.sft`` and ``recipes.bench``.
+"""The wheel: ``pip install lightning-horizon`` (no clone) runs ``python -m recipes.sft``, ``recipes.dpo`` and
+``recipes.bench``.
 
 The wheel is built from a copy of the sources (the working tree is left alone) and installed with ``--no-deps`` into a
 fresh virtual environment that sees this environment's packages (torch, lightning, ...) through a ``.pth`` line but
@@ -69,6 +70,17 @@ def test_the_wheel_runs_both_recipes_without_a_clone(tmp_path):
     sft = _run(python, "-m", "recipes.sft", *short, "+trainer.enable_progress_bar=false", "hydra.run.dir=sft",
                cwd=work, env=env)  # fmt: skip
     assert "first logged" in sft.stdout and (work / "sft" / "hf_export" / "config.json").is_file()
+    dpo = _run(
+        python,
+        "-m",
+        "recipes.dpo",
+        *short,
+        "+trainer.enable_progress_bar=false",
+        "hydra.run.dir=dpo",
+        cwd=work,
+        env=env,
+    )  # fmt: skip  (the bundled preference pairs ship in the wheel)
+    assert "train/reward_margin: first logged" in dpo.stdout and (work / "dpo" / "hf_export" / "config.json").is_file()
     bench = _run(python, "-m", "recipes.bench", "model=tiny", "model.vocab_size=512", "trainer.precision=32-true",
                  "data.batch_size=2", "data.max_seq_len=32", "steps=3", "warmup=1", "hydra.run.dir=bench",
                  cwd=work, env=env)  # fmt: skip
