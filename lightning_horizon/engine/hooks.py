@@ -119,19 +119,14 @@ class ModelPatch:
 
     def uninstall(self) -> None:
         """Gives the model its own forward methods and buffers back (undoes :meth:`install`)."""
-        for module, forward in self._replaced:
-            if forward is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = forward
-        self._replaced = []
+        for attr, replaced in (("forward", self._replaced), ("zero_grad", self._zero_grads)):
+            for module, own in replaced:  # the instance attribute it had, or none (the class's method)
+                if own is None:
+                    module.__dict__.pop(attr, None)
+                else:
+                    setattr(module, attr, own)
+        self._replaced, self._zero_grads = [], []
         self.parts.model.__dict__.pop("_horizon_engine", None)
-        for module, own in self._zero_grads:
-            if own is None:
-                module.__dict__.pop("zero_grad", None)
-            else:
-                module.zero_grad = own
-        self._zero_grads = []
         for module, name, device in self._moved_buffers:
             module._buffers[name] = module._buffers[name].to(device)
         self._moved_buffers = []
