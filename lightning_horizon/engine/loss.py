@@ -74,8 +74,8 @@ class ChunkedLoss:
         """Which sequence each computed row belongs to (per-sequence mode)."""
 
     def chunks(self):
-        for start in range(0, self.num_valid, self.chunk_tokens):
-            yield self.rows[start : start + self.chunk_tokens], self.targets[start : start + self.chunk_tokens]
+        for part in self._parts():
+            yield self.rows[part], self.targets[part]
 
     def forward(self, head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         flat = hidden.reshape(-1, hidden.shape[-1])
@@ -106,9 +106,7 @@ class ChunkedLoss:
                 logits = head_logits(head, x, self.softcap, self.norm)
                 ce = F.cross_entropy(logits.float(), targets, reduction="sum")
                 grad_hidden[rows], grads = local_grads(ce, scale, x, params, allow_unused=not self.norm)
-            for i, g in enumerate(grads):
-                if g is not None:
-                    acc[i] = g.float() if acc[i] is None else acc[i].add_(g)
+            _accumulate(acc, grads)
         return grad_hidden.view(self.shape), acc
 
     def _parts(self):
@@ -145,6 +143,11 @@ class ChunkedLoss:
                 grad_hidden[rows], grads = local_grads(
                     ce, weight[self.sequence[part]], x, params, allow_unused=not self.norm
                 )
-            for i, g in enumerate(grads):
-                if g is not None:
-                    acc[i] = g.float() if acc[i] is None else acc[i].add_(g)
+            _accumulate(acc, grads)
+
+
+def _accumulate(acc: list[torch.Tensor | None], grads: list[torch.Tensor | None]) -> None:
+    """Adds one chunk's head gradients into the FP32 accumulators ``acc`` (in place)."""
+    for i, g in enumerate(grads):
+        if g is not None:
+            acc[i] = g.float() if acc[i] is None else acc[i].add_(g)
