@@ -87,6 +87,8 @@ class LayerOptimizer:
             when it changes values.
         on_consumed: Called on the worker with each group whose update has read its gradients, before the group
             counts as updated (the gradient sink then gives a pooled gradient buffer back).
+        owns: Whether this process updates a group (data parallel: another process of the node updates the shared
+            masters of the groups it owns; here their gradients are consumed without an update). None: every group.
     """
 
     def __init__(
@@ -97,9 +99,11 @@ class LayerOptimizer:
         threads: int | None = None,
         state_dtype: torch.dtype = torch.float32,
         on_consumed: Callable[[StoreGroup], None] | None = None,
+        owns: Callable[[StoreGroup], bool] | None = None,
     ):
         self.store = store
         self.on_consumed = on_consumed
+        self.owns = owns
         self.use_fused, self.threads, self.state_dtype = use_fused, threads, state_dtype
         # Prioritized by forward order: when several groups are ready (the end of a backward), the ones the next
         # forward needs first (embedding, first layers) are updated first, so that forward can start sooner.
@@ -164,6 +168,8 @@ class LayerOptimizer:
                 for e in entries:
                     e.sp.param.grad = None
                     e.sp.discard()
+                if self.owns is not None and not self.owns(group):
+                    continue  # its owner updates the shared masters (and holds the group's optimizer state)
                 with self.store.cond:
                     group.version += 1
                     version = group.version

@@ -36,6 +36,7 @@ from torch import nn
 from .activations import CheckpointOffloader
 from .adapter import DecoderParts, describe, find_causal_lm, is_peft_wrapper
 from .config import EngineConfig, as_dtype, resolve
+from .data_parallel import DataParallel, data_parallel_config
 from .footprint import StoreShape, auto_grad_pool, auto_weight_copy, check_host_memory
 from .gradients import GradientSink
 from .hooks import ModelPatch, check_not_streamed
@@ -59,10 +60,25 @@ class HorizonEngine:
         model: A ``...ForCausalLM`` whose parameters are on the CPU (or a PEFT model around one: the causal LM inside
             it is streamed). Its parameters become views into the store.
         config: Engine settings.
+        parallel: The processes of a data-parallel run (:class:`~.data_parallel.DataParallel`): the store is then
+            shared by the processes of each node, :meth:`reduce_gradients` averages the gradients over every
+            process, and each process steps the groups it owns. None: one process.
     """
 
-    def __init__(self, model: nn.Module, config: EngineConfig | None = None, **overrides: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: EngineConfig | None = None,
+        *,
+        parallel: DataParallel | None = None,
+        **overrides: Any,
+    ) -> None:
         config = dataclasses.replace(config or EngineConfig(), **overrides)
+        if parallel is not None:
+            config = data_parallel_config(config)
+        self.parallel = parallel
+        self._grads_pending = False
+        """A backward ran since the gradients were last averaged over the processes (data parallel only)."""
         self._closed = False
         for name, p in model.named_parameters():
             if p.device.type != "cpu":
@@ -87,10 +103,14 @@ class HorizonEngine:
         self.device: torch.device = config.device  # type: ignore[assignment]
         self.dtype: torch.dtype = config.compute_dtype  # type: ignore[assignment]
         cuda = self.device.type == "cuda"
-        # adopt: a model loaded straight into the store's layout (lightning_horizon.loading) is taken over, not copied
-        self.store = HostStore.adopt(
-            self.parts.store_groups(), pin=config.pin_masters and cuda, frozen_dtype=frozen_dtype, pin_frozen=cuda
-        )
+        if parallel is not None:  # one store per node, shared by its processes
+            self.store = parallel.build_store(
+                self.parts.store_groups(), frozen_dtype, pin=config.pin_masters and cuda, pin_frozen=cuda
+            )
+        else:  # adopt: a model loaded straight into the store's layout (lightning_horizon.loading) is not copied
+            self.store = HostStore.adopt(
+                self.parts.store_groups(), pin=config.pin_masters and cuda, frozen_dtype=frozen_dtype, pin_frozen=cuda
+            )
         self.units: list[Unit] = [
             make_unit(i, self.parts.layer_structure_key(i), layer, self.store)
             for i, layer in enumerate(self.parts.layers)
@@ -144,6 +164,7 @@ class HorizonEngine:
             threads=config.host_threads,
             state_dtype=config.state_dtype,
             on_consumed=self.sink.consumed,
+            owns=parallel.owns if parallel is not None else None,
         )
         self.bank = TemplateBank(self.units, self.parts, self.streamer, self.device, config.compile_layers)
         self.bank.add_slots(self.streamer.slots)
@@ -203,8 +224,14 @@ class HorizonEngine:
         parameters' gradients stay for another optimizer's step."""
         self.watch(optimizer)
         self.finish_backward()
+        self._reduce_if_pending()
         self._overlap = False
         self.optim.step(optimizer)
+        if self.parallel is not None:
+            # Every process's updates are in the shared masters before any process reads one again
+            self.optim.wait()
+            self.parallel.barrier()
+            self.streamer.invalidate()  # layers kept on the GPU hold the old values of groups other processes updated
         if self._keep_pending or self._resident_pending:  # the first step's memory peak is known now
             self._size_from_first_step()
 
@@ -223,6 +250,7 @@ class HorizonEngine:
         discarded by ``zero_grad`` drops its scaling with it). Returns the total norm before clipping.
         """
         self.finish_backward()
+        self._reduce_if_pending()
         entries = self._grad_entries(optimizer)
         norms = []
         for group, sp in entries:
@@ -239,6 +267,7 @@ class HorizonEngine:
         """Clamps the current gradients (of ``optimizer``'s parameters, or of every parameter) to
         ``[-clip_value, clip_value]``, as ``torch.nn.utils.clip_grad_value_`` does (applied by the optimizer)."""
         self.finish_backward()
+        self._reduce_if_pending()
         for _, sp in self._grad_entries(optimizer):
             if sp.clip_coef is not None or sp.clip_value is not None:
                 raise ValueError(
@@ -285,6 +314,21 @@ class HorizonEngine:
         (``optimizer_state_dtype="bf16"``) each parameter's moments go straight into that dtype: PyTorch's own load
         would first widen every moment to the parameter's FP32 (twice the state's memory at once)."""
         load_optimizer_state(optimizer, state_dict, self.config.state_dtype)
+
+    def reduce_gradients(self) -> None:
+        """Averages the host gradients over the processes of a data-parallel run (every process must call it; a
+        no-op in one process). :meth:`clip_grad_norm_`, :meth:`clip_grad_value_` and :meth:`step` call it when a
+        backward ran since the last average; call it yourself where the averaged gradients must be read earlier
+        (``param.grad`` holds this process's own gradients until then). Average only after the last micro-batch of
+        an accumulated step, as DDP does: averaging between micro-batches would count the earlier ones N times."""
+        self.finish_backward()
+        if self.parallel is not None:
+            self.parallel.reduce_gradients(self.store, self.sink.finish)
+        self._grads_pending = False
+
+    def _reduce_if_pending(self) -> None:
+        if self.parallel is not None and self._grads_pending:
+            self.reduce_gradients()
 
     def finish_backward(self) -> None:
         """Waits until every gradient is on the host and exposes them as ``param.grad`` (where they are FP32)."""
@@ -365,6 +409,7 @@ class HorizonEngine:
 
     # ----------------------------------------------------------------------------------------------- internals
     def _on_grad_pass(self) -> None:
+        self._grads_pending = True
         self._grad_passes += 1
         if self._overlap and self._grad_passes > 1:
             if self.num_overlapped_updates != self._overlapped_at_begin:

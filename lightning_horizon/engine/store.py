@@ -24,7 +24,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -223,6 +223,10 @@ class HostStore:
         frozen_dtype: Hold the parameters that do not require gradients now in groups of this dtype
             (:func:`split_frozen`, ``EngineConfig.frozen_dtype``); None: every parameter in the FP32 masters.
         pin_frozen: Page-lock the frozen groups (uploads read them directly).
+        allocate: ``allocate(group name, numel, dtype)`` gives each group's buffer (e.g. a part of a buffer shared by
+            the processes of a node, :mod:`.data_parallel`); None: ``torch.empty``.
+        fill: Copy the parameters' values into the buffers (False: another process fills the shared buffers; the
+            parameters only become views into them).
     """
 
     def __init__(
@@ -232,15 +236,19 @@ class HostStore:
         adopt: bool = False,
         frozen_dtype: torch.dtype | None = None,
         pin_frozen: bool = False,
+        allocate: Callable[[str, int, torch.dtype], torch.Tensor] | None = None,
+        fill: bool = True,
     ) -> None:
         self.groups: list[StoreGroup] = []
         self.by_param: dict[int, tuple[StoreGroup, StoreParam]] = {}
         self.cond = threading.Condition()
         self._pinned: list[torch.Tensor] = []
+        self.node_buffers: list = []
+        """Shared-memory buffers the groups view (kept alive with the store), see :mod:`.data_parallel`."""
         for name, unique, dtype in split_frozen(groups, frozen_dtype):
             group = self._adopt_group(name, unique, dtype) if adopt else None
             if group is None:
-                group = self._build_group(name, unique, dtype)
+                group = self._build_group(name, unique, dtype, allocate, fill)
                 release_free_heap()  # the sources this group freed, before the next group's buffer is allocated
             if dtype != torch.float32:
                 group.frozen = True
@@ -253,8 +261,17 @@ class HostStore:
         self.by_name = {g.name: g for g in self.groups}
 
     @staticmethod
+    def layout_numel(named_params: list[tuple[str, nn.Parameter]]) -> int:
+        """Elements of the flat buffer of a group of ``named_params`` (each parameter aligned)."""
+        return sum(_align(p.numel()) for _, p in named_params)
+
+    @staticmethod
     def _build_group(
-        name: str, named_params: list[tuple[str, nn.Parameter]], dtype: torch.dtype = torch.float32
+        name: str,
+        named_params: list[tuple[str, nn.Parameter]],
+        dtype: torch.dtype = torch.float32,
+        allocate: Callable[[str, int, torch.dtype], torch.Tensor] | None = None,
+        fill: bool = True,
     ) -> StoreGroup:
         offset, entries = 0, []
         for pname, p in named_params:
@@ -267,13 +284,17 @@ class HostStore:
                 raise ValueError(f"parameter {pname!r} has dtype {p.dtype}; only floating-point parameters are stored")
             entries.append(StoreParam(pname, p, offset, p.numel(), p.shape))
             offset += _align(p.numel())
-        master = torch.empty(max(offset, 1), dtype=dtype)
-        if offset > sum(e.numel for e in entries):
+        if allocate is None:
+            master = torch.empty(max(offset, 1), dtype=dtype)
+        else:
+            master = allocate(name, max(offset, 1), dtype)
+        if fill and offset > sum(e.numel for e in entries):
             master.zero_()  # alignment gaps: keep them deterministic for checksums
         with torch.no_grad():
             for sp in entries:
                 view = master[sp.offset : sp.offset + sp.numel].view(sp.shape)
-                view.copy_(sp.param.data)
+                if fill:
+                    view.copy_(sp.param.data)
                 # The source is freed here, parameter by parameter (if nothing else holds it): a model of any dtype
                 # becomes FP32 masters with at most this group's buffer over the masters and the sources left
                 # (tests/test_setup_memory.py measures it)
