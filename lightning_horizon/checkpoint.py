@@ -65,57 +65,136 @@ LAYOUT_KEY = "horizon_layout"
 
 
 # -------------------------------------------------------------------------------------------------------- saving
-def save_sharded(checkpoint: dict[str, Any], path: str | os.PathLike, fsync: bool = True) -> None:
-    """Writes Lightning's checkpoint dict as a horizon checkpoint directory at ``path`` (atomically)."""
+def save_sharded(checkpoint: dict[str, Any], path: str | os.PathLike, fsync: bool = True, parallel=None) -> None:
+    """Writes Lightning's checkpoint dict as a horizon checkpoint directory at ``path`` (atomically).
+
+    With ``parallel`` (a :class:`~lightning_horizon.engine.data_parallel.DataParallel`; every process calls this),
+    the processes write together: global rank 0 the masters, the trainer state and the metadata, and each process of
+    node 0 the optimizer shards of the store groups it owns (its ``optimizer_states`` hold only those). A failure in
+    any process removes the temporary directory and raises in every process; nothing is published."""
     path = Path(path)
     checkpoint = dict(checkpoint)
     layout = checkpoint.pop(LAYOUT_KEY, None)
     state_dict = checkpoint.pop("state_dict", None) or {}
     optimizer_states = checkpoint.pop("optimizer_states", None)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(path)
-    tmp = temporary_path(path)
-    tmp.mkdir()
+    lead = parallel is None or parallel.rank == 0
+    tmp: Path | None = None
+    error: BaseException | None = None
+    if lead:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale(path)
+            tmp = temporary_path(path)
+            tmp.mkdir()
+        except BaseException as err:  # the other processes learn of it below
+            error = err
+    if parallel is not None:
+        shared = parallel.broadcast_object(str(tmp) if tmp is not None else None)
+        if shared is None:
+            if error is not None:
+                raise error
+            raise CheckpointError(f"global rank 0 could not create the temporary directory of {path}")
+        tmp = Path(shared)
+    assert tmp is not None
+    files: dict[str, dict[str, Any]] = {}
+    optimizers: list[tuple[dict[str, Any], dict[str, Any]]] = []
     try:
-        files: dict[str, dict[str, Any]] = {}
-        meta: dict[str, Any] = {
-            "format_version": FORMAT_VERSION,
-            "global_step": checkpoint.get("global_step"),
-            "epoch": checkpoint.get("epoch"),
-            "files": files,
-        }
-        model_meta = _write_model(tmp, state_dict, layout, files, fsync)
-        meta["model"] = model_meta
-        if optimizer_states is not None:
-            meta["optimizers"] = []
-            trainer_optims = []
+        model_meta = _write_model(tmp, state_dict, layout, files, fsync) if lead else _model_groups(layout)
+        if optimizer_states is not None and (parallel is None or parallel.node_rank == 0):
             names_per_opt = (layout or {}).get("optimizers") or [None] * len(optimizer_states)
             for i, (opt_state, info) in enumerate(zip(optimizer_states, names_per_opt)):
-                opt_meta, rest = _write_optimizer(tmp, i, opt_state, info, model_meta, files, fsync)
-                meta["optimizers"].append(opt_meta)
-                trainer_optims.append(rest)
-            checkpoint["optimizer_states"] = trainer_optims
-        checkpoint["horizon_rng"] = _rng_state()
-        with open(tmp / TRAINER_FILE, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-        files[TRAINER_FILE] = dict(zip(("bytes", "crc32"), file_crc32(tmp / TRAINER_FILE)))
-        with open(tmp / META_FILE, "w") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
+                optimizers.append(_write_optimizer(tmp, i, opt_state, info, model_meta, files, fsync))
+    except BaseException as err:
+        error = err
+    if parallel is not None:  # every process's files and optimizer parts (or its failure) to every process
+        parts = parallel.all_gather_object((files, optimizers, None if error is None else repr(error)))
+        failures = [(rank, e) for rank, (_, _, e) in enumerate(parts) if e is not None]
+        if failures and error is None:
+            rank, what = failures[0]
+            error = CheckpointError(f"process {rank} failed to write its part of checkpoint {path}: {what}")
+        if error is None and lead:
+            for other_files, other_optimizers, _ in parts[1:]:
+                files.update(other_files)
+                _merge_optimizers(optimizers, other_optimizers, model_meta)
+    if error is None and lead:
+        try:
+            _finish(checkpoint, tmp, path, files, model_meta, optimizers, optimizer_states is not None, fsync)
+        except BaseException as err:
+            error = err
+    if parallel is not None:
+        outcome = parallel.broadcast_object(None if error is None else repr(error))
+        if outcome is not None and error is None:
+            error = CheckpointError(f"global rank 0 failed to publish checkpoint {path}: {outcome}")
+    if error is not None:
+        if lead:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise error
+
+
+def _finish(
+    checkpoint: dict[str, Any],
+    tmp: Path,
+    path: Path,
+    files: dict[str, dict[str, Any]],
+    model_meta: dict[str, Any],
+    optimizers: list[tuple[dict[str, Any], dict[str, Any]]],
+    with_optimizers: bool,
+    fsync: bool,
+) -> None:
+    """Writes the trainer state and the metadata (last) and publishes ``tmp`` as ``path``."""
+    meta: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "global_step": checkpoint.get("global_step"),
+        "epoch": checkpoint.get("epoch"),
+        "files": files,
+        "model": model_meta,
+    }
+    if with_optimizers:
+        meta["optimizers"] = [opt_meta for opt_meta, _ in optimizers]
+        checkpoint["optimizer_states"] = [rest for _, rest in optimizers]
+    checkpoint["horizon_rng"] = _rng_state()
+    with open(tmp / TRAINER_FILE, "wb") as f:
+        torch.save(checkpoint, f)
+        f.flush()
         if fsync:
-            for sub in (tmp, *(p for p in tmp.iterdir() if p.is_dir())):
-                fsync_dir(sub)
-        publish(tmp, path)
+            os.fsync(f.fileno())
+    files[TRAINER_FILE] = dict(zip(("bytes", "crc32"), file_crc32(tmp / TRAINER_FILE)))
+    with open(tmp / META_FILE, "w") as f:
+        json.dump(meta, f, indent=1)
+        f.flush()
         if fsync:
-            fsync_dir(path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            os.fsync(f.fileno())
+    if fsync:
+        for sub in (tmp, *(p for p in tmp.iterdir() if p.is_dir())):
+            fsync_dir(sub)
+    publish(tmp, path)
+    if fsync:
+        fsync_dir(path.parent)
+
+
+def _model_groups(layout: dict | None) -> dict[str, Any]:
+    """The part of the model metadata the optimizer writer needs (group of each parameter), from the layout alone:
+    what a process that does not write the masters knows."""
+    if not layout:
+        raise CheckpointError("a checkpoint written by several processes needs the store layout")
+    return {"groups": [{"name": name, "params": [[n, None] for n in names]} for name, names in layout["groups"]]}
+
+
+def _merge_optimizers(
+    mine: list[tuple[dict[str, Any], dict[str, Any]]],
+    other: list[tuple[dict[str, Any], dict[str, Any]]],
+    model_meta: dict[str, Any],
+) -> None:
+    """Adds another process's optimizer files and per-parameter scalars to rank 0's (each group has one owner)."""
+    order = [g["name"] for g in model_meta["groups"]] + ["rest"]
+
+    def rank_of(rel: str) -> int:
+        return order.index(rel.split("/", 1)[1].removesuffix(".safetensors"))
+
+    for (meta, rest), (other_meta, other_rest) in zip(mine, other):
+        meta["files"] = sorted({*meta["files"], *other_meta["files"]}, key=rank_of)
+        for name, values in other_rest["scalar_state"].items():
+            rest["scalar_state"].setdefault(name, {}).update(values)
 
 
 def _write_model(
@@ -199,7 +278,7 @@ def _write_optimizer(
             else:
                 scalars.setdefault(pname, {})[k] = v
     folder = "optim" if index == 0 else f"optim.{index}"
-    (tmp / folder).mkdir()
+    (tmp / folder).mkdir(exist_ok=True)  # several processes write their groups' shards into it
     order = [g["name"] for g in model_meta["groups"]] + ["rest"]
     out_files = []
     for gname in sorted(per_file, key=order.index):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Container, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,13 +102,17 @@ class CheckpointReader:
                 for name, _ in g["params"]:
                     yield g["name"], name, f.get_tensor(name)
 
-    def optimizer_tensors(self, index: int) -> Iterator[tuple[str, str, torch.Tensor]]:
-        """``(parameter name, state key, tensor)`` for optimizer ``index``."""
+    def optimizer_tensors(
+        self, index: int, names: Container[str] | None = None
+    ) -> Iterator[tuple[str, str, torch.Tensor]]:
+        """``(parameter name, state key, tensor)`` for optimizer ``index`` (of the parameters in ``names`` only, when
+        given: the others are not read)."""
         for rel in self.meta["optimizers"][index]["files"]:
             with SafetensorsReader(self.path / rel) as f:
                 for key in f.keys():
                     pname, _, skey = key.rpartition(".")
-                    yield pname, skey, f.get_tensor(key)
+                    if names is None or pname in names:
+                        yield pname, skey, f.get_tensor(key)
 
 
 class ShardedStateDict(Mapping):
@@ -154,15 +158,21 @@ class LazyOptimizerStates(Sequence):
     def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
         if isinstance(index, slice):
             return [self[i] for i in range(len(self))[index]]  # type: ignore[return-value]
+        return self.read(index)
+
+    def read(self, index: int, names: Container[str] | None = None) -> dict[str, Any]:
+        """Optimizer ``index``'s state dict, with the state of the parameters in ``names`` only when given (a process
+        of a data-parallel run reads the state of the layers it steps)."""
         entry = self.entries[index]
         names = self.reader.meta["optimizers"][index]["param_names"]
         ids = [i for g in entry["param_groups"] for i in g["params"]]
         id_of = dict(zip(names, ids))
         state: dict[int, dict[str, Any]] = {}
-        for pname, skey, tensor in self.reader.optimizer_tensors(index):
+        for pname, skey, tensor in self.reader.optimizer_tensors(index, names):
             state.setdefault(id_of[pname], {})[skey] = tensor
         for pname, values in entry.get("scalar_state", {}).items():
-            state.setdefault(id_of[pname], {}).update(values)
+            if names is None or pname in names:
+                state.setdefault(id_of[pname], {}).update(values)
         return {"state": state, "param_groups": entry["param_groups"]}
 
 

@@ -18,23 +18,37 @@ from collections.abc import Generator
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.distributed import (
+    _distributed_is_initialized,
+    _get_default_process_group_backend_for_device,
+    _init_dist_connection,
+    _sync_ddp_if_available,
+)
 from lightning.fabric.utilities.init import _EmptyInit
+from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
-from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_horizon import checkpoint as horizon_ckpt
 from lightning_horizon.engine import EngineConfig, HorizonEngine, find_causal_lm
+from lightning_horizon.engine.data_parallel import DataParallel
 from lightning_horizon.loading import initialize_on_host
 from lightning_horizon.precision import HorizonPrecision
 
 
-class HorizonStrategy(SingleDeviceStrategy):
+class HorizonStrategy(ParallelStrategy):
     """Train a model far larger than GPU memory on one GPU, with host memory as the store of record.
+
+    With ``Trainer(devices=N, num_nodes=M)`` it runs one process per device, data parallel (the result of a step
+    equals one process with the global batch, as with DDP), launched as Lightning launches DDP (its subprocess
+    launcher, ``torchrun``, SLURM and the other cluster environments): the processes of a node share one host store
+    (:mod:`lightning_horizon.engine.data_parallel`).
 
     Args:
         config: The engine's settings (:class:`~lightning_horizon.engine.EngineConfig`, where each is documented);
@@ -53,9 +67,13 @@ class HorizonStrategy(SingleDeviceStrategy):
         config: EngineConfig | None = None,
         accelerator=None,
         precision_plugin: Precision | None = None,
+        cluster_environment=None,
+        process_group_backend: str | None = None,
         **settings: Any,
     ) -> None:
-        super().__init__(device="cpu", accelerator=accelerator, precision_plugin=precision_plugin)
+        super().__init__(
+            accelerator=accelerator, cluster_environment=cluster_environment, precision_plugin=precision_plugin
+        )
         config = dataclasses.replace(config or EngineConfig(), **settings)  # validated now, not at fit time
         defaults = EngineConfig()
         for name, trainer_arg in EngineConfig.run_fields().items():
@@ -66,6 +84,10 @@ class HorizonStrategy(SingleDeviceStrategy):
         self.config = config
         """The engine settings as given (the engine's own ``config`` holds them resolved for the run)."""
         self._parallel_devices: list[torch.device] | None = None
+        self._num_nodes = 1
+        self._process_group_backend = process_group_backend
+        self._data_parallel: DataParallel | None = None
+        self._sync_gradients = True
         self.engine: HorizonEngine | None = None
 
     # ---------------------------------------------------------------------------------------- devices / precision
@@ -75,18 +97,106 @@ class HorizonStrategy(SingleDeviceStrategy):
 
     @parallel_devices.setter
     def parallel_devices(self, devices: list[torch.device] | None) -> None:
-        if devices is not None and len(devices) != 1:
-            raise ValueError(
-                f"Trainer(strategy='horizon') trains on exactly one device, got devices={len(devices)} "
-                f"({', '.join(str(d) for d in devices)}); pass devices=1"
-            )
-        self._parallel_devices = devices
-        if devices:
-            self._root_device = torch.device(devices[0])
+        self._parallel_devices = [torch.device(d) for d in devices] if devices is not None else None
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        if not self._parallel_devices:
+            return torch.device("cpu")
+        return self._parallel_devices[self.local_rank if len(self._parallel_devices) > 1 else 0]
+
+    @property
+    def num_nodes(self) -> int:
+        return self._num_nodes
+
+    @num_nodes.setter
+    def num_nodes(self, num_nodes: int) -> None:
+        self._num_nodes = num_nodes
+
+    @property
+    def num_processes(self) -> int:
+        """Processes (devices) per node."""
+        return len(self._parallel_devices) if self._parallel_devices else 1
 
     @property
     def is_distributed(self) -> bool:
-        return False
+        """Whether the run has several processes (``devices * num_nodes > 1``): data parallel."""
+        return self.num_processes * self.num_nodes > 1
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any] | None:
+        if not self.is_distributed:
+            return None
+        return {"num_replicas": self.num_processes * self.num_nodes, "rank": self.global_rank}
+
+    # ------------------------------------------------------------------------------------- several processes
+    @override
+    def _configure_launcher(self) -> None:
+        if self.is_distributed:
+            assert self.cluster_environment is not None
+            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+
+    def set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = self.global_rank
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        if self.is_distributed:
+            reset_seed()
+            self.set_world_ranks()
+            backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
+            assert self.cluster_environment is not None
+            device_id = self.root_device if self.root_device.type != "cpu" else None
+            _init_dist_connection(self.cluster_environment, backend, device_id=device_id)
+
+    @override
+    def barrier(self, name: str | None = None) -> None:
+        if _distributed_is_initialized():
+            torch.distributed.barrier()
+
+    @override
+    def broadcast(self, obj, src: int = 0):
+        if not _distributed_is_initialized():
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src)
+        return box[0]
+
+    @override
+    def reduce(self, tensor, group: Any | None = None, reduce_op: Any | None = "mean"):
+        if isinstance(tensor, torch.Tensor):
+            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+        return tensor
+
+    @override
+    @contextlib.contextmanager
+    def block_backward_sync(self) -> Generator[None, None, None]:
+        """Lightning's micro-batches before the last of an accumulated step: their gradients are averaged over the
+        processes with the last one's (one all-reduce per step, as DDP's ``no_sync``)."""
+        self._sync_gradients = False
+        try:
+            yield
+        finally:
+            self._sync_gradients = True
+
+    @override
+    def backward(self, closure_loss: torch.Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any):
+        # Strategy.backward, with the gradients averaged over the processes before on_after_backward (as DDP does)
+        self.pre_backward(closure_loss)
+        assert self.lightning_module is not None
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
+        self.precision_plugin.backward(closure_loss, self.lightning_module, optimizer, *args, **kwargs)
+        if self.engine is not None and self.engine.parallel is not None and self._sync_gradients:
+            self.engine.reduce_gradients()
+        closure_loss = self.precision_plugin.post_backward(closure_loss, self.lightning_module)
+        self.post_backward(closure_loss)
+        return closure_loss
 
     @override
     def process_dataloader(self, dataloader: object) -> object:
@@ -182,7 +292,9 @@ class HorizonStrategy(SingleDeviceStrategy):
         )
         # A model built on the meta device is materialised straight into the store's layout (nothing copied)
         initialize_on_host(model)
-        self.engine = HorizonEngine(model, config)
+        if self.is_distributed and self._data_parallel is None:  # its process groups serve every later engine
+            self._data_parallel = DataParallel(local_rank=self.local_rank, local_world_size=self.num_processes)
+        self.engine = HorizonEngine(model, config, parallel=self._data_parallel)
         self.engine.guard_zero_grad(module)  # the LightningModule's zero_grad() discards the host gradients too
         _place_rest(module, model, self.root_device)
         module._device = self.root_device
@@ -228,6 +340,19 @@ class HorizonStrategy(SingleDeviceStrategy):
             optimizers = self.optimizers if "optimizer_states" in checkpoint else []
             layout = horizon_ckpt.store_layout(find_causal_lm(module), module, optimizers)
             checkpoint = {**checkpoint, horizon_ckpt.LAYOUT_KEY: layout}
+            if self._data_parallel is not None:  # every process writes the optimizer shards it holds
+                if storage_options is not None:
+                    raise TypeError(f"HorizonCheckpointIO does not support storage_options (got {storage_options!r})")
+                horizon_ckpt.save_sharded(
+                    checkpoint, filepath, fsync=self.checkpoint_io.fsync, parallel=self._data_parallel
+                )
+                return
+        elif self._data_parallel is not None and "optimizer_states" in checkpoint:
+            raise ValueError(
+                f"checkpoint_io={type(self.checkpoint_io).__name__}: with several processes each holds the optimizer "
+                "state of the layers it steps, and only the horizon checkpoint format writes them all. Use the "
+                "default checkpoint_io (HorizonCheckpointIO), or save weights only"
+            )
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     @override
@@ -237,10 +362,15 @@ class HorizonStrategy(SingleDeviceStrategy):
             super().load_model_state_dict(checkpoint, strict=strict)
             return
         self.engine.synchronize()
-        if isinstance(state_dict, horizon_ckpt.ShardedStateDict):
+        parallel = self.engine.parallel
+        if parallel is not None and not parallel.is_leader:
+            pass  # its node's leader fills the shared masters
+        elif isinstance(state_dict, horizon_ckpt.ShardedStateDict):
             horizon_ckpt.load_into_store(state_dict, self.engine, self.lightning_module, strict=strict)
         else:
             super().load_model_state_dict(checkpoint, strict=strict)
+        if parallel is not None:
+            parallel.barrier()
         self.engine.invalidate()  # also re-derives the compute-dtype copies of the masters
         horizon_ckpt.restore_rng(checkpoint.get("horizon_rng"))
 
@@ -252,7 +382,17 @@ class HorizonStrategy(SingleDeviceStrategy):
             if isinstance(states, horizon_ckpt.LazyOptimizerStates):
                 horizon_ckpt.check_optimizers(states.reader, self.optimizers, self.engine)
             # Not super(): it moves the state to root_device, and the optimizer state stays in host memory.
-            for optimizer, opt_state in zip(self.optimizers, states):
+            parallel = self.engine.parallel
+            for i, optimizer in enumerate(self.optimizers):
+                if parallel is None:
+                    opt_state = states[i]
+                elif isinstance(states, horizon_ckpt.LazyOptimizerStates):  # only what this process steps is read
+                    opt_state = states.read(i, parallel.owned_names(self.engine.store))
+                else:
+                    raise ValueError(
+                        "with several processes the horizon strategy resumes the optimizer state from horizon "
+                        "checkpoint directories only (each process reads the state of the layers it steps)"
+                    )
                 self.engine.load_optimizer_state_dict(optimizer, opt_state)
             return
         super().load_optimizer_state_dict(checkpoint)
@@ -271,6 +411,8 @@ class HorizonStrategy(SingleDeviceStrategy):
         assert self.accelerator is not None
         self.accelerator.teardown()
         self.checkpoint_io.teardown()
+        if self.cluster_environment is not None:
+            self.cluster_environment.teardown()
 
     @classmethod
     @override

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -164,3 +167,83 @@ def test_settings_a_data_parallel_run_cannot_honour_are_refused():
 def test_data_parallel_needs_an_initialised_process_group():
     with pytest.raises(RuntimeError, match="init_process_group"):
         DataParallel(local_rank=0, local_world_size=1)
+
+
+# ------------------------------------------------------------------------ Trainer(strategy="horizon", devices=N)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _fit(out: Path, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    """``python -m tests.dp_fit ARGS`` as a user launches a script (Lightning starts the other processes)."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # a clean launch, whatever the test process inherited
+    cmd = [sys.executable, "-m", "tests.dp_fit", "--out", str(out), *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _weights(out: Path, rank: int = 0) -> dict[str, torch.Tensor]:
+    return torch.load(out / f"weights{rank}.pt")
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in b)
+
+
+def _ok(run: subprocess.CompletedProcess) -> None:
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+def test_trainer_with_two_devices_equals_one_device_with_the_global_batch(tmp_path):
+    """Lightning launches 2 processes (accumulate 2, clip 0.5, AdamW + schedule, 10 steps): both end with the
+    weights of 1 process with twice the rows (1e-5), and ``on_after_backward`` of each step's last micro-batch sees
+    the averaged gradient (as with DDP)."""
+    _ok(_fit(tmp_path / "two", "--devices", "2", "--batch", "2"))
+    _ok(_fit(tmp_path / "one", "--devices", "1", "--batch", "4"))
+    one = _weights(tmp_path / "one")
+    assert _max_diff(_weights(tmp_path / "two", 0), one) <= 1e-5
+    assert _max_diff(_weights(tmp_path / "two", 1), _weights(tmp_path / "two", 0)) == 0
+    start = dict(tiny_model("qwen2", tied=True, seed=0).named_parameters())
+    assert _max_diff(start, one) > 1e-3  # it trained
+    stats = [json.loads((tmp_path / d / "stats0.json").read_text()) for d in ("two", "one")]
+    stats.append(json.loads((tmp_path / "two" / "stats1.json").read_text()))
+    assert stats[0]["world"] == 2 and stats[1]["world"] == 1
+    synced = [s["norm_grads"][1::2] for s in stats]  # the accumulated step's last micro-batch
+    assert synced[0] == pytest.approx(synced[1], rel=1e-5) and synced[2] == synced[0]
+
+
+def test_checkpoint_of_two_processes_resumes_on_one_and_four(tmp_path):
+    """Each process writes the optimizer shards of the layers it steps; the checkpoint resumes with 1, 2 and 4
+    processes (each reads the state of the layers it now owns) and continues exactly as a 1-process checkpoint
+    resumed in 1 process (1e-5: the gradients' averaging order differs)."""
+    two, one = tmp_path / "two.ckpt", tmp_path / "one.ckpt"
+    _ok(_fit(tmp_path / "a", "--devices", "2", "--batch", "2", "--save", str(two)))
+    _ok(_fit(tmp_path / "b", "--devices", "1", "--batch", "4", "--save", str(one)))
+    meta = json.loads((two / "horizon.json").read_text())
+    groups = [g["name"] for g in meta["model"]["groups"]]
+    assert meta["optimizers"][0]["files"] == [f"optim/{g}.safetensors" for g in groups]  # every process's shards
+    written = sorted(str(p.relative_to(two)) for p in two.rglob("*") if p.is_file() and p.name != "horizon.json")
+    assert sorted(meta["files"]) == written  # each with its size and crc32, checked on load
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+    _ok(_fit(tmp_path / "want", "--devices", "1", "--batch", "4", "--steps", "20", "--resume", str(one)))
+    want = _weights(tmp_path / "want")
+    for devices, rows in (("1", "4"), ("2", "2"), ("4", "1")):
+        out = tmp_path / f"resumed{devices}"
+        _ok(_fit(out, "--devices", devices, "--batch", rows, "--steps", "20", "--resume", str(two)))
+        assert _max_diff(_weights(out), want) <= 1e-5, devices
+    assert _max_diff(_weights(tmp_path / "resumed1"), _weights(tmp_path / "b")) > 1e-4  # it trained on
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_process_that_raises_stops_every_process(tmp_path, rank):
+    """A process raising mid-training ends the whole run with a non-zero exit within seconds (the others' next
+    collective fails, or the launcher stops them): no hang, no process left, no shared memory left."""
+    before = set(SHM_DIR.glob(f"{PREFIX}-*"))
+    t0 = time.monotonic()
+    run = _fit(tmp_path, "--devices", "2", "--fail-rank", str(rank), timeout=120)
+    assert run.returncode != 0
+    assert f"rank {rank} fails on purpose" in run.stdout + run.stderr
+    assert time.monotonic() - t0 < 100
+    assert not subprocess.run(["pgrep", "-f", f"tests.dp_fit --out {tmp_path}"], capture_output=True).stdout
+    assert set(SHM_DIR.glob(f"{PREFIX}-*")) <= before

@@ -110,9 +110,19 @@ def test_float16_mixed_is_refused():
         HorizonPrecision("16-mixed")
 
 
-def test_more_than_one_device_is_refused():
-    with pytest.raises(ValueError, match="exactly one device"):
-        L.Trainer(strategy="horizon", accelerator="cpu", devices=2, **QUIET)
+def test_several_devices_run_data_parallel_and_one_device_does_not():
+    """devices=2 is data parallel (Lightning's subprocess launcher, a distributed sampler over both processes; the
+    runs themselves are in tests/test_data_parallel.py); one device starts no process group and no launcher."""
+    from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+
+    trainer = L.Trainer(strategy="horizon", accelerator="cpu", devices=2, **QUIET)
+    strategy = trainer.strategy
+    assert strategy.is_distributed and strategy.world_size == 2
+    assert isinstance(strategy.launcher, _SubprocessScriptLauncher)
+    assert strategy.distributed_sampler_kwargs == {"num_replicas": 2, "rank": 0}
+    single = L.Trainer(strategy="horizon", accelerator="cpu", devices=1, **QUIET).strategy
+    assert not single.is_distributed and single.launcher is None and single.distributed_sampler_kwargs is None
+    assert single.root_device == torch.device("cpu")
 
 
 def test_strategy_options_are_validated():

@@ -73,9 +73,7 @@ class DataParallel:
         self.group = dist.new_group(backend="gloo", timeout=self.timeout)
         leaders = list(range(0, self.world_size, self.local_world_size))
         self.leaders = dist.new_group(ranks=leaders, backend="gloo", timeout=self.timeout)
-        nodes = [
-            list(range(n * self.local_world_size, (n + 1) * self.local_world_size)) for n in range(self.num_nodes)
-        ]
+        nodes = [list(range(n * self.local_world_size, (n + 1) * self.local_world_size)) for n in range(self.num_nodes)]
         self.node = None
         for ranks in nodes:  # every process takes part in creating every node's group
             group = dist.new_group(ranks=ranks, backend="gloo", timeout=self.timeout)
@@ -179,6 +177,22 @@ class DataParallel:
 
     def barrier(self) -> None:
         dist.barrier(group=self.group)
+
+    def broadcast_object(self, obj, src: int = 0):
+        """Global rank ``src``'s ``obj`` in every process (a picklable object; collective)."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=src, group=self.group)
+        return box[0]
+
+    def all_gather_object(self, obj) -> list:
+        """Every process's ``obj``, in rank order (collective)."""
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def owned_names(self, store: HostStore) -> set[str]:
+        """Names of the parameters this process steps (whose optimizer state it holds)."""
+        return {sp.name for g in store.groups if not g.frozen and self.owns(g) for sp in g.params}
 
     def close(self) -> None:
         """Drops this object's references to the shared buffers (their memory lives while a store views them)."""

@@ -1,0 +1,89 @@
+"""A data-parallel fit with ``Trainer(strategy="horizon", devices=N)`` on the CPU, launched as a user runs it
+(``python -m tests.dp_fit --devices 2 --out DIR``: Lightning's launcher starts the other processes). Writes the final
+weights and each process's losses under ``--out``; ``tests/test_data_parallel.py`` compares them with one process
+trained on the global batch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from lightning_horizon import HorizonStrategy
+from tests.helpers import LMModule, loader, tiny_model
+
+
+class Module(LMModule):
+    rows = 2
+
+    def train_dataloader(self):
+        # Each process its slice of every global batch, in order (Lightning's own sampler would shuffle): global
+        # batch k of one process with `rows * world` rows is the union of the processes' batches k
+        data = loader(n=self.n_samples, batch=self.rows)
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        sampler = DistributedSampler(data.dataset, num_replicas=world, rank=rank, shuffle=False)
+        return DataLoader(data.dataset, batch_size=self.rows, sampler=sampler)
+
+    def on_after_backward(self) -> None:  # reads the gradient the update will use (averaged over the processes)
+        grad = self.model.model.norm.weight.grad
+        self.norm_grads.append(grad.norm().item() if grad is not None else None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--devices", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=2, help="rows per process")
+    ap.add_argument("--steps", type=int, default=10, help="max_steps")
+    ap.add_argument("--epoch-steps", type=int, default=10, help="optimizer steps per epoch (the data set's size)")
+    ap.add_argument("--accumulate", type=int, default=2)
+    ap.add_argument("--clip", type=float, default=0.5)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--save", help="checkpoint path written at the end")
+    ap.add_argument("--resume", help="checkpoint to resume from")
+    ap.add_argument("--fail-rank", type=int, default=-1, help="this rank raises at step 2")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    L.seed_everything(0)
+    module = Module(tiny_model("qwen2", tied=True, seed=0), lr=1e-3, total=20)
+    module.norm_grads = []
+    module.rows = args.batch
+    module.n_samples = args.epoch_steps * args.accumulate * args.batch * args.devices
+    steps = args.steps
+
+    class Fail(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if trainer.global_rank == args.fail_rank and trainer.global_step == 2:
+                raise RuntimeError(f"rank {args.fail_rank} fails on purpose")
+
+    trainer = L.Trainer(
+        strategy=HorizonStrategy(),
+        accelerator="cpu",
+        devices=args.devices,
+        precision="32-true",
+        max_steps=steps,
+        accumulate_grad_batches=args.accumulate,
+        gradient_clip_val=args.clip,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Fail()],
+        use_distributed_sampler=False,
+    )
+    trainer.fit(module, ckpt_path=args.resume)
+    if args.save:
+        trainer.save_checkpoint(args.save)
+    out = Path(args.out)
+    rank = trainer.global_rank
+    torch.save({n: p.detach().clone() for n, p in module.model.named_parameters()}, out / f"weights{rank}.pt")
+    (out / f"stats{rank}.json").write_text(
+        json.dumps({"losses": module.losses, "norm_grads": module.norm_grads, "world": trainer.world_size})
+    )
+
+
+if __name__ == "__main__":
+    main()
