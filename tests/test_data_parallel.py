@@ -247,3 +247,27 @@ def test_a_process_that_raises_stops_every_process(tmp_path, rank):
     assert time.monotonic() - t0 < 100
     assert not subprocess.run(["pgrep", "-f", f"tests.dp_fit --out {tmp_path}"], capture_output=True).stdout
     assert set(SHM_DIR.glob(f"{PREFIX}-*")) <= before
+
+
+def test_preflight_counts_per_process_parts_once_per_process_and_the_state_once():
+    """The node's processes share the masters and split the optimizer state; each adds its own FP32 gradients: the
+    preflight of each process counts the node's total."""
+    from lightning_horizon.engine.footprint import check_host_memory, still_to_allocate
+
+    model = tiny_model("qwen2", tied=True)
+    engine = HorizonEngine(model, device="cpu", compute_dtype="fp32", accumulate_grads=True)
+    try:
+        opt = torch.optim.AdamW(model.parameters())
+        args = (engine.shape, torch.float32, True, False, 3, False, [opt])
+        one, four = still_to_allocate(*args), still_to_allocate(*args, processes=4)
+        assert four["optimizer state"] == one["optimizer state"] > 0
+        assert four["gradients (x 4 processes)"] == 4 * one["gradients"] > 0
+        need_one = sum(one.values())
+        from lightning_horizon.engine.footprint import PREFLIGHT_MARGIN_BYTES
+
+        available = need_one + PREFLIGHT_MARGIN_BYTES + one["gradients"]  # room for 2 processes' gradients, not 4
+        check_host_memory(engine.shape, engine.config, [opt], available, processes=2)
+        with pytest.raises(MemoryError, match=r"gradients \(x 4 processes\)"):
+            check_host_memory(engine.shape, engine.config, [opt], available, processes=4)
+    finally:
+        engine.close()

@@ -207,14 +207,14 @@ def _break(how: str) -> None:
 
     engine_cls = strategy.HorizonEngine
 
-    def engine_after_a_copy(model, config):
+    def engine_after_a_copy(model, config, **kwargs):
         if how == "state_dict_copy":  # a transient FP32 snapshot of the model, freed before the engine exists
             snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
             del snapshot
         # keep_sources: the user's tensors held until the whole store is built (a BF16 model then coexists with
         # all of its FP32 masters instead of being freed parameter by parameter)
         sources = model.state_dict() if how == "keep_sources" else None
-        engine = engine_cls(model, config)
+        engine = engine_cls(model, config, **kwargs)
         del sources
         return engine
 

@@ -267,12 +267,16 @@ def still_to_allocate(
     on_gpu: bool,
     optimizers: list[torch.optim.Optimizer],
     state_dtype: torch.dtype = torch.float32,
+    processes: int = 1,
 ) -> dict[str, int]:
     """Host memory an engine built over ``shape`` allocates after its construction: the state of ``optimizers`` that
     have not stepped yet (PyTorch allocates it at the first step), FP32 gradients (at the first accumulated fold; the
     embedding's at the first backward), pinned staging and slabs (at the first packed upload or fold). What the
     engine allocates when it is built (masters, compute-dtype gradients, whole or the pool of
-    ``EngineConfig.pooled_grads``, the weight copy) is not in it: the same with and without the pool."""
+    ``EngineConfig.pooled_grads``, the weight copy) is not in it: the same with and without the pool.
+
+    ``processes``: the processes of a data-parallel node sharing one store (:mod:`.data_parallel`): the optimizer
+    state is allocated once over them (each holds its groups' share), the rest once per process."""
     c = compute_dtype.itemsize
     state = sum(
         optimizer_state_bytes(opt, state_dtype)
@@ -281,29 +285,36 @@ def still_to_allocate(
         if not opt.state
     )
     out = {"optimizer state": int(state)}
-    out["gradients"] = 4 * shape.store_numel if accumulate else 4 * shape.embedding_numel
+    each = f" (x {processes} processes)" if processes > 1 else ""
+    out["gradients" + each] = processes * (4 * shape.store_numel if accumulate else 4 * shape.embedding_numel)
     if on_gpu and not weight_copy:
-        out["upload staging"] = 2 * shape.staging_numel * c
+        out["upload staging" + each] = processes * 2 * shape.staging_numel * c
     if on_gpu and accumulate:
-        out["gradient slabs"] = num_grad_slabs * shape.slab_numel * c
+        out["gradient slabs" + each] = processes * num_grad_slabs * shape.slab_numel * c
     return out
 
 
-def check_host_memory(shape: StoreShape, config, optimizers: list[torch.optim.Optimizer], available_bytes: float):
+def check_host_memory(
+    shape: StoreShape,
+    config,
+    optimizers: list[torch.optim.Optimizer],
+    available_bytes: float,
+    processes: int = 1,
+):
     """Refuses (``MemoryError`` naming every component and what to change) a run whose host memory still to be
-    allocated (:func:`still_to_allocate`, with the engine's resolved ``config``) exceeds ``available_bytes``: the
-    operating system would kill it minutes later, at its first step."""
+    allocated (:func:`still_to_allocate`, with the engine's resolved ``config``; ``processes`` sharing the node)
+    exceeds ``available_bytes``: the operating system would kill it minutes later, at its first step."""
     on_gpu = config.device.type == "cuda"
     needed = still_to_allocate(
         shape, config.compute_dtype, config.accumulate_grads, config.weight_copy, config.num_grad_slabs, on_gpu,
-        optimizers, config.state_dtype,
+        optimizers, config.state_dtype, processes,
     )  # fmt: skip
     total = sum(needed.values())
     if total + PREFLIGHT_MARGIN_BYTES <= available_bytes:
         return
     rows = "\n".join(f"  {name:<32}{value / 2**30:10.2f} GiB" for name, value in needed.items() if value)
     options = []
-    for label, total_then in _alternatives(shape, config, optimizers, on_gpu):
+    for label, total_then in _alternatives(shape, config, optimizers, on_gpu, processes):
         fits = total_then + PREFLIGHT_MARGIN_BYTES <= available_bytes
         options.append(f"  {label:<48}needs {total_then / 2**30:8.1f} GiB{'  (fits)' if fits else ''}")
     advice = "\n".join(options) or "  (no setting of this run frees enough)"
@@ -317,7 +328,7 @@ def check_host_memory(shape: StoreShape, config, optimizers: list[torch.optim.Op
     )
 
 
-def _alternatives(shape: StoreShape, config, optimizers: list[torch.optim.Optimizer], on_gpu: bool):
+def _alternatives(shape: StoreShape, config, optimizers: list[torch.optim.Optimizer], on_gpu: bool, processes: int = 1):
     """``(setting, host bytes it would still need)`` for the settings that use less host memory than ``config``,
     cheapest change first: without the weight copy (already allocated: freeing it counts as needing less), then
     compact AdamW state (only for optimizers the one-pass AdamW steps), then both. Bytes comparable with
@@ -338,7 +349,7 @@ def _alternatives(shape: StoreShape, config, optimizers: list[torch.optim.Optimi
         state = dtype or config.state_dtype
         needed = still_to_allocate(
             shape, config.compute_dtype, config.accumulate_grads, config.weight_copy and not drop_copy,
-            config.num_grad_slabs, on_gpu, optimizers, state,
+            config.num_grad_slabs, on_gpu, optimizers, state, processes,
         )  # fmt: skip
         parts = (["weight_copy=False"] if drop_copy else []) + (
             [f"optimizer_state_dtype={STATE_DTYPE_NAMES[dtype]}"] if dtype else []

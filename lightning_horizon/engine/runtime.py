@@ -292,7 +292,13 @@ class HorizonEngine:
         from lightning_horizon.hardware import _usable_host_memory_bytes
 
         optimizers = [o for o in (w.optimizer() for w in self._watched) if o is not None]
-        check_host_memory(self.shape, self.config, optimizers, _usable_host_memory_bytes())
+        parallel = self.parallel
+        processes = parallel.local_world_size if parallel is not None else 1
+        try:
+            check_host_memory(self.shape, self.config, optimizers, _usable_host_memory_bytes(), processes)
+        finally:
+            if parallel is not None:  # no process allocates before every process has measured the free memory
+                parallel.barrier()
 
     def guard_zero_grad(self, root: nn.Module) -> None:
         """Makes ``root.zero_grad()`` (e.g. the LightningModule holding the model) forget the engine's gradients too,
@@ -319,8 +325,9 @@ class HorizonEngine:
         """Averages the host gradients over the processes of a data-parallel run (every process must call it; a
         no-op in one process). :meth:`clip_grad_norm_`, :meth:`clip_grad_value_` and :meth:`step` call it when a
         backward ran since the last average; call it yourself where the averaged gradients must be read earlier
-        (``param.grad`` holds this process's own gradients until then). Average only after the last micro-batch of
-        an accumulated step, as DDP does: averaging between micro-batches would count the earlier ones N times."""
+        (``param.grad`` holds this process's own gradients until then). Averaging after every micro-batch of an
+        accumulated step gives the same result (the part already averaged is equal in every process) at the cost of
+        one all-reduce per micro-batch; the strategy averages after the last one only, as DDP does."""
         self.finish_backward()
         if self.parallel is not None:
             self.parallel.reduce_gradients(self.store, self.sink.finish)
