@@ -444,3 +444,38 @@ def test_cuda_reward_model_matches_cpu(dtype, tol):
             assert normwise(engine.gradient(p), dict(cpu.named_parameters())[name].grad) < tol, name
     finally:
         engine.close()
+
+
+def test_cuda_data_parallel_code_path_with_one_nccl_process(tmp_path):
+    """The data-parallel engine on a GPU with an NCCL default group (one process: the machine's one GPU): the shared
+    store is page-locked per process, host tensors travel over the gloo group beside NCCL, and 4 steps with clipping
+    and accumulation equal the one-process engine (1e-6)."""
+    import torch.distributed as dist
+
+    from lightning_horizon.engine.data_parallel import DataParallel
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ref = tiny_model("qwen2", tied=True, layers=4, hidden_size=128, intermediate_size=256, attn_implementation="sdpa")
+    dist.init_process_group(
+        "nccl", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1, device_id=torch.device("cuda", 0)
+    )
+    try:
+        results = []
+        for parallel in (None, DataParallel(local_rank=0, local_world_size=1)):
+            model = clone(ref)
+            engine = HorizonEngine(model, device="cuda", compute_dtype="bf16", accumulate_grads=True, parallel=parallel)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            for step in range(4):
+                for micro in range(2):
+                    (model(**make_batch(10 * step + micro, batch=2, seq=64)).loss / 2).backward()
+                engine.clip_grad_norm_(0.5)
+                engine.step(opt)
+                opt.zero_grad()
+            engine.close()
+            results.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        assert dist.get_backend() == "nccl"
+        for name, want in results[0].items():
+            assert (results[1][name] - want).abs().max().item() <= 1e-6, name
+        assert max((p - results[0][n]).abs().max().item() for n, p in ref.named_parameters()) > 1e-4
+    finally:
+        dist.destroy_process_group()
