@@ -25,6 +25,7 @@ import torch
 from typing_extensions import override
 
 from lightning_horizon.data import count_real_tokens
+from lightning_horizon.engine.loss import IGNORE_INDEX, shift_labels
 
 OPTIMIZER_NAMES = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "constant")
@@ -157,8 +158,18 @@ class SFTModule(pl.LightningModule):
 
     @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.model(**batch).loss
-        self.log("train/loss", loss, prog_bar=True)
+        world = self.trainer.world_size
+        if world == 1:
+            loss = self.model(**batch).loss
+        else:
+            # Data parallel: each process divides its summed token losses by the global micro-batch's label tokens
+            # (/ processes), so the average over the processes is the mean over every label token of the global
+            # batch, as one process with the global batch computes it (a mean of per-process means is not, when
+            # the processes' rows hold different numbers of label tokens)
+            local = (shift_labels(batch["labels"]) != IGNORE_INDEX).sum().to(torch.float32)
+            tokens = self.trainer.strategy.reduce(local, reduce_op="sum")
+            loss = self.model(**batch, num_items_in_batch=tokens / world).loss
+        self.log("train/loss", loss, prog_bar=True, sync_dist=world > 1)
         self._log_throughput()
         return loss
 

@@ -492,7 +492,7 @@ def _several_gpus(
     the gradients are all-reduced across nodes.
     """
     n, m = s.devices, s.num_nodes
-    if n > 1 and hardware.gpu_link_bytes_per_s <= 0:
+    if n > 1 and hardware.has_gpu and hardware.gpu_link_bytes_per_s <= 0:
         raise ValueError(
             f"hardware {hardware.name!r} has no gpu_link_bytes_per_s: set it (NVLink bandwidth per GPU and direction) "
             "to plan several GPUs per node"
@@ -509,10 +509,11 @@ def _several_gpus(
         per_node[label] = int(value * n) if per_process else int(value * share)
     out = dict(steps)
     for key in ("h2d upload", "d2h gradients"):
-        out[key] = steps[key] * share / n
+        if key in steps:  # (a CPU run has no transfers)
+            out[key] = steps[key] * share / n
     out["cpu optimizer"] = steps["cpu optimizer"] * share
     out["host memory traffic"] = steps["host memory traffic"] * share
-    if n > 1:  # all-gather of each layer and reduce-scatter of its gradients over the GPU links, per GPU
+    if n > 1 and hardware.has_gpu:  # all-gather of each layer, reduce-scatter of its gradients over the GPU links
         out["gpu links (all-gather, reduce-scatter)"] = (
             (upload + download) * (n - 1) / n / hardware.gpu_link_bytes_per_s
         )

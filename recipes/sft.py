@@ -116,6 +116,8 @@ class SaveEngineConfig(L.Callback):
         self.path = path
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
         config = trainer.strategy.engine.config
         values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
         plain = {
@@ -159,11 +161,9 @@ def validate(cfg: DictConfig, workload: Workload = SFT) -> RunConfig:
         if not isinstance(trainer.get(key, 1), int) or trainer.get(key, 1) < 1:
             raise ValueError(f"trainer.{key} must be a positive integer, got {trainer[key]!r}")
     for key in ("devices", "num_nodes"):
-        if trainer.get(key, 1) not in (1, "1", "auto") and not cfg.plan:
-            raise ValueError(
-                f"trainer.{key} must be 1: the horizon strategy trains on one GPU today, got {trainer[key]!r} "
-                "(plan=true plans several GPUs and nodes)"
-            )
+        value = trainer.get(key, 1)
+        if not (value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)):
+            raise ValueError(f"trainer.{key} must be a positive integer (or auto), got {value!r}")
     if (trainer.get("gradient_clip_val") or 0) < 0:
         raise ValueError(f"trainer.gradient_clip_val must be >= 0 or null, got {trainer['gradient_clip_val']}")
     if trainer.get("precision") == "auto":  # BF16 compute on a GPU; FP32 on the CPU, where BF16 matmuls are slow
@@ -266,7 +266,13 @@ def train(cfg: DictConfig, workload: Workload = SFT) -> None:
         print(format_plan(plan))
         return
     check_fits(plan)
-    if run.strategy.weight_copy is None:  # the engine's rule, applied by the plan to this machine: what ran is shown
+    several = plan.settings.devices * plan.settings.num_nodes > 1  # data parallel: the engine turns the copy off
+    if several and workload.name != "sft":
+        raise ValueError(
+            f"recipes.{workload.name} trains on one GPU (trainer.devices=1, trainer.num_nodes=1); several processes "
+            "run recipes.sft, or your own script with Trainer(strategy='horizon', devices=N)"
+        )
+    if run.strategy.weight_copy is None and not several:  # the engine's rule, applied by the plan to this machine
         run.strategy = dataclasses.replace(run.strategy, weight_copy=plan.settings.engine.weight_copy)
 
     # The run directory: a fresh one, or the run a checkpoint continues.
@@ -325,6 +331,7 @@ def train(cfg: DictConfig, workload: Workload = SFT) -> None:
     )
     # The model line above says what Lightning's summary table would (without its "FLOPs 0"); both can be overridden.
     trainer_args = {"enable_model_summary": False, "enable_progress_bar": True, **run.trainer}
+    trainer_args["use_distributed_sampler"] = False  # the data module shards each global batch over the processes
     callbacks = [
         checkpointing,
         ResumeHint(run_dir, overrides, f"recipes.{workload.name}"),
@@ -339,6 +346,8 @@ def train(cfg: DictConfig, workload: Workload = SFT) -> None:
         **trainer_args,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=where.checkpoint)
+    if not trainer.is_global_zero:  # with several processes, global rank 0 exports and reports (the weights are equal)
+        return
 
     export_dir = export_hf(module, tokenizer, run_dir / EXPORT, overwrite=(run_dir / EXPORT).exists(), peft=run.peft)
     for metric in workload.summary:

@@ -132,3 +132,25 @@ def test_shipped_assets_are_up_to_date_and_small():
 
     assert make_assets.main(["--check"]) == 0, "run python -m lightning_horizon.data.make_assets"
     assert (make_assets.ASSETS_DIR / make_assets.TRAIN_FILE).stat().st_size < 1_500_000
+
+
+@pytest.mark.parametrize("num_rows,shuffle", [(24, True), (22, False), (5, True)])
+def test_processes_share_out_the_global_batches_of_one_process(num_rows, shuffle):
+    """With N processes each takes its rows of every global batch of one process with N times the batch: together
+    exactly the one-process batches (an incomplete last one filled from the epoch's start), the same number of batches
+    in every process, and a position that means the same global batch whatever N."""
+    from lightning_horizon.data.loader import ResumableBatchSampler
+
+    one = ResumableBatchSampler(num_rows, 6, shuffle, seed=3)
+    for world in (2, 3):
+        shares = [
+            ResumableBatchSampler(num_rows, 6 // world, shuffle, 3, num_replicas=world, rank=r) for r in range(world)
+        ]
+        for epoch in (0, 1):
+            parts = [s.batches(epoch) for s in shares]
+            assert all(len(p) == len(one) for p in parts)
+            for i, want in enumerate(one.batches(epoch)):
+                got = [row for p in parts for row in p[i]]
+                assert got[: len(want)] == list(want)
+                assert len(got) == 6  # padded: every process a full share
+        assert shares[0].state_dict() == {**one.state_dict()}  # the fingerprint names the global batch

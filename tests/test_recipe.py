@@ -167,13 +167,35 @@ def test_plan_prints_the_table_and_exits(tmp_path):
     assert not any((tmp_path / name).exists() for name in OUTPUTS)
 
 
-def test_several_gpus_are_planned_but_not_trained(tmp_path):
+def test_several_gpus_are_planned(tmp_path):
     result = sft("plan=true", "model=qwen2_72b", "hardware=h200", "trainer.devices=8", "+trainer.num_nodes=2",
                  run_dir=tmp_path / "plan")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "8 GPU(s) per node x 2 node(s)" in result.stdout and "Host memory per node" in result.stdout
-    result = sft(*FAST, "trainer.devices=2", run_dir=tmp_path / "run")
-    assert_refused(result, "trainer.devices must be 1", "plan=true plans several", run_dir=tmp_path / "run")
+    result = sft(*FAST, "trainer.devices=0", run_dir=tmp_path / "run")
+    assert_refused(result, "trainer.devices must be a positive integer", run_dir=tmp_path / "run")
+
+
+def _masters(run_dir: Path) -> dict[str, torch.Tensor]:
+    from lightning_horizon.checkpoint import load_sharded
+
+    state = load_sharded(run_dir / "checkpoints" / "last.ckpt")["state_dict"]
+    return {k: state[k] for k in state}
+
+
+def test_two_processes_train_as_one_with_the_global_batch(tmp_path):
+    """``trainer.devices=2`` on the CPU (Lightning's launcher, Hydra's run directory shared): each process reads its
+    half of every global batch; the masters equal 1 process with twice the rows (1e-5), and rank 0 alone exports."""
+    common = [*FAST, "trainer.max_steps=4", "trainer.accumulate_grad_batches=2", "trainer.gradient_clip_val=0.5"]
+    two = sft(*common, "data.batch_size=2", "trainer.devices=2", run_dir=tmp_path / "two", timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = sft(*common, "data.batch_size=4", run_dir=tmp_path / "one", timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = _masters(tmp_path / "two"), _masters(tmp_path / "one")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in b) <= 1e-5
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+    assert (tmp_path / "two" / "hf_export" / "model.safetensors").exists()
 
 
 def test_plan_that_does_not_fit_is_refused_before_allocating(tmp_path):

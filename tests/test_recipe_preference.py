@@ -76,6 +76,7 @@ def test_lora_dpo_from_a_local_model_and_conversation_pairs(tmp_path, hf_dir):  
         (["+dpo.gamma=1"], ["dpo.gamma"]),
         (["data.pack=true"], ["data.pack must be false for preference pairs"]),
         (["dpo.label_smoothing=0.2", "dpo.loss=ipo"], ["label_smoothing applies to the sigmoid losses"]),
+        (["trainer.devices=2"], ["recipes.dpo trains on one GPU", "recipes.sft"]),
     ],
 )
 def test_bad_settings_are_refused_before_anything_is_written(tmp_path, overrides, fragments):

@@ -47,11 +47,28 @@ class ResumableBatchSampler(Sampler[tuple[int, ...]]):
 
     State: ``epoch`` and ``position`` (batches of that epoch already consumed), plus the settings that fix the order
     (checked on load, so resuming with other data or settings fails loudly instead of silently diverging).
+
+    With several processes (``num_replicas``, data parallel), the order is that of one process with the global batch
+    (``batch_size * num_replicas`` rows) and process ``rank`` takes its ``batch_size`` rows of each global batch; an
+    incomplete last global batch is filled from the start of the epoch's order (as ``DistributedSampler`` pads), so
+    every process runs the same number of steps. The position counts global batches: a checkpoint resumes on another
+    number of processes with the same global batch.
     """
 
-    def __init__(self, num_rows: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool = False) -> None:
+    def __init__(
+        self,
+        num_rows: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        drop_last: bool = False,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
         if num_rows <= 0 or batch_size <= 0:
             raise ValueError(f"num_rows and batch_size must be > 0, got {num_rows} and {batch_size}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} of {num_replicas} processes")
         self.num_rows, self.batch_size, self.shuffle, self.seed, self.drop_last = (
             num_rows,
             batch_size,
@@ -59,21 +76,33 @@ class ResumableBatchSampler(Sampler[tuple[int, ...]]):
             seed,
             drop_last,
         )
+        self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
         self.position = 0
 
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.num_replicas
+
     def __len__(self) -> int:
         if self.drop_last:
-            return self.num_rows // self.batch_size
-        return -(-self.num_rows // self.batch_size)
+            return self.num_rows // self.global_batch_size
+        return -(-self.num_rows // self.global_batch_size)
 
     def batches(self, epoch: int) -> list[tuple[int, ...]]:
-        """Every batch of ``epoch``, in order."""
+        """Every batch of ``epoch`` of this process, in order."""
         if self.shuffle:
             order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
         else:
             order = list(range(self.num_rows))
-        return [tuple(order[i * self.batch_size : (i + 1) * self.batch_size]) for i in range(len(self))]
+        size = self.global_batch_size
+        out = []
+        for i in range(len(self)):
+            batch = order[i * size : (i + 1) * size]
+            if self.num_replicas > 1 and len(batch) < size:  # every process gets a full share
+                batch += (order * (size // len(order) + 1))[: size - len(batch)]
+            out.append(tuple(batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]))
+        return out
 
     def __iter__(self) -> Iterator[tuple[int, ...]]:
         # Read epoch/position when iteration starts, not when the iterator object is made.
@@ -93,7 +122,7 @@ class ResumableBatchSampler(Sampler[tuple[int, ...]]):
     def _fingerprint(self) -> dict[str, Any]:
         return {
             "num_rows": self.num_rows,
-            "batch_size": self.batch_size,
+            "batch_size": self.global_batch_size,
             "shuffle": self.shuffle,
             "seed": self.seed,
             "drop_last": self.drop_last,

@@ -123,13 +123,28 @@ class SFTDataModule(pl.LightningDataModule):
     def _dataset(self, docs: EncodedDocs, rows: list[tuple[int, ...]]) -> BatchDataset:
         return BatchDataset(docs, rows, self.config.max_seq_len, self.pad_id, self.config.pack)
 
+    def _process_share(self) -> tuple[int, int]:
+        """``(processes, this process's rank)`` of a data-parallel run: each reads its rows of every global batch."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return 1, 0
+        if trainer._accelerator_connector.use_distributed_sampler:
+            raise ValueError(
+                f"{type(self).__name__} shards every global batch over the {trainer.world_size} processes itself (its "
+                "order and position resume exactly): pass Trainer(use_distributed_sampler=False)"
+            )
+        return trainer.world_size, trainer.global_rank
+
     @override
     def train_dataloader(self) -> ResumableDataLoader:
         if self.train_docs is None:
             self.setup("fit")
         assert self.train_docs is not None
         cfg = self.config
-        sampler = ResumableBatchSampler(len(self.train_rows), cfg.batch_size, cfg.shuffle, cfg.seed, cfg.drop_last)
+        world, rank = self._process_share()
+        sampler = ResumableBatchSampler(
+            len(self.train_rows), cfg.batch_size, cfg.shuffle, cfg.seed, cfg.drop_last, num_replicas=world, rank=rank
+        )
         return ResumableDataLoader(self._dataset(self.train_docs, self.train_rows), sampler, **self._worker_args())
 
     @override

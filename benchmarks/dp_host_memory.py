@@ -1,0 +1,86 @@
+"""Host memory of a data-parallel run on one node against one process (the CPU, gloo): proportional set size (PSS,
+shared pages split between the processes that map them) summed over the processes, after 3 AdamW steps with
+clipping (FP32 compute, so the figures are the host store's, not a GPU run's staging).
+
+    python benchmarks/dp_host_memory.py --layers 8 --hidden 1024     # ~120 M parameters
+
+Prints one row per process count and the ratio to one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from lightning_horizon.engine import HorizonEngine
+from lightning_horizon.engine.data_parallel import DataParallel
+
+
+def _pss_bytes() -> int:
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no Pss in /proc/self/smaps_rollup")
+
+
+def _model(args) -> Qwen2ForCausalLM:
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 128, vocab_size=32000,
+        max_position_embeddings=256, tie_word_embeddings=False,
+    )  # fmt: skip
+    return Qwen2ForCausalLM(cfg).float()
+
+
+def _run(rank: int, world: int, args, init: str, out: str) -> None:
+    torch.set_num_threads(1)
+    parallel = None
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+        parallel = DataParallel(local_rank=rank, local_world_size=world)
+    model = _model(args)
+    numel = sum(p.numel() for p in model.parameters())
+    engine = HorizonEngine(model, device="cpu", compute_dtype="fp32", accumulate_grads=True, parallel=parallel)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for step in range(3):
+        ids = torch.randint(0, 32000, (1, 64), generator=torch.Generator().manual_seed(100 * step + rank))
+        model(input_ids=ids, labels=ids).loss.backward()
+        engine.clip_grad_norm_(1.0)
+        engine.step(opt)
+        opt.zero_grad()
+    engine.synchronize()
+    Path(out, f"{world}-{rank}.json").write_text(json.dumps({"pss": _pss_bytes(), "numel": numel}))
+    if parallel is not None:
+        parallel.barrier()  # every process measured before any exits (shared pages stay split the same way)
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for world in args.processes:
+            mp.spawn(_run, args=(world, args, os.path.join(tmp, f"init{world}"), tmp), nprocs=world, join=True)
+            parts = [json.loads(Path(tmp, f"{world}-{r}.json").read_text()) for r in range(world)]
+            rows.append((world, sum(p["pss"] for p in parts), parts[0]["numel"]))
+    base = rows[0][1]
+    print(f"{'processes':>9} {'PSS sum GiB':>12} {'B/param':>8} {'vs first':>9}")
+    for world, pss, numel in rows:
+        print(f"{world:>9} {pss / 2**30:>12.2f} {pss / numel:>8.1f} {pss / base:>9.2f}")
+
+
+if __name__ == "__main__":
+    main()
