@@ -45,6 +45,8 @@ def main() -> None:
     ap.add_argument("--save", help="checkpoint path written at the end")
     ap.add_argument("--resume", help="checkpoint to resume from")
     ap.add_argument("--fail-rank", type=int, default=-1, help="this rank raises at step 2")
+    ap.add_argument("--validate", action="store_true", help="trainer.validate after fit (a second engine)")
+    ap.add_argument("--sleep", type=float, default=0.0, help="seconds each step sleeps (a run to kill)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     L.seed_everything(0)
@@ -58,6 +60,11 @@ def main() -> None:
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             if trainer.global_rank == args.fail_rank and trainer.global_step == 2:
                 raise RuntimeError(f"rank {args.fail_rank} fails on purpose")
+            if args.sleep:
+                import time
+
+                print(f"step {trainer.global_step} rank {trainer.global_rank}", flush=True)
+                time.sleep(args.sleep)
 
     trainer = L.Trainer(
         strategy=HorizonStrategy(),
@@ -77,11 +84,16 @@ def main() -> None:
     trainer.fit(module, ckpt_path=args.resume)
     if args.save:
         trainer.save_checkpoint(args.save)
+    stats = {}
+    if args.validate:  # the same rows in every process: the validation loss is the same everywhere
+        module.val_losses = []
+        trainer.validate(module, dataloaders=loader(n=4, batch=2), verbose=False)
+        stats["val_losses"] = module.val_losses
     out = Path(args.out)
     rank = trainer.global_rank
     torch.save({n: p.detach().clone() for n, p in module.model.named_parameters()}, out / f"weights{rank}.pt")
     (out / f"stats{rank}.json").write_text(
-        json.dumps({"losses": module.losses, "norm_grads": module.norm_grads, "world": trainer.world_size})
+        json.dumps({"losses": module.losses, "norm_grads": module.norm_grads, "world": trainer.world_size, **stats})
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -199,8 +200,8 @@ def test_trainer_with_two_devices_equals_one_device_with_the_global_batch(tmp_pa
     """Lightning launches 2 processes (accumulate 2, clip 0.5, AdamW + schedule, 10 steps): both end with the
     weights of 1 process with twice the rows (1e-5), and ``on_after_backward`` of each step's last micro-batch sees
     the averaged gradient (as with DDP)."""
-    _ok(_fit(tmp_path / "two", "--devices", "2", "--batch", "2"))
-    _ok(_fit(tmp_path / "one", "--devices", "1", "--batch", "4"))
+    _ok(_fit(tmp_path / "two", "--devices", "2", "--batch", "2", "--validate"))
+    _ok(_fit(tmp_path / "one", "--devices", "1", "--batch", "4", "--validate"))
     one = _weights(tmp_path / "one")
     assert _max_diff(_weights(tmp_path / "two", 0), one) <= 1e-5
     assert _max_diff(_weights(tmp_path / "two", 1), _weights(tmp_path / "two", 0)) == 0
@@ -211,6 +212,9 @@ def test_trainer_with_two_devices_equals_one_device_with_the_global_batch(tmp_pa
     assert stats[0]["world"] == 2 and stats[1]["world"] == 1
     synced = [s["norm_grads"][1::2] for s in stats]  # the accumulated step's last micro-batch
     assert synced[0] == pytest.approx(synced[1], rel=1e-5) and synced[2] == synced[0]
+    # trainer.validate after fit builds a second engine (a fresh shared store) from the trained weights
+    assert stats[0]["val_losses"] == pytest.approx(stats[1]["val_losses"], rel=1e-5)
+    assert stats[2]["val_losses"] == stats[0]["val_losses"] and len(stats[0]["val_losses"]) == 2
 
 
 def test_checkpoint_of_two_processes_resumes_on_one_and_four(tmp_path):
@@ -271,3 +275,39 @@ def test_preflight_counts_per_process_parts_once_per_process_and_the_state_once(
             check_host_memory(engine.shape, engine.config, [opt], available, processes=4)
     finally:
         engine.close()
+
+
+def test_killed_processes_leave_no_shared_memory(tmp_path):
+    """``kill -9`` of every process mid-training: the node's store was unlinked as soon as every process had mapped
+    it, so nothing of the run stays in /dev/shm."""
+    out = tmp_path / "run"
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "tests.dp_fit", "--out", str(out), "--devices", "2", "--steps", "50", "--sleep", "1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        seen = set()
+        deadline = time.monotonic() + 120
+        for line in proc.stdout:
+            if line.startswith("step 1 rank"):
+                seen.add(line.split()[3])
+            if len(seen) == 2 or time.monotonic() > deadline:
+                break
+        assert seen == {"0", "1"}, "the run did not reach its second step"
+        pids = [proc.pid, *_children(proc.pid)]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    time.sleep(1)
+    left = [p.name for p in SHM_DIR.glob(f"{PREFIX}-*") if any(f"-{pid}-" in p.name for pid in pids)]
+    assert not left
+
+
+def _children(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in found]
