@@ -237,6 +237,14 @@ def test_checkpoint_of_two_processes_resumes_on_one_and_four(tmp_path):
         _ok(_fit(out, "--devices", devices, "--batch", rows, "--steps", "20", "--resume", str(two)))
         assert _max_diff(_weights(out), want) <= 1e-5, devices
     assert _max_diff(_weights(tmp_path / "resumed1"), _weights(tmp_path / "b")) > 1e-4  # it trained on
+    # the Hugging Face export of the 2-process checkpoint holds the trained weights
+    from transformers import AutoModelForCausalLM
+
+    from lightning_horizon.export import main as export_main
+
+    export_main([str(two), str(tmp_path / "hf"), "--dtype", "fp32"])
+    exported = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "hf").named_parameters())
+    assert _max_diff({k: v.detach() for k, v in exported.items()}, _weights(tmp_path / "a")) == 0
 
 
 @pytest.mark.parametrize("rank", [0, 1])
