@@ -80,7 +80,6 @@ class DataParallel:
             if self.rank in ranks:
                 self.node = group
         self._owners: dict[str, int] = {}
-        self._buffers: list[NodeBuffer] = []
 
     @property
     def is_leader(self) -> bool:
@@ -113,7 +112,6 @@ class DataParallel:
         dist.all_gather_object(names, buffer.name if buffer is not None else None, group=self.group)
         if buffer is None:
             buffer = NodeBuffer.open(names[self.node_rank * self.local_world_size], max(total, 1))
-        self._buffers.append(buffer)
         dist.barrier(group=self.group)  # every process has mapped its node's buffer: the name can go
         if self.is_leader:
             buffer.unlink()  # from now on the memory goes away with the last process, however it ends
@@ -126,7 +124,7 @@ class DataParallel:
         store = HostStore(
             groups, pin=pin, frozen_dtype=frozen_dtype, pin_frozen=pin_frozen, allocate=allocate, fill=self.is_leader
         )
-        store.node_buffers = self._buffers
+        store.node_buffers = [buffer]  # lives while the store (or a parameter viewing it) does
         dist.barrier(group=self.group)  # the leaders have filled their buffers
         if self.num_nodes > 1 and self.is_leader:
             for group in store.groups:  # node 0's values on every node (each node's store is a replica)
@@ -193,10 +191,6 @@ class DataParallel:
     def owned_names(self, store: HostStore) -> set[str]:
         """Names of the parameters this process steps (whose optimizer state it holds)."""
         return {sp.name for g in store.groups if not g.frozen and self.owns(g) for sp in g.params}
-
-    def close(self) -> None:
-        """Drops this object's references to the shared buffers (their memory lives while a store views them)."""
-        self._buffers = []
 
 
 def assign_owners(groups: list[StoreGroup], ranks: int) -> dict[str, int]:
