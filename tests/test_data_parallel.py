@@ -34,9 +34,23 @@ def _global_batch(step: int, micro: int, world: int) -> dict[str, torch.Tensor]:
     return make_batch(1000 * step + micro, batch=ROWS * world, seq=12, pad=False)
 
 
+def _model(seed: int, lora: bool):
+    model = tiny_model("qwen2", tied=True, seed=seed)
+    if lora:  # PEFT adapters (their init random per process too) over a frozen base
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(seed)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+        for p in model.parameters():  # B starts at zero in PEFT: make the first step's gradients of A non-zero
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
 def _train(model, engine, rank: int, world: int, data_world: int, stats: dict) -> None:
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.ndim < 2]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.ndim >= 2]
+    rest = [p for p in trained if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=1e-3)
     losses = []
     for step in range(STEPS):
@@ -54,11 +68,11 @@ def _train(model, engine, rank: int, world: int, data_world: int, stats: dict) -
     stats["state_numel"] = sum(s["exp_avg"].numel() for s in opt.state.values())
 
 
-def _worker(rank: int, world: int, local_world: int, init: str, out: str) -> None:
+def _worker(rank: int, world: int, local_world: int, init: str, out: str, lora: bool = False) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
-        model = tiny_model("qwen2", tied=True, seed=rank)  # every process draws its own: rank 0's must win
+        model = _model(rank, lora)  # every process draws its own: rank 0's must win
         parallel = DataParallel(local_rank=rank % local_world, local_world_size=local_world)
         engine = HorizonEngine(model, device="cpu", compute_dtype="fp32", parallel=parallel)
         buffer = engine.store.node_buffers[0]
@@ -76,8 +90,8 @@ def _worker(rank: int, world: int, local_world: int, init: str, out: str) -> Non
         dist.destroy_process_group()
 
 
-def _single(world: int) -> tuple[dict[str, torch.Tensor], dict]:
-    model = tiny_model("qwen2", tied=True, seed=0)
+def _single(world: int, lora: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    model = _model(0, lora)
     engine = HorizonEngine(model, device="cpu", compute_dtype="fp32", accumulate_grads=True)
     stats: dict = {}
     _train(model, engine, 0, 1, world, stats)
@@ -85,8 +99,9 @@ def _single(world: int) -> tuple[dict[str, torch.Tensor], dict]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}, stats
 
 
-def _spawn(tmp_path: Path, world: int, local_world: int) -> list[dict]:
-    mp.spawn(_worker, args=(world, local_world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+def _spawn(tmp_path: Path, world: int, local_world: int, lora: bool = False) -> list[dict]:
+    args = (world, local_world, str(tmp_path / "init"), str(tmp_path), lora)
+    mp.spawn(_worker, args=args, nprocs=world, join=True)
     return [json.loads((tmp_path / f"stats{r}.json").read_text()) for r in range(world)]
 
 
@@ -109,6 +124,23 @@ def test_data_parallel_equals_one_process_with_the_global_batch(tmp_path, world,
     assert max(single["norms"]) > CLIP
     start = tiny_model("qwen2", tied=True, seed=0)
     assert max((p - want[n]).abs().max().item() for n, p in start.named_parameters()) > 1e-3
+
+
+def test_lora_adapters_over_a_frozen_base_equal_one_process(tmp_path):
+    """PEFT LoRA under data parallelism: the frozen base and the adapters in the node's store, only the adapters
+    trained; 2 processes equal one with the global batch (1e-5) and the base does not move."""
+    stats = _spawn(tmp_path, 2, 2, lora=True)
+    want, single = _single(2, lora=True)
+    start = dict(_model(0, lora=True).named_parameters())
+    for rank in range(2):
+        got = torch.load(tmp_path / f"weights{rank}.pt")
+        assert got.keys() == want.keys()
+        for name, value in want.items():
+            assert (got[name] - value).abs().max().item() <= 1e-5, (rank, name)
+            if "lora_" not in name:
+                assert torch.equal(got[name], start[name]), name
+        assert stats[rank]["norms"] == pytest.approx(single["norms"], rel=1e-5)
+    assert max((want[n] - start[n]).abs().max().item() for n in want if "lora_" in n) > 1e-4
 
 
 def test_one_store_per_node_and_optimizer_state_shared_out(tmp_path):
