@@ -36,6 +36,9 @@ class Module(LMModule):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--devices", type=int, default=2)
+    ap.add_argument(
+        "--num-nodes", type=int, default=1, help="NODE_RANK, MASTER_ADDR and MASTER_PORT from the environment"
+    )
     ap.add_argument("--batch", type=int, default=2, help="rows per process")
     ap.add_argument("--steps", type=int, default=10, help="max_steps")
     ap.add_argument("--epoch-steps", type=int, default=10, help="optimizer steps per epoch (the data set's size)")
@@ -53,7 +56,7 @@ def main() -> None:
     module = Module(tiny_model("qwen2", tied=True, seed=0), lr=1e-3, total=20)
     module.norm_grads = []
     module.rows = args.batch
-    module.n_samples = args.epoch_steps * args.accumulate * args.batch * args.devices
+    module.n_samples = args.epoch_steps * args.accumulate * args.batch * args.devices * args.num_nodes
     steps = args.steps
 
     class Fail(L.Callback):
@@ -70,6 +73,7 @@ def main() -> None:
         strategy=HorizonStrategy(),
         accelerator="cpu",
         devices=args.devices,
+        num_nodes=args.num_nodes,
         precision="32-true",
         max_steps=steps,
         accumulate_grad_batches=args.accumulate,

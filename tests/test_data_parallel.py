@@ -351,3 +351,35 @@ def test_killed_processes_leave_no_shared_memory(tmp_path):
 def _children(pid: int) -> list[int]:
     found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
     return [int(p) for p in found]
+
+
+def test_two_nodes_launched_as_a_cluster_launches_them(tmp_path):
+    """``Trainer(devices=1, num_nodes=2)`` on two simulated nodes (two processes started with ``NODE_RANK``,
+    ``MASTER_ADDR``, ``MASTER_PORT``, as a cluster scheduler starts them): each node builds its own store, node 0's
+    weights reach node 1, and both equal one process with the global batch (1e-5); node 0 writes the checkpoint."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "nodes"
+    out.mkdir()
+    procs = []
+    for node in (0, 1):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "NODE_RANK": str(node), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}  # fmt: skip
+        for key in ("LOCAL_RANK", "WORLD_SIZE"):
+            env.pop(key, None)
+        cmd = [sys.executable, "-m", "tests.dp_fit", "--out", str(out), "--devices", "1", "--num-nodes", "2",
+               "--batch", "2", "--save", str(tmp_path / "ck.ckpt")]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))  # fmt: skip
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-2000:] for log in logs)
+    _ok(_fit(tmp_path / "one", "--devices", "1", "--batch", "4"))
+    want = _weights(tmp_path / "one")
+    for rank in (0, 1):
+        assert _max_diff(_weights(out, rank), want) <= 1e-5
+    assert json.loads((out / "stats1.json").read_text())["world"] == 2
+    meta = json.loads((tmp_path / "ck.ckpt" / "horizon.json").read_text())
+    assert len(meta["optimizers"][0]["files"]) == len(meta["model"]["groups"])
