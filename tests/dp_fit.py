@@ -49,11 +49,18 @@ def main() -> None:
     ap.add_argument("--resume", help="checkpoint to resume from")
     ap.add_argument("--fail-rank", type=int, default=-1, help="this rank raises at step 2")
     ap.add_argument("--validate", action="store_true", help="trainer.validate after fit (a second engine)")
+    ap.add_argument(
+        "--no-hook",
+        action="store_true",
+        help="no on_after_backward (with --clip 0: nothing between the "
+        "backward and the step, where one process would update during the backward)",
+    )
     ap.add_argument("--sleep", type=float, default=0.0, help="seconds each step sleeps (a run to kill)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     L.seed_everything(0)
-    module = Module(tiny_model("qwen2", tied=True, seed=0), lr=1e-3, total=20)
+    cls = type("Plain", (Module,), {"on_after_backward": LMModule.on_after_backward}) if args.no_hook else Module
+    module = cls(tiny_model("qwen2", tied=True, seed=0), lr=1e-3, total=20)
     module.norm_grads = []
     module.rows = args.batch
     module.n_samples = args.epoch_steps * args.accumulate * args.batch * args.devices * args.num_nodes
@@ -77,7 +84,7 @@ def main() -> None:
         precision="32-true",
         max_steps=steps,
         accumulate_grad_batches=args.accumulate,
-        gradient_clip_val=args.clip,
+        gradient_clip_val=args.clip or None,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -211,7 +211,10 @@ class HorizonEngine:
         (no clipping, no gradient edits) happens between that backward and :meth:`step`: each group's update then
         starts as soon as its gradients are on the host, overlapping the rest of the backward. When the loss comes
         from more than one forward pass of the model, a group's gradient is complete only at the end of the whole
-        backward, so the updates then wait for :meth:`step`."""
+        backward, so the updates then wait for :meth:`step`. With several processes (``parallel``) the updates always
+        wait for :meth:`step`: a gradient is complete only once averaged over the processes."""
+        if self.parallel is not None:
+            return
         self.optim.begin(optimizer)
         self._step_params = {id(p) for g in optimizer.param_groups for p in g["params"]}
         self._overlap = True
