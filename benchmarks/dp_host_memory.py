@@ -4,7 +4,8 @@ clipping (FP32 compute, so the figures are the host store's, not a GPU run's sta
 
     python benchmarks/dp_host_memory.py --layers 8 --hidden 1024     # ~120 M parameters
 
-Prints one row per process count and the ratio to one process.
+Prints one row per process count: the PSS sum, per parameter, its ratio to the first row, and its parts (anonymous
+memory: each process's own heap; shared memory: the node's store; files: libraries).
 """
 
 from __future__ import annotations
@@ -24,11 +25,16 @@ from lightning_horizon.engine import HorizonEngine
 from lightning_horizon.engine.data_parallel import DataParallel
 
 
-def _pss_bytes() -> int:
+def _pss() -> dict[str, int]:
+    """This process's PSS and its parts (anonymous, shared memory, files), bytes."""
+    out = {}
     for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no Pss in /proc/self/smaps_rollup")
+        key = line.split(":")[0]
+        if key in ("Pss", "Pss_Anon", "Pss_Shmem", "Pss_File"):
+            out[key] = int(line.split()[1]) * 1024
+    if "Pss" not in out:
+        raise RuntimeError("no Pss in /proc/self/smaps_rollup")
+    return out
 
 
 def _model(args) -> Qwen2ForCausalLM:
@@ -58,7 +64,7 @@ def _run(rank: int, world: int, args, init: str, out: str) -> None:
         engine.step(opt)
         opt.zero_grad()
     engine.synchronize()
-    Path(out, f"{world}-{rank}.json").write_text(json.dumps({"pss": _pss_bytes(), "numel": numel}))
+    Path(out, f"{world}-{rank}.json").write_text(json.dumps({"pss": _pss(), "numel": numel}))
     if parallel is not None:
         parallel.barrier()  # every process measured before any exits (shared pages stay split the same way)
         dist.destroy_process_group()
@@ -75,11 +81,18 @@ def main() -> None:
         for world in args.processes:
             mp.spawn(_run, args=(world, args, os.path.join(tmp, f"init{world}"), tmp), nprocs=world, join=True)
             parts = [json.loads(Path(tmp, f"{world}-{r}.json").read_text()) for r in range(world)]
-            rows.append((world, sum(p["pss"] for p in parts), parts[0]["numel"]))
-    base = rows[0][1]
-    print(f"{'processes':>9} {'PSS sum GiB':>12} {'B/param':>8} {'vs first':>9}")
+            total = {k: sum(p["pss"].get(k, 0) for p in parts) for k in ("Pss", "Pss_Anon", "Pss_Shmem", "Pss_File")}
+            rows.append((world, total, parts[0]["numel"]))
+    base = rows[0][1]["Pss"]
+    print(
+        f"{'processes':>9} {'PSS sum GiB':>12} {'B/param':>8} {'vs first':>9} "
+        f"{'anon GiB':>9} {'shmem GiB':>10} {'file GiB':>9}"
+    )
     for world, pss, numel in rows:
-        print(f"{world:>9} {pss / 2**30:>12.2f} {pss / numel:>8.1f} {pss / base:>9.2f}")
+        print(
+            f"{world:>9} {pss['Pss'] / 2**30:>12.2f} {pss['Pss'] / numel:>8.1f} {pss['Pss'] / base:>9.2f} "
+            f"{pss['Pss_Anon'] / 2**30:>9.2f} {pss['Pss_Shmem'] / 2**30:>10.2f} {pss['Pss_File'] / 2**30:>9.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def _model(seed: int, lora: bool):
     return model
 
 
-def _train(model, engine, rank: int, world: int, data_world: int, stats: dict) -> None:
+def _train(model, engine, rank: int, world: int, data_world: int, stats: dict, early: bool = False) -> None:
     trained = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trained if p.ndim >= 2]
     rest = [p for p in trained if p.ndim < 2]
@@ -59,6 +59,8 @@ def _train(model, engine, rank: int, world: int, data_world: int, stats: dict) -
             rows = slice(rank * ROWS * data_world // world, (rank + 1) * ROWS * data_world // world)
             loss = model(**{k: v[rows] for k, v in batch.items()}).loss / ACCUMULATE
             loss.backward()
+            if early:  # average after every micro-batch (the next micro-batch adds to an averaged gradient)
+                engine.reduce_gradients()
             losses.append(loss.item())
         stats.setdefault("norms", []).append(float(engine.clip_grad_norm_(CLIP)))
         engine.step(opt)
@@ -68,7 +70,9 @@ def _train(model, engine, rank: int, world: int, data_world: int, stats: dict) -
     stats["state_numel"] = sum(s["exp_avg"].numel() for s in opt.state.values())
 
 
-def _worker(rank: int, world: int, local_world: int, init: str, out: str, lora: bool = False) -> None:
+def _worker(
+    rank: int, world: int, local_world: int, init: str, out: str, lora: bool = False, early: bool = False
+) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
@@ -82,7 +86,11 @@ def _worker(rank: int, world: int, local_world: int, init: str, out: str, lora: 
             "shared_bytes": buffer.nbytes,
             "shm_names_left": sorted(p.name for p in SHM_DIR.glob(f"{PREFIX}-*")),
         }
-        _train(model, engine, rank, world, world, stats)
+        _train(model, engine, rank, world, world, stats, early)
+        # the gradients are the node's buffer too: no process holds a gradient buffer of its own
+        stats["grads_shared"] = all(
+            base <= g.grad.data_ptr() < base + buffer.nbytes for g in engine.store.groups if g.trainable
+        )
         engine.close()
         torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, f"{out}/weights{rank}.pt")
         Path(f"{out}/stats{rank}.json").write_text(json.dumps(stats))
@@ -99,19 +107,22 @@ def _single(world: int, lora: bool = False) -> tuple[dict[str, torch.Tensor], di
     return {n: p.detach().clone() for n, p in model.named_parameters()}, stats
 
 
-def _spawn(tmp_path: Path, world: int, local_world: int, lora: bool = False) -> list[dict]:
-    args = (world, local_world, str(tmp_path / "init"), str(tmp_path), lora)
+def _spawn(tmp_path: Path, world: int, local_world: int, lora: bool = False, early: bool = False) -> list[dict]:
+    args = (world, local_world, str(tmp_path / "init"), str(tmp_path), lora, early)
     mp.spawn(_worker, args=args, nprocs=world, join=True)
     return [json.loads((tmp_path / f"stats{r}.json").read_text()) for r in range(world)]
 
 
 @pytest.mark.parametrize(
-    "world,local_world", [(2, 2), (4, 4), (4, 2)], ids=["2proc-1node", "4proc-1node", "2nodes-x-2proc"]
+    "world,local_world,early",
+    [(2, 2, False), (4, 4, False), (4, 2, False), (4, 2, True)],
+    ids=["2proc-1node", "4proc-1node", "2nodes-x-2proc", "2nodes-x-2proc-averaged-every-micro-batch"],
 )
-def test_data_parallel_equals_one_process_with_the_global_batch(tmp_path, world, local_world):
+def test_data_parallel_equals_one_process_with_the_global_batch(tmp_path, world, local_world, early):
     """10 AdamW steps with clipping and 2 accumulated micro-batches: every process's weights equal one process
-    trained on the global batch (1e-5), on one node and on two simulated nodes (separate stores)."""
-    stats = _spawn(tmp_path, world, local_world)
+    trained on the global batch (1e-5), on one node and on two simulated nodes (separate stores); also when the
+    gradients are averaged after every micro-batch (the next one lands on an averaged gradient)."""
+    stats = _spawn(tmp_path, world, local_world, early=early)
     want, single = _single(world)
     for rank in range(world):
         got = torch.load(tmp_path / f"weights{rank}.pt")
@@ -154,8 +165,11 @@ def test_one_store_per_node_and_optimizer_state_shared_out(tmp_path):
     one_process = [g.master.nbytes for g in engine.store.groups]  # the store of a run in one process
     engine.close()
     assert stats[0]["shared_bytes"] == stats[1]["shared_bytes"]
-    # the same buffers, each rounded up to a page
-    assert sum(one_process) <= stats[0]["shared_bytes"] <= sum(one_process) + 4096 * len(one_process)
+    # the masters and their FP32 gradients once, each buffer rounded up to a page, and a stamp per parameter
+    stamps = 8 * len(list(model.parameters()))
+    pages = 4096 * (2 * len(one_process) + 1)
+    assert 2 * sum(one_process) + stamps <= stats[0]["shared_bytes"] <= 2 * sum(one_process) + stamps + pages
+    assert stats[0]["grads_shared"] and stats[1]["grads_shared"]
     assert stats[0]["state_numel"] > 0 and stats[1]["state_numel"] > 0
     assert stats[0]["state_numel"] + stats[1]["state_numel"] == numel
     assert all(not [n for n in s["shm_names_left"] if f"-{os.getpid()}-" in n] for s in stats)
@@ -303,25 +317,30 @@ def test_a_process_that_raises_stops_every_process(tmp_path, rank):
 
 
 def test_preflight_counts_per_process_parts_once_per_process_and_the_state_once():
-    """The node's processes share the masters and split the optimizer state; each adds its own FP32 gradients: the
-    preflight of each process counts the node's total."""
-    from lightning_horizon.engine.footprint import check_host_memory, still_to_allocate
+    """The node's processes share the masters, the FP32 gradients (one buffer of the node) and split the optimizer
+    state; each adds its own upload staging and gradient slabs on a GPU: the preflight of each process counts the
+    node's total."""
+    from lightning_horizon.engine.footprint import PREFLIGHT_MARGIN_BYTES, check_host_memory, still_to_allocate
 
     model = tiny_model("qwen2", tied=True)
     engine = HorizonEngine(model, device="cpu", compute_dtype="fp32", accumulate_grads=True)
     try:
         opt = torch.optim.AdamW(model.parameters())
-        args = (engine.shape, torch.float32, True, False, 3, False, [opt])
-        one, four = still_to_allocate(*args), still_to_allocate(*args, processes=4)
-        assert four["optimizer state"] == one["optimizer state"] > 0
-        assert four["gradients (x 4 processes)"] == 4 * one["gradients"] > 0
-        need_one = sum(one.values())
-        from lightning_horizon.engine.footprint import PREFLIGHT_MARGIN_BYTES
-
-        available = need_one + PREFLIGHT_MARGIN_BYTES + one["gradients"]  # room for 2 processes' gradients, not 4
-        check_host_memory(engine.shape, engine.config, [opt], available, processes=2)
-        with pytest.raises(MemoryError, match=r"gradients \(x 4 processes\)"):
-            check_host_memory(engine.shape, engine.config, [opt], available, processes=4)
+        for on_gpu in (False, True):
+            args = (engine.shape, torch.bfloat16, True, False, 3, on_gpu, [opt])
+            one, four = still_to_allocate(*args), still_to_allocate(*args, processes=4)
+            assert four["optimizer state"] == one["optimizer state"] > 0
+            assert four["gradients"] == one["gradients"] == 4 * engine.shape.store_numel
+            if on_gpu:
+                for part in ("upload staging", "gradient slabs"):
+                    assert four[f"{part} (x 4 processes)"] == 4 * one[part] > 0
+            else:
+                assert four == one  # nothing per process on a CPU
+        one = still_to_allocate(engine.shape, torch.float32, True, False, 3, False, [opt])
+        available = sum(one.values()) + PREFLIGHT_MARGIN_BYTES
+        check_host_memory(engine.shape, engine.config, [opt], available, processes=4)  # the node's total is one's
+        with pytest.raises(MemoryError, match="gradients"):
+            check_host_memory(engine.shape, engine.config, [opt], available - one["gradients"], processes=4)
     finally:
         engine.close()
 

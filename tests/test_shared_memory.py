@@ -99,3 +99,63 @@ def test_bad_requests_are_refused():
     finally:
         buf.unlink()
         buf.close()
+
+
+_ADDER = (
+    "import sys, time, torch\n"
+    "from lightning_horizon.engine.shared_memory import NodeBuffer\n"
+    "b = NodeBuffer.open(sys.argv[1], 4096)\n"
+    "v = b.view(torch.int64, 2)\n"
+    "print('ready', flush=True)\n"
+    "while int(v[1]) == 0:  # every adder starts together\n"
+    "    time.sleep(0.001)\n"
+    "for _ in range(int(sys.argv[2])):\n"
+    "    with b.lock(int(sys.argv[3])):\n"
+    "        x = int(v[0])\n"
+    "        time.sleep(0.0005)  # a read-modify-write that loses updates unless the mutex excludes the others\n"
+    "        v[0] = x + 1\n"
+    "print('ok', flush=True)\n"
+)
+
+
+@pytest.mark.parametrize("same_mutex", [True, False], ids=["one-mutex", "two-mutexes"])
+def test_lock_excludes_the_other_processes(same_mutex):
+    """Three processes add 1 to one shared counter 100 times each with a read-modify-write: under the same mutex
+    no update is lost; under different mutexes (the control) updates are lost, so the test sees exclusion."""
+    buf = NodeBuffer.create("t_lock", 4096)
+    try:
+        children = [run_child(_ADDER, buf.name, "100", "7" if same_mutex else str(i)) for i in range(3)]
+        assert all(child.stdout.readline().strip() == "ready" for child in children)
+        buf.view(torch.int64, 2)[1] = 1
+        for child in children:
+            assert child.communicate(timeout=120)[0].strip() == "ok" and child.returncode == 0
+        count = int(buf.view(torch.int64, 2)[0])
+        assert count == 300 if same_mutex else count < 300
+    finally:
+        buf.unlink()
+        buf.close()
+
+
+def test_lock_of_a_killed_process_is_released():
+    """A process killed (SIGKILL) while it holds a mutex does not leave the others waiting forever."""
+    buf = NodeBuffer.create("t_lock_kill", 4096)
+    try:
+        holder = run_child(
+            "import sys, time\n"
+            "from lightning_horizon.engine.shared_memory import NodeBuffer\n"
+            "b = NodeBuffer.open(sys.argv[1], 4096)\n"
+            "with b.lock(3):\n"
+            "    print('held', flush=True)\n"
+            "    time.sleep(600)\n",
+            buf.name,
+        )
+        assert holder.stdout.readline().strip() == "held"
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=60)
+        buf.view(torch.int64, 2)[1] = 1
+        waiter = run_child(_ADDER, buf.name, "1", "3")
+        assert waiter.communicate(timeout=60)[0].split() == ["ready", "ok"] and waiter.returncode == 0
+        assert int(buf.view(torch.int64, 2)[0]) == 1
+    finally:
+        buf.unlink()
+        buf.close()

@@ -8,16 +8,23 @@ with the global batch. What differs from DDP is where the state lives:
   views into it. Local rank 0 fills it from its model (what DDP's broadcast from rank 0 does); the other processes'
   own copies are freed. With several nodes, each node holds a full replica (``replicated``): node 0's values are
   broadcast to the other nodes' leaders once, at setup.
-* **Gradients averaged on the host.** Each process keeps FP32 host gradients of its micro-batches (the engine's
-  accumulation buffers); :meth:`DataParallel.reduce_gradients` averages them over every process (an all-reduce over
-  a gloo group of host tensors), so clipping and hooks see the same gradient in every process.
+* **Gradients summed in one node buffer.** The FP32 gradients are one buffer per node too
+  (:class:`NodeGradients`): every process's gradient worker adds its micro-batches' gradients straight into it,
+  one process at a time per group (a mutex per group), so it holds the sum over the node's processes without a
+  gradient buffer per process. :meth:`DataParallel.reduce_gradients` adds the other nodes' sums (each group's owner,
+  an all-reduce among the processes of its local rank, one per node) and divides by the number of processes;
+  every process then sees the averaged gradients as ``param.grad``, so clipping and hooks read the same values
+  everywhere. Clipping by norm measures each group once, in its owner (the partial norms are gathered over the
+  node). The order in which the node's processes add up a gradient is whichever reaches the mutex first: the sums
+  equal DDP's to rounding, not bit for bit from run to run.
 * **Updates shared out within a node.** Each group of the store (a decoder layer, the embedding, ...) is owned by
   one local process (:func:`assign_owners`, balanced by size): only its owner steps it (and holds its optimizer
-  state), writing the shared masters in place; the others drop their gradients of it. A step ends with a barrier:
-  no process reads a master while its owner updates it.
+  state), writing the shared masters in place. A step starts with a barrier (no process still reads a gradient an
+  owner's update may scale in place) and ends with one (no process reads a master while its owner updates it).
 
-Host memory per node: the masters (and optimizer state) once, whatever the number of processes; each process adds
-its FP32 gradient buffers and its compute buffers.
+Host memory per node: the masters, the FP32 gradients and the optimizer state once, whatever the number of
+processes; each process adds its compute buffers (and, on a GPU, its upload staging and gradient slabs) and its own
+interpreter and libraries.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from .shared_memory import NodeBuffer
-from .store import GradState, HostStore, StoreGroup
+from .store import GradState, HostStore, StoreGroup, StoreParam
 
 _PAGE = 4096
 
@@ -79,6 +86,14 @@ class DataParallel:
             group = dist.new_group(ranks=ranks, backend="gloo", timeout=self.timeout)
             if self.rank in ranks:
                 self.node = group
+        self.peers = None
+        """The processes of this local rank, one per node: they own the same groups and add up their nodes' sums."""
+        if self.num_nodes > 1:
+            for local in range(self.local_world_size):
+                ranks = list(range(local, self.world_size, self.local_world_size))
+                group = dist.new_group(ranks=ranks, backend="gloo", timeout=self.timeout)
+                if self.local_rank == local:
+                    self.peers = group
         self._owners: dict[str, int] = {}
 
     @property
@@ -100,10 +115,25 @@ class DataParallel:
         from .store import split_frozen
 
         layout, total = {}, 0
-        for name, named, dtype in split_frozen(groups, frozen_dtype):
-            numel = max(HostStore.layout_numel(named), 1)
+
+        def place(name: str, numel: int, dtype: torch.dtype) -> None:
+            nonlocal total
             layout[name] = (total, numel, dtype)
             total += (numel * dtype.itemsize + _PAGE - 1) // _PAGE * _PAGE
+
+        split = split_frozen(groups, frozen_dtype)
+        for name, named, dtype in split:
+            place(name, max(HostStore.layout_numel(named), 1), dtype)
+        # The node's FP32 gradients (its sparse pages take memory as gradients first land) and a stamp per parameter
+        grads = [
+            (name, max(HostStore.layout_numel(named), 1))
+            for name, named, _ in split
+            if any(p.requires_grad for _, p in named)
+        ]
+        for name, numel in grads:
+            place(f"grad:{name}", numel, torch.float32)
+        num_params = sum(len(named) for _, named, _ in split)
+        place("stamps", max(num_params, 1), torch.int64)
         token = [uuid.uuid4().hex[:12]]
         dist.broadcast_object_list(token, src=0, group=self.group)  # one name for the job, chosen by rank 0
         tag = f"store-{token[0]}-node{self.node_rank}"
@@ -116,15 +146,22 @@ class DataParallel:
         if self.is_leader:
             buffer.unlink()  # from now on the memory goes away with the last process, however it ends
 
-        def allocate(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        def region(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
             offset, size, expected = layout[name]
             assert size == max(numel, 1) and expected == dtype, (name, size, numel, expected, dtype)
             return buffer.view(dtype, size, offset)
 
         store = HostStore(
-            groups, pin=pin, frozen_dtype=frozen_dtype, pin_frozen=pin_frozen, allocate=allocate, fill=self.is_leader
+            groups, pin=pin, frozen_dtype=frozen_dtype, pin_frozen=pin_frozen, allocate=region, fill=self.is_leader
         )
         store.node_buffers = [buffer]  # lives while the store (or a parameter viewing it) does
+        store.node_grads = NodeGradients(
+            buffer,
+            store,
+            {name: region(f"grad:{name}", numel, torch.float32) for name, numel in grads},
+            region("stamps", num_params, torch.int64),
+            self.local_world_size,
+        )
         dist.barrier(group=self.group)  # the leaders have filled their buffers
         if self.num_nodes > 1 and self.is_leader:
             for group in store.groups:  # node 0's values on every node (each node's store is a replica)
@@ -143,35 +180,58 @@ class DataParallel:
 
     # ----------------------------------------------------------------------------------------------- gradients
     def reduce_gradients(self, store: HostStore, expose: Callable[[], None]) -> None:
-        """Averages every trainable parameter's FP32 host gradient over all processes (collective).
+        """Averages every trainable parameter's gradient over all processes (collective; every process's gradients
+        must have landed: the engine waits for its gradient worker first).
 
-        A parameter that has a gradient in some process but not in another (no token reached an expert, say)
-        counts as zero where it has none; one with no gradient anywhere keeps none (its update is skipped, as in one
-        process). ``expose`` is called at the end to set ``param.grad`` to the averaged views."""
+        The node's buffer (:class:`NodeGradients`) already holds the sum over the node's processes; each group's
+        owner adds the other nodes' sums (an all-reduce among the processes of that local rank, one per node) and
+        divides by the number of processes. A parameter with a gradient in some process but not in another (no
+        token reached an expert, say) counts as zero where it has none; one with no gradient anywhere keeps none
+        (its update is skipped, as in one process). ``expose`` is called at the end to set ``param.grad`` to the
+        averaged gradients, which every process of the node sees (the same buffer)."""
+        grads: NodeGradients = store.node_grads
         params = [(g, sp) for g in store.groups if not g.frozen for sp in g.params if sp.trainable]
-        flags = torch.tensor([sp.has_grad for _, sp in params], dtype=torch.int32)
-        if flags.numel():
+        dist.barrier(group=self.node)  # every local process's gradients are in the node's buffer
+        flags = torch.tensor([grads.landed(sp) for _, sp in params], dtype=torch.int32)
+        if flags.numel() and self.num_nodes > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-        reduce: dict[int, StoreGroup] = {}
-        for (group, sp), anywhere in zip(params, flags.tolist()):
-            if not anywhere:
-                continue
+        anywhere = [(group, sp) for (group, sp), flag in zip(params, flags.tolist()) if flag]
+        reduce: dict[int, tuple[StoreGroup, list[StoreParam]]] = {}
+        for group, sp in anywhere:
             if sp.grad_state is GradState.COMPUTE:
                 raise RuntimeError(
                     f"{sp.name}: data-parallel gradients must be kept in FP32 on the host (the engine's accumulation "
                     "buffers); this gradient is in the compute dtype"
                 )
-            if not sp.has_grad:
-                group.ensure_grad()
-                group.grad_view(sp).zero_()
-                sp.land(GradState.FP32)
-            sp.grad_norm = None  # a norm recorded as the gradient landed is this process's, not the average's
-            reduce[id(group)] = group
-        for group in reduce.values():
-            assert group.grad is not None
-            dist.all_reduce(group.grad, group=self.group)
+            reduce.setdefault(id(group), (group, []))[1].append(sp)
+        for group, sps in reduce.values():
+            if not self.owns(group):
+                continue
+            with grads.lock(group):  # (no process lands now: only for the stamps' sake)
+                for sp in sps:
+                    grads.to_sum(group, sp)
+            if self.num_nodes > 1:
+                dist.all_reduce(group.grad, group=self.peers)
             group.grad.div_(self.world_size)
+            with grads.lock(group):
+                for sp in sps:
+                    grads.mark_averaged(sp)
+        dist.barrier(group=self.node)  # every owner has averaged its groups
+        for _, sp in anywhere:
+            if not sp.has_grad:
+                sp.land(GradState.FP32)
+            sp.grad_norm = None  # a norm recorded as the gradient landed is not the average's
         expose()
+
+    def reduce_norms(self, norms: list[torch.Tensor], norm_type: float) -> list[torch.Tensor]:
+        """The total ``norm_type`` norms of ``norms`` (this process's, one per parameter) of every process of the node
+        (collective over the node): the norm of the result is the norm over the node's parameters."""
+        from .optimizer import clip_coefficient
+
+        mine, _ = clip_coefficient(norms, 1.0, norm_type)
+        out = [torch.zeros((), dtype=torch.float32) for _ in range(self.local_world_size)]
+        dist.all_gather(out, mine.to(torch.float32).reshape(()), group=self.node)
+        return out
 
     def barrier(self) -> None:
         dist.barrier(group=self.group)
@@ -191,6 +251,80 @@ class DataParallel:
     def owned_names(self, store: HostStore) -> set[str]:
         """Names of the parameters this process steps (whose optimizer state it holds)."""
         return {sp.name for g in store.groups if not g.frozen and self.owns(g) for sp in g.params}
+
+
+class NodeGradients:
+    """The FP32 gradients of a node's store, one buffer shared by the node's processes (not one per GPU).
+
+    Every process adds the gradients of its micro-batches straight into the node's buffer, one process at a time per
+    group (:meth:`lock`, a mutex of the node buffer per group), so the buffer holds the sum over the node's
+    processes; :meth:`DataParallel.reduce_gradients` turns it into the average over every process. A stamp per
+    parameter (in the shared buffer) says what the buffer holds: nothing of the current step (stamped for an earlier
+    discard count, :attr:`~.store.StoreParam.discards`, which advances alike in every process), the node's sum, or
+    the average. The first process to land a gradient after a discard zero-fills it first; one landing on an
+    averaged gradient (micro-batches after an explicit early average) first scales it back to this node's share of
+    the sum.
+
+    Args:
+        buffer: The node's buffer (its mutexes).
+        store: The store whose groups get ``grad`` from ``grads``.
+        grads: Each trainable group's FP32 gradient, by group name (views of ``buffer``).
+        stamps: One ``int64`` per parameter of the store, in its order (a view of ``buffer``).
+        local_world_size: Processes on the node.
+    """
+
+    _SUM, _AVERAGE = 0, 1
+
+    def __init__(
+        self,
+        buffer: NodeBuffer,
+        store: HostStore,
+        grads: dict[str, torch.Tensor],
+        stamps: torch.Tensor,
+        local_world_size: int,
+    ) -> None:
+        self.buffer, self.stamps, self.local_world_size = buffer, stamps, local_world_size
+        self._index: dict[int, int] = {}
+        self._mutex: dict[int, int] = {}
+        for i, group in enumerate(store.groups):
+            self._mutex[id(group)] = i
+            for sp in group.params:
+                self._index[id(sp)] = len(self._index)
+            if group.name in grads:
+                assert grads[group.name].numel() == group.master.numel(), group.name
+                group.grad = grads[group.name]
+        assert len(self._index) <= stamps.numel()
+
+    def lock(self, group: StoreGroup):
+        """Context manager: holds ``group``'s mutex (take it from one thread per process, the gradient worker)."""
+        return self.buffer.lock(self._mutex[id(group)])
+
+    def _stamp(self, sp: StoreParam) -> tuple[bool, int]:
+        value = int(self.stamps[self._index[id(sp)]])
+        return value >> 1 == sp.discards + 1, value & 1
+
+    def _set(self, sp: StoreParam, state: int) -> None:
+        self.stamps[self._index[id(sp)]] = ((sp.discards + 1) << 1) | state
+
+    def landed(self, sp: StoreParam) -> bool:
+        """Whether a process of the node landed ``sp``'s gradient since the processes last discarded it."""
+        return self._stamp(sp)[0]
+
+    def to_sum(self, group: StoreGroup, sp: StoreParam) -> None:
+        """Makes ``sp``'s gradient this node's part of the sum over every process (under :meth:`lock`): zero-filled
+        if it holds an earlier step's, scaled back if it holds the average."""
+        current, state = self._stamp(sp)
+        if not current:
+            group.grad_view(sp).zero_()
+        elif state == self._AVERAGE:
+            group.grad_view(sp).mul_(self.local_world_size)  # the node's share: the nodes' shares add up to the sum
+        else:
+            return
+        self._set(sp, self._SUM)
+
+    def mark_averaged(self, sp: StoreParam) -> None:
+        """Records that ``sp``'s gradient now holds the average over every process (under :meth:`lock`)."""
+        self._set(sp, self._AVERAGE)
 
 
 def assign_owners(groups: list[StoreGroup], ranks: int) -> dict[str, int]:
@@ -231,5 +365,10 @@ def data_parallel_config(config):
             "cannot do (gradients are averaged over the processes first). Leave grad_pool_buffers unset"
         )
     return dataclasses.replace(
-        config, accumulate_grads=True, updates_in_backward=False, weight_copy=False, grad_pool_buffers=0
+        config,
+        accumulate_grads=True,
+        updates_in_backward=False,
+        weight_copy=False,
+        grad_pool_buffers=0,
+        track_grad_norm=False,  # clipping measures the averaged gradients, each process those of its groups
     )

@@ -276,7 +276,8 @@ def still_to_allocate(
     ``EngineConfig.pooled_grads``, the weight copy) is not in it: the same with and without the pool.
 
     ``processes``: the processes of a data-parallel node sharing one store (:mod:`.data_parallel`): the optimizer
-    state is allocated once over them (each holds its groups' share), the rest once per process."""
+    state and the FP32 gradients are allocated once over them (each process holds its groups' share of the state;
+    the gradients are one buffer of the node), the staging and slabs once per process."""
     c = compute_dtype.itemsize
     state = sum(
         optimizer_state_bytes(opt, state_dtype)
@@ -286,7 +287,7 @@ def still_to_allocate(
     )
     out = {"optimizer state": int(state)}
     each = f" (x {processes} processes)" if processes > 1 else ""
-    out["gradients" + each] = processes * (4 * shape.store_numel if accumulate else 4 * shape.embedding_numel)
+    out["gradients"] = 4 * shape.store_numel if accumulate else 4 * shape.embedding_numel
     if on_gpu and not weight_copy:
         out["upload staging" + each] = processes * 2 * shape.staging_numel * c
     if on_gpu and accumulate:

@@ -32,6 +32,7 @@ global norm needs no extra pass over host memory.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 import warnings
@@ -39,6 +40,7 @@ from collections.abc import Callable
 
 import torch
 
+from .data_parallel import NodeGradients
 from .grad_pool import GradPool
 from .host_kernels import fold_
 from .moe import ExpertGrad
@@ -71,6 +73,8 @@ class GradientSink:
         track_norms: Record per-parameter gradient norms as they land (clipping by norm is then free).
         kernels: Fold with :func:`.host_kernels.fold_` (one pass, the norm on the way), else torch's ``copy_``/``add_``.
         threads: Threads of the fold kernel.
+        shared: The FP32 gradients are one buffer shared by the processes of a data-parallel node: every fold adds
+            into it under the group's mutex, and the first after a discard zero-fills it (fold mode only).
     """
 
     def __init__(
@@ -90,6 +94,7 @@ class GradientSink:
         pool_buffers: int = 0,
         pool_numel: int = 0,
         updates_follow: Callable[[list[StoreParam]], bool] | None = None,
+        shared: NodeGradients | None = None,
     ) -> None:
         self.store, self.device, self.dtype = store, device, dtype
         self.cuda = device.type == "cuda"
@@ -107,6 +112,9 @@ class GradientSink:
         self.kernels = kernels
         self.threads = threads
         self.updates_follow = updates_follow
+        if shared is not None and direct:
+            raise ValueError("gradients shared by a node's processes are folded in FP32: direct mode cannot serve them")
+        self.shared = shared
         self.pool: GradPool | None = None
         """The pooled compute-dtype gradient buffers (None: whole buffers, or fold mode)."""
         if direct and pool_buffers:
@@ -155,10 +163,13 @@ class GradientSink:
         def fold() -> None:
             self._to_fp32(group, sp)
             dst = group.grad_view(sp)
-            if not sp.has_grad:
-                dst.zero_()
+            with self._locked(group):
+                if self.shared is not None:
+                    self.shared.to_sum(group, sp)
+                elif not sp.has_grad:
+                    dst.zero_()
+                dst.index_add_(0, ids, rows.to(torch.float32))
             sp.land(GradState.FP32)
-            dst.index_add_(0, ids, rows.to(torch.float32))
             if self.track_norms:
                 sp.grad_norm = torch.linalg.vector_norm(dst)
             self._report([group])
@@ -398,24 +409,33 @@ class GradientSink:
             except queue.Empty:
                 continue
 
+    def _locked(self, group: StoreGroup):
+        """``group``'s mutex among the node's processes when the gradients are shared (else nothing to hold)."""
+        return self.shared.lock(group) if self.shared is not None else contextlib.nullcontext()
+
     def _fold(self, spans: list[tuple[_Landing, int, torch.Tensor]]) -> None:
         """Adds (or, on the first landing after an optimizer step, copies) each span into the FP32 gradient."""
         for landing, offset, src in spans:
             group, sp = landing.target
-            if landing.fresh is None:  # the first span of this gradient
-                self._to_fp32(group, sp)
-                landing.fresh = not sp.has_grad
-                if landing.fresh and landing.expert is not None:
-                    landing.expert.zero_others(group.grad_view(sp))
-            dst = group.grad_view(sp).view(-1)[offset : offset + src.numel()]
-            if self.kernels and src.device.type == "cpu" and src.is_contiguous():
-                landing.sumsq += fold_(dst, src, overwrite=landing.fresh, num_threads=self.threads)
-            else:
-                landing.sumsq = None  # no statistic from this path: the norm is computed at the end
-                if landing.fresh:
-                    dst.copy_(src)
+            with self._locked(group):
+                if landing.fresh is None:  # the first span of this gradient
+                    self._to_fp32(group, sp)
+                    if self.shared is not None:  # another process of the node may have landed it already
+                        self.shared.to_sum(group, sp)
+                        landing.fresh = False
+                    else:
+                        landing.fresh = not sp.has_grad
+                    if landing.fresh and landing.expert is not None:
+                        landing.expert.zero_others(group.grad_view(sp))
+                dst = group.grad_view(sp).view(-1)[offset : offset + src.numel()]
+                if self.kernels and src.device.type == "cpu" and src.is_contiguous():
+                    landing.sumsq += fold_(dst, src, overwrite=landing.fresh, num_threads=self.threads)
                 else:
-                    dst.add_(src)
+                    landing.sumsq = None  # no statistic from this path: the norm is computed at the end
+                    if landing.fresh:
+                        dst.copy_(src)
+                    else:
+                        dst.add_(src)
             landing.left -= 1
             if landing.left == 0:
                 sp.land(GradState.FP32)

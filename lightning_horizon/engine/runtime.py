@@ -156,6 +156,7 @@ class HorizonEngine:
             pool_buffers=config.pooled_grads,
             pool_numel=self.shape.grad_group_numel,
             updates_follow=self._updates_follow,
+            shared=self.store.node_grads if parallel is not None else None,
         )
         self.optim = LayerOptimizer(
             self.store,
@@ -229,6 +230,8 @@ class HorizonEngine:
         self.finish_backward()
         self._reduce_if_pending()
         self._overlap = False
+        if self.parallel is not None:  # every process has read the shared gradients (clipping, hooks) before an
+            self.parallel.barrier()  # owner's update may scale them in place
         self.optim.step(optimizer)
         if self.parallel is not None:
             # Every process's updates are in the shared masters before any process reads one again
@@ -255,11 +258,16 @@ class HorizonEngine:
         self.finish_backward()
         self._reduce_if_pending()
         entries = self._grad_entries(optimizer)
+        parallel = self.parallel
         norms = []
         for group, sp in entries:
+            if parallel is not None and not parallel.owns(group):
+                continue  # the node's processes share the averaged gradients: each measures the groups it owns
             tracked = self.sink.track_norms and norm_type == 2.0 and sp.grad_norm is not None  # recorded as it landed
             norm = sp.grad_norm if tracked else torch.linalg.vector_norm(self.sink.gradient(group, sp), norm_type)
             norms.append(norm if sp.clip_coef is None else norm * sp.clip_coef.to(norm.device))  # clipped before
+        if parallel is not None:
+            norms = parallel.reduce_norms(norms, norm_type)
         total, coef = clip_coefficient(norms, float(max_norm), norm_type)
         if float(coef) < 1.0:
             for _, sp in entries:

@@ -15,9 +15,13 @@ first removes the files of creators that no longer run (:func:`sweep_stale`).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import mmap
 import os
 import re
+import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -31,15 +35,19 @@ class NodeBuffer:
     """``nbytes`` of host memory shared by the processes of one node under ``name`` (see the module docstring).
 
     Use :meth:`create` (one process) and :meth:`open` (the others); :attr:`tensor` is a ``uint8`` view of the whole
-    buffer and :meth:`view` a typed view of a part of it.
+    buffer and :meth:`view` a typed view of a part of it; :meth:`lock` is a mutex shared by the node's processes.
     """
 
     def __init__(self, path: Path, nbytes: int, fd: int) -> None:
         self.path, self.nbytes = path, nbytes
         try:
             self._map = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            os.close(fd)  # the mapping keeps the memory; the descriptor is not needed
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        """Kept open for :meth:`lock` (record locks belong to an open file; closing it releases them)."""
+        self._close_fd = weakref.finalize(self, os.close, fd)
         self.tensor = torch.frombuffer(self._map, dtype=torch.uint8)
         """The whole buffer, ``uint8``; its memory is the shared mapping."""
 
@@ -93,6 +101,18 @@ class NodeBuffer:
             raise ValueError(f"view of {numel} x {dtype} at byte {offset_bytes} does not fit {self.nbytes} bytes")
         return self.tensor[offset_bytes:end].view(dtype)
 
+    @contextlib.contextmanager
+    def lock(self, index: int) -> Iterator[None]:
+        """Holds mutex ``index`` (any non-negative integer) of this buffer against the node's other processes.
+
+        A POSIX record lock on byte ``index`` of the buffer's file: one per process (threads of one process do not
+        exclude each other: take each mutex from one thread), released by the kernel if the process dies."""
+        fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, index)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, index)
+
     def unlink(self) -> None:
         """Removes the name (call once every process has opened it): the memory lives until the last mapping goes."""
         self.path.unlink(missing_ok=True)
@@ -101,6 +121,7 @@ class NodeBuffer:
         """Unmaps this process's view (tensors viewing it must be gone: ``BufferError`` otherwise)."""
         del self.tensor
         self._map.close()
+        self._close_fd()
 
 
 def sweep_stale() -> list[str]:

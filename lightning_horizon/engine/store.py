@@ -76,6 +76,9 @@ class StoreParam:
     """Scale of the current gradient set by clipping by norm (applied by the optimizer, with the update)."""
     clip_value: float | None = None
     """Bound of the current gradient set by clipping by value (applied by the optimizer, with the update)."""
+    discards: int = 0
+    """Times the gradient was discarded: the processes of a data-parallel node, which discard in step, tell from it
+    whether the gradient in their shared buffer is of the current step (:class:`~.data_parallel.NodeGradients`)."""
 
     @property
     def trainable(self) -> bool:
@@ -95,6 +98,7 @@ class StoreParam:
         """Forgets the current gradient (consumed by an update, or dropped by ``zero_grad``)."""
         self.grad_state = GradState.NONE
         self.grad_norm = self.clip_coef = self.clip_value = None
+        self.discards += 1
 
 
 @dataclass(eq=False)
