@@ -71,14 +71,21 @@ def _train(model, engine, rank: int, world: int, data_world: int, stats: dict, e
 
 
 def _worker(
-    rank: int, world: int, local_world: int, init: str, out: str, lora: bool = False, early: bool = False
+    rank: int,
+    world: int,
+    local_world: int,
+    init: str,
+    out: str,
+    lora: bool = False,
+    early: bool = False,
+    device: str = "cpu",
 ) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
         model = _model(rank, lora)  # every process draws its own: rank 0's must win
         parallel = DataParallel(local_rank=rank % local_world, local_world_size=local_world)
-        engine = HorizonEngine(model, device="cpu", compute_dtype="fp32", parallel=parallel)
+        engine = HorizonEngine(model, device=device, compute_dtype="fp32", parallel=parallel)
         buffer = engine.store.node_buffers[0]
         base = buffer.tensor.data_ptr()
         stats = {
@@ -98,17 +105,19 @@ def _worker(
         dist.destroy_process_group()
 
 
-def _single(world: int, lora: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+def _single(world: int, lora: bool = False, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
     model = _model(0, lora)
-    engine = HorizonEngine(model, device="cpu", compute_dtype="fp32", accumulate_grads=True)
+    engine = HorizonEngine(model, device=device, compute_dtype="fp32", accumulate_grads=True)
     stats: dict = {}
     _train(model, engine, 0, 1, world, stats)
     engine.close()
     return {n: p.detach().clone() for n, p in model.named_parameters()}, stats
 
 
-def _spawn(tmp_path: Path, world: int, local_world: int, lora: bool = False, early: bool = False) -> list[dict]:
-    args = (world, local_world, str(tmp_path / "init"), str(tmp_path), lora, early)
+def _spawn(
+    tmp_path: Path, world: int, local_world: int, lora: bool = False, early: bool = False, device: str = "cpu"
+) -> list[dict]:
+    args = (world, local_world, str(tmp_path / "init"), str(tmp_path), lora, early, device)
     mp.spawn(_worker, args=args, nprocs=world, join=True)
     return [json.loads((tmp_path / f"stats{r}.json").read_text()) for r in range(world)]
 

@@ -479,3 +479,22 @@ def test_cuda_data_parallel_code_path_with_one_nccl_process(tmp_path):
         assert max((p - results[0][n]).abs().max().item() for n, p in ref.named_parameters()) > 1e-4
     finally:
         dist.destroy_process_group()
+
+
+def test_two_processes_on_one_gpu_share_the_node_store_and_equal_one_process(tmp_path):
+    """Two data-parallel processes on the machine's one GPU (gloo: NCCL needs a GPU per process): both page-lock
+    the node's shared store, their gradients land through pinned slabs into the node's one gradient buffer under its
+    mutexes, and 10 AdamW steps with clipping and accumulation equal one process with the global batch (1e-5)."""
+    import pytest
+
+    from tests.test_data_parallel import _single, _spawn
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    stats = _spawn(tmp_path, 2, 2, device="cuda")
+    want, single = _single(2, device="cuda")
+    for rank in range(2):
+        got = torch.load(tmp_path / f"weights{rank}.pt")
+        for name, value in want.items():
+            assert (got[name] - value).abs().max().item() <= 1e-5, (rank, name)
+        assert stats[rank]["norms"] == pytest.approx(single["norms"], rel=1e-5)
+        assert stats[rank]["grads_shared"]
