@@ -420,3 +420,59 @@ def test_two_nodes_launched_as_a_cluster_launches_them(tmp_path):
     assert json.loads((out / "stats1.json").read_text())["world"] == 2
     meta = json.loads((tmp_path / "ck.ckpt" / "horizon.json").read_text())
     assert len(meta["optimizers"][0]["files"]) == len(meta["model"]["groups"])
+
+
+def _moe(seed: int):
+    from tests.test_sparse_experts import moe_model
+
+    model = moe_model("mixtral", seed=seed)
+    # No load-balancing loss: it is taken over each process's batch, which is not a share of the global batch's (as
+    # with DDP); the test compares the language-model loss's gradients
+    model.config.output_router_logits = False
+    return model
+
+
+def _moe_train(model, engine, rank: int, world: int) -> None:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    for step in range(3):
+        for micro in range(2):
+            batch = make_batch(100 * step + micro, batch=world, seq=5, pad=False)
+            rows = slice(rank, rank + 1) if world > 1 and engine.parallel is not None else slice(None)
+            (model(**{k: v[rows] for k, v in batch.items()}).loss / 2).backward()
+        engine.clip_grad_norm_(0.05)
+        engine.step(opt)
+        opt.zero_grad()
+    engine.synchronize()
+
+
+def _moe_worker(rank: int, world: int, init: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    try:
+        model = _moe(seed=rank)  # rank 0's weights win
+        parallel = DataParallel(local_rank=rank, local_world_size=world)
+        engine = HorizonEngine(model, device="cpu", compute_dtype="fp32", sparse_experts=True, parallel=parallel)
+        _moe_train(model, engine, rank, world)
+        engine.close()
+        torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, f"{out}/moe{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sparse_experts_equal_one_process(tmp_path):
+    """A Mixtral of 16 experts, one row per process: each process's tokens reach different experts, so expert
+    gradients land sparsely (only the hit experts' rows) into the node's one buffer, zero-filled by the first landing
+    of a step. 3 AdamW steps with clipping and accumulation equal one process with the global batch (1e-5)."""
+    mp.spawn(_moe_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    model = _moe(seed=0)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine = HorizonEngine(model, device="cpu", compute_dtype="fp32", sparse_experts=True, accumulate_grads=True)
+    _moe_train(model, engine, 0, 2)
+    engine.close()
+    want = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for rank in range(2):
+        got = torch.load(tmp_path / f"moe{rank}.pt")
+        for name, value in want.items():
+            assert (got[name] - value).abs().max().item() <= 1e-5, (rank, name)
+    experts = [n for n in want if ".experts." in n]
+    assert experts and max((want[n] - start[n]).abs().max().item() for n in experts) > 1e-4
