@@ -382,7 +382,7 @@ def test_ctrl_c_prints_the_command_that_resumes(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode != 0 and "Traceback" not in err, err[-3000:]
+    assert proc.returncode != 0 and "Traceback" not in err, (out[-3000:], err[-3000:])
     output = out + err
     match = re.search(r"Resume with:\n\s+python -m recipes\.sft (.+)", output)
     assert match, output[-3000:]

@@ -19,6 +19,7 @@ import torch
 import lightning_horizon  # noqa: F401  (registers "horizon")
 from lightning_horizon import HorizonEngine
 from tests.helpers import EngineProbe, LMModule, clone, loader, make_batch, rel_err, tiny_model
+from tests.test_strategy import NOISE_ONLY
 
 QUIET = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 
@@ -42,7 +43,8 @@ def both(make_module, steps=4, fit_kw=None, **kw):
 
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module, tol: float = 1e-5) -> None:
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
-        assert rel_err(p, q) < tol, name
+        # (a key-projection bias has a zero true gradient: rounding noise that Adam scales up, as in test_strategy)
+        assert rel_err(p, q) < (max(tol, 2e-4) if name.endswith(NOISE_ONLY) else tol), name
 
 
 def horizon_threads() -> list[str]:
