@@ -366,11 +366,18 @@ def test_resume_auto_finds_the_run_of_this_config_without_a_run_dir(tmp_path):
     assert len(losses(tmp_path / "outputs" / "x" / "other")) == 2
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C's default disposition. A test run started in the background of a non-interactive shell
+    (``cmd &``) ignores SIGINT, and an ignored signal stays ignored across exec: the recipe would never see it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
 def test_ctrl_c_prints_the_command_that_resumes(tmp_path):
     overrides = [*FAST, "trainer.max_steps=400", "trainer.val_check_interval=2", "data.batch_size=1"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "recipes.sft", *overrides, f"hydra.run.dir={tmp_path}"],
-        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 120
