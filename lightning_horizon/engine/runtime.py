@@ -253,7 +253,9 @@ class HorizonEngine:
         ``torch.nn.utils.clip_grad_norm_`` does.
 
         The scaling itself is applied by the CPU optimizer, group by group, just before each update (a gradient
-        discarded by ``zero_grad`` drops its scaling with it). Returns the total norm before clipping.
+        discarded by ``zero_grad`` drops its scaling with it). Returns the total norm before clipping. With several
+        processes it is collective (every process calls it): each measures the groups it owns, and the partial norms
+        are gathered over the node.
         """
         self.finish_backward()
         self._reduce_if_pending()
