@@ -338,9 +338,11 @@ class HorizonEngine:
         """Averages the host gradients over the processes of a data-parallel run (every process must call it; a
         no-op in one process). :meth:`clip_grad_norm_`, :meth:`clip_grad_value_` and :meth:`step` call it when a
         backward ran since the last average; call it yourself where the averaged gradients must be read earlier
-        (``param.grad`` holds this process's own gradients until then). Averaging after every micro-batch of an
-        accumulated step gives the same result (the part already averaged is equal in every process) at the cost of
-        one all-reduce per micro-batch; the strategy averages after the last one only, as DDP does."""
+        (until then a gradient is a running sum of the node's processes, which other processes may still be adding
+        to: it is not this process's own gradient, as it would be under DDP's ``no_sync``). Averaging after every
+        micro-batch of an accumulated step gives the same result (the next micro-batch adds to the average scaled
+        back to a sum) at the cost of a collective per micro-batch; the strategy averages after the last one only,
+        as DDP does."""
         self.finish_backward()
         if self.parallel is not None:
             self.parallel.reduce_gradients(self.store, self.sink.finish)
