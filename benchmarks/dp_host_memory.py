@@ -5,7 +5,9 @@ clipping (FP32 compute, so the figures are the host store's, not a GPU run's sta
     python benchmarks/dp_host_memory.py --layers 8 --hidden 1024     # ~120 M parameters
 
 Prints one row per process count: the PSS sum, per parameter, its ratio to the first row, and its parts (anonymous
-memory: each process's own heap; shared memory: the node's store; files: libraries).
+memory: each process's own heap; shared memory: the node's store; files: libraries) and the PSS sum at the moment
+every process has built its model, before the store exists (``--meta``: the processes other than rank 0 build theirs
+on the meta device, as ``recipes.sft`` does).
 """
 
 from __future__ import annotations
@@ -37,7 +39,10 @@ def _pss() -> dict[str, int]:
     return out
 
 
-def _model(args) -> Qwen2ForCausalLM:
+def _model(args, meta: bool = False) -> Qwen2ForCausalLM:
+    if meta:  # what recipes.sft does in the processes that do not fill their node's store
+        with torch.device("meta"):
+            return _model(args)
     torch.manual_seed(0)
     cfg = Qwen2Config(
         hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
@@ -53,8 +58,11 @@ def _run(rank: int, world: int, args, init: str, out: str) -> None:
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
         parallel = DataParallel(local_rank=rank, local_world_size=world)
-    model = _model(args)
+    model = _model(args, meta=args.meta and rank > 0)
     numel = sum(p.numel() for p in model.parameters())
+    if parallel is not None:
+        parallel.barrier()  # every process holds its model now: the moment of setup where copies add up
+    built = _pss()["Pss"]
     engine = HorizonEngine(model, device="cpu", compute_dtype="fp32", accumulate_grads=True, parallel=parallel)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     for step in range(3):
@@ -64,7 +72,7 @@ def _run(rank: int, world: int, args, init: str, out: str) -> None:
         engine.step(opt)
         opt.zero_grad()
     engine.synchronize()
-    Path(out, f"{world}-{rank}.json").write_text(json.dumps({"pss": _pss(), "numel": numel}))
+    Path(out, f"{world}-{rank}.json").write_text(json.dumps({"pss": _pss(), "numel": numel, "built": built}))
     if parallel is not None:
         parallel.barrier()  # every process measured before any exits (shared pages stay split the same way)
         dist.destroy_process_group()
@@ -75,6 +83,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    ap.add_argument(
+        "--meta", action="store_true", help="processes other than rank 0 build their model on the meta device"
+    )
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,16 +93,18 @@ def main() -> None:
             mp.spawn(_run, args=(world, args, os.path.join(tmp, f"init{world}"), tmp), nprocs=world, join=True)
             parts = [json.loads(Path(tmp, f"{world}-{r}.json").read_text()) for r in range(world)]
             total = {k: sum(p["pss"].get(k, 0) for p in parts) for k in ("Pss", "Pss_Anon", "Pss_Shmem", "Pss_File")}
+            total["built"] = sum(p["built"] for p in parts)
             rows.append((world, total, parts[0]["numel"]))
     base = rows[0][1]["Pss"]
     print(
         f"{'processes':>9} {'PSS sum GiB':>12} {'B/param':>8} {'vs first':>9} "
-        f"{'anon GiB':>9} {'shmem GiB':>10} {'file GiB':>9}"
+        f"{'anon GiB':>9} {'shmem GiB':>10} {'file GiB':>9} {'models built GiB':>17}"
     )
     for world, pss, numel in rows:
         print(
             f"{world:>9} {pss['Pss'] / 2**30:>12.2f} {pss['Pss'] / numel:>8.1f} {pss['Pss'] / base:>9.2f} "
-            f"{pss['Pss_Anon'] / 2**30:>9.2f} {pss['Pss_Shmem'] / 2**30:>10.2f} {pss['Pss_File'] / 2**30:>9.2f}"
+            f"{pss['Pss_Anon'] / 2**30:>9.2f} {pss['Pss_Shmem'] / 2**30:>10.2f} {pss['Pss_File'] / 2**30:>9.2f} "
+            f"{pss['built'] / 2**30:>17.2f}"
         )
 
 

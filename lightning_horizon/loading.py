@@ -49,6 +49,7 @@ def load_hf_model(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
     num_labels: int | None = None,
+    meta: bool = False,
 ) -> nn.Module:
     """A ``...ForCausalLM`` with the weights of ``path`` (a local directory or a hub id), streamed from safetensors.
 
@@ -59,19 +60,30 @@ def load_hf_model(
     With ``dtype=torch.float32`` the parameters are views into flat buffers laid out as the engine's host store
     (``HorizonEngine`` adopts them without copying once it builds its store with ``HostStore.adopt``). The model is
     returned in eval mode, as ``from_pretrained`` does.
+
+    With ``meta=True`` only the model's structure, from its config: every tensor on the meta device and no weight
+    read (the processes of a data-parallel node other than local rank 0, whose parameters become views into the
+    store that local rank 0 fills).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     directory = _resolve(path)
-    check_model_dir(directory)
+    if not meta:  # (it reads the weight files' headers; the process that loads the weights checks them)
+        check_model_dir(directory)
     config = AutoConfig.from_pretrained(directory)
     auto = AutoModelForCausalLM
     if num_labels is not None:
         config.num_labels, auto = num_labels, AutoModelForSequenceClassification
-    with params_on_meta():
-        model = auto.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
-    materialize(model, dtype)
-    if num_labels is None:
+    if meta:
+        with torch.device("meta"):
+            model = auto.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    else:
+        with params_on_meta():
+            model = auto.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+        materialize(model, dtype)
+    if meta:
+        pass  # no weights: the store's values come from local rank 0
+    elif num_labels is None:
         load_safetensors_into(model, directory)
     else:
         missing = load_safetensors_into(model, directory, skip=(r"^lm_head\.",), may_miss=("score.weight",))

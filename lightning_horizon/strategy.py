@@ -290,10 +290,13 @@ class HorizonStrategy(ParallelStrategy):
             # the backward, and the gradients may go through the engine's bounded pool (no whole-model buffer)
             updates_in_backward=trainer.state.fn == TrainerFn.FITTING and in_backward,
         )
-        # A model built on the meta device is materialised straight into the store's layout (nothing copied)
-        initialize_on_host(model)
         if self.is_distributed and self._data_parallel is None:  # its process groups serve every later engine
             self._data_parallel = DataParallel(local_rank=self.local_rank, local_world_size=self.num_processes)
+        # A model built on the meta device is materialised straight into the store's layout (nothing copied) and
+        # initialised; with several processes only where it fills its node's store (local rank 0): the others'
+        # parameters only become views into that store (DataParallel.prepare_model, without touching memory)
+        if self._data_parallel is None or self._data_parallel.is_leader:
+            initialize_on_host(model)
         self.engine = HorizonEngine(model, config, parallel=self._data_parallel)
         self.engine.guard_zero_grad(module)  # the LightningModule's zero_grad() discards the host gradients too
         _place_rest(module, model, self.root_device)

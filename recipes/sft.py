@@ -44,6 +44,7 @@ from lightning_horizon.config_groups import engine_config
 from lightning_horizon.data import DataConfig, SFTDataModule, build_default_tokenizer, load_tokenizer
 from lightning_horizon.data.packing import prepare_model_for_packing
 from lightning_horizon.data.tokenizer import as_exported
+from lightning_horizon.engine.data_parallel import local_topology
 from lightning_horizon.files import remove_stale_temporaries
 from lightning_horizon.hardware import HardwareProfile, load_profile
 from lightning_horizon.lightning_module import OptimConfig, SFTModule
@@ -298,8 +299,14 @@ def train(cfg: DictConfig, workload: Workload = SFT) -> None:
     frozen_dtype = dataclasses.replace(
         run.strategy, compute_dtype=precision_dtype(run.trainer.get("precision", "bf16-mixed"))
     ).frozen_store_dtype()
+    # With several processes per node only local rank 0 fills the node's host store from its model: the others build
+    # theirs on the meta device (no weights read, no memory; HorizonEngine gives it storage that the store replaces)
     model = build_model(
-        run.model, dtype=base_dtype(run.peft, frozen_dtype), vocab_size=len(tokenizer), num_labels=workload.num_labels
+        run.model,
+        dtype=base_dtype(run.peft, frozen_dtype),
+        vocab_size=len(tokenizer),
+        num_labels=workload.num_labels,
+        device="meta" if local_topology()[0] > 0 else "cpu",
     )
     model.train()  # from_pretrained (model.path) returns eval mode: train with the dropout the model config sets
     # generation stops at the end of a reply (a reward model has no generation config)

@@ -28,6 +28,12 @@ class Module(LMModule):
         sampler = DistributedSampler(data.dataset, num_replicas=world, rank=rank, shuffle=False)
         return DataLoader(data.dataset, batch_size=self.rows, sampler=sampler)
 
+    def configure_model(self) -> None:
+        if self.model is None:  # --meta-model: built here, on the meta device outside local rank 0 (README)
+            with torch.device("meta" if self.trainer.local_rank > 0 else "cpu"):
+                self.model = tiny_model("qwen2", tied=True, seed=0)
+            self.built_on_meta = self.model.lm_head.weight.is_meta
+
     def on_after_backward(self) -> None:  # reads the gradient the update will use (averaged over the processes)
         grad = self.model.model.norm.weight.grad
         self.norm_grads.append(grad.norm().item() if grad is not None else None)
@@ -56,11 +62,14 @@ def main() -> None:
         "backward and the step, where one process would update during the backward)",
     )
     ap.add_argument("--sleep", type=float, default=0.0, help="seconds each step sleeps (a run to kill)")
+    ap.add_argument(
+        "--meta-model", action="store_true", help="the model is built in configure_model, on meta outside local rank 0"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     L.seed_everything(0)
     cls = type("Plain", (Module,), {"on_after_backward": LMModule.on_after_backward}) if args.no_hook else Module
-    module = cls(tiny_model("qwen2", tied=True, seed=0), lr=1e-3, total=20)
+    module = cls(None if args.meta_model else tiny_model("qwen2", tied=True, seed=0), lr=1e-3, total=20)
     module.norm_grads = []
     module.rows = args.batch
     module.n_samples = args.epoch_steps * args.accumulate * args.batch * args.devices * args.num_nodes
@@ -104,7 +113,15 @@ def main() -> None:
     rank = trainer.global_rank
     torch.save({n: p.detach().clone() for n, p in module.model.named_parameters()}, out / f"weights{rank}.pt")
     (out / f"stats{rank}.json").write_text(
-        json.dumps({"losses": module.losses, "norm_grads": module.norm_grads, "world": trainer.world_size, **stats})
+        json.dumps(
+            {
+                "losses": module.losses,
+                "norm_grads": module.norm_grads,
+                "world": trainer.world_size,
+                "built_on_meta": getattr(module, "built_on_meta", False),
+                **stats,
+            }
+        )  # fmt: skip
     )
 
 

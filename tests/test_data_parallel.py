@@ -34,8 +34,9 @@ def _global_batch(step: int, micro: int, world: int) -> dict[str, torch.Tensor]:
     return make_batch(1000 * step + micro, batch=ROWS * world, seq=12, pad=False)
 
 
-def _model(seed: int, lora: bool):
-    model = tiny_model("qwen2", tied=True, seed=seed)
+def _model(seed: int, lora: bool, meta: bool = False):
+    with torch.device("meta" if meta else "cpu"):
+        model = tiny_model("qwen2", tied=True, seed=seed)
     if lora:  # PEFT adapters (their init random per process too) over a frozen base
         from peft import LoraConfig, get_peft_model
 
@@ -79,17 +80,21 @@ def _worker(
     lora: bool = False,
     early: bool = False,
     device: str = "cpu",
+    meta: bool = False,
 ) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
-        model = _model(rank, lora)  # every process draws its own: rank 0's must win
+        # every process draws its own: rank 0's must win; with meta, the processes that do not fill their node's
+        # store build theirs on the meta device (as recipes.sft does)
+        model = _model(rank, lora, meta=meta and rank % local_world != 0)
         parallel = DataParallel(local_rank=rank % local_world, local_world_size=local_world)
         engine = HorizonEngine(model, device=device, compute_dtype="fp32", parallel=parallel)
         buffer = engine.store.node_buffers[0]
         base = buffer.tensor.data_ptr()
         stats = {
             "shared": all(base <= p.data_ptr() < base + buffer.nbytes for p in model.parameters()),
+            "tied": model.lm_head.weight is model.model.embed_tokens.weight if not lora else True,
             "shared_bytes": buffer.nbytes,
             "shm_names_left": sorted(p.name for p in SHM_DIR.glob(f"{PREFIX}-*")),
         }
@@ -115,23 +120,30 @@ def _single(world: int, lora: bool = False, device: str = "cpu") -> tuple[dict[s
 
 
 def _spawn(
-    tmp_path: Path, world: int, local_world: int, lora: bool = False, early: bool = False, device: str = "cpu"
+    tmp_path: Path,
+    world: int,
+    local_world: int,
+    lora: bool = False,
+    early: bool = False,
+    device: str = "cpu",
+    meta: bool = False,
 ) -> list[dict]:
-    args = (world, local_world, str(tmp_path / "init"), str(tmp_path), lora, early, device)
+    args = (world, local_world, str(tmp_path / "init"), str(tmp_path), lora, early, device, meta)
     mp.spawn(_worker, args=args, nprocs=world, join=True)
     return [json.loads((tmp_path / f"stats{r}.json").read_text()) for r in range(world)]
 
 
 @pytest.mark.parametrize(
-    "world,local_world,early",
-    [(2, 2, False), (4, 4, False), (4, 2, False), (4, 2, True)],
-    ids=["2proc-1node", "4proc-1node", "2nodes-x-2proc", "2nodes-x-2proc-averaged-every-micro-batch"],
+    "world,local_world,early,meta",
+    [(2, 2, False, False), (4, 4, False, True), (4, 2, False, True), (4, 2, True, False)],
+    ids=["2proc-1node", "4proc-1node-meta", "2nodes-x-2proc-meta", "2nodes-x-2proc-averaged-every-micro-batch"],
 )
-def test_data_parallel_equals_one_process_with_the_global_batch(tmp_path, world, local_world, early):
+def test_data_parallel_equals_one_process_with_the_global_batch(tmp_path, world, local_world, early, meta):
     """10 AdamW steps with clipping and 2 accumulated micro-batches: every process's weights equal one process
     trained on the global batch (1e-5), on one node and on two simulated nodes (separate stores); also when the
-    gradients are averaged after every micro-batch (the next one lands on an averaged gradient)."""
-    stats = _spawn(tmp_path, world, local_world, early=early)
+    gradients are averaged after every micro-batch (the next one lands on an averaged gradient), and when the
+    processes other than each node's local rank 0 build their models on the meta device (tied weights stay tied)."""
+    stats = _spawn(tmp_path, world, local_world, early=early, meta=meta)
     want, single = _single(world)
     for rank in range(world):
         got = torch.load(tmp_path / f"weights{rank}.pt")
@@ -140,6 +152,7 @@ def test_data_parallel_equals_one_process_with_the_global_batch(tmp_path, world,
         # the clipped norm is the global batch's, in every process
         assert stats[rank]["norms"] == pytest.approx(single["norms"], rel=1e-5)
         assert stats[rank]["shared"], "a parameter is not a view into the node's shared store"
+        assert stats[rank]["tied"]
     # the weights moved and clipping was active (the test would not see a missing update or clip otherwise)
     assert max(single["norms"]) > CLIP
     start = tiny_model("qwen2", tied=True, seed=0)
@@ -149,7 +162,7 @@ def test_data_parallel_equals_one_process_with_the_global_batch(tmp_path, world,
 def test_lora_adapters_over_a_frozen_base_equal_one_process(tmp_path):
     """PEFT LoRA under data parallelism: the frozen base and the adapters in the node's store, only the adapters
     trained; 2 processes equal one with the global batch (1e-5) and the base does not move."""
-    stats = _spawn(tmp_path, 2, 2, lora=True)
+    stats = _spawn(tmp_path, 2, 2, lora=True, meta=True)  # (the second process builds its model on meta)
     want, single = _single(2, lora=True)
     start = dict(_model(0, lora=True).named_parameters())
     for rank in range(2):
@@ -254,8 +267,9 @@ def _ok(run: subprocess.CompletedProcess) -> None:
 def test_trainer_with_two_devices_equals_one_device_with_the_global_batch(tmp_path):
     """Lightning launches 2 processes (accumulate 2, clip 0.5, AdamW + schedule, 10 steps): both end with the
     weights of 1 process with twice the rows (1e-5), and ``on_after_backward`` of each step's last micro-batch sees
-    the averaged gradient (as with DDP)."""
-    _ok(_fit(tmp_path / "two", "--devices", "2", "--batch", "2", "--validate"))
+    the averaged gradient (as with DDP). The model is built in ``configure_model``, on the meta device in the second
+    process (what the README advises: one model per node at setup)."""
+    _ok(_fit(tmp_path / "two", "--devices", "2", "--batch", "2", "--validate", "--meta-model"))
     _ok(_fit(tmp_path / "one", "--devices", "1", "--batch", "4", "--validate"))
     one = _weights(tmp_path / "one")
     assert _max_diff(_weights(tmp_path / "two", 0), one) <= 1e-5
@@ -265,6 +279,7 @@ def test_trainer_with_two_devices_equals_one_device_with_the_global_batch(tmp_pa
     stats = [json.loads((tmp_path / d / "stats0.json").read_text()) for d in ("two", "one")]
     stats.append(json.loads((tmp_path / "two" / "stats1.json").read_text()))
     assert stats[0]["world"] == 2 and stats[1]["world"] == 1
+    assert stats[2]["built_on_meta"] and not stats[0]["built_on_meta"]
     synced = [s["norm_grads"][1::2] for s in stats]  # the accumulated step's last micro-batch
     assert synced[0] == pytest.approx(synced[1], rel=1e-5) and synced[2] == synced[0]
     # trainer.validate after fit builds a second engine (a fresh shared store) from the trained weights

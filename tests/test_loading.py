@@ -52,6 +52,21 @@ def test_loads_exactly_into_store_layout(tmp_path, family, tied, shard):
     assert {g.master.untyped_storage().data_ptr() for g in store.groups} == set(ptrs)
 
 
+def test_meta_gives_the_checkpoint_structure_without_reading_a_weight(tmp_path):
+    """``meta=True`` (the processes of a data-parallel node that do not fill its store): the checkpoint's own config
+    (not a named model's), every tensor on the meta device, tied weights tied, and no weight read (the weight files
+    hold garbage here, so reading one would fail)."""
+    ref = saved(tmp_path, "qwen2", tied=True, hidden_size=48, shard="1GB")
+    (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="model.safetensors"):
+        load_hf_model(tmp_path)
+    model = load_hf_model(tmp_path, meta=True)
+    assert model.config.hidden_size == 48 and not model.training
+    assert all(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert [(n, p.shape) for n, p in model.named_parameters()] == [(n, p.shape) for n, p in ref.named_parameters()]
+
+
 def _groups(model):
     from lightning_horizon.engine.adapter import describe
 

@@ -102,6 +102,27 @@ class DataParallel:
         return self.local_rank == 0
 
     # ------------------------------------------------------------------------------------------ the shared store
+    def prepare_model(self, model: torch.nn.Module) -> None:
+        """Gives every process global rank 0's buffers (as DDP broadcasts them; collective), after giving the model
+        of a process other than its node's local rank 0 CPU storage if it was built on the meta device.
+
+        Only local rank 0 fills its node's store from its model (:meth:`build_store`); the others' parameters only
+        become views into it. Building their models on the meta device (``lightning_horizon.models.build_model(...,
+        device="meta")``, what ``recipes.sft`` does in those processes) therefore loses nothing and keeps setup from
+        holding a model copy per process: their parameters get storage that is never written (``to_empty``; tied
+        parameters stay tied), replaced by the store's views right after."""
+        meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if meta and self.is_leader:
+            raise ValueError(
+                f"{meta[0]!r} is on the meta device in local rank 0, which fills its node's host store from its "
+                "model: build the model on the CPU there (only the other processes of a node may build theirs on "
+                "the meta device)"
+            )
+        if meta:
+            _to_empty_keeping_ties(model)
+        for _, buffer in model.named_buffers():
+            dist.broadcast(buffer, src=0, group=self.group)
+
     def build_store(
         self,
         groups: list[tuple[str, list[tuple[str, torch.nn.Parameter]]]],
@@ -325,6 +346,22 @@ class NodeGradients:
     def mark_averaged(self, sp: StoreParam) -> None:
         """Records that ``sp``'s gradient now holds the average over every process (under :meth:`lock`)."""
         self._set(sp, self._AVERAGE)
+
+
+def _to_empty_keeping_ties(model: torch.nn.Module) -> None:
+    """``model.to_empty(device="cpu")`` (storage never written: no memory is touched), with parameters and buffers
+    shared by several modules (tied embeddings) still shared: ``to_empty`` gives each place its own tensor."""
+    places: dict[int, list[tuple[torch.nn.Module, str, str]]] = {}
+    for module in model.modules():
+        for kind in ("_parameters", "_buffers"):
+            for name, tensor in getattr(module, kind).items():
+                if tensor is not None:
+                    places.setdefault(id(tensor), []).append((module, kind, name))
+    model.to_empty(device="cpu")
+    for (first, kind, name), *others in places.values():
+        tensor = getattr(first, kind)[name]
+        for module, other_kind, other in others:
+            getattr(module, other_kind)[other] = tensor
 
 
 def assign_owners(groups: list[StoreGroup], ranks: int) -> dict[str, int]:

@@ -80,6 +80,8 @@ class HorizonEngine:
         self._grads_pending = False
         """A backward ran since the gradients were last averaged over the processes (data parallel only)."""
         self._closed = False
+        if parallel is not None:  # rank 0's buffers everywhere; a model built on the meta device gets CPU storage
+            parallel.prepare_model(model)
         for name, p in model.named_parameters():
             if p.device.type != "cpu":
                 raise ValueError(
