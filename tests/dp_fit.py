@@ -121,7 +121,7 @@ def main() -> None:
                 "built_on_meta": getattr(module, "built_on_meta", False),
                 **stats,
             }
-        )  # fmt: skip
+        )
     )
 
 
