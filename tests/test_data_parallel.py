@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -71,34 +72,36 @@ def _train(model, engine, rank: int, world: int, data_world: int, stats: dict, e
     stats["state_numel"] = sum(s["exp_avg"].numel() for s in opt.state.values())
 
 
-def _worker(
-    rank: int,
-    world: int,
-    local_world: int,
-    init: str,
-    out: str,
-    lora: bool = False,
-    early: bool = False,
-    device: str = "cpu",
-    meta: bool = False,
-) -> None:
+@dataclass(frozen=True)
+class Run:
+    """How the processes of :func:`_spawn` train."""
+
+    lora: bool = False
+    early: bool = False
+    """Average the gradients after every micro-batch."""
+    device: str = "cpu"
+    meta: bool = False
+    """The processes other than each node's local rank 0 build their models on the meta device."""
+
+
+def _worker(rank: int, world: int, local_world: int, init: str, out: str, run: Run) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
         # every process draws its own: rank 0's must win; with meta, the processes that do not fill their node's
         # store build theirs on the meta device (as recipes.sft does)
-        model = _model(rank, lora, meta=meta and rank % local_world != 0)
+        model = _model(rank, run.lora, meta=run.meta and rank % local_world != 0)
         parallel = DataParallel(local_rank=rank % local_world, local_world_size=local_world)
-        engine = HorizonEngine(model, device=device, compute_dtype="fp32", parallel=parallel)
+        engine = HorizonEngine(model, device=run.device, compute_dtype="fp32", parallel=parallel)
         buffer = engine.store.node_buffers[0]
         base = buffer.tensor.data_ptr()
         stats = {
             "shared": all(base <= p.data_ptr() < base + buffer.nbytes for p in model.parameters()),
-            "tied": model.lm_head.weight is model.model.embed_tokens.weight if not lora else True,
+            "tied": model.lm_head.weight is model.model.embed_tokens.weight if not run.lora else True,
             "shared_bytes": buffer.nbytes,
             "shm_names_left": sorted(p.name for p in SHM_DIR.glob(f"{PREFIX}-*")),
         }
-        _train(model, engine, rank, world, world, stats, early)
+        _train(model, engine, rank, world, world, stats, run.early)
         # the gradients are the node's buffer too: no process holds a gradient buffer of its own
         stats["grads_shared"] = all(
             base <= g.grad.data_ptr() < base + buffer.nbytes for g in engine.store.groups if g.trainable
@@ -119,16 +122,9 @@ def _single(world: int, lora: bool = False, device: str = "cpu") -> tuple[dict[s
     return {n: p.detach().clone() for n, p in model.named_parameters()}, stats
 
 
-def _spawn(
-    tmp_path: Path,
-    world: int,
-    local_world: int,
-    lora: bool = False,
-    early: bool = False,
-    device: str = "cpu",
-    meta: bool = False,
-) -> list[dict]:
-    args = (world, local_world, str(tmp_path / "init"), str(tmp_path), lora, early, device, meta)
+def _spawn(tmp_path: Path, world: int, local_world: int, **run) -> list[dict]:
+    """``world`` processes, ``local_world`` per simulated node, trained as ``Run(**run)`` says."""
+    args = (world, local_world, str(tmp_path / "init"), str(tmp_path), Run(**run))
     mp.spawn(_worker, args=args, nprocs=world, join=True)
     return [json.loads((tmp_path / f"stats{r}.json").read_text()) for r in range(world)]
 
