@@ -74,22 +74,20 @@ def load_hf_model(
     auto = AutoModelForCausalLM
     if num_labels is not None:
         config.num_labels, auto = num_labels, AutoModelForSequenceClassification
-    if meta:
+    if meta:  # no weights: the store's values come from local rank 0
         with torch.device("meta"):
             model = auto.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     else:
         with params_on_meta():
             model = auto.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
         materialize(model, dtype)
-    if meta:
-        pass  # no weights: the store's values come from local rank 0
-    elif num_labels is None:
-        load_safetensors_into(model, directory)
-    else:
-        missing = load_safetensors_into(model, directory, skip=(r"^lm_head\.",), may_miss=("score.weight",))
-        if missing:
-            with torch.no_grad():
-                model.score.weight.normal_(0.0, float(getattr(config, "initializer_range", 0.02)))
+        if num_labels is None:
+            load_safetensors_into(model, directory)
+        else:
+            missing = load_safetensors_into(model, directory, skip=(r"^lm_head\.",), may_miss=("score.weight",))
+            if missing:
+                with torch.no_grad():
+                    model.score.weight.normal_(0.0, float(getattr(config, "initializer_range", 0.02)))
     if (directory / "generation_config.json").is_file():
         from transformers import GenerationConfig
 

@@ -225,18 +225,16 @@ class DataParallel:
                     "buffers); this gradient is in the compute dtype"
                 )
             reduce.setdefault(id(group), (group, []))[1].append(sp)
-        for group, sps in reduce.values():
+        for group, sps in reduce.values():  # between the two node barriers no process lands a gradient: no mutex
             if not self.owns(group):
                 continue
-            with grads.lock(group):  # (no process lands now: only for the stamps' sake)
-                for sp in sps:
-                    grads.to_sum(group, sp)
+            for sp in sps:
+                grads.to_sum(group, sp)
             if self.num_nodes > 1:
                 dist.all_reduce(group.grad, group=self.peers)
             group.grad.div_(self.world_size)
-            with grads.lock(group):
-                for sp in sps:
-                    grads.mark_averaged(sp)
+            for sp in sps:
+                grads.mark_averaged(sp)
         dist.barrier(group=self.node)  # every owner has averaged its groups
         for _, sp in anywhere:
             if not sp.has_grad:
@@ -332,8 +330,8 @@ class NodeGradients:
         return self._stamp(sp)[0]
 
     def to_sum(self, group: StoreGroup, sp: StoreParam) -> None:
-        """Makes ``sp``'s gradient this node's part of the sum over every process (under :meth:`lock`): zero-filled
-        if it holds an earlier step's, scaled back if it holds the average."""
+        """Makes ``sp``'s gradient this node's part of the sum over every process (under :meth:`lock` while other
+        processes may land it): zero-filled if it holds an earlier step's, scaled back if it holds the average."""
         current, state = self._stamp(sp)
         if not current:
             group.grad_view(sp).zero_()
@@ -344,7 +342,7 @@ class NodeGradients:
         self._set(sp, self._SUM)
 
     def mark_averaged(self, sp: StoreParam) -> None:
-        """Records that ``sp``'s gradient now holds the average over every process (under :meth:`lock`)."""
+        """Records that ``sp``'s gradient now holds the average over every process (while no process lands it)."""
         self._set(sp, self._AVERAGE)
 
 
