@@ -164,7 +164,9 @@ class StepEnds(L.Callback):
     def on_train_end(self, trainer, *args) -> None:
         engine = getattr(trainer.strategy, "engine", None)  # closed at teardown: read its counters before
         if engine is not None:
-            self.engine = dict(engine.stats, weight_copy=bool(engine.config.weight_copy))
+            self.engine = dict(
+                engine.stats, weight_copy=bool(engine.config.weight_copy), cast_on_gpu=bool(engine.config.cast_on_gpu)
+            )
 
     def on_train_batch_end(self, trainer, *args) -> None:
         if torch.cuda.is_available():
@@ -231,7 +233,10 @@ def main() -> None:
     pcie = (engine.get("bytes_h2d", 0) + engine.get("bytes_d2h", 0)) / steps_run
     optimizer_traffic = adamw_traffic_bytes(STATE_DTYPES[args.state_dtype or "fp32"])
     copy = engine.get("weight_copy", True)
-    packing = 0 if copy else 3 * engine.get("bytes_h2d", 0) / steps_run  # read FP32 (2x the BF16 bytes) + write
+    # packing on the CPU reads FP32 (2x the BF16 bytes) and writes BF16 staging; cast_on_gpu's uploads read the
+    # FP32 masters themselves (already in bytes_h2d)
+    cast = engine.get("cast_on_gpu", False)
+    packing = 0 if copy or cast else 3 * engine.get("bytes_h2d", 0) / steps_run
     if not copy:
         optimizer_traffic -= 2  # no weight copy written
     if args.lora:  # the optimizer's traffic covers only the adapters; gradients go down only for them

@@ -21,7 +21,8 @@ elements, as the store lays them out; a test checks a real engine's buffers agai
                          only the embedding's FP32 rows, and
     pinned gradient pool     grad_pool_buffers * G * c instead (G = the largest store group but the embedding, or
                          the embedding with a tied lm_head: each layer's gradients go from the pool to its update)
-    pinned upload staging    2 * min(64 Mi, U) * c, on a GPU without weight_copy (FP32 -> BF16 packing in chunks)
+    pinned upload staging    2 * min(64 Mi, U) * c, on a GPU without weight_copy and with cast_on_gpu=false (FP32 ->
+                         BF16 packing in chunks; with cast_on_gpu, the default, uploads read the pinned masters)
     pinned gradient slabs    num_grad_slabs * min(256 Mi, largest layer) * c, on a GPU with A > 1 (larger
                          gradients are split across slabs)
     pinned weight copy   c * N' (with weight_copy; ``None`` resolved by the engine's rule,
@@ -38,6 +39,7 @@ GPU memory:
                          q, attention out, o-proj out, residual, post-norm, MLP out; 3 intermediate-sized: gate,
                          up, act*up), K layers of it while a segment is recomputed
     layer gradients      2 * U * c (one unit's gradients + the flat copy that goes down)
+    upload cast buffer   min(32 Mi, U) * 4, with cast_on_gpu and no weight copy (FP32 masters are cast there)
     loss chunk           min(loss_chunk_tokens, B * S) * V * (c + 4 + 4) (logits, FP32 upcast, FP32 grad)
     head grad accumulator    V * H * 4
     CUDA context + slack 1.5 GiB
@@ -79,6 +81,7 @@ from lightning_horizon.config_groups import engine_config
 from lightning_horizon.engine.adapter import describe, find_causal_lm
 from lightning_horizon.engine.config import GRAD_POOL_BUFFERS, EngineConfig, as_dtype
 from lightning_horizon.engine.footprint import (
+    CAST_STAGE_NUMEL,
     StoreShape,
     adamw_state_bytes,
     adamw_traffic_bytes,
@@ -404,15 +407,18 @@ def plan_shape(shape: ModelShape, hardware: HardwareProfile, settings: PlanSetti
         run = dataclasses.replace(run, grad_pool_buffers=GRAD_POOL_BUFFERS if needed else 0)
     pool = run.pooled_grads
 
+    cast_on_gpu = hardware.has_gpu and s.engine.cast_on_gpu is not False  # the engine's rule (config.resolve)
+
     def footprint(weight_copy: bool) -> dict[str, int]:  # the engine's own accounting (engine/footprint.py)
         return host_bytes(
             shape.store, s.compute_dtype, accumulate, weight_copy, s.engine.num_grad_slabs, hardware.has_gpu,
-            optimizer_state_bytes=state_bytes, master_bytes=m, grad_pool=pool,
+            optimizer_state_bytes=state_bytes, master_bytes=m, grad_pool=pool, cast_on_gpu=cast_on_gpu,
         )  # fmt: skip
 
     if s.engine.weight_copy is None:  # the engine's rule, against this machine's host memory
         fits = weight_copy_fits(hardware.has_gpu, footprint(True), hardware.host_memory_bytes)
         s = dataclasses.replace(s, engine=dataclasses.replace(s.engine, weight_copy=fits))
+    masters_uploaded = cast_on_gpu and not s.engine.weight_copy  # uploads carry the FP32 masters, cast on the GPU
     pinned = "pinned " if hardware.has_gpu else ""
     gradients = "fp32" if accumulate else f"{dtype_name(s.compute_dtype)}, embedding fp32"
     if pool:
@@ -441,6 +447,8 @@ def plan_shape(shape: ModelShape, hardware: HardwareProfile, settings: PlanSetti
         "loss chunk (logits, fp32 upcast, fp32 grad)": min(s.engine.loss_chunk_tokens, tokens) * vocab * (c + 4 + 4),
         "head fp32 gradient accumulator": vocab * hidden * 4,
     }
+    if masters_uploaded:
+        gpu["upload cast buffer (fp32)"] = min(CAST_STAGE_NUMEL, unit) * m
     if hardware.has_gpu:
         gpu["CUDA context + allocator slack"] = CUDA_OVERHEAD_BYTES
 
@@ -451,10 +459,18 @@ def plan_shape(shape: ModelShape, hardware: HardwareProfile, settings: PlanSetti
     d_q = shape.num_attention_heads * shape.head_dim
     attention_flops = 2 * b * seq * seq * d_q * (4 * num_layers + len(recomputed))
     flops = 8 * params_layers * tokens + 2 * params_recomputed * tokens + 6 * vocab * hidden * tokens + attention_flops
-    upload = c * (2 * params_layers + params_recomputed + shape.head_params)
+    uploaded = 2 * params_layers + params_recomputed + shape.head_params
+    # bytes per uploaded parameter: the compute dtype; trained parameters' FP32 masters when they are uploaded as such
+    upload = uploaded * (c + (m - c) * trained / n if masters_uploaded else c)
     download = c * (params_layers + shape.head_params) * trained / n  # only trained parameters' gradients go down
     acc = s.accumulate_grad_batches
-    host_traffic = (optimizer_traffic + 2) * trained + acc * (upload + 3 * download)
+    # the optimizer's pass (its weight-copy write only with the copy) + what uploads read (and, packing on the CPU,
+    # the FP32 read and the staging write before it) + gradients down and folded
+    copy_write = 0 if s.engine.weight_copy or not hardware.has_gpu else c
+    packing = (
+        (m + c) * uploaded * trained / n if hardware.has_gpu and not s.engine.weight_copy and not cast_on_gpu else 0
+    )
+    host_traffic = (optimizer_traffic - copy_write + 2) * trained + acc * (upload + packing + 3 * download)
     if hardware.has_gpu:
         steps = {
             "gpu compute": acc * flops / (hardware.gpu_bf16_tflops * 1e12),

@@ -486,3 +486,17 @@ def test_zero_grad_of_a_module_holding_the_model_forgets_the_engines_gradients()
     finally:
         engine.close()
     assert "zero_grad" not in holder.__dict__ and "zero_grad" not in model.__dict__
+
+
+def test_cast_on_gpu_is_decided_by_the_device_and_the_weight_copy():
+    """``cast_on_gpu=None`` (default) uploads the FP32 masters and casts on the GPU exactly when a CUDA run has no
+    weight copy; it never applies on the CPU (layers are used in place) or beside the copy (uploads read the copy)."""
+    from lightning_horizon.engine.config import EngineConfig, resolve
+
+    def cast(**kw):
+        return resolve(EngineConfig(host_kernels=False, compile_layers=False, **kw)).cast_on_gpu
+
+    assert cast(device="cuda:0", weight_copy=False) is True
+    assert cast(device="cuda:0", weight_copy=False, cast_on_gpu=False) is False
+    assert cast(device="cuda:0", weight_copy=True) is False
+    assert cast(device="cpu", weight_copy=False, cast_on_gpu=True) is False

@@ -225,7 +225,8 @@ def test_cuda_host_kernels_match_torch_ops(mode):
         footprint.MAX_SLAB_NUMEL = 999  # every layer's and the head's gradient spans several slabs
         try:
             engine = HorizonEngine(model, device="cuda", compute_dtype="fp32", host_kernels=kernels,
-                                   accumulate_grads=mode == "fold", weight_copy=mode != "nocopy", track_grad_norm=True)  # fmt: skip
+                                   accumulate_grads=mode == "fold", weight_copy=mode != "nocopy", cast_on_gpu=False,
+                                   track_grad_norm=True)  # fmt: skip
         finally:
             footprint.MAX_SLAB_NUMEL = real
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
@@ -245,6 +246,50 @@ def test_cuda_host_kernels_match_torch_ops(mode):
     assert k_norms == pytest.approx(t_norms, rel=1e-5)
     for name, w in t_weights.items():
         assert normwise(k_weights[name], w) < 1e-5, name
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_cuda_masters_cast_on_the_gpu_train_like_the_weight_copy_and_cpu_packing(dtype, monkeypatch):
+    """``cast_on_gpu`` (the default without a weight copy): uploads copy the page-locked FP32 masters to the GPU in
+    chunks (here of 1,000 elements, so every layer takes many) and cast them there. Losses and weights after 5 AdamW
+    steps with clipping equal those of uploads from the BF16 weight copy and of CPU packing, which round the same
+    masters the same way (round to nearest even); its uploads carry the FP32 bytes (2x the BF16 ones)."""
+    from lightning_horizon.engine import streamer
+
+    monkeypatch.setattr(streamer, "CAST_STAGE_NUMEL", 1000)
+    ref = tiny_model("qwen2", tied=True)
+    runs = {}
+    for mode, config in {
+        "cast": dict(weight_copy=False),
+        "copy": dict(weight_copy=True),
+        "pack": dict(weight_copy=False, cast_on_gpu=False),
+    }.items():
+        model = clone(ref)
+        engine = HorizonEngine(model, device="cuda", compute_dtype=dtype, track_grad_norm=True, **config)
+        assert engine.config.cast_on_gpu == (mode == "cast")
+        if mode == "cast":  # page-locked in place, so the DMA reads the masters themselves
+            assert all(g.master.is_pinned() for g in engine.store.groups)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        losses = []
+        try:
+            for step in range(5):
+                loss = model(**make_batch(step, batch=2, seq=64)).loss
+                loss.backward()
+                losses.append(loss.item())
+                engine.clip_grad_norm_(0.5)
+                engine.step(opt)
+            engine.synchronize()
+            uploaded = engine.streamer.bytes_h2d / engine.streamer.num_uploads
+        finally:
+            engine.close()
+        runs[mode] = losses, {n: p.detach().clone() for n, p in model.named_parameters()}, uploaded
+    cast_losses, cast_weights, cast_bytes = runs["cast"]
+    for mode in ("copy", "pack"):
+        losses, weights, uploaded = runs[mode]
+        assert cast_losses == pytest.approx(losses, rel=1e-6), mode
+        for name, w in weights.items():
+            assert normwise(cast_weights[name], w) < 1e-6, (mode, name)
+        assert cast_bytes == pytest.approx(uploaded * (2 if dtype == "bf16" else 1), rel=0.01), mode
 
 
 def _train_on_cuda(ref, steps: int, optimizer, check=None, **config):

@@ -103,13 +103,15 @@ def test_memory_formulas():
     staging = 2 * min(64 * 2**20, unit) * 2
     embed = p.shape.store.embedding_numel
     pool = 4 * p.shape.store.grad_group_numel * 2  # no clipping: BF16 gradients in four pooled buffers, no slabs
-    assert host == [4 * stored, 8 * n, 4 * embed, pool, staging, 2 * GiB]
+    assert host == [4 * stored, 8 * n, 4 * embed, pool, 2 * GiB]  # cast_on_gpu (default): uploads read the masters
     clipped = plan(
         shape_cfg, hardware("h200"), batch_size=2, max_seq_len=1024, checkpoint_every=4, num_slots=3, weight_copy=False,
-        gradient_clip_val=1.0,
+        gradient_clip_val=1.0, cast_on_gpu=False,
     )  # fmt: skip
     host = list(clipped.host_bytes.values())
-    assert host == [4 * stored, 8 * n, 2 * stored + 2 * embed, staging, 2 * GiB]  # whole-model BF16 gradients
+    # whole-model BF16 gradients; packing on the CPU (cast_on_gpu=False) goes through two pinned staging buffers
+    assert host == [4 * stored, 8 * n, 2 * stored + 2 * embed, staging, 2 * GiB]
+    assert "upload cast buffer (fp32)" not in clipped.gpu_bytes
     acc = plan(
         shape_cfg,
         hardware("h200"),
@@ -122,7 +124,7 @@ def test_memory_formulas():
     layer = acc.shape.store.layer_numel
     host = list(acc.host_bytes.values())
     slabs = acc.settings.engine.num_grad_slabs * layer * 2
-    assert host == [4 * stored, 8 * n, 4 * stored, 2 * 64 * 2**20 * 2, slabs, 2 * GiB]
+    assert host == [4 * stored, 8 * n, 4 * stored, slabs, 2 * GiB]
     h, i, v, tokens = 3584, 18944, 152064, 2 * 1024
     gpu = list(p.gpu_bytes.values())
     assert gpu == [
@@ -132,6 +134,7 @@ def test_memory_formulas():
         2 * unit * 2,
         tokens * v * 10,  # loss chunk: min(4096, B*S) tokens
         v * h * 4,
+        min(32 * 2**20, unit) * 4,  # FP32 masters are copied into this buffer and cast to BF16 there
         int(1.5 * GiB),
     ]
 
@@ -293,11 +296,14 @@ def test_plan_table_prints_only_what_applies():
     assert "largest GPU unit" not in table and "expect +-50%" in table  # the CPU prediction says what it is
     assert "upload staging" not in table  # CPU compute uses the layers in place: nothing is packed for an upload
     gpu = plan(hf_config("qwen2_7b"), hardware("h200"), batch_size=2, max_seq_len=1024, checkpoint_every=1,
-               accumulate_grad_batches=4, weight_copy=False)  # fmt: skip
+               accumulate_grad_batches=4, weight_copy=False, cast_on_gpu=False)  # fmt: skip
     table = format_plan(gpu)
     assert "pinned gradient slabs (3 x 445 MiB)" in table and "CUDA context" in table and "+-50%" not in table
     staging = gpu.shape.store.staging_numel * 2 / 2**20
     assert f"pinned upload staging (2 x {staging:.3g} MiB)" in table  # its real size
+    assert "upload cast buffer" not in table
+    cast = format_plan(plan(hf_config("qwen2_7b"), hardware("h200"), batch_size=2, max_seq_len=1024, weight_copy=False))
+    assert "upload staging" not in cast and "upload cast buffer (fp32)" in cast  # uploads read the pinned masters
 
 
 @pytest.mark.parametrize("mode", ["direct", "pooled", "fold"])

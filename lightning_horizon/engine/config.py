@@ -81,12 +81,19 @@ class EngineConfig:
     loss_chunk_tokens: int = 2048
     """Rows of logits the chunked loss computes at once (never batch x sequence x vocabulary)."""
     pin_masters: bool = False
-    """Page-lock the FP32 master buffers too (uploads come from pinned BF16 staging, so this is rarely useful)."""
+    """Page-lock the FP32 master buffers even when no upload reads them (``cast_on_gpu`` page-locks them anyway)."""
     weight_copy: bool | None = None
     """Keep a copy of the masters in the compute dtype in pinned host memory (+2 bytes/param for BF16), refreshed
     by the optimizer: uploads then need no FP32 -> BF16 packing on the way. None: on when compute runs on a GPU and
     the host footprint with it (AdamW state assumed) fits the host memory (:func:`.footprint.weight_copy_fits`, the
     rule the planner applies too); never on the CPU, where it would cost memory and buy nothing."""
+    cast_on_gpu: bool | None = None
+    """How a GPU run without ``weight_copy`` uploads a layer. True: the FP32 masters themselves, page-locked, are
+    copied to the GPU in chunks and cast there (round to nearest even, the same values the weight copy holds): no
+    CPU pass and no host staging, at twice the PCIe bytes of a BF16 upload (PCIe is rarely the bound; host-memory
+    traffic is). False: the CPU packs FP32 -> compute dtype into pinned staging buffers on the way (4 more bytes of
+    host-memory traffic per parameter and upload, and CPU threads taken from the optimizer). None: True on CUDA.
+    Ignored on the CPU (the layers are used in place)."""
     offload_checkpoints: bool | None = None
     """Move segment checkpoints to pinned host memory during the forward and back one segment ahead in the
     backward, so GPU memory does not grow with depth. None: per pass, only when its checkpoints would take more than
@@ -278,6 +285,7 @@ def resolve(config: EngineConfig, decide_weight_copy=None, decide_grad_pool=None
         resident_layers=config.resident_layers if config.resident_layers is not None or cuda else 0,
         keep_activations=config.keep_activations if config.keep_activations is not None or cuda else 0,
         offload_checkpoints=config.offload_checkpoints if cuda else False,
+        cast_on_gpu=cuda and not weight_copy and config.cast_on_gpu is not False,
     )
 
 

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 STAGING_NUMEL = 64 * 2**20
 """Elements per pinned staging buffer of layer uploads (128 MiB in BF16); two buffers alternate."""
+CAST_STAGE_NUMEL = 32 * 2**20
+"""Elements of the GPU buffer FP32 masters are copied into and cast from with ``cast_on_gpu`` (128 MiB)."""
 MAX_SLAB_NUMEL = 256 * 2**20
 """Largest pinned gradient slab (elements): 512 MiB in BF16; bigger layers are sent in several slabs."""
 HOST_OVERHEAD_BYTES = 2 * 2**30
@@ -113,13 +115,15 @@ def host_bytes(
     optimizer_state_bytes: float = ADAMW_STATE_BYTES,
     master_bytes: int = 4,
     grad_pool: int = 0,
+    cast_on_gpu: bool = False,
 ) -> dict[str, int]:
     """Host memory by component of an engine over ``shape`` (with its optimizer's state): FP32 masters, optimizer
     state, gradients (FP32 when accumulating; else in the compute dtype, the embedding's scattered rows in FP32 and a
     tied lm_head's gradient beside them in the compute dtype; with ``grad_pool`` buffers, ``EngineConfig.pooled_grads``,
     only the embedding's FP32 rows, and the pool's buffers, pinned on a GPU, instead of the rest),
-    pinned upload staging (only without the weight copy, only for a GPU), pinned gradient slabs (only when
-    accumulating on a GPU), the weight copy, and the process's own overhead."""
+    pinned upload staging (only for a GPU without the weight copy, and then not with ``cast_on_gpu``, whose uploads
+    read the masters themselves), pinned gradient slabs (only when accumulating on a GPU), the weight copy, and the
+    process's own overhead."""
     c = compute_dtype.itemsize
     n = shape.store_numel
     if accumulate:
@@ -137,7 +141,7 @@ def host_bytes(
         out["frozen parameters"] = c * shape.frozen_numel
     if grad_pool and not accumulate:
         out["gradient pool"] = grad_pool * shape.grad_group_numel * c
-    if on_gpu and not weight_copy:
+    if on_gpu and not weight_copy and not cast_on_gpu:
         out["upload staging"] = 2 * shape.staging_numel * c
     if on_gpu and accumulate:
         out["gradient slabs"] = num_grad_slabs * shape.slab_numel * c
@@ -268,6 +272,7 @@ def still_to_allocate(
     optimizers: list[torch.optim.Optimizer],
     state_dtype: torch.dtype = torch.float32,
     processes: int = 1,
+    cast_on_gpu: bool = False,
 ) -> dict[str, int]:
     """Host memory an engine built over ``shape`` allocates after its construction: the state of ``optimizers`` that
     have not stepped yet (PyTorch allocates it at the first step), FP32 gradients (at the first accumulated fold; the
@@ -288,7 +293,7 @@ def still_to_allocate(
     out = {"optimizer state": int(state)}
     each = f" (x {processes} processes)" if processes > 1 else ""
     out["gradients"] = 4 * shape.store_numel if accumulate else 4 * shape.embedding_numel
-    if on_gpu and not weight_copy:
+    if on_gpu and not weight_copy and not cast_on_gpu:
         out["upload staging" + each] = processes * 2 * shape.staging_numel * c
     if on_gpu and accumulate:
         out["gradient slabs" + each] = processes * num_grad_slabs * shape.slab_numel * c
@@ -308,7 +313,7 @@ def check_host_memory(
     on_gpu = config.device.type == "cuda"
     needed = still_to_allocate(
         shape, config.compute_dtype, config.accumulate_grads, config.weight_copy, config.num_grad_slabs, on_gpu,
-        optimizers, config.state_dtype, processes,
+        optimizers, config.state_dtype, processes, config.cast_on_gpu,
     )  # fmt: skip
     total = sum(needed.values())
     if total + PREFLIGHT_MARGIN_BYTES <= available_bytes:
@@ -350,7 +355,7 @@ def _alternatives(shape: StoreShape, config, optimizers: list[torch.optim.Optimi
         state = dtype or config.state_dtype
         needed = still_to_allocate(
             shape, config.compute_dtype, config.accumulate_grads, config.weight_copy and not drop_copy,
-            config.num_grad_slabs, on_gpu, optimizers, state, processes,
+            config.num_grad_slabs, on_gpu, optimizers, state, processes, config.cast_on_gpu,
         )  # fmt: skip
         parts = (["weight_copy=False"] if drop_copy else []) + (
             [f"optimizer_state_dtype={STATE_DTYPE_NAMES[dtype]}"] if dtype else []

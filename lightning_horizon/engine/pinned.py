@@ -5,8 +5,9 @@ to a power of two: pinning a store tensor by tensor can waste a large fraction o
 ordinary tensors and register them with ``cudaHostRegister`` (measured 4-8x faster than ``pin_memory`` for large
 buffers, exact size). Without CUDA these helpers return plain memory, so the same code runs on CPU.
 
-Uploads that cast FP32 masters on the way go through a :class:`StagingPool` (two pinned buffers used in turn) with
-:func:`staged_copy`, so pinned memory stays bounded whatever the size of what is uploaded.
+Uploads that cast FP32 masters on the way either read the page-locked masters themselves and cast on the GPU
+(:func:`cast_copy`, through one GPU buffer) or pack on the CPU through a :class:`StagingPool` (two pinned buffers
+used in turn) with :func:`staged_copy`; either way pinned memory stays bounded whatever the size of what is uploaded.
 """
 
 from __future__ import annotations
@@ -105,3 +106,25 @@ def staged_copy(pool: StagingPool, spans, dst: torch.Tensor, stream, pack, after
                 at += src.numel()
             copied.record(stream)
     return packing
+
+
+def cast_copy(stage: torch.Tensor, spans, dst: torch.Tensor, stream, after=None) -> None:
+    """Copies ``spans`` (``(key, offset in dst, page-locked host source)``) into the GPU tensor ``dst`` on ``stream``
+    (ordered after the event ``after``). A source already in ``dst``'s dtype goes straight in; any other (FP32 masters)
+    goes in chunks of ``stage.numel()`` into ``stage``, a GPU buffer of the source's dtype, and is cast from there
+    (round to nearest even, as ``Tensor.to`` rounds on the CPU). Everything is issued on ``stream``, so each chunk's cast
+    is done before the next chunk overwrites ``stage``; the caller records the event that covers the whole copy."""
+    with torch.cuda.stream(stream):
+        if after is not None:
+            stream.wait_event(after)
+        for _, offset, src in spans:
+            n = src.numel()
+            if src.dtype == dst.dtype:
+                dst[offset : offset + n].copy_(src, non_blocking=True)
+                continue
+            if src.dtype != stage.dtype:
+                raise TypeError(f"cast_copy: a {src.dtype} source needs a {src.dtype} stage, got {stage.dtype}")
+            for at in range(0, n, stage.numel()):
+                m = min(stage.numel(), n - at)
+                stage[:m].copy_(src[at : at + m], non_blocking=True)
+                dst[offset + at : offset + at + m].copy_(stage[:m])

@@ -105,14 +105,11 @@ class HorizonEngine:
         self.device: torch.device = config.device  # type: ignore[assignment]
         self.dtype: torch.dtype = config.compute_dtype  # type: ignore[assignment]
         cuda = self.device.type == "cuda"
+        pin = cuda and (config.pin_masters or config.cast_on_gpu)  # cast_on_gpu: uploads read the masters by DMA
         if parallel is not None:  # one store per node, shared by its processes
-            self.store = parallel.build_store(
-                self.parts.store_groups(), frozen_dtype, pin=config.pin_masters and cuda, pin_frozen=cuda
-            )
+            self.store = parallel.build_store(self.parts.store_groups(), frozen_dtype, pin=pin, pin_frozen=cuda)
         else:  # adopt: a model loaded straight into the store's layout (lightning_horizon.loading) is not copied
-            self.store = HostStore.adopt(
-                self.parts.store_groups(), pin=config.pin_masters and cuda, frozen_dtype=frozen_dtype, pin_frozen=cuda
-            )
+            self.store = HostStore.adopt(self.parts.store_groups(), pin=pin, frozen_dtype=frozen_dtype, pin_frozen=cuda)
         self.units: list[Unit] = [
             make_unit(i, self.parts.layer_structure_key(i), layer, self.store)
             for i, layer in enumerate(self.parts.layers)
@@ -140,6 +137,7 @@ class HorizonEngine:
             self.workers,
             kernels=kernels,
             pack_threads=config.host_threads,
+            cast_on_gpu=config.cast_on_gpu,
             prefer_small_slots=config.keep_activations != 0,
         )
         self.sink = GradientSink(
@@ -232,8 +230,9 @@ class HorizonEngine:
         self.finish_backward()
         self._reduce_if_pending()
         self._overlap = False
-        if self.parallel is not None:  # every process has read the shared gradients (clipping, hooks) before an
-            self.parallel.barrier()  # owner's update may scale them in place
+        if self.parallel is not None:  # every process has read the shared gradients (clipping, hooks), and no copy
+            self.streamer.quiesce()  # of this process still reads the shared masters (cast_on_gpu), before an
+            self.parallel.barrier()  # owner's update may scale the gradients or rewrite the masters in place
         self.optim.step(optimizer)
         if self.parallel is not None:
             # Every process's updates are in the shared masters before any process reads one again
@@ -359,9 +358,11 @@ class HorizonEngine:
         self.sink.finish()
 
     def synchronize(self) -> None:
-        """Waits for pending gradient folds and optimizer updates: the masters are then final."""
+        """Waits for pending gradient folds, optimizer updates and uploads: the masters are then final, and nothing
+        reads them behind the caller's back (uploads with ``cast_on_gpu`` read them by DMA)."""
         self.sink.wait()
         self.optim.wait()
+        self.streamer.quiesce()
 
     def invalidate(self) -> None:
         """Call after changing masters outside the engine's optimizer (e.g. loading a checkpoint)."""

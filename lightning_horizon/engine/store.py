@@ -120,7 +120,8 @@ class StoreGroup:
     of the group's own, or, with pooled gradients, a view of a buffer leased from the sink's
     :class:`~.grad_pool.GradPool` from the group's landing until its update has read it (None in between)."""
     h2d_event: object | None = None
-    """CUDA event after the last upload read ``copy``; the optimizer waits on it before rewriting ``copy``."""
+    """CUDA event after the last upload that read this group's host memory directly (``copy``, or the masters with
+    ``cast_on_gpu``); the optimizer waits on it before rewriting what the upload read."""
     scheduled_step: int = -1
     """Index of the optimizer step whose update of this group was last scheduled."""
     version: int = 0

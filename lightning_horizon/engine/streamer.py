@@ -10,15 +10,19 @@ into that slot. Running layer ``i`` means: fill a slot with layer ``i``'s weight
 
 A prefetch thread walks a *plan* (the unit ids the main thread will ask for, in order) and, for each entry, picks a
 slot, waits until the unit's pending optimizer update has been applied on the host, and issues the H2D copy on its
-own ``h2d_stream``: from the group's pinned BF16 copy of the weights when there is one, otherwise by packing the FP32
-masters (cast to BF16 on the CPU) into two alternating 128 MiB pinned staging buffers, chunk by chunk. Ordering is
-kept by events only, never by device-wide synchronisation:
+own ``h2d_stream``: from the group's pinned BF16 copy of the weights when there is one; otherwise, with
+``cast_on_gpu``, from the page-locked FP32 masters themselves, in chunks through one FP32 GPU buffer where they are
+cast to BF16, or else by packing the FP32 masters (cast to BF16 on the CPU) into two alternating 128 MiB pinned
+staging buffers, chunk by chunk. Ordering is kept by events only, never by device-wide synchronisation:
 
 * ``copy_event`` (recorded on ``h2d_stream`` after the copy): the compute stream waits on it before it runs the
   template. Each staging buffer has an event of its own, which the prefetch thread synchronises on before it packs
   into that buffer again.
 * ``free_event`` (recorded on the compute stream after the last kernel that reads the slot): ``h2d_stream`` waits on
   it before it overwrites the slot with another unit.
+* ``group.h2d_event`` (recorded after an upload that reads the group's host buffer directly: its BF16 copy, or its
+  FP32 masters with ``cast_on_gpu``): the optimizer synchronises on it before it rewrites that buffer, so a copy in
+  flight never reads a half-updated layer.
 
 A slot is *claimed* from the moment the prefetch thread assigns it to a plan entry until the main thread releases
 it, so a claimed slot is never overwritten. When a unit is still resident (same unit, same weight version) the
@@ -47,15 +51,16 @@ from collections import deque
 
 import torch
 
-from .footprint import STAGING_NUMEL
+from .footprint import CAST_STAGE_NUMEL, STAGING_NUMEL
 from .host_kernels import pack_bf16_
-from .pinned import StagingPool, staged_copy
+from .pinned import StagingPool, cast_copy, staged_copy
 from .store import HostStore
 from .units import ExpertSet, Unit, expert_runs
 from .workers import WorkerGroup, wait_until
 
 EXPERT_STAGING_NUMEL = 16 * 2**20
-"""Elements per pinned staging buffer of expert uploads without a compute-dtype copy (32 MiB in BF16; two)."""
+"""Elements per pinned staging buffer of expert uploads without a compute-dtype copy (32 MiB in BF16; two), and per
+GPU chunk of those uploads with ``cast_on_gpu`` (64 MiB in FP32)."""
 
 
 class _Slot:
@@ -86,6 +91,8 @@ class LayerStreamer:
         kernels: Pack FP32 -> compute dtype with :func:`.host_kernels.pack_bf16_` (a bounded thread count) instead of
             torch's ``copy_``.
         pack_threads: Threads of the pack kernel.
+        cast_on_gpu: Units without a compute-dtype copy upload their FP32 masters (page-locked) and cast them on the
+            GPU (:func:`.pinned.cast_copy`) instead of packing them on the CPU.
         prefer_small_slots: Load a unit into the smallest free slot it fits in (when layers may hold slots across a
             pass, so the large slots stay free for the head); otherwise any free slot, by next use.
     """
@@ -100,6 +107,7 @@ class LayerStreamer:
         workers: WorkerGroup,
         kernels: bool = False,
         pack_threads: int | None = None,
+        cast_on_gpu: bool = False,
         prefer_small_slots: bool = False,
     ) -> None:
         if num_slots < 2:
@@ -132,6 +140,9 @@ class LayerStreamer:
         self.prefer_small_slots = prefer_small_slots
         self.kernels = kernels
         self.pack_threads = pack_threads
+        self.cast_on_gpu = cast_on_gpu and self.cuda
+        self._cast_stage: torch.Tensor | None = None
+        """The GPU buffer of ``cast_on_gpu`` uploads (used on ``h2d_stream`` only)."""
 
     # ----------------------------------------------------------------------------------------------- main thread
     def plan(self, uids: list[int]) -> None:
@@ -185,6 +196,13 @@ class LayerStreamer:
             self.slots.extend(slots)
             self._kick()
 
+    def quiesce(self) -> None:
+        """Waits until no upload is being issued or still copying (the host buffers uploads read may then change)."""
+        with self.cond:
+            wait_until(self.cond, lambda: not self._loading, self.worker.check)
+        if self.cuda:
+            self.h2d_stream.synchronize()
+
     def invalidate(self) -> None:
         """Forgets resident copies (after masters changed outside the optimizer, e.g. a checkpoint load)."""
         with self.cond:
@@ -196,6 +214,8 @@ class LayerStreamer:
         with self.cond:
             self._drop_plan()
         self.worker.close()
+        if self.cuda:  # no copy may still read host memory that is unregistered or freed after this
+            self.h2d_stream.synchronize()
         for pool in (self._staging, self._expert_staging):
             if pool is not None:
                 pool.close()
@@ -293,12 +313,16 @@ class LayerStreamer:
                     raw[b.offset + a * per : b.offset + z * per].copy_(b.group.copy[lo:hi], non_blocking=self.cuda)
                 else:
                     packed.append((None, b.offset + a * per, b.group.master[lo:hi]))
-                nbytes += (z - a) * per * raw.element_size()
+                source = b.group.master if b.group.copy is None and self.cast_on_gpu else raw
+                nbytes += (z - a) * per * source.element_size()
             if b.group not in groups:
                 groups.append(b.group)
         if packed and not self.cuda:
             for _, offset, src in packed:
                 raw[offset : offset + src.numel()].copy_(src)
+        elif packed and self.cast_on_gpu:  # a stage from the caching allocator: ordered on this stream, then reused
+            stage = torch.empty(min(EXPERT_STAGING_NUMEL, max(s.numel() for *_, s in packed)), device=self.device)
+            cast_copy(stage, packed, raw, torch.cuda.current_stream(self.device))
         elif packed:  # through a small pinned pool: host memory does not grow with the number of experts hit
             if self._expert_staging is None:
                 self._expert_staging = StagingPool(EXPERT_STAGING_NUMEL, self.dtype)
@@ -307,7 +331,7 @@ class LayerStreamer:
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(self.device))
             for group in groups:
-                if group.copy is not None:
+                if group.copy is not None or self.cast_on_gpu:
                     group.h2d_event = done
         have.update(missing)
         with self.cond:
@@ -320,12 +344,18 @@ class LayerStreamer:
         for group in unit.groups:
             self.store.wait_updated(group, poll=self.workers.check)
         self.update_wait_s += time.perf_counter() - start
+        masters = False
         if all(g.copy is not None for g in unit.groups):
             self._upload_copy(unit, slot)
+        elif self.cast_on_gpu:
+            self._cast_and_upload(unit, slot)
+            masters = True
         else:
             self._pack_and_upload(unit, slot)
         with self.cond:
-            if unit.experts:
+            if masters:  # what crossed PCIe: each source in its own dtype (FP32 masters, compute-dtype frozen groups)
+                self.bytes_h2d += sum(src.numel() * src.element_size() for *_, src in self._master_spans(unit))
+            elif unit.experts:
                 self.bytes_h2d += sum(b.entry.numel for b in unit.dense_bindings) * slot.buf.element_size()
             else:
                 self.bytes_h2d += unit.numel * slot.buf.element_size()
@@ -362,18 +392,38 @@ class LayerStreamer:
         for group in unit.groups:
             group.h2d_event = done
 
+    def _master_spans(self, unit: Unit) -> list[tuple[None, int, torch.Tensor]]:
+        """``(None, offset in the slot, host source)`` of the unit's dense parameters: its FP32 masters (frozen groups:
+        their compute-dtype buffer); the routed experts of an expert-sparse unit are left out (``upload_experts``)."""
+        whole = None if unit.experts else unit.whole_group
+        if whole is not None:
+            return [(None, 0, whole.master[: unit.numel])]
+        return [
+            (None, b.offset, b.group.master[b.entry.offset : b.entry.offset + b.entry.numel])
+            for b in unit.dense_bindings
+        ]
+
+    def _cast_and_upload(self, unit: Unit, slot: _Slot) -> None:
+        """Copies the unit's page-locked FP32 masters to the GPU and casts them there (:func:`.pinned.cast_copy`), on
+        ``h2d_stream``; the groups' ``h2d_event`` then holds their optimizer updates until the copies are done."""
+        if self._cast_stage is None:
+            with torch.cuda.stream(self.h2d_stream):  # allocated for, and only ever used on, this stream
+                self._cast_stage = torch.empty(
+                    min(CAST_STAGE_NUMEL, max(u.numel for u in self.units)), dtype=torch.float32, device=self.device
+                )
+        cast_copy(self._cast_stage, self._master_spans(unit), slot.buf, self.h2d_stream, after=slot.free_event)
+        with torch.cuda.stream(self.h2d_stream):
+            slot.copy_event.record(self.h2d_stream)
+            done = torch.cuda.Event()  # its own event, as in _upload_copy
+            done.record(self.h2d_stream)
+        for group in unit.groups:
+            group.h2d_event = done
+
     def _pack_and_upload(self, unit: Unit, slot: _Slot) -> None:
         """Casts the unit's FP32 masters to the compute dtype and uploads them, through a small pool of pinned staging
         buffers (``STAGING_NUMEL`` elements each): packing one chunk overlaps the upload of the previous one, and the
         pinned memory does not grow with the largest unit."""
-        whole = None if unit.experts else unit.whole_group
-        if whole is not None:
-            spans = [(None, 0, whole.master[: unit.numel])]
-        else:  # expert parameters of an expert-sparse unit are left out (uploaded by upload_experts)
-            spans = [
-                (None, b.offset, b.group.master[b.entry.offset : b.entry.offset + b.entry.numel])
-                for b in unit.dense_bindings
-            ]
+        spans = self._master_spans(unit)
         if not self.cuda:
             start = time.perf_counter()
             for _, offset, src in spans:
