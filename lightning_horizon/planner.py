@@ -25,8 +25,9 @@ elements, as the store lays them out; a test checks a real engine's buffers agai
                          BF16 packing in chunks; with cast_on_gpu, the default, uploads read the pinned masters)
     pinned gradient slabs    num_grad_slabs * min(256 Mi, largest layer) * c, on a GPU with A > 1 (larger
                          gradients are split across slabs)
-    pinned weight copy   c * N' (with weight_copy; ``None`` resolved by the engine's rule,
-                         :func:`~lightning_horizon.engine.footprint.weight_copy_fits`, against this machine)
+    pinned weight copy   c * N' (with weight_copy; ``None``: none with cast_on_gpu, the default, otherwise the
+                         engine's rule, :func:`~lightning_horizon.engine.footprint.weight_copy_fits`, against
+                         this machine)
     process overhead     2 GiB (torch, CUDA context on the host side, Python)
 
 GPU memory:
@@ -415,9 +416,9 @@ def plan_shape(shape: ModelShape, hardware: HardwareProfile, settings: PlanSetti
             optimizer_state_bytes=state_bytes, master_bytes=m, grad_pool=pool, cast_on_gpu=cast_on_gpu,
         )  # fmt: skip
 
-    if s.engine.weight_copy is None:  # the engine's rule, against this machine's host memory
-        fits = weight_copy_fits(hardware.has_gpu, footprint(True), hardware.host_memory_bytes)
-        s = dataclasses.replace(s, engine=dataclasses.replace(s.engine, weight_copy=fits))
+    if s.engine.weight_copy is None:  # the engine's rule (config.resolve), against this machine's host memory
+        keep = weight_copy_fits(hardware.has_gpu, footprint(True), hardware.host_memory_bytes)
+        s = dataclasses.replace(s, engine=dataclasses.replace(s.engine, weight_copy=keep and not cast_on_gpu))
     masters_uploaded = cast_on_gpu and not s.engine.weight_copy  # uploads carry the FP32 masters, cast on the GPU
     pinned = "pinned " if hardware.has_gpu else ""
     gradients = "fp32" if accumulate else f"{dtype_name(s.compute_dtype)}, embedding fp32"

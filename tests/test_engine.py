@@ -500,3 +500,5 @@ def test_cast_on_gpu_is_decided_by_the_device_and_the_weight_copy():
     assert cast(device="cuda:0", weight_copy=False, cast_on_gpu=False) is False
     assert cast(device="cuda:0", weight_copy=True) is False
     assert cast(device="cpu", weight_copy=False, cast_on_gpu=True) is False
+    default = resolve(EngineConfig(device="cuda:0", host_kernels=False, compile_layers=False))
+    assert default.cast_on_gpu is True and default.weight_copy is False  # weight_copy=None: no copy to keep
