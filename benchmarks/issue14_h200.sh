@@ -23,7 +23,7 @@ case ${1:-speed3b} in
   mem7b)
     for dtype in ${DTYPES:-fp32 bf16 int8}; do
       plain "qwen2_7b_b16_clip_$dtype" --model qwen2_7b --batch 16 --seq 2048 --steps 4 --warmup 1 --clip 1.0 \
-        --state-dtype "$dtype"
+        --state-dtype "$dtype" --fast-init
     done ;;
   upload3b)
     for mode in copy cast pack; do

@@ -60,9 +60,65 @@ START = time.perf_counter()
 
 
 def progress(event: str) -> None:
-    """One line on stderr, flushed: seconds since the start, resident memory, the event."""
+    """One line on stderr, flushed: seconds since the start, resident memory (and what it is made of), the event."""
     elapsed, rss = time.perf_counter() - START, current_rss_bytes() / 2**30
-    print(f"plain: {elapsed:.1f} s, rss {rss:.1f} GiB: {event}", file=sys.stderr, flush=True)
+    print(f"plain: {elapsed:.1f} s, rss {rss:.1f} GiB{memory_detail()}: {event}", file=sys.stderr, flush=True)
+
+
+def largest_mappings(count: int = 6) -> str:
+    """The named memory mappings (files, shared memory) with the most resident memory, from ``/proc/self/smaps``."""
+    sizes: dict[str, int] = {}
+    name = None
+    try:
+        for line in Path("/proc/self/smaps").read_text().splitlines():
+            fields = line.split()
+            if fields and "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
+                name = fields[5] if len(fields) > 5 else None
+            elif name and fields and fields[0] == "Rss:":
+                sizes[name] = sizes.get(name, 0) + int(fields[1])
+    except (OSError, ValueError, IndexError):
+        return "unreadable"
+    top = sorted(sizes.items(), key=lambda kv: -kv[1])[:count]
+    return ", ".join(f"{path} {kib / 2**10:.0f} MiB" for path, kib in top)
+
+
+def memory_detail() -> str:
+    """Where the resident memory is (Linux, glibc): anonymous, file-backed (libraries) and shared pages, and the
+    freed heap memory that the C allocator holds without giving it back (``mallinfo2().fordblks``)."""
+    parts = []
+    try:
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+        for key in ("RssAnon", "RssFile", "RssShmem"):
+            parts.append(f"{key[3:].lower()} {int(status[key].split()[0]) / 2**20:.1f}")
+    except (OSError, KeyError, ValueError):
+        return ""
+    try:
+        import ctypes
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [
+                (name, ctypes.c_size_t)
+                for name in (
+                    "arena",
+                    "ordblks",
+                    "smblks",
+                    "hblks",
+                    "hblkhd",
+                    "usmblks",
+                    "fsmblks",
+                    "uordblks",
+                    "fordblks",
+                    "keepcost",
+                )
+            ]
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+        info = libc.mallinfo2()
+        parts.append(f"heap {info.arena / 2**30:.2f} (free {info.fordblks / 2**30:.2f}) mmap {info.hblkhd / 2**30:.1f}")
+    except (OSError, AttributeError):
+        pass
+    return " (" + ", ".join(parts) + ")"
 
 
 class Plain(L.LightningModule):
@@ -169,11 +225,13 @@ class StepEnds(L.Callback):
             )
 
     def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == 1:
+            print(f"largest named mappings after step 1: {largest_mappings()}", file=sys.stderr, flush=True)
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # between steps only: timing, not part of the step
         self.ends.append(time.perf_counter())
         took = f", {self.ends[-1] - self.ends[-2]:.2f} s" if len(self.ends) > 1 else ""
-        at = f" (at {self.ends[-1] - START:.1f} s, rss {current_rss_bytes() / 2**30:.1f} GiB)"
+        at = f" (at {self.ends[-1] - START:.1f} s, rss {current_rss_bytes() / 2**30:.1f} GiB{memory_detail()})"
         print(f"step {trainer.global_step} done{took}{at}", file=sys.stderr, flush=True)  # progress, if a run is cut
 
 

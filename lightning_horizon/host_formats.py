@@ -4,12 +4,13 @@ trains with them: the tables in the README, printed by ``python -m lightning_hor
 Computed with the engine's own accounting (:func:`lightning_horizon.engine.footprint.host_bytes`, the function the
 planner and the strategy's preflight use) over a dense decoder with the Qwen2.5-72B shape's proportions (embedding
 share, 80 layers; untied lm_head), scaled to N parameters. Bytes/param is the part that grows with N (FP32 masters,
-optimizer state, gradients); the fixed part (the process's overhead, pinned staging, the gradient pool, the
-preflight's margin) is added once when the largest model is solved for. Modes: *no clipping* (automatic
+optimizer state, gradients); the fixed part (the process's overhead, the gradient pool, the preflight's margin) is
+added once when the largest model is solved for. Uploads are the default GPU path (``cast_on_gpu``: the page-locked
+FP32 masters are copied to the GPU and cast there), so there is no weight copy and no pinned upload staging. Modes: *no clipping* (automatic
 optimization without clipping or accumulation: gradients go from a pool of a few layers straight into their
 update), *clipping* (``gradient_clip_val``: every gradient is kept, in BF16, until the global norm is known),
-*accumulation* (``accumulate_grad_batches > 1``: FP32 gradients). The pinned BF16 weight copy (``weight_copy``) adds
-2 bytes/param; the engine keeps it only where it fits, so the largest models run without it. The last row is LoRA
+*accumulation* (``accumulate_grad_batches > 1``: FP32 gradients). The pinned BF16 weight copy (``weight_copy=True``,
+off by default) would add 2 bytes/param. The last row is LoRA
 (``peft=lora``, rank 16 on every linear layer): the frozen base in BF16, masters, state and gradients only for the
 adapters.
 """
@@ -79,7 +80,7 @@ def footprint(
     return host_bytes(
         scaled_shape(num_params, lora), torch.bfloat16, accumulate, weight_copy, NUM_GRAD_SLABS, True,
         optimizer_state_bytes=adamw_state_bytes(STATE_DTYPES[state]),
-        grad_pool=GRAD_POOL_BUFFERS if pooled else 0,
+        grad_pool=GRAD_POOL_BUFFERS if pooled else 0, cast_on_gpu=not weight_copy,
     )  # fmt: skip
 
 
