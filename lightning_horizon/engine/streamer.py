@@ -216,6 +216,7 @@ class LayerStreamer:
         self.worker.close()
         if self.cuda:  # no copy may still read host memory that is unregistered or freed after this
             self.h2d_stream.synchronize()
+        self._cast_stage = None  # GPU memory goes back now, not when a garbage collection finds the engine
         for pool in (self._staging, self._expert_staging):
             if pool is not None:
                 pool.close()
