@@ -502,3 +502,38 @@ def test_cast_on_gpu_is_decided_by_the_device_and_the_weight_copy():
     assert cast(device="cpu", weight_copy=False, cast_on_gpu=True) is False
     default = resolve(EngineConfig(device="cuda:0", host_kernels=False, compile_layers=False))
     assert default.cast_on_gpu is True and default.weight_copy is False  # weight_copy=None: no copy to keep
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_embedding_rows_scattered_in_chunks_give_the_same_sums_bit_for_bit(dtype):
+    from lightning_horizon.engine.gradients import scatter_rows_
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 7, (101,), generator=gen)  # many repeats: the order of the additions matters
+    rows = torch.randn(101, 5, generator=gen).mul(torch.logspace(-4, 4, 101).unsqueeze(1)).to(dtype)
+    want = torch.randn(7, 5, generator=gen)
+    got = want.clone()
+    want.index_add_(0, ids, rows.to(torch.float32))
+    for chunk_numel in (1, 5, 15, 499, 10**6):
+        got_chunked = got.clone()
+        scatter_rows_(got_chunked, ids, rows, chunk_numel)
+        assert torch.equal(got_chunked, want), chunk_numel
+    empty = got.clone()
+    scatter_rows_(empty, ids[:0], rows[:0], 5)
+    assert torch.equal(empty, got)
+
+
+def test_engine_scatters_the_embedding_gradient_in_chunks(monkeypatch):
+    from lightning_horizon.engine import gradients
+
+    batches = [make_batch(0, batch=2, seq=16), make_batch(1, batch=2, seq=16)]
+    model = tiny_model("qwen2", tied=False)
+    _, whole = engine_grads(clone(model), batches)
+    calls = []
+    scatter = gradients.scatter_rows_
+    monkeypatch.setattr(gradients, "scatter_rows_", lambda *a: calls.append(a[3]) or scatter(*a))
+    monkeypatch.setattr(gradients, "EMBEDDING_FOLD_NUMEL", model.config.hidden_size * 3)
+    _, chunked = engine_grads(clone(model), batches)
+    assert calls and set(calls) == {model.config.hidden_size * 3}
+    for name in whole:
+        assert torch.equal(chunked[name], whole[name]), name
