@@ -173,20 +173,29 @@ def _usable_host_memory_bytes() -> int:
 
 
 def measure_copy_bandwidth(num_bytes: int = 256 * 1024**2, repeats: int = 3) -> tuple[float, float]:
-    """Pinned H2D and D2H bandwidth (bytes/s) of GPU 0, best of `repeats` copies of `num_bytes` (~0.1 s)."""
-    host = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True)
+    """Pinned H2D and D2H bandwidth (bytes/s) of GPU 0, best of `repeats` copies of `num_bytes` (~0.1 s).
+
+    The host buffer is page-locked in place and unlocked afterwards (``engine/pinned.py``), not taken from PyTorch's
+    caching host allocator, which would keep it for the rest of the process."""
+    from lightning_horizon.engine.pinned import pinned_empty, unregister_pinned
+
+    host = pinned_empty(num_bytes, torch.uint8, pin=True)
     device = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
-    device.copy_(host, non_blocking=True)  # warm-up
-    torch.cuda.synchronize()
-    rates = []
-    for dst, src in ((device, host), (host, device)):
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            dst.copy_(src, non_blocking=True)
-            torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
-        rates.append(num_bytes / best)
+    try:
+        device.copy_(host, non_blocking=True)  # warm-up
+        torch.cuda.synchronize()
+        rates = []
+        for dst, src in ((device, host), (host, device)):
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                dst.copy_(src, non_blocking=True)
+                torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - start)
+            rates.append(num_bytes / best)
+    finally:
+        torch.cuda.synchronize()
+        unregister_pinned(host)
     del host, device
     torch.cuda.empty_cache()
     return rates[0], rates[1]
