@@ -28,7 +28,8 @@ elements, as the store lays them out; a test checks a real engine's buffers agai
     pinned weight copy   c * N' (with weight_copy; ``None``: none with cast_on_gpu, the default, otherwise the
                          engine's rule, :func:`~lightning_horizon.engine.footprint.weight_copy_fits`, against
                          this machine)
-    process overhead     2 GiB (torch, CUDA context on the host side, Python)
+    process overhead     2 GiB (torch, Python), 4 GiB on a GPU (with CUDA's host side and what a first compile of
+                         the layers keeps)
 
 GPU memory:
     weight slots         num_slots * U * c (resident slots and kept activations, `resident_layers` and

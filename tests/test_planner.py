@@ -68,7 +68,7 @@ def test_72b_on_h200_fits():
 def test_72b_refused_on_small_hosts(machine):
     p = plan(hf_config("qwen2_72b"), hardware(machine), batch_size=1, max_seq_len=4096, checkpoint_every=1)
     assert not p.host_fits
-    with pytest.raises(PlanError, match="host memory: needs 88[0-9]") as err:
+    with pytest.raises(PlanError, match="host memory: needs 89[0-9]") as err:
         check_fits(p, hardware(machine))
     assert "host RAM" in str(err.value) and "Host memory" in str(err.value)  # suggestion + the table
 
@@ -103,14 +103,14 @@ def test_memory_formulas():
     staging = 2 * min(64 * 2**20, unit) * 2
     embed = p.shape.store.embedding_numel
     pool = 4 * p.shape.store.grad_group_numel * 2  # no clipping: BF16 gradients in four pooled buffers, no slabs
-    assert host == [4 * stored, 8 * n, 4 * embed, pool, 2 * GiB]  # cast_on_gpu (default): uploads read the masters
+    assert host == [4 * stored, 8 * n, 4 * embed, pool, 4 * GiB]  # cast_on_gpu (default): uploads read the masters; 2 + 2 GiB overhead on a GPU
     clipped = plan(
         shape_cfg, hardware("h200"), batch_size=2, max_seq_len=1024, checkpoint_every=4, num_slots=3, weight_copy=False,
         gradient_clip_val=1.0, cast_on_gpu=False,
     )  # fmt: skip
     host = list(clipped.host_bytes.values())
     # whole-model BF16 gradients; packing on the CPU (cast_on_gpu=False) goes through two pinned staging buffers
-    assert host == [4 * stored, 8 * n, 2 * stored + 2 * embed, staging, 2 * GiB]
+    assert host == [4 * stored, 8 * n, 2 * stored + 2 * embed, staging, 4 * GiB]
     assert "upload cast buffer (fp32)" not in clipped.gpu_bytes
     acc = plan(
         shape_cfg,
@@ -124,7 +124,7 @@ def test_memory_formulas():
     layer = acc.shape.store.layer_numel
     host = list(acc.host_bytes.values())
     slabs = acc.settings.engine.num_grad_slabs * layer * 2
-    assert host == [4 * stored, 8 * n, 4 * stored, slabs, 2 * GiB]
+    assert host == [4 * stored, 8 * n, 4 * stored, slabs, 4 * GiB]
     h, i, v, tokens = 3584, 18944, 152064, 2 * 1024
     gpu = list(p.gpu_bytes.values())
     assert gpu == [

@@ -29,7 +29,12 @@ CAST_STAGE_NUMEL = 32 * 2**20
 MAX_SLAB_NUMEL = 256 * 2**20
 """Largest pinned gradient slab (elements): 512 MiB in BF16; bigger layers are sent in several slabs."""
 HOST_OVERHEAD_BYTES = 2 * 2**30
-"""Host memory of the process beyond the engine's buffers (torch, CUDA's host side, Python)."""
+"""Host memory of the process beyond the engine's buffers (torch, Python; CUDA's host side is
+:data:`CUDA_OVERHEAD_BYTES` more)."""
+CUDA_OVERHEAD_BYTES = 2 * 2**30
+"""What a GPU run's process holds beyond :data:`HOST_OVERHEAD_BYTES`. Measured on an H200 host (Qwen2.5-7B shape,
+2026-12-03): 2.0 GiB beyond the engine's buffers at the end of a step, and on a machine's first run (the layers
+compiled for the first time) 2.0 GiB more of shared memory that stays; 4 GiB in all."""
 ADAMW_STATE_BYTES = 8
 """Optimizer state per parameter assumed before the optimizer exists: AdamW's two FP32 moments."""
 ADAMW_TRAFFIC_BYTES = 28
@@ -147,7 +152,7 @@ def host_bytes(
         out["gradient slabs"] = num_grad_slabs * shape.slab_numel * c
     if weight_copy:
         out["weight copy"] = c * n
-    out["process overhead"] = HOST_OVERHEAD_BYTES
+    out["process overhead"] = HOST_OVERHEAD_BYTES + (CUDA_OVERHEAD_BYTES if on_gpu else 0)
     return out
 
 
