@@ -537,3 +537,21 @@ def test_engine_scatters_the_embedding_gradient_in_chunks(monkeypatch):
     assert calls and set(calls) == {model.config.hidden_size * 3}
     for name in whole:
         assert torch.equal(chunked[name], whole[name]), name
+
+
+def test_close_frees_the_slots_and_leaves_the_model_usable():
+    """``close`` gives the slots' memory back at once (on a GPU: without waiting for a garbage collection to find an
+    engine kept alive by a reference cycle); the model then runs as an ordinary CPU model with the trained weights."""
+    model = tiny_model("llama", layers=2)
+    engine = HorizonEngine(model, device="cpu", compute_dtype="fp32", resident_layers=0, keep_activations=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = make_batch(0)
+    model(**batch).loss.backward()
+    engine.step(opt)
+    slots = list(engine.streamer.slots)
+    assert slots and all(s.buf.untyped_storage().nbytes() > 0 for s in slots)
+    engine.close()
+    assert all(s.buf.untyped_storage().nbytes() == 0 for s in slots)
+    plain = clone(model)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, plain(**batch).logits)

@@ -217,6 +217,9 @@ class LayerStreamer:
         if self.cuda:  # no copy may still read host memory that is unregistered or freed after this
             self.h2d_stream.synchronize()
         self._cast_stage = None  # GPU memory goes back now, not when a garbage collection finds the engine
+        for slot in self.slots:  # the same for the slots, whose views (template parameters) may outlive the engine
+            slot.resident = None
+            slot.buf.untyped_storage().resize_(0)
         for pool in (self._staging, self._expert_staging):
             if pool is not None:
                 pool.close()
