@@ -555,3 +555,38 @@ def test_close_frees_the_slots_and_leaves_the_model_usable():
     plain = clone(model)
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, plain(**batch).logits)
+
+
+@pytest.mark.parametrize("path", ["labels", "logits"])
+def test_tied_embedding_gradient_summed_on_the_compute_device(path):
+    """A tied lm_head's gradient stays on the compute device in FP32 until the embedding's rows are added to it, and
+    the sum lands in the host's FP32 buffer once (no compute-dtype copy of it on the host). Same gradients as Hugging
+    Face, with a padding row (nn.Embedding gives it no gradient; the lm_head's part of that row stays), through the
+    loss path and through a loss computed from the logits."""
+    ref = tiny_model("qwen2", tied=True, pad_token_id=5)
+    batch = make_batch(4)
+    batch["input_ids"][0, -2:] = 5
+    if path == "logits":
+        labels = batch.pop("labels")
+
+    def loss_of(model):
+        if path == "labels":
+            return model(**batch).loss
+        logits = model(**batch).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1))
+
+    want_model = clone(ref)
+    loss_of(want_model).backward()
+    want = {n: p.grad for n, p in want_model.named_parameters()}
+    assert want["model.embed_tokens.weight"][5].abs().sum() > 0  # the lm_head's part of the padding row
+    model = clone(ref)
+    engine = HorizonEngine(model, device="cpu", compute_dtype="fp32")
+    try:
+        loss_of(model).backward()
+        group, sp = engine.store.entry(model.model.embed_tokens.weight)
+        assert engine.sink.direct and group.grad_lp is None  # the head's part never landed in the compute dtype
+        assert engine.runner.tied_grad is None
+        got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    finally:
+        engine.close()
+    assert_grads_close(got, want)

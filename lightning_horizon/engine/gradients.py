@@ -44,7 +44,7 @@ from .data_parallel import NodeGradients
 from .grad_pool import GradPool
 from .host_kernels import fold_
 from .moe import ExpertGrad
-from .pinned import chunk_spans, pinned_empty, unregister_pinned
+from .pinned import chunk_spans, pinned_empty, register_pinned, unregister_pinned
 from .store import GradState, HostStore, StoreGroup, StoreParam
 from .workers import WorkerGroup
 
@@ -132,6 +132,8 @@ class GradientSink:
         self.shared = shared
         self.pool: GradPool | None = None
         """The pooled compute-dtype gradient buffers (None: whole buffers, or fold mode)."""
+        self._pinned_fp32: list[torch.Tensor] = []
+        """FP32 gradient buffers this sink page-locked (:meth:`submit_fp32` copies into them)."""
         if direct and pool_buffers:
             if updates_follow is None:
                 raise ValueError("a gradient pool needs updates_follow (whether each landing's update follows it)")
@@ -191,6 +193,46 @@ class GradientSink:
 
         self.worker.submit(fold)
 
+    def submit_fp32(self, target: Target, grad: torch.Tensor, final: list[StoreGroup]) -> None:
+        """Queues a whole FP32 gradient (on the compute device, produced on the current stream): the tied embedding's,
+        summed on the compute device. In direct mode, for a parameter without a gradient yet, it is copied straight
+        into the group's FP32 buffer (page-locked on first use); otherwise it takes the path of every gradient, in
+        the compute dtype."""
+        group, sp = target
+        if not self.direct or sp.has_grad or self.shared is not None:
+            self.submit([target], [grad.to(self.dtype)], final)
+            return
+        if group.grad is None:
+            with torch.inference_mode(False):
+                group.grad = torch.zeros_like(group.master)
+        if self.cuda and group.grad.data_ptr() not in {t.data_ptr() for t in self._pinned_fp32}:
+            self._pinned_fp32.append(register_pinned(group.grad))
+        dst = group.grad_view(sp)
+        sp.land(GradState.FP32)
+        if self.track_norms:
+            sp.grad_norm = torch.linalg.vector_norm(grad)  # on the compute device, as in direct mode
+        self.bytes_d2h += grad.numel() * grad.element_size()
+        if not self.cuda:
+
+            def land() -> None:
+                dst.copy_(grad.view_as(dst))
+                self._report(final)
+
+            self.worker.submit(land)
+            return
+        event = torch.cuda.Event()
+        self.d2h_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.d2h_stream):
+            dst.copy_(grad.view_as(dst), non_blocking=True)
+            grad.record_stream(self.d2h_stream)
+            event.record(self.d2h_stream)
+
+        def landed() -> None:
+            event.synchronize()
+            self._report(final)
+
+        self.worker.submit(landed)
+
     def wait(self) -> None:
         """Blocks until every queued gradient has landed."""
         self.worker.drain()
@@ -207,6 +249,9 @@ class GradientSink:
         self.worker.close()
         for slab in self._all_slabs:
             unregister_pinned(slab)
+        for buf in self._pinned_fp32:
+            unregister_pinned(buf)
+        self._pinned_fp32 = []
         if self.pool is not None:
             self.pool.close()
         for group in self.store.groups:

@@ -92,6 +92,11 @@ class PassRunner:
         self.norm_groups = [g for g in norm.values() if g is not embed]
         self.lm_head_groups = [g for g in head.groups if id(g) not in norm and g is not embed]
         self.embed_group = embed
+        self.tied_index = next((j for j, b in enumerate(head.bindings) if b.group is embed), None)
+        """Position of the embedding's weight among the head's parameters when the lm_head is tied to it."""
+        self.tied_grad: torch.Tensor | None = None
+        """The tied weight's FP32 gradient from the head, held on the compute device until the embedding's rows
+        are added to it (see :meth:`_hold_tied`)."""
 
     # ------------------------------------------------------------------------------------------- forward passes
     def layer_call(self, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor | tuple:
@@ -109,6 +114,7 @@ class PassRunner:
         segments = self.segments
         if keep:
             self.on_grad_pass()
+            self.tied_grad = None  # a backward that did not finish leaves nothing behind for the next
             segments = segments.kept_from(self._kept_count(tokens))
         fpass = ForwardPass(self, keep, self.parts.model.training, segments)
         fpass.router_logits = {} if self.record_routers else None
@@ -148,10 +154,41 @@ class PassRunner:
         scale = self.parts.embed_scale()
         if scale is not None:
             grad_hidden = grad_hidden * scale
-        self.sink.submit_embedding(self.store.entry(weight), input_ids, grad_hidden, self.parts.padding_idx())
+        padding_idx = self.parts.padding_idx()
+        tied, self.tied_grad = self.tied_grad, None
+        if tied is None:  # the rows go to the host and are scattered into its FP32 gradient there
+            self.sink.submit_embedding(self.store.entry(weight), input_ids, grad_hidden, padding_idx)
+            return
+        ids = input_ids.reshape(-1).to(tied.device)
+        rows = grad_hidden.reshape(ids.numel(), -1)
+        if padding_idx is not None:  # nn.Embedding gives its padding row no gradient (the lm_head's row keeps its own)
+            keep = ids != padding_idx
+            ids, rows = ids[keep], rows[keep]
+        tied.index_add_(0, ids, rows.to(tied.dtype))
+        self.sink.submit_fp32(self.store.entry(weight), tied, final=[self.embed_group])
 
     def finish_backward(self) -> None:
+        tied, self.tied_grad = self.tied_grad, None
+        if tied is not None:  # no embedding backward in this pass (inputs_embeds): the head's part alone
+            self.sink.submit_fp32(self.store.entry(self.parts.embed.weight), tied, final=[self.embed_group])
         self.sink.finish()
+
+    def _hold_tied(self, grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """Takes the tied embedding's gradient out of the head's ``grads`` (in bindings order) and holds it in FP32
+        on the compute device (added to one already held: several passes in one backward), when the sink lands
+        gradients directly and this weight has none on the host yet. The embedding's backward then adds its rows
+        there and the sum crosses to the host once, in FP32: no compute-dtype copy of the head's part on the host,
+        no upcast and no scatter there (CPU work at the end of the backward, which the next forward waits for)."""
+        j = self.tied_index
+        if j is None or grads[j] is None:
+            return grads
+        group, sp = self.store.entry(self.parts.embed.weight)
+        if self.tied_grad is None and not (self.sink.direct and not sp.has_grad and self.sink.shared is None):
+            return grads
+        grads = list(grads)
+        g, grads[j] = grads[j].float(), None
+        self.tied_grad = g if self.tied_grad is None else self.tied_grad.add_(g)
+        return grads
 
     # ------------------------------------------------------------------------------------------ decoder layers
     def layer_forward(self, fpass: ForwardPass, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -278,7 +315,7 @@ class PassRunner:
         with torch.enable_grad():
             grad_x, grads = local_grads(head["norm"](x), grad_out, x, params, allow_unused=True)
         self.streamer.release(slot)
-        self._submit(self.head_uid, grads, final=self.norm_groups)
+        self._submit(self.head_uid, self._hold_tied(grads), final=self.norm_groups)
         return grad_x
 
     def head_loss_forward(self, loss_fn: ChunkedLoss, hidden: torch.Tensor) -> torch.Tensor:
@@ -294,7 +331,7 @@ class PassRunner:
         head, params = self.bank.prepare(slot, self.head_uid)
         grad_hidden, grads = loss_fn.backward(head, params, hidden, grad_loss)
         self.streamer.release(slot)
-        grads = [None if g is None else g.to(self.dtype) for g in grads]
+        grads = [None if g is None else g.to(self.dtype) for g in self._hold_tied(grads)]
         self._submit(self.head_uid, grads, final=None if loss_fn.norm else self.lm_head_groups)
         return grad_hidden
 
@@ -314,7 +351,7 @@ class PassRunner:
             logits = head_logits(head, x, self.parts.logit_softcap(), norm)
             grad_x, grads = local_grads(logits, grad_logits, x, params, allow_unused=not norm)
         self.streamer.release(slot)
-        self._submit(self.head_uid, grads, final=None if norm else self.lm_head_groups)
+        self._submit(self.head_uid, self._hold_tied(grads), final=None if norm else self.lm_head_groups)
         return grad_x
 
     # ------------------------------------------------------------------------------------------------- gradients
