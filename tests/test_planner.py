@@ -103,7 +103,7 @@ def test_memory_formulas():
     staging = 2 * min(64 * 2**20, unit) * 2
     embed = p.shape.store.embedding_numel
     pool = 4 * p.shape.store.grad_group_numel * 2  # no clipping: BF16 gradients in four pooled buffers, no slabs
-    assert host == [4 * stored, 8 * n, 4 * embed, pool, 4 * GiB]  # cast_on_gpu (default): uploads read the masters; 2 + 2 GiB overhead on a GPU
+    assert host == [4 * stored, 8 * n, 4 * embed, pool, 4 * GiB]  # cast_on_gpu: no copy; 4 GiB overhead on a GPU
     clipped = plan(
         shape_cfg, hardware("h200"), batch_size=2, max_seq_len=1024, checkpoint_every=4, num_slots=3, weight_copy=False,
         gradient_clip_val=1.0, cast_on_gpu=False,
