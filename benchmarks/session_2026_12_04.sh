@@ -1,23 +1,35 @@
 #!/usr/bin/env bash
-# One device call of 2026-12-04 (one H200): the CUDA tests touched by this session's changes, then the #14 table at
-# Qwen2.5-3B 8 x 1024 (fp32 / bf16 / int8 state, no clipping; fp32 again with 14 host threads) and Qwen2.5-7B
-# 16 x 2048 with clipping, fp32 state, twice (the first run on the machine compiles the 7B layers).
-#   OUT=... bash benchmarks/session_2026_12_04.sh
+# The device calls of 2026-12-04 (one H200, 16 cores, 125 GiB host).
+#   OUT=... bash benchmarks/session_2026_12_04.sh first  # CUDA tests touched that day (cut by its timeout: no
+#       output), Qwen2.5-3B 8 x 1024 fp32 / bf16 / int8 state (no clipping; fp32 again with 14 host threads) and
+#       Qwen2.5-7B 16 x 2048 with clipping, fp32 state, twice (the first run on the machine compiles the 7B layers).
+#       Its 3B runs trained an *untied* model (3.40 B parameters): --fast-init did not tie the lm_head then.
+#   OUT=... bash benchmarks/session_2026_12_04.sh tied   # CUDA tests (verbose, streamed to a file), then the 3B
+#       runs again with the lm_head tied as Qwen2.5-3B has it (3.09 B parameters).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out/session_2026_12_04}
 mkdir -p "$OUT"
-source benchmarks/plain_run.sh
-timeout 220 python -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -rA \
-  -k "close_gives or gradient_parity or lightning_training or resume or dpo or reward or lora or two_processes" 2>&1 \
-  | grep -E "^(PASSED|FAILED|ERROR)|passed|failed|Error|assert" | tail -40 | tee "$OUT/gpu_tests.txt"
-for dtype in fp32 bf16 int8; do
-  timeout 70 bash -c "source benchmarks/plain_run.sh; OUT=$OUT plain qwen2_3b_b8_$dtype --model qwen2_3b --batch 8 \
-    --seq 1024 --steps 10 --warmup 2 --fast-init --state-dtype $dtype"
-done
-timeout 70 bash -c "source benchmarks/plain_run.sh; OUT=$OUT plain qwen2_3b_b8_fp32_threads14 --model qwen2_3b \
-  --batch 8 --seq 1024 --steps 10 --warmup 2 --fast-init --strategy host_threads=14"
-for run in cold warm; do
-  timeout 80 bash -c "source benchmarks/plain_run.sh; OUT=$OUT plain ${run}_qwen2_7b_b16_clip_fp32 --model qwen2_7b \
-    --batch 16 --seq 2048 --steps 4 --warmup 1 --clip 1.0 --fast-init"
-done
+run3b() {  # NAME ARGS...: one plain-module run at the 3B shape, 10 steps (median after 2), under a timeout
+  local name=$1
+  shift
+  timeout 70 bash -c "source benchmarks/plain_run.sh; OUT=$OUT plain $name --model qwen2_3b --batch 8 --seq 1024 \
+    --steps 10 --warmup 2 --fast-init $*"
+}
+case ${1:-tied} in
+  first)
+    timeout 220 python -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -rA \
+      -k "close_gives or gradient_parity or lightning_training or resume or dpo or reward or lora or two_processes" \
+      2>&1 | grep -E "^(PASSED|FAILED|ERROR)|passed|failed|Error|assert" | tail -40 | tee "$OUT/gpu_tests.txt"
+    for dtype in fp32 bf16 int8; do run3b "qwen2_3b_b8_$dtype" --state-dtype "$dtype"; done
+    run3b qwen2_3b_b8_fp32_threads14 --strategy host_threads=14
+    for run in cold warm; do
+      timeout 80 bash -c "source benchmarks/plain_run.sh; OUT=$OUT plain ${run}_qwen2_7b_b16_clip_fp32 \
+        --model qwen2_7b --batch 16 --seq 2048 --steps 4 --warmup 1 --clip 1.0 --fast-init"
+    done ;;
+  tied)
+    timeout 200 python -m pytest -v -p no:cacheprovider -m gpu tests/test_gpu.py \
+      -k "close_gives or gradient_parity or lightning_training or two_processes" > "$OUT/gpu_tests.txt" 2>&1
+    grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/gpu_tests.txt" | tail -20
+    for dtype in fp32 bf16 int8; do run3b "tied_qwen2_3b_b8_$dtype" --state-dtype "$dtype"; done ;;
+esac
