@@ -19,8 +19,9 @@ elements, as the store lays them out; a test checks a real engine's buffers agai
     gradients            4 * N' with A > 1 (FP32 accumulation); with A = 1 c * N' in the compute dtype, the
                          embedding's rows in FP32; with A = 1 and no clipping (the updates run during the backward)
                          only the embedding's FP32 rows, and
-    pinned gradient pool     grad_pool_buffers * G * c instead (G = the largest store group but the embedding, or
-                         the embedding with a tied lm_head: each layer's gradients go from the pool to its update)
+    pinned gradient pool     grad_pool_buffers * G * c instead (G = the largest store group but the embedding, whose
+                         FP32 buffer also takes a tied lm_head's gradient: each layer's gradients go from the pool to
+                         its update)
     pinned upload staging    2 * min(64 Mi, U) * c, on a GPU without weight_copy and with cast_on_gpu=false (FP32 ->
                          BF16 packing in chunks; with cast_on_gpu, the default, uploads read the pinned masters)
     pinned gradient slabs    num_grad_slabs * min(256 Mi, largest layer) * c, on a GPU with A > 1 (larger

@@ -57,11 +57,11 @@ class StoreShape:
     unit_numel: int
     """Elements of the largest streamed unit (a layer or the head = final norm + lm_head): a weight slot."""
     tied: bool = False
-    """lm_head shares the embedding's weight: in direct mode its gradient lands in the compute dtype beside the
-    embedding's FP32 one (both buffers exist for that group)."""
+    """lm_head shares the embedding's weight (its gradient is summed with the embedding's rows on the compute device
+    and lands in the embedding's FP32 buffer: no compute-dtype buffer for that group)."""
     grad_group_numel: int = 0
-    """Elements of the largest group whose gradient lands in the compute dtype (every group but the embedding's,
-    unless a tied lm_head's gradient lands in it): each buffer of the gradient pool is this large."""
+    """Elements of the largest group whose gradient lands in the compute dtype (every group but the embedding's):
+    each buffer of the gradient pool is this large."""
     frozen_numel: int = 0
     """Elements of the frozen groups, held in the compute dtype (``EngineConfig.frozen_dtype='compute'``): not in
     ``store_numel``, no gradients, no weight copy."""
@@ -77,7 +77,7 @@ class StoreShape:
         fp32 = {name: size for (name, _, dtype), size in zip(groups, sizes.values()) if dtype == torch.float32}
         layers = [_unit_numel(layer) for layer in parts.layers]
         head = _unit_numel(parts.norm) + _unit_numel(parts.lm_head)
-        landing = [size for name, size in fp32.items() if name != "embed" or parts.tied]
+        landing = [size for name, size in fp32.items() if name != "embed"]
         return cls(
             num_params=sum(p.numel() for _, named, _ in groups for _, p in named),
             store_numel=sum(fp32.values()),
@@ -123,8 +123,8 @@ def host_bytes(
     cast_on_gpu: bool = False,
 ) -> dict[str, int]:
     """Host memory by component of an engine over ``shape`` (with its optimizer's state): FP32 masters, optimizer
-    state, gradients (FP32 when accumulating; else in the compute dtype, the embedding's scattered rows in FP32 and a
-    tied lm_head's gradient beside them in the compute dtype; with ``grad_pool`` buffers, ``EngineConfig.pooled_grads``,
+    state, gradients (FP32 when accumulating; else in the compute dtype, the embedding's in FP32, a tied lm_head's
+    gradient summed into it on the compute device; with ``grad_pool`` buffers, ``EngineConfig.pooled_grads``,
     only the embedding's FP32 rows, and the pool's buffers, pinned on a GPU, instead of the rest),
     pinned upload staging (only for a GPU without the weight copy, and then not with ``cast_on_gpu``, whose uploads
     read the masters themselves), pinned gradient slabs (only when accumulating on a GPU), the weight copy, and the
@@ -136,7 +136,7 @@ def host_bytes(
     elif grad_pool:
         gradients = 4 * shape.embedding_numel
     else:
-        gradients = c * (n - shape.embedding_numel) + (4 + c * shape.tied) * shape.embedding_numel
+        gradients = c * (n - shape.embedding_numel) + 4 * shape.embedding_numel
     out = {
         "masters": master_bytes * n,
         "optimizer state": int(optimizer_state_bytes * shape.optimizer_params),
