@@ -85,7 +85,7 @@ class EngineConfig:
     weight_copy: bool | None = None
     """Keep a copy of the masters in the compute dtype in pinned host memory (+2 bytes/param for BF16), refreshed
     by the optimizer, which uploads read. None: off, since uploads read the FP32 masters themselves with
-    ``cast_on_gpu`` (as fast at the Qwen2.5-3B shape on an H200, 7,691 against 7,718 tokens/s, with 2.1 bytes/param
+    ``cast_on_gpu`` (as fast at the Qwen2.5-3B shape, untied, on an H200: 7,691 against 7,718 tokens/s, 2.1 bytes/param
     less host memory); with ``cast_on_gpu=False``, on when compute runs on a GPU and the host footprint with it
     (AdamW state assumed) fits the host memory (:func:`.footprint.weight_copy_fits`, the rule the planner applies
     too). Never on the CPU, where it would cost memory and buy nothing."""
@@ -95,7 +95,7 @@ class EngineConfig:
     CPU pass, no host staging and no weight copy, at twice the PCIe bytes of a BF16 upload (PCIe is rarely the
     bound; host-memory traffic is). False: the CPU packs FP32 -> compute dtype into pinned staging buffers on the
     way (4 more bytes of host-memory traffic per parameter and upload, and CPU threads taken from the optimizer:
-    6,677 against 7,691 tokens/s at the Qwen2.5-3B shape on an H200), and ``weight_copy=None`` keeps the weight copy
+    6,677 against 7,691 tokens/s at the untied Qwen2.5-3B shape on an H200), and ``weight_copy=None`` keeps the copy
     where it fits. None: True on CUDA. Ignored on the CPU (the layers are used in place) and beside the weight
     copy (uploads read the copy)."""
     offload_checkpoints: bool | None = None
