@@ -590,3 +590,39 @@ def test_tied_embedding_gradient_summed_on_the_compute_device(path):
     finally:
         engine.close()
     assert_grads_close(got, want)
+
+
+@pytest.mark.parametrize("then", ["step", "zero_grad"])
+def test_tied_head_gradient_without_an_embedding_backward(then):
+    """``inputs_embeds`` (a leaf here): the backward has no embedding node, so the tied weight's gradient is the
+    head's part alone, held on the compute device when the backward ends. The step must apply it (weights as plain
+    PyTorch's after one AdamW step), and zero_grad must discard it (the step then leaves the tied weight as it is)."""
+    ref = tiny_model("qwen2", tied=True)
+    batch = make_batch(5, pad=False)
+    embeds = torch.randn(*batch["input_ids"].shape, ref.config.hidden_size, generator=torch.Generator().manual_seed(0))
+
+    def one_step(model, engine=None):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        model(inputs_embeds=embeds, labels=batch["labels"]).loss.backward()
+        if then == "zero_grad":
+            model.zero_grad()
+        if engine is not None:
+            engine.step(opt)
+        else:
+            opt.step()
+
+    want = clone(ref)
+    one_step(want)
+    got = clone(ref)
+    engine = HorizonEngine(got, device="cpu", compute_dtype="fp32")
+    try:
+        one_step(got, engine)
+        engine.synchronize()
+        assert engine.runner.tied_grad is None
+    finally:
+        engine.close()
+    weight = "model.embed_tokens.weight"
+    moved = dict(got.named_parameters())[weight].ne(dict(ref.named_parameters())[weight]).any()
+    assert bool(moved) == (then == "step")
+    for (name, a), (_, b) in zip(got.named_parameters(), want.named_parameters()):
+        assert rel_err(a.detach(), b.detach()) < 1e-5, name

@@ -168,10 +168,16 @@ class PassRunner:
         self.sink.submit_fp32(self.store.entry(weight), tied, final=[self.embed_group])
 
     def finish_backward(self) -> None:
-        tied, self.tied_grad = self.tied_grad, None
-        if tied is not None:  # no embedding backward in this pass (inputs_embeds): the head's part alone
-            self.sink.submit_fp32(self.store.entry(self.parts.embed.weight), tied, final=[self.embed_group])
+        self.flush_tied()
         self.sink.finish()
+
+    def flush_tied(self) -> None:
+        """Sends a held tied-head gradient to the sink: a backward without the embedding's node (``inputs_embeds``)
+        ends with the head's part alone, and whatever reads or discards the gradients (step, clipping, zero_grad,
+        synchronize) must see it first."""
+        tied, self.tied_grad = self.tied_grad, None
+        if tied is not None:
+            self.sink.submit_fp32(self.store.entry(self.parts.embed.weight), tied, final=[self.embed_group])
 
     def _hold_tied(self, grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
         """Takes the tied embedding's gradient out of the head's ``grads`` (in bindings order) and holds it in FP32

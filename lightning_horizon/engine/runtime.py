@@ -322,6 +322,7 @@ class HorizonEngine:
     def discard_gradients(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Forgets the current gradients of ``optimizer``'s parameters (or of every parameter): the next backward
         writes them afresh, and a step before it skips them (what ``zero_grad()`` means)."""
+        self.runner.flush_tied()
         self.sink.wait()
         params = (p for g in optimizer.param_groups for p in g["params"]) if optimizer is not None else None
         for sp in self.store.params(params):
@@ -355,11 +356,12 @@ class HorizonEngine:
 
     def finish_backward(self) -> None:
         """Waits until every gradient is on the host and exposes them as ``param.grad`` (where they are FP32)."""
-        self.sink.finish()
+        self.runner.finish_backward()
 
     def synchronize(self) -> None:
         """Waits for pending gradient folds, optimizer updates and uploads: the masters are then final, and nothing
         reads them behind the caller's back (uploads with ``cast_on_gpu`` read them by DMA)."""
+        self.runner.flush_tied()
         self.sink.wait()
         self.optim.wait()
         self.streamer.quiesce()
