@@ -132,8 +132,8 @@ class GradientSink:
         self.shared = shared
         self.pool: GradPool | None = None
         """The pooled compute-dtype gradient buffers (None: whole buffers, or fold mode)."""
-        self._pinned_fp32: list[torch.Tensor] = []
-        """FP32 gradient buffers this sink page-locked (:meth:`submit_fp32` copies into them)."""
+        self._pinned_fp32: dict[int, torch.Tensor] = {}
+        """FP32 gradient buffers this sink page-locked, by address (:meth:`submit_fp32` copies into them)."""
         if direct and pool_buffers:
             if updates_follow is None:
                 raise ValueError("a gradient pool needs updates_follow (whether each landing's update follows it)")
@@ -202,11 +202,9 @@ class GradientSink:
         if not self.direct or sp.has_grad or self.shared is not None:
             self.submit([target], [grad.to(self.dtype)], final)
             return
-        if group.grad is None:
-            with torch.inference_mode(False):
-                group.grad = torch.zeros_like(group.master)
-        if self.cuda and group.grad.data_ptr() not in {t.data_ptr() for t in self._pinned_fp32}:
-            self._pinned_fp32.append(register_pinned(group.grad))
+        buf = group.ensure_grad()
+        if self.cuda and buf.data_ptr() not in self._pinned_fp32:
+            self._pinned_fp32[buf.data_ptr()] = register_pinned(buf)
         dst = group.grad_view(sp)
         sp.land(GradState.FP32)
         if self.track_norms:
@@ -249,9 +247,9 @@ class GradientSink:
         self.worker.close()
         for slab in self._all_slabs:
             unregister_pinned(slab)
-        for buf in self._pinned_fp32:
+        for buf in self._pinned_fp32.values():
             unregister_pinned(buf)
-        self._pinned_fp32 = []
+        self._pinned_fp32 = {}
         if self.pool is not None:
             self.pool.close()
         for group in self.store.groups:

@@ -155,7 +155,7 @@ class PassRunner:
         if scale is not None:
             grad_hidden = grad_hidden * scale
         padding_idx = self.parts.padding_idx()
-        tied, self.tied_grad = self.tied_grad, None
+        tied = self.tied_grad
         if tied is None:  # the rows go to the host and are scattered into its FP32 gradient there
             self.sink.submit_embedding(self.store.entry(weight), input_ids, grad_hidden, padding_idx)
             return
@@ -165,7 +165,7 @@ class PassRunner:
             keep = ids != padding_idx
             ids, rows = ids[keep], rows[keep]
         tied.index_add_(0, ids, rows.to(tied.dtype))
-        self.sink.submit_fp32(self.store.entry(weight), tied, final=[self.embed_group])
+        self.flush_tied()
 
     def finish_backward(self) -> None:
         self.flush_tied()
@@ -188,7 +188,7 @@ class PassRunner:
         j = self.tied_index
         if j is None or grads[j] is None:
             return grads
-        group, sp = self.store.entry(self.parts.embed.weight)
+        _, sp = self.store.entry(self.parts.embed.weight)
         if self.tied_grad is None and not (self.sink.direct and not sp.has_grad and self.sink.shared is None):
             return grads
         grads = list(grads)
