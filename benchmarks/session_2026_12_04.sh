@@ -6,6 +6,10 @@
 #       Its 3B runs trained an *untied* model (3.40 B parameters): --fast-init did not tie the lm_head then.
 #   OUT=... bash benchmarks/session_2026_12_04.sh tied   # CUDA tests (verbose, streamed to a file), then the 3B
 #       runs again with the lm_head tied as Qwen2.5-3B has it (3.09 B parameters).
+#   Second session of the day:
+#   OUT=... bash benchmarks/session_2026_12_04.sh profile  # the host CPU, the AdamW kernel alone per moment storage
+#       (16, 8 and 1 threads), and 3B runs with the workers' waits counted apart (fp32, int8; int8 with 8 host
+#       threads and with OpenMP's passive wait policy).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out/session_2026_12_04}
@@ -32,4 +36,18 @@ case ${1:-tied} in
       -k "close_gives or gradient_parity or lightning_training or two_processes" > "$OUT/gpu_tests.txt" 2>&1
     grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/gpu_tests.txt" | tail -20
     for dtype in fp32 bf16 int8; do run3b "tied_qwen2_3b_b8_$dtype" --state-dtype "$dtype"; done ;;
+  profile)
+    { lscpu; numactl --hardware 2>&1; free -g; } > "$OUT/host.txt" 2>&1
+    grep -E "^(Model name|CPU\(s\)|Thread|Core|Socket|NUMA node\(s\)|L3)" "$OUT/host.txt"
+    for threads in 16 8; do
+      timeout 90 python benchmarks/bench_adamw.py 200000000 --kernel-only --no-copy --states fp32,bf16,int8 \
+        --threads "$threads" --repeats 5 2>&1 | tee -a "$OUT/bench_adamw.txt"
+    done
+    timeout 60 python benchmarks/bench_adamw.py 65536 --kernel-only --no-copy --states fp32,bf16,int8 --threads 1 \
+      --repeats 201 2>&1 | tee -a "$OUT/bench_adamw.txt"
+    for dtype in fp32 int8; do run3b "profile_qwen2_3b_b8_$dtype" --state-dtype "$dtype"; done
+    run3b profile_qwen2_3b_b8_int8_threads8 --state-dtype int8 --strategy host_threads=8
+    export OMP_WAIT_POLICY=PASSIVE
+    run3b profile_qwen2_3b_b8_int8_passive --state-dtype int8
+    unset OMP_WAIT_POLICY ;;
 esac

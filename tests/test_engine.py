@@ -626,3 +626,30 @@ def test_tied_head_gradient_without_an_embedding_backward(then):
     assert bool(moved) == (then == "step")
     for (name, a), (_, b) in zip(got.named_parameters(), want.named_parameters()):
         assert rel_err(a.detach(), b.detach()) < 1e-5, name
+
+
+def test_worker_counts_event_waits_apart_from_its_work():
+    """``wait_s`` (a job blocked on a copy's event) is part of ``busy_s`` and reported per worker in the stats."""
+    import time
+
+    from lightning_horizon.engine.workers import WorkerGroup
+
+    class SlowEvent:
+        def synchronize(self):
+            time.sleep(0.05)
+
+    workers = WorkerGroup()
+    worker = workers.worker("test")
+    try:
+        worker.submit(lambda: (worker.wait_event(SlowEvent()), time.sleep(0.02)))
+        worker.drain()
+        assert 0.05 <= worker.wait_s < worker.busy_s
+        assert worker.busy_s - worker.wait_s >= 0.02
+    finally:
+        workers.close()
+
+    model = tiny_model("llama")
+    engine = HorizonEngine(model, device="cpu")
+    stats = engine.stats
+    engine.close()
+    assert stats["fold_wait_s"] == stats["optimizer_wait_s"] == 0.0  # the CPU path has no copy events

@@ -226,7 +226,7 @@ class GradientSink:
             event.record(self.d2h_stream)
 
         def landed() -> None:
-            event.synchronize()
+            self.worker.wait_event(event)
             self._report(final)
 
         self.worker.submit(landed)
@@ -373,7 +373,7 @@ class GradientSink:
         def landed() -> None:
             for (group, sp), g in sparse:  # host rows the copies do not touch: disjoint from the ones in flight
                 g.zero_others(group.lp_grad_view(sp))
-            event.synchronize()
+            self.worker.wait_event(event)
             self._report(final)
 
         self.worker.submit(landed)
@@ -417,7 +417,7 @@ class GradientSink:
                 event.record(self.d2h_stream)
 
             def fold(slab=slab, event=event, landed=landed, last=last) -> None:
-                event.synchronize()
+                self.worker.wait_event(event)
                 try:
                     self._fold(landed)
                 finally:

@@ -199,7 +199,7 @@ class LayerOptimizer:
     def _update(self, group: StoreGroup, entries: list[_Entry], version: int, plan: _StepPlan):
         try:
             if group.copy is None and group.h2d_event is not None:
-                group.h2d_event.synchronize()  # cast_on_gpu: no upload still reads the masters about to change
+                self.worker.wait_event(group.h2d_event)  # cast_on_gpu: no upload still reads the masters about to change
             copy_stale = bool(entries)
             if (self.use_fused or self.state_dtype != torch.float32) and entries:
                 entries, copy_stale = self._update_fused(group, entries, plan)
@@ -216,7 +216,7 @@ class LayerOptimizer:
                 self.on_consumed(group)  # nothing reads this update's gradients any more
             if group.copy is not None and (entries or copy_stale):
                 if group.h2d_event is not None:
-                    group.h2d_event.synchronize()  # no upload still reads the old copy
+                    self.worker.wait_event(group.h2d_event)  # no upload still reads the old copy
                 group.copy.copy_(group.master)
         finally:
             self.store.mark_updated(group, version)
@@ -279,7 +279,7 @@ class LayerOptimizer:
                 rest.append(entry)
                 continue
             if copy is not None and not waited and group.h2d_event is not None:
-                group.h2d_event.synchronize()  # no upload still reads the old copy
+                self.worker.wait_event(group.h2d_event)  # no upload still reads the old copy
                 waited = True
             step, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale = state
             step.add_(1)  # as torch's AdamW does before its update

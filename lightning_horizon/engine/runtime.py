@@ -431,7 +431,9 @@ class HorizonEngine:
             "prefetch_update_wait_s": self.streamer.update_wait_s,
             "compute_wait_s": self.streamer.wait_s,
             "fold_busy_s": self.sink.worker.busy_s,
+            "fold_wait_s": self.sink.worker.wait_s,
             "optimizer_busy_s": self.optim.worker.busy_s,
+            "optimizer_wait_s": self.optim.worker.wait_s,
         }
 
     # ----------------------------------------------------------------------------------------------- internals

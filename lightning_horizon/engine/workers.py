@@ -77,7 +77,10 @@ class Worker:
         self._error_text = ""
         self._pending = 0
         self.busy_s = 0.0
-        """Seconds spent running jobs (for the benchmark's step-time breakdown)."""
+        """Seconds spent running jobs (for the benchmark's step-time breakdown), waits included."""
+        self.wait_s = 0.0
+        """Of ``busy_s``, the seconds jobs spent blocked in :meth:`wait_event` (a copy not yet landed): ``busy_s -
+        wait_s`` is the worker's own work."""
         self._idle = threading.Condition()
         self._thread = threading.Thread(target=self._run, name=f"horizon-{name}", daemon=True)
         self._thread.start()
@@ -90,6 +93,12 @@ class Worker:
             self._seq += 1
             seq = self._seq
         self._jobs.put((priority, seq, job) if self._prioritized else job)
+
+    def wait_event(self, event: Any) -> None:
+        """Blocks the calling job until ``event`` (a CUDA event) has completed, counting the time in ``wait_s``."""
+        start = time.perf_counter()
+        event.synchronize()
+        self.wait_s += time.perf_counter() - start
 
     def check(self) -> None:
         """Re-raises the worker's exception, if it had one, in the calling thread."""
