@@ -252,9 +252,14 @@ def main() -> None:
     parser.add_argument("--dpo", action="store_true", help="DPO on --batch pairs (2 x --batch rows) instead of SFT")
     parser.add_argument("--strategy", nargs="*", default=[], metavar="KEY=VALUE", help="other HorizonStrategy args")
     parser.add_argument("--fast-init", action="store_true", help="draw the initial weights on all cores")
+    parser.add_argument(
+        "--switch-interval", type=float, default=None, metavar="S", help="sys.setswitchinterval(S) (GIL hand-over)"
+    )
     parser.add_argument("--stack-dump-after", type=float, default=0, metavar="S", help="dump stacks every S s")
     args = parser.parse_args()
     progress(f"started: {' '.join(sys.argv[1:])}")
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     if args.stack_dump_after:
         faulthandler.dump_traceback_later(args.stack_dump_after, repeat=True, file=sys.stderr)
     settings = dict(_setting(kv) for kv in args.strategy)

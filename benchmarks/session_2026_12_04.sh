@@ -10,6 +10,8 @@
 #   OUT=... bash benchmarks/session_2026_12_04.sh profile  # the host CPU, the AdamW kernel alone per moment storage
 #       (16, 8 and 1 threads), and 3B runs with the workers' waits counted apart (fp32, int8; int8 with 8 host
 #       threads and with OpenMP's passive wait policy).
+#   OUT=... bash benchmarks/session_2026_12_04.sh dynamic  # the same after the kernels' dynamic schedule: kernel
+#       alone, 3B fp32 / bf16 / int8, bf16 with a 0.5 ms GIL switch interval, then the CUDA tests (300 s at most).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out/session_2026_12_04}
@@ -50,4 +52,11 @@ case ${1:-tied} in
     export OMP_WAIT_POLICY=PASSIVE
     run3b profile_qwen2_3b_b8_int8_passive --state-dtype int8
     unset OMP_WAIT_POLICY ;;
+  dynamic)  # the kernels' blocks handed out dynamically; the int8 encode by a reciprocal; the kernel's own seconds
+    timeout 60 python benchmarks/bench_adamw.py 200000000 --kernel-only --no-copy --states fp32,bf16,int8 \
+      --threads 16 --repeats 5 2>&1 | tee -a "$OUT/bench_adamw.txt"
+    for dtype in fp32 bf16 int8; do run3b "dynamic_qwen2_3b_b8_$dtype" --state-dtype "$dtype"; done
+    run3b dynamic_qwen2_3b_b8_bf16_switch05ms --state-dtype bf16 --switch-interval 0.0005
+    timeout 300 python -m pytest -v -p no:cacheprovider -m gpu tests/test_gpu.py > "$OUT/gpu_tests.txt" 2>&1
+    grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/gpu_tests.txt" | tail -50 ;;
 esac

@@ -20,6 +20,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -183,16 +184,17 @@ void adamw_qblock(float* __restrict p, const G* __restrict g, int8_t* __restrict
                                                             ea_new[i], sq_new[i]);
   }
   const float m_max = max_magnitude(ea_new, n), v_max = max_magnitude(sq_new, n);
-  // Divisions by a loop-invariant divisor (never a conditional division: the loops stay branch-free).
+  // Multiplications by the block's reciprocal scale, rounded once (a division per element would cost as much as the
+  // AdamW update's own divisions). u of the largest element may be 1 - 2^-24 or 1 + 2^-23: both give the code of 1.
   const bool m_ok = usable_scale(m_max), v_ok = usable_scale(v_max);
-  const float m_div = m_ok ? m_max : 1.0f, v_div = v_ok ? v_max : 1.0f;
+  const float m_inv = 1.0f / (m_ok ? m_max : 1.0f), v_inv = 1.0f / (v_ok ? v_max : 1.0f);
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t r20 = hash32(static_cast<uint32_t>(base + i) * 0x9E3779B9u ^ k.seed) >> 12;
-    const float u = std::fabs(ea_new[i]) / m_div;
+    const float u = std::fabs(ea_new[i]) * m_inv;
     m[i] = encode_exp_avg(ea_new[i], m_ok ? u : 0.0f, r20);
   }
   for (int64_t i = 0; i < n; ++i) {
-    const float u = sq_new[i] / v_div;
+    const float u = sq_new[i] * v_inv;
     v[i] = encode_exp_avg_sq(v_ok ? u : 0.0f);
   }
   k.m_scale[q] = m_max;
@@ -215,7 +217,7 @@ void adamw_range(float* __restrict p, const G* __restrict g, M* __restrict m, M*
 template <typename G, typename M, bool kDecay, bool kSmallW, bool kCoef, bool kClamp, bool kCopy>
 void adamw_all(float* p, const G* g, M* m, M* v, uint16_t* c, int64_t n, const Coefs& k, int threads) {
   const int64_t blocks = (n + kBlock - 1) / kBlock;
-#pragma omp parallel for schedule(static) num_threads(threads) if (blocks > 1 && threads > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (blocks > 1 && threads > 1)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t start = b * kBlock;
     const int64_t len = std::min(kBlock, n - start);
@@ -275,7 +277,7 @@ void check_flat(const torch::Tensor& t, torch::ScalarType dtype, int64_t numel, 
   TORCH_CHECK(t.numel() == numel, name, " has ", t.numel(), " elements, expected ", numel);
 }
 
-void fused_adamw(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg, torch::Tensor exp_avg_sq,
+double fused_adamw(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg, torch::Tensor exp_avg_sq,
                  std::optional<torch::Tensor> copy, double lr, double beta1, double beta2, double eps,
                  double weight_decay, double step, std::optional<double> clip_coef,
                  std::optional<double> clip_value, int64_t num_threads, int64_t seed,
@@ -298,7 +300,7 @@ void fused_adamw(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg,
     check_flat(*exp_avg_sq_scale, torch::kFloat32, blocks, "exp_avg_sq_scale");
   }
   if (copy.has_value()) check_flat(*copy, torch::kBFloat16, n, "copy");
-  if (n == 0) return;
+  if (n == 0) return 0.0;
 
   // Scalars computed in double and rounded to float, as ATen's adam_fused_step_impl / adam_math do.
   Coefs k{};
@@ -328,6 +330,7 @@ void fused_adamw(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg,
   const bool flags[] = {weight_decay != 0.0, std::abs(w) < 0.5, clip_coef.has_value(), clip_value.has_value(),
                         copy.has_value()};
   pybind11::gil_scoped_release no_gil;
+  const auto start = std::chrono::steady_clock::now();
   if (quantized) {
     auto* m = exp_avg.data_ptr<int8_t>();
     auto* v = reinterpret_cast<int8_t*>(exp_avg_sq.data_ptr<uint8_t>());
@@ -339,6 +342,7 @@ void fused_adamw(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg,
   } else {
     dispatch_grad<float>(grad, p, exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(), c, n, k, threads, flags);
   }
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
 // ------------------------------------------------------------------------------------------- fold and pack
@@ -346,7 +350,7 @@ template <typename S>
 double fold_all(float* dst, const S* src, int64_t n, bool overwrite, int threads) {
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   double total = 0.0;
-#pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : total) if (blocks > 1 && threads > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) reduction(+ : total) if (blocks > 1 && threads > 1)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t start = b * kBlock;
     const int64_t len = std::min(kBlock, n - start);
@@ -397,7 +401,7 @@ void pack_bf16(torch::Tensor dst, torch::Tensor src, int64_t num_threads) {
   uint16_t* d = reinterpret_cast<uint16_t*>(dst.data_ptr<at::BFloat16>());
   pybind11::gil_scoped_release no_gil;
   const int64_t blocks = (n + kBlock - 1) / kBlock;
-#pragma omp parallel for schedule(static) num_threads(threads) if (blocks > 1 && threads > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (blocks > 1 && threads > 1)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t start = b * kBlock;
     const int64_t len = std::min(kBlock, n - start);
@@ -408,7 +412,7 @@ void pack_bf16(torch::Tensor dst, torch::Tensor src, int64_t num_threads) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.def("fused_adamw", &fused_adamw, "One-pass AdamW (+ clipping, + BF16 copy) over flat CPU buffers",
+  mod.def("fused_adamw", &fused_adamw, "One-pass AdamW (+ clipping, + BF16 copy) over flat CPU buffers; returns the seconds its threads ran",
           pybind11::arg("param"), pybind11::arg("grad"), pybind11::arg("exp_avg"), pybind11::arg("exp_avg_sq"),
           pybind11::arg("copy"), pybind11::arg("lr"), pybind11::arg("beta1"), pybind11::arg("beta2"),
           pybind11::arg("eps"), pybind11::arg("weight_decay"), pybind11::arg("step"), pybind11::arg("clip_coef"),

@@ -113,6 +113,9 @@ class LayerOptimizer:
         self._plan: _StepPlan | None = None
         self._lock = threading.Lock()
         self.num_steps = 0
+        self.kernel_s = 0.0
+        """Seconds inside the one-pass AdamW kernel (its own clock, GIL released): ``worker.busy_s - kernel_s`` is
+        the Python around it, the waits to take the GIL back and the other optimizers' steps."""
         largest = max((sp.numel for g in store.groups for sp in g.params), default=1)
         biggest_group = max((g.master.numel() for g in store.groups), default=1)
         self._scratch_numel = min(biggest_group, max(largest, _SCRATCH_MIN))
@@ -199,7 +202,9 @@ class LayerOptimizer:
     def _update(self, group: StoreGroup, entries: list[_Entry], version: int, plan: _StepPlan):
         try:
             if group.copy is None and group.h2d_event is not None:
-                self.worker.wait_event(group.h2d_event)  # cast_on_gpu: no upload still reads the masters about to change
+                self.worker.wait_event(
+                    group.h2d_event
+                )  # cast_on_gpu: no upload still reads the masters about to change
             copy_stale = bool(entries)
             if (self.use_fused or self.state_dtype != torch.float32) and entries:
                 entries, copy_stale = self._update_fused(group, entries, plan)
@@ -289,7 +294,7 @@ class LayerOptimizer:
             param, copy_span = group.master[span], None if copy is None else copy[span]
             moments = exp_avg.view(-1), exp_avg_sq.view(-1)
             clip_coef = None if entry.clip_coef is None else float(entry.clip_coef)
-            fused_adamw_(
+            self.kernel_s += fused_adamw_(
                 param,
                 grad[span],
                 *moments,

@@ -434,6 +434,7 @@ class HorizonEngine:
             "fold_wait_s": self.sink.worker.wait_s,
             "optimizer_busy_s": self.optim.worker.busy_s,
             "optimizer_wait_s": self.optim.worker.wait_s,
+            "optimizer_kernel_s": self.optim.kernel_s,
         }
 
     # ----------------------------------------------------------------------------------------------- internals
