@@ -4,6 +4,7 @@ engine's use of them."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -416,3 +417,69 @@ def test_int8_moments_train_like_fp32_on_a_quadratic(use_extension):
         losses[dtype] = ((p - target) ** 2 * curvature).mean().item()
     start = ((p0 - target) ** 2 * curvature).mean().item()
     assert losses["int8"] < start / 20 and losses["int8"] == pytest.approx(losses["fp32"], rel=0.5)
+
+
+def test_a_stale_build_lock_is_removed_and_a_live_one_waited_for(tmp_path, capsys):
+    """A build killed by a signal leaves torch's lock file: the next process must not wait on it forever."""
+    import threading
+    import time
+
+    from lightning_horizon.engine.host_kernels import clear_stale_build_lock
+
+    assert clear_stale_build_lock(str(tmp_path)) is False  # no lock: returns at once
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="stale build lock"):
+        assert clear_stale_build_lock(str(tmp_path)) is True
+    assert not lock.exists()
+
+    lock.write_text("")  # a build in progress elsewhere: waited for until its process removes the lock
+    threading.Timer(0.3, lock.unlink).start()
+    start = time.monotonic()
+    assert clear_stale_build_lock(str(tmp_path), stale_after=60, poll_s=0.05) is False
+    assert 0.25 <= time.monotonic() - start < 5
+    assert "waiting for another process's build" in capsys.readouterr().err
+
+    lock.write_text("")  # a lock nobody removes: taken as stale once it is older than stale_after
+    with pytest.warns(RuntimeWarning, match="stale build lock"):
+        assert clear_stale_build_lock(str(tmp_path), stale_after=0.3, poll_s=0.05) is True
+
+
+def test_the_kernels_build_in_a_folder_per_python_torch_and_cpu(tmp_path, monkeypatch):
+    from lightning_horizon.engine import host_kernels
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    path = host_kernels._build_directory("lightning_horizon_host_kernels_abc")
+    assert os.path.isdir(path) and path.startswith(str(tmp_path))
+    assert f"torch{torch.__version__}" in path and path.endswith("lightning_horizon_host_kernels_abc")
+
+
+def test_loading_the_kernels_clears_a_stale_lock_first(tmp_path, monkeypatch):
+    import time
+
+    import torch.utils.cpp_extension as cpp_extension
+
+    from lightning_horizon.engine import host_kernels
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.delenv("LIGHTNING_HORIZON_NO_EXTENSIONS", raising=False)
+    monkeypatch.setattr(host_kernels, "_tried", False)
+    monkeypatch.setattr(host_kernels, "_module", None)
+    lock = os.path.join(
+        host_kernels._build_directory(f"lightning_horizon_host_kernels_{host_kernels._cpu_tag()}"), "lock"
+    )
+    open(lock, "w").close()
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    seen = {}
+
+    def fake_load(name, sources, build_directory, **kwargs):
+        seen["lock_left"] = os.path.exists(os.path.join(build_directory, "lock"))
+        return "module"
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    with pytest.warns(RuntimeWarning, match="stale build lock"):
+        assert host_kernels._load() == "module"
+    assert seen == {"lock_left": False}

@@ -21,12 +21,14 @@ build fails (one warning), and every function then computes the same values with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import math
 import os
 import platform
+import sys
 import threading
 import time
 import warnings
@@ -65,9 +67,13 @@ def _load():
         try:
             from torch.utils.cpp_extension import load
 
+            name = f"lightning_horizon_host_kernels_{_cpu_tag()}"
+            build_directory = _build_directory(name)
+            clear_stale_build_lock(build_directory)
             _module = load(
-                name=f"lightning_horizon_host_kernels_{_cpu_tag()}",
+                name=name,
                 sources=[str(_SOURCE)],
+                build_directory=build_directory,
                 extra_cflags=[
                     "-O3",
                     "-march=native",
@@ -89,6 +95,58 @@ def _load():
             )
             _module = None
         return _module
+
+
+_STALE_LOCK_S = 600.0
+"""Age of a build lock beyond which no build still holds it (a build of the kernels takes about a minute)."""
+
+
+def _build_directory(name: str) -> str:
+    """Where the kernels are built and cached: ``$TORCH_EXTENSIONS_DIR`` (else torch's default root), one folder per
+    Python and torch version, then per CPU (``name``)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    versions = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}"
+    path = os.path.join(root, versions, name)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def clear_stale_build_lock(build_directory: str, stale_after: float = _STALE_LOCK_S, poll_s: float = 1.0) -> bool:
+    """Makes sure the next build in ``build_directory`` cannot wait forever on a dead process's lock.
+
+    torch's JIT build holds ``<build_directory>/lock`` while it compiles, and a second process waits for that file
+    to go, with no limit. A build killed by a signal (a timeout, the OOM killer, a scheduler's time limit) leaves the
+    file behind, and every later process would then hang in silence before its first step. This waits while the
+    lock is younger than ``stale_after`` seconds (another process is building), then removes it with a warning.
+    Returns whether a stale lock was removed.
+    """
+    lock = os.path.join(build_directory, "lock")
+    told = False
+    while True:
+        try:
+            age = time.time() - os.path.getmtime(lock)
+        except FileNotFoundError:
+            return False
+        if age >= stale_after:
+            warnings.warn(
+                f"lightning_horizon: removed a stale build lock of the host kernels ({lock}, {age:.0f} s old: the "
+                "process that built them was killed); building them again",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(lock)
+            return True
+        if not told:
+            print(
+                f"lightning_horizon: waiting for another process's build of the host kernels ({lock}); a lock older "
+                f"than {stale_after:.0f} s is taken as stale",
+                file=sys.stderr,
+            )
+            told = True
+        time.sleep(min(poll_s, max(stale_after - age, 0.0)))
 
 
 def _cpu_tag() -> str:
