@@ -212,6 +212,7 @@ class StepEnds(L.Callback):
     def __init__(self) -> None:
         self.ends: list[float] = []
         self.engine: dict = {}
+        self.seconds: list[dict[str, float]] = []  # the engine's time counters at each step end
 
     def on_fit_start(self, trainer, *args) -> None:
         progress("setup done (engine built, optimizer set up)")
@@ -233,6 +234,9 @@ class StepEnds(L.Callback):
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # between steps only: timing, not part of the step
         self.ends.append(time.perf_counter())
+        engine = getattr(trainer.strategy, "engine", None)
+        if engine is not None:
+            self.seconds.append({k: v for k, v in engine.stats.items() if k.endswith("_s")})
         took = f", {self.ends[-1] - self.ends[-2]:.2f} s" if len(self.ends) > 1 else ""
         at = f" (at {self.ends[-1] - START:.1f} s, rss {current_rss_bytes() / 2**30:.1f} GiB{memory_detail()})"
         print(f"step {trainer.global_step} done{took}{at}", file=sys.stderr, flush=True)  # progress, if a run is cut
@@ -326,6 +330,10 @@ def main() -> None:
         "pcie_bytes_per_step": pcie,
         "host_bytes_moved_per_step": optimizer_traffic * num_params + pcie + packing,
         "engine": engine,
+        # the engine's seconds between consecutive step ends (step 2 on): steady state without the first steps. A
+        # worker's busy seconds count when its job ends, the kernel's when each call ends: a job that runs across a
+        # step end puts part of one step's figures in the next (sums over several steps agree)
+        "engine_per_step": [{k: b[k] - a[k] for k in b} for a, b in zip(timer.seconds, timer.seconds[1:])],
         "losses": [float(x) for x in module.losses],
     }
     print(json.dumps({k: v for k, v in result.items() if k != "losses"}))
