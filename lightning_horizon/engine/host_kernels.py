@@ -6,7 +6,9 @@
 * :func:`pack_bf16_`: FP32 masters -> BF16 pinned staging (what ``copy_`` does), with an explicit thread count.
 
 Every kernel takes ``num_threads``: the engine runs several host workers at once (optimizer, gradient fold,
-upload packing) and gives each a share of the cores rather than letting each start one OpenMP thread per core.
+upload packing), each with ``EngineConfig.host_threads`` threads. A kernel hands its 64 KiB blocks to its threads
+dynamically: a thread whose core is busy with another of the engine's threads (the main thread launching the GPU
+work) then takes fewer blocks instead of holding the whole call back, as an equal static share did.
 
 The CPU optimizer is bound by host-memory bandwidth. Upcasting a BF16 gradient, stepping ``torch.optim.AdamW`` and
 refreshing the BF16 copy of the weights as three passes moves ~46 bytes/param; :func:`fused_adamw_` does it in one
