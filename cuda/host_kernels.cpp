@@ -185,7 +185,7 @@ void adamw_qblock(float* __restrict p, const G* __restrict g, int8_t* __restrict
   }
   const float m_max = max_magnitude(ea_new, n), v_max = max_magnitude(sq_new, n);
   // Multiplications by the block's reciprocal scale, rounded once (a division per element would cost as much as the
-  // AdamW update's own divisions). u of the largest element may be 1 - 2^-24 or 1 + 2^-23: both give the code of 1.
+  // AdamW update's own divisions). u stays <= 1: x * fl(1/x) rounds to 1 or to 1 - 2^-24, never above 1.
   const bool m_ok = usable_scale(m_max), v_ok = usable_scale(v_max);
   const float m_inv = 1.0f / (m_ok ? m_max : 1.0f), v_inv = 1.0f / (v_ok ? v_max : 1.0f);
   for (int64_t i = 0; i < n; ++i) {

@@ -483,3 +483,22 @@ def test_loading_the_kernels_clears_a_stale_lock_first(tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match="stale build lock"):
         assert host_kernels._load() == "module"
     assert seen == {"lock_left": False}
+
+
+def test_the_largest_element_of_a_block_codes_as_one():
+    """The encode multiplies by the scale's reciprocal: the largest element's ratio is 1 or 1 - 2^-24 (never above),
+    which codes as 1.0 even with the top random bits, for 2,000 random scales."""
+    fmt = host_kernels.EXP_AVG_FORMAT
+    blocks = 2000
+    scales = torch.rand(blocks) * 100 + 1e-3
+    assert (scales * scales.reciprocal() <= 1).all() and (scales * scales.reciprocal() < 1).any()
+    values = torch.zeros(blocks, host_kernels.QBLOCK)
+    values[:, 0], values[:, 1] = scales, -scales
+    random_bits = torch.full((blocks * host_kernels.QBLOCK,), (1 << 20) - 1, dtype=torch.int64)
+    codes, scale = host_kernels.quantize_moment(values.reshape(-1), fmt, random_bits)
+    assert torch.equal(scale, scales)
+    codes = codes.view(blocks, -1)
+    assert (codes[:, 0] == 121).all() and (codes[:, 1] == -121).all()  # the code of 1.0 (bias 15)
+    assert codes.abs().max() == 121
+    codes, _ = host_kernels.quantize_moment(values.abs().reshape(-1), host_kernels.EXP_AVG_SQ_FORMAT)
+    assert (codes.view(blocks, -1)[:, 0] == 249).all()  # the code of 1.0 (bias 31), rounded to nearest

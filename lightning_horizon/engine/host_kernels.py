@@ -344,9 +344,9 @@ _MANTISSA = 3  # mantissa bits of both int8 moment formats
 class MomentFormat:
     """An 8-bit floating-point code of a moment relative to its block's scale (the block's largest magnitude, kept
     in FP32): code 0 is zero, code ``c >= 1`` is ``2 ** (E - bias) * (1 + f / 8)`` with ``E, f = divmod(c - 1, 8)``,
-    so the block's largest element codes as 1.0 (its magnitude times the scale's reciprocal, rounded once, is within
-    an ulp of 1; a signed code rounds it down with probability 2^-20 at most) and smaller ones keep 3 mantissa bits
-    over ``bias`` binades.
+    so the block's largest element codes as 1.0 (its magnitude times the scale's reciprocal, rounded once, is 1 or
+    1 - 2^-24, never above; a signed code rounds 1 - 2^-24 down with probability 2^-20) and smaller ones keep 3
+    mantissa bits over ``bias`` binades.
 
     * ``exp_avg`` (signed, int8): sign and magnitude codes 0..121, 15 binades below the block maximum; stochastic
       rounding (unbiased: small changes of a moment survive in expectation), values under the smallest code round
