@@ -485,6 +485,25 @@ def test_loading_the_kernels_clears_a_stale_lock_first(tmp_path, monkeypatch):
     assert seen == {"lock_left": False}
 
 
+def test_a_first_build_says_what_it_is_doing_and_a_built_one_stays_quiet(tmp_path, monkeypatch, capsys):
+    import torch.utils.cpp_extension as cpp_extension
+
+    from lightning_horizon.engine import host_kernels
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.delenv("LIGHTNING_HORIZON_NO_EXTENSIONS", raising=False)
+    monkeypatch.setattr(cpp_extension, "load", lambda name, build_directory, **kwargs: "module")
+    name = f"lightning_horizon_host_kernels_{host_kernels._cpu_tag()}"
+    for built in (False, True):
+        monkeypatch.setattr(host_kernels, "_tried", False)
+        monkeypatch.setattr(host_kernels, "_module", None)
+        if built:
+            open(os.path.join(host_kernels._build_directory(name), f"{name}.so"), "w").close()
+        assert host_kernels._load() == "module"
+        said = "building the host kernels" in capsys.readouterr().err
+        assert said is not built
+
+
 def test_the_largest_element_of_a_block_codes_as_one():
     """The encode multiplies by the scale's reciprocal: the largest element's ratio is 1 or 1 - 2^-24 (never above),
     which codes as 1.0 even with the top random bits, for 2,000 random scales."""

@@ -72,6 +72,13 @@ def _load():
             name = f"lightning_horizon_host_kernels_{_cpu_tag()}"
             build_directory = _build_directory(name)
             clear_stale_build_lock(build_directory)
+            if not os.path.exists(os.path.join(build_directory, f"{name}.so")):
+                print(
+                    "lightning_horizon: building the host kernels (AdamW, gradient fold) for this CPU, once: about a "
+                    f"minute ({build_directory})",
+                    file=sys.stderr,
+                    flush=True,
+                )
             _module = load(
                 name=name,
                 sources=[str(_SOURCE)],
