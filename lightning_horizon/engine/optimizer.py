@@ -202,9 +202,8 @@ class LayerOptimizer:
     def _update(self, group: StoreGroup, entries: list[_Entry], version: int, plan: _StepPlan):
         try:
             if group.copy is None and group.h2d_event is not None:
-                self.worker.wait_event(
-                    group.h2d_event
-                )  # cast_on_gpu: no upload still reads the masters about to change
+                # cast_on_gpu: no upload still reads the masters about to change
+                self.worker.wait_event(group.h2d_event)
             copy_stale = bool(entries)
             if (self.use_fused or self.state_dtype != torch.float32) and entries:
                 entries, copy_stale = self._update_fused(group, entries, plan)
