@@ -12,6 +12,11 @@
 #       threads and with OpenMP's passive wait policy).
 #   OUT=... bash benchmarks/session_2026_12_04.sh dynamic  # the same after the kernels' dynamic schedule: kernel
 #       alone, 3B fp32 / bf16 / int8, bf16 with a 0.5 ms GIL switch interval, then the CUDA tests (300 s at most).
+#   Third session of the day:
+#   BASELINE=old.cpp OUT=... bash benchmarks/session_2026_12_04.sh variants  # the kernels before (BASELINE) and after
+#       the cheaper stochastic-rounding bits and one division for compact moments, and after with 512-bit vectors:
+#       16 threads on 200 M params and 1 thread in cache; 3B bf16 / int8 runs with the engine's steady-state counters
+#       (engine_per_step).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out/session_2026_12_04}
@@ -62,4 +67,12 @@ case ${1:-tied} in
     timeout "${GPU_TESTS_S:-300}" python -m pytest -v -p no:cacheprovider -m gpu tests/test_gpu.py \
       -k "${GPU_TESTS_K:-cuda or gpu or two_processes or synchronisation or depth}" > "$OUT/gpu_tests.txt" 2>&1
     grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/gpu_tests.txt" | tail -50 ;;
+  variants)
+    python -c "from lightning_horizon.engine.host_kernels import host_kernels_available as a; print('kernels', a())"
+    # BASELINE: the kernels before this session's change (git show 53b40d4:cuda/host_kernels.cpp)
+    V=(--variant="$BASELINE:base" --variant=base --variant=-mprefer-vector-width=512)
+    python benchmarks/bench_kernel_variants.py "${V[@]}" --n 200000000 --threads 16 2>&1 | tee -a "$OUT/variants.txt"
+    python benchmarks/bench_kernel_variants.py "${V[@]}" --n 65536 --threads 1 --repeats 301 2>&1 \
+      | tee -a "$OUT/variants.txt"
+    for dtype in bf16 int8; do run3b "variants_qwen2_3b_b8_$dtype" --state-dtype "$dtype"; done ;;
 esac

@@ -17,6 +17,8 @@
 // Plain loops written for the auto-vectoriser (-O3 -march=native -fno-math-errno); no -ffast-math and no implicit FP
 // contraction: the two fmas below are explicit, placed where ATen's Vectorized<float> code (as torch's x86 wheels are
 // built) rounds once, so results match torch's fused AdamW bit for bit except for rare 1-ulp differences in param.
+// That holds for FP32 moments. Compact moments (BF16, int8) multiply by 1 / sqrt(1 - beta2^step) where torch divides
+// by sqrt(1 - beta2^step): one division per element less (the PyTorch fallback computes the same).
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -45,8 +47,7 @@ inline uint16_t float_to_bf16(float value) {
 inline float load_grad(const float* g, int64_t i) { return g[i]; }
 inline float load_grad(const uint16_t* g, int64_t i) { return bf16_to_float(g[i]); }
 
-// A 32-bit integer hash (Wellons' lowbias32): the random bits of stochastic rounding, a pure function of the element
-// index and a per-call seed (reproducible, and the same in the PyTorch fallback: host_kernels._stochastic_bf16).
+// A 32-bit integer hash (Wellons' lowbias32): turns each call's seed into 32 random bits.
 inline uint32_t hash32(uint32_t x) {
   x ^= x >> 16;
   x *= 0x7feb352du;
@@ -55,6 +56,12 @@ inline uint32_t hash32(uint32_t x) {
   x ^= x >> 16;
   return x;
 }
+
+// The random bits of an element's stochastic rounding: its index xor the call's hashed seed, times an odd constant
+// (one multiplication per element; the PyTorch fallback computes the same: host_kernels._element_bits). For a fixed
+// element the call's seed makes every bit uniform (an odd multiplier permutes the 32-bit values), so the rounding is
+// unbiased; within a call, any 16-bit slice over 2^16 consecutive elements takes every value once.
+inline uint32_t element_bits(uint32_t index, uint32_t seed) { return (index ^ seed) * 0x9E3779B9u; }
 
 // FP32 -> BF16 rounding up with probability (dropped bits / 2^16): unbiased. Non-finite values round as torch does.
 // Branch-free (the loop stays vectorised): infinities keep their upper half, NaN becomes torch's 0x7FC0. `r` holds
@@ -71,7 +78,7 @@ inline float load_moment(const uint16_t* m, int64_t i) { return bf16_to_float(m[
 inline void store_moment(float* m, int64_t i, float value, uint32_t) { m[i] = value; }
 inline void store_moment(uint16_t* m, int64_t i, float value, uint32_t r) { m[i] = float_to_bf16_stochastic(value, r); }
 inline uint32_t random_bits(float*, uint32_t, uint32_t) { return 0; }
-inline uint32_t random_bits(uint16_t*, uint32_t index, uint32_t seed) { return hash32(index * 0x9E3779B9u ^ seed); }
+inline uint32_t random_bits(uint16_t*, uint32_t index, uint32_t seed) { return element_bits(index, seed); }
 
 struct Coefs {
   float decay;       // 1 - lr * weight_decay
@@ -81,6 +88,7 @@ struct Coefs {
   float sq_w;        // 1 - beta2
   float step_size;   // lr / (1 - beta1^step)
   float bc2_sqrt;    // sqrt(1 - beta2^step)
+  float inv_bc2_sqrt;  // 1 / bc2_sqrt, rounded once (compact moments)
   float eps;
   float clip_coef;
   float clip_lo, clip_hi;
@@ -148,7 +156,7 @@ inline float max_magnitude(const float* x, int64_t n) {
 
 // One element's AdamW update from its old moments: grad scaled and clamped, param decayed and stepped (written with
 // its BF16 copy), the new moments returned through ea_out and sq_out for the caller to store in its format.
-template <typename G, bool kDecay, bool kSmallW, bool kCoef, bool kClamp, bool kCopy>
+template <typename G, bool kExactTorch, bool kDecay, bool kSmallW, bool kCoef, bool kClamp, bool kCopy>
 inline void adamw_element(float* __restrict p, const G* __restrict g, uint16_t* __restrict c, int64_t i, float ea,
                           float v_old, const Coefs& k, float& ea_out, float& sq_out) {
   float grad = load_grad(g, i);
@@ -164,7 +172,9 @@ inline void adamw_element(float* __restrict p, const G* __restrict g, uint16_t* 
   }
   // ATen writes v * beta2 + (1 - beta2) * g * g; torch's own build contracts it into this fma (bit-identical)
   const float sq = std::fma(k.sq_w * grad, grad, v_old * k.beta2);
-  const float denom = std::sqrt(sq) / k.bc2_sqrt + k.eps;
+  // FP32 moments divide by sqrt(1 - beta2^step) as torch does (bit for bit); compact moments, already rounded in
+  // storage, multiply by its reciprocal: one division per element instead of two
+  const float denom = kExactTorch ? std::sqrt(sq) / k.bc2_sqrt + k.eps : std::sqrt(sq) * k.inv_bc2_sqrt + k.eps;
   param = param - (k.step_size * ea) / denom;
   p[i] = param;
   if constexpr (kCopy) c[i] = float_to_bf16(param);
@@ -179,7 +189,7 @@ void adamw_qblock(float* __restrict p, const G* __restrict g, int8_t* __restrict
   const int64_t q = base / kQBlock;
   const float m_scale = k.m_scale[q], v_scale = k.v_scale[q];
   for (int64_t i = 0; i < n; ++i) {
-    adamw_element<G, kDecay, kSmallW, kCoef, kClamp, kCopy>(p, g, c, i, decode_exp_avg(m[i]) * m_scale,
+    adamw_element<G, false, kDecay, kSmallW, kCoef, kClamp, kCopy>(p, g, c, i, decode_exp_avg(m[i]) * m_scale,
                                                             decode_magnitude(v[i], kExpAvgSqBias) * v_scale, k,
                                                             ea_new[i], sq_new[i]);
   }
@@ -189,7 +199,7 @@ void adamw_qblock(float* __restrict p, const G* __restrict g, int8_t* __restrict
   const bool m_ok = usable_scale(m_max), v_ok = usable_scale(v_max);
   const float m_inv = 1.0f / (m_ok ? m_max : 1.0f), v_inv = 1.0f / (v_ok ? v_max : 1.0f);
   for (int64_t i = 0; i < n; ++i) {
-    const uint32_t r20 = hash32(static_cast<uint32_t>(base + i) * 0x9E3779B9u ^ k.seed) >> 12;
+    const uint32_t r20 = element_bits(static_cast<uint32_t>(base + i), k.seed) >> 12;
     const float u = std::fabs(ea_new[i]) * m_inv;
     m[i] = encode_exp_avg(ea_new[i], m_ok ? u : 0.0f, r20);
   }
@@ -206,8 +216,8 @@ void adamw_range(float* __restrict p, const G* __restrict g, M* __restrict m, M*
                  uint16_t* __restrict c, int64_t n, int64_t base, const Coefs k) {
   for (int64_t i = 0; i < n; ++i) {
     float ea, sq;
-    adamw_element<G, kDecay, kSmallW, kCoef, kClamp, kCopy>(p, g, c, i, load_moment(m, i), load_moment(v, i), k, ea,
-                                                            sq);
+    adamw_element<G, std::is_same_v<M, float>, kDecay, kSmallW, kCoef, kClamp, kCopy>(p, g, c, i, load_moment(m, i),
+                                                                                       load_moment(v, i), k, ea, sq);
     const uint32_t r = random_bits(m, static_cast<uint32_t>(base + i), k.seed);
     store_moment(m, i, ea, r & 0xFFFFu);
     store_moment(v, i, sq, r >> 16);
@@ -312,6 +322,7 @@ double fused_adamw(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_av
   k.sq_w = static_cast<float>(1 - beta2);
   k.step_size = static_cast<float>(lr / (1 - std::pow(beta1, step)));
   k.bc2_sqrt = static_cast<float>(std::sqrt(1 - std::pow(beta2, step)));
+  k.inv_bc2_sqrt = 1.0f / k.bc2_sqrt;
   k.eps = static_cast<float>(eps);
   k.clip_coef = static_cast<float>(clip_coef.value_or(1.0));
   const float cv = static_cast<float>(clip_value.value_or(0.0));

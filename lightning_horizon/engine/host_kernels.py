@@ -274,6 +274,8 @@ def _reference(
     compact = exp_avg.dtype == torch.bfloat16
     seed = int(seed) & 0xFFFFFFFF
     seed_bits = _hash32(torch.tensor([seed]))
+    # compact moments: sqrt(v) times the reciprocal of sqrt(1 - beta2^step), both rounded to FP32 as in the kernel
+    inv_bias_correction2_sqrt = (1 / torch.tensor(bias_correction2_sqrt, dtype=torch.float32)).item()
     with torch.no_grad():
         for start in range(0, n, _FALLBACK_CHUNK):
             p, g, m_stored, v_stored = (t[start : start + _FALLBACK_CHUNK] for t in flat)
@@ -299,12 +301,14 @@ def _reference(
                 m_stored.copy_(codes)
                 codes, exp_avg_sq_scale[blocks] = quantize_moment(v, EXP_AVG_SQ_FORMAT)
                 v_stored.copy_(codes)
-            elif compact:  # one 32-bit hash per element: its low half rounds m, its high half v
-                index = torch.arange(start, start + m.numel(), dtype=torch.int64)
-                r = _hash32(((index * 0x9E3779B9) & _MASK32) ^ seed_bits)
+            elif compact:  # 32 random bits per element: their low half rounds m, their high half v
+                r = _element_bits(start, m.numel(), seed_bits)
                 m_stored.copy_(_stochastic_bf16(m, r & 0xFFFF))
                 v_stored.copy_(_stochastic_bf16(v, r >> 16))
-            denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+            if compact or quantized:
+                denom = (v.sqrt() * inv_bias_correction2_sqrt).add_(eps)
+            else:
+                denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
             p.addcdiv_(m, denom, value=-step_size)
             if copy_flat is not None:
                 copy_flat[start : start + _FALLBACK_CHUNK].copy_(p)
@@ -322,8 +326,17 @@ def _check_int8_state(n, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale) -
 _MASK32 = 0xFFFFFFFF
 
 
+def _element_bits(start: int, count: int, seed_bits: torch.Tensor) -> torch.Tensor:
+    """The kernel's ``element_bits`` of elements ``start .. start + count - 1``: 32 random bits each (int64), the
+    index xor the call's hashed seed times an odd constant."""
+    x = (torch.arange(start, start + count, dtype=torch.int64) & _MASK32) ^ seed_bits
+    # x * 0x9E3779B9 modulo 2^32 in two products that stay below 2^63 (int64 must not overflow)
+    high = ((x * (0x9E3779B9 >> 16)) & 0xFFFF) << 16
+    return (x * (0x9E3779B9 & 0xFFFF) + high) & _MASK32
+
+
 def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """The kernel's ``hash32`` (Wellons' lowbias32) on int64 tensors holding 32-bit values."""
+    """The kernel's ``hash32`` (Wellons' lowbias32) on int64 tensors holding 32-bit values: a call's seed bits."""
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & _MASK32
     x = x ^ (x >> 15)
@@ -433,10 +446,9 @@ def quantize_moment(
 
 
 def _random20(start: int, count: int, seed_bits: torch.Tensor) -> torch.Tensor:
-    """20 random bits per element (the top of the kernel's per-element hash) for the stochastic rounding of int8
+    """20 random bits per element (the top of :func:`_element_bits`) for the stochastic rounding of int8
     ``exp_avg``."""
-    index = torch.arange(start, start + count, dtype=torch.int64)
-    return _hash32(((index * 0x9E3779B9) & _MASK32) ^ seed_bits) >> 12
+    return _element_bits(start, count, seed_bits) >> 12
 
 
 def fold_(
