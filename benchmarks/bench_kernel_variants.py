@@ -21,7 +21,8 @@ import sys
 
 import torch
 
-_PRODUCT_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
+from lightning_horizon.engine.host_kernels import BUILD_FLAGS as _PRODUCT_FLAGS
+
 _SOURCE = os.path.join(os.path.dirname(__file__), "..", "cuda", "host_kernels.cpp")
 
 

@@ -25,7 +25,9 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <tuple>
 #include <type_traits>
+#include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -262,13 +264,13 @@ void dispatch(float* p, const G* g, M* m, M* v, uint16_t* c, int64_t n, const Co
 }
 
 template <typename M>
-void dispatch_grad(const torch::Tensor& grad, float* p, M* m, M* v, uint16_t* c, int64_t n, const Coefs& k,
+void dispatch_grad(const void* grad, bool grad_bf16, float* p, M* m, M* v, uint16_t* c, int64_t n, const Coefs& k,
                    int threads, const bool* f) {
-  if (grad.scalar_type() == torch::kBFloat16) {
-    const auto* g = reinterpret_cast<const uint16_t*>(grad.data_ptr<at::BFloat16>());
+  if (grad_bf16) {
+    const auto* g = static_cast<const uint16_t*>(grad);
     dispatch<uint16_t, M>(p, g, m, v, c, n, k, threads, f[0], f[1], f[2], f[3], f[4]);
   } else {
-    dispatch<float, M>(p, grad.data_ptr<float>(), m, v, c, n, k, threads, f[0], f[1], f[2], f[3], f[4]);
+    dispatch<float, M>(p, static_cast<const float*>(grad), m, v, c, n, k, threads, f[0], f[1], f[2], f[3], f[4]);
   }
 }
 
@@ -287,11 +289,38 @@ void check_flat(const torch::Tensor& t, torch::ScalarType dtype, int64_t numel, 
   TORCH_CHECK(t.numel() == numel, name, " has ", t.numel(), " elements, expected ", numel);
 }
 
-double fused_adamw(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg, torch::Tensor exp_avg_sq,
-                 std::optional<torch::Tensor> copy, double lr, double beta1, double beta2, double eps,
-                 double weight_decay, double step, std::optional<double> clip_coef,
-                 std::optional<double> clip_value, int64_t num_threads, int64_t seed,
-                 std::optional<torch::Tensor> exp_avg_scale, std::optional<torch::Tensor> exp_avg_sq_scale) {
+// One AdamW update, checked and resolved to raw pointers while the GIL is held (run() needs neither).
+struct AdamwJob {
+  int64_t n = 0;
+  float* p = nullptr;
+  const void* g = nullptr;
+  bool g_bf16 = false;
+  void* m = nullptr;
+  void* v = nullptr;
+  torch::ScalarType moments = torch::kFloat32;
+  uint16_t* c = nullptr;
+  Coefs k{};
+  bool flags[5] = {};
+
+  void run(int threads) const {
+    if (n == 0) return;
+    if (moments == torch::kInt8) {
+      dispatch_grad<int8_t>(g, g_bf16, p, static_cast<int8_t*>(m), static_cast<int8_t*>(v), c, n, k, threads, flags);
+    } else if (moments == torch::kBFloat16) {
+      dispatch_grad<uint16_t>(g, g_bf16, p, static_cast<uint16_t*>(m), static_cast<uint16_t*>(v), c, n, k, threads,
+                              flags);
+    } else {
+      dispatch_grad<float>(g, g_bf16, p, static_cast<float*>(m), static_cast<float*>(v), c, n, k, threads, flags);
+    }
+  }
+};
+
+AdamwJob prepare_adamw(const torch::Tensor& param, const torch::Tensor& grad, const torch::Tensor& exp_avg,
+                       const torch::Tensor& exp_avg_sq, const std::optional<torch::Tensor>& copy, double lr,
+                       double beta1, double beta2, double eps, double weight_decay, double step,
+                       std::optional<double> clip_coef, std::optional<double> clip_value, int64_t seed,
+                       const std::optional<torch::Tensor>& exp_avg_scale,
+                       const std::optional<torch::Tensor>& exp_avg_sq_scale) {
   const int64_t n = param.numel();
   check_flat(param, torch::kFloat32, n, "param");
   TORCH_CHECK(grad.scalar_type() == torch::kFloat32 || grad.scalar_type() == torch::kBFloat16,
@@ -310,10 +339,12 @@ double fused_adamw(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_av
     check_flat(*exp_avg_sq_scale, torch::kFloat32, blocks, "exp_avg_sq_scale");
   }
   if (copy.has_value()) check_flat(*copy, torch::kBFloat16, n, "copy");
-  if (n == 0) return 0.0;
 
+  AdamwJob job;
+  job.n = n;
+  if (n == 0) return job;
   // Scalars computed in double and rounded to float, as ATen's adam_fused_step_impl / adam_math do.
-  Coefs k{};
+  Coefs& k = job.k;
   k.decay = static_cast<float>(1 - lr * weight_decay);
   const double w = 1 - beta1;
   k.lerp_w = static_cast<float>(w);
@@ -328,32 +359,57 @@ double fused_adamw(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_av
   const float cv = static_cast<float>(clip_value.value_or(0.0));
   k.clip_lo = -cv;
   k.clip_hi = cv;
-  k.seed = hash32(static_cast<uint32_t>(seed));
+  k.seed = hash32(static_cast<uint32_t>(seed & 0xFFFFFFFF));
   if (quantized) {
     k.m_scale = exp_avg_scale->data_ptr<float>();
     k.v_scale = exp_avg_sq_scale->data_ptr<float>();
   }
-
-  const int threads = resolve_threads(num_threads);
-
-  float* p = param.data_ptr<float>();
-  uint16_t* c = copy.has_value() ? reinterpret_cast<uint16_t*>(copy->data_ptr<at::BFloat16>()) : nullptr;
+  job.p = param.data_ptr<float>();
+  job.g = grad.data_ptr();
+  job.g_bf16 = grad.scalar_type() == torch::kBFloat16;
+  job.m = exp_avg.data_ptr();
+  job.v = exp_avg_sq.data_ptr();
+  job.moments = moments;
+  job.c = copy.has_value() ? reinterpret_cast<uint16_t*>(copy->data_ptr<at::BFloat16>()) : nullptr;
   const bool flags[] = {weight_decay != 0.0, std::abs(w) < 0.5, clip_coef.has_value(), clip_value.has_value(),
                         copy.has_value()};
+  std::copy(std::begin(flags), std::end(flags), job.flags);
+  return job;
+}
+
+// Runs the jobs one after another without the GIL; returns the seconds they took.
+double run_adamw(const std::vector<AdamwJob>& jobs, int64_t num_threads) {
+  const int threads = resolve_threads(num_threads);
   pybind11::gil_scoped_release no_gil;
   const auto start = std::chrono::steady_clock::now();
-  if (quantized) {
-    auto* m = exp_avg.data_ptr<int8_t>();
-    auto* v = reinterpret_cast<int8_t*>(exp_avg_sq.data_ptr<uint8_t>());
-    dispatch_grad<int8_t>(grad, p, m, v, c, n, k, threads, flags);
-  } else if (moments == torch::kBFloat16) {
-    auto* m = reinterpret_cast<uint16_t*>(exp_avg.data_ptr<at::BFloat16>());
-    auto* v = reinterpret_cast<uint16_t*>(exp_avg_sq.data_ptr<at::BFloat16>());
-    dispatch_grad<uint16_t>(grad, p, m, v, c, n, k, threads, flags);
-  } else {
-    dispatch_grad<float>(grad, p, exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(), c, n, k, threads, flags);
-  }
+  for (const AdamwJob& job : jobs) job.run(threads);
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+double fused_adamw(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg, torch::Tensor exp_avg_sq,
+                   std::optional<torch::Tensor> copy, double lr, double beta1, double beta2, double eps,
+                   double weight_decay, double step, std::optional<double> clip_coef,
+                   std::optional<double> clip_value, int64_t num_threads, int64_t seed,
+                   std::optional<torch::Tensor> exp_avg_scale, std::optional<torch::Tensor> exp_avg_sq_scale) {
+  return run_adamw({prepare_adamw(param, grad, exp_avg, exp_avg_sq, copy, lr, beta1, beta2, eps, weight_decay, step,
+                                  clip_coef, clip_value, seed, exp_avg_scale, exp_avg_sq_scale)},
+                   num_threads);
+}
+
+// Several updates in one call (a layer's parameters): one release of the GIL for all of them, not one each. Each
+// update is a tuple of fused_adamw's arguments in its order, without num_threads.
+using AdamwArgs = std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, std::optional<torch::Tensor>,
+                             double, double, double, double, double, double, std::optional<double>,
+                             std::optional<double>, int64_t, std::optional<torch::Tensor>,
+                             std::optional<torch::Tensor>>;
+
+double fused_adamw_many(const std::vector<AdamwArgs>& updates, int64_t num_threads) {
+  std::vector<AdamwJob> jobs;
+  jobs.reserve(updates.size());
+  for (const auto& a : updates) {
+    jobs.push_back(std::apply([](const auto&... args) { return prepare_adamw(args...); }, a));
+  }
+  return run_adamw(jobs, num_threads);
 }
 
 // ------------------------------------------------------------------------------------------- fold and pack
@@ -423,6 +479,10 @@ void pack_bf16(torch::Tensor dst, torch::Tensor src, int64_t num_threads) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("fused_adamw_many", &fused_adamw_many,
+          "Several fused_adamw updates (tuples of its arguments, without num_threads), one GIL release; returns the "
+          "seconds they ran",
+          pybind11::arg("updates"), pybind11::arg("num_threads"));
   mod.def("fused_adamw", &fused_adamw, "One-pass AdamW (+ clipping, + BF16 copy) over flat CPU buffers; returns the seconds its threads ran",
           pybind11::arg("param"), pybind11::arg("grad"), pybind11::arg("exp_avg"), pybind11::arg("exp_avg_sq"),
           pybind11::arg("copy"), pybind11::arg("lr"), pybind11::arg("beta1"), pybind11::arg("beta2"),

@@ -126,11 +126,11 @@ def _train(use_fused: bool, steps: int = 5, clip: float | None = None):
     engine.optim.use_fused = use_fused
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
     calls = []
-    original = host_kernels.fused_adamw_
+    original = host_kernels.fused_adamw_many_
     try:
         import lightning_horizon.engine.optimizer as optimizer_module
 
-        optimizer_module.fused_adamw_ = lambda *a, **k: calls.append(1) or original(*a, **k)
+        optimizer_module.fused_adamw_many_ = lambda *a, **k: calls.append(1) or original(*a, **k)
         for step in range(steps):
             model(**make_batch(20 + step)).loss.backward()
             if clip is not None:
@@ -142,7 +142,7 @@ def _train(use_fused: bool, steps: int = 5, clip: float | None = None):
             g.name: (g.copy.clone() if g.copy is not None else None, g.master.clone()) for g in engine.store.groups
         }
     finally:
-        optimizer_module.fused_adamw_ = original
+        optimizer_module.fused_adamw_many_ = original
         engine.close()
     return model, opt, copies, len(calls)
 
@@ -521,3 +521,74 @@ def test_the_largest_element_of_a_block_codes_as_one():
     assert codes.abs().max() == 121
     codes, _ = host_kernels.quantize_moment(values.abs().reshape(-1), host_kernels.EXP_AVG_SQ_FORMAT)
     assert (codes.view(blocks, -1)[:, 0] == 249).all()  # the code of 1.0 (bias 31), rounded to nearest
+
+
+def _mixed_updates(seed: int) -> list[host_kernels.AdamwUpdate]:
+    """One update per moment storage, gradient dtype, copy and clipping choice, sizes off the block boundaries."""
+    gen = torch.Generator().manual_seed(seed)
+    updates = []
+    for i, (state, grad_dtype, with_copy, clip) in enumerate(
+        [("fp32", torch.bfloat16, True, False), ("bf16", torch.float32, False, True), ("int8", torch.bfloat16, True, True),
+         ("fp32", torch.float32, False, True), ("int8", torch.float32, False, False)]
+    ):  # fmt: skip
+        n = 3000 + 517 * i
+        if state == "int8":
+            m, v, ms, vs = _int8_state(n)
+        else:
+            dtype = torch.float32 if state == "fp32" else torch.bfloat16
+            m, v, ms, vs = torch.zeros(n, dtype=dtype), torch.zeros(n, dtype=dtype), None, None
+        updates.append(
+            host_kernels.AdamwUpdate(
+                torch.randn(n, generator=gen),
+                torch.randn(n, generator=gen).to(grad_dtype),
+                m,
+                v,
+                torch.empty(n, dtype=torch.bfloat16) if with_copy else None,
+                lr=1e-2,
+                beta1=0.9,
+                beta2=0.95,
+                eps=1e-8,
+                weight_decay=0.1 * (i % 2),
+                step=1.0 + i,
+                clip_coef=0.5 if clip else None,
+                clip_value=0.8 if clip else None,
+                seed=11 * i,
+                exp_avg_scale=ms,
+                exp_avg_sq_scale=vs,
+            )  # fmt: skip
+        )
+    return updates
+
+
+def _buffers(u: host_kernels.AdamwUpdate) -> list[torch.Tensor]:
+    return [t for t in (u.param, u.exp_avg, u.exp_avg_sq, u.copy, u.exp_avg_scale, u.exp_avg_sq_scale) if t is not None]
+
+
+@pytest.mark.parametrize("use_extension", PATHS)
+def test_many_updates_in_one_call_equal_one_call_each(use_extension):
+    """``fused_adamw_many_`` (a layer's parameters in one call, the way the engine steps them) writes exactly what
+    ``fused_adamw_`` writes called once per update, for every moment storage, gradient dtype, copy and clipping."""
+    _skip_without_kernel(use_extension)
+    batched, single = _mixed_updates(0), _mixed_updates(0)
+    for _ in range(3):
+        seconds = host_kernels.fused_adamw_many_(batched, num_threads=2, use_extension=use_extension)
+        assert seconds > 0
+        for u in single:
+            fused_adamw_(**u._asdict(), num_threads=2, use_extension=use_extension)
+    for a, b in zip(batched, single):
+        for x, y in zip(_buffers(a), _buffers(b)):
+            assert torch.equal(x, y)
+    assert not torch.equal(batched[0].param, _mixed_updates(0)[0].param)  # the updates did run
+
+
+@pytest.mark.parametrize("use_extension", PATHS)
+def test_many_updates_refuse_a_bad_one_before_writing_any(use_extension):
+    _skip_without_kernel(use_extension)
+    updates = _mixed_updates(1)
+    bad = updates[3]
+    updates[3] = bad._replace(exp_avg_sq=bad.exp_avg_sq[:-1])  # one element short
+    before = [[t.clone() for t in _buffers(u)] for u in updates]
+    with pytest.raises((ValueError, RuntimeError), match="elements"):
+        host_kernels.fused_adamw_many_(updates, num_threads=2, use_extension=use_extension)
+    for u, old in zip(updates, before):
+        assert all(torch.equal(x, y) for x, y in zip(_buffers(u), old))

@@ -1,6 +1,7 @@
 """Host-memory kernels (one pass each over flat CPU buffers), with a C++ build and a pure-PyTorch fallback.
 
-* :func:`fused_adamw_`: one-pass AdamW (below).
+* :func:`fused_adamw_`: one-pass AdamW (below); :func:`fused_adamw_many_`: several in one call, the GIL released
+  once (the engine steps a layer's parameters so).
 * :func:`fold_`: gradient accumulation, ``dst (+)= src`` from a BF16 slab into the FP32 gradient, returning the sum of
   squares of the result (the clip-by-norm statistic in the same pass: 10 bytes/param instead of 14).
 * :func:`pack_bf16_`: FP32 masters -> BF16 pinned staging (what ``copy_`` does), with an explicit thread count.
@@ -34,7 +35,9 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -47,6 +50,21 @@ _SOURCE = next(
     _PACKAGE / "csrc" / "host_kernels.cpp",
 )
 _FALLBACK_CHUNK = 1 << 22  # elements per chunk of the fallback (bounds its temporaries)
+
+BUILD_FLAGS = [
+    "-O3",
+    "-march=native",
+    "-fopenmp",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    "-ffp-contract=off",
+]
+if platform.machine().lower() in ("x86_64", "amd64"):
+    # 512-bit vectors where the CPU has them (gcc's default for AVX-512 CPUs is 256; no effect without AVX-512): on
+    # the H200 host's Xeon the int8-moment AdamW ran 15% faster with them, bf16 4%, fp32 5%
+    # (benchmarks/bench_kernel_variants.py, 2026-12-04). An x86 flag: other compilers' targets reject it.
+    BUILD_FLAGS.append("-mprefer-vector-width=512")
+"""Compiler flags of the host kernels (no -ffast-math, no implicit FP contraction: see cuda/host_kernels.cpp)."""
 
 _lock = threading.Lock()
 _module = None
@@ -83,14 +101,7 @@ def _load():
                 name=name,
                 sources=[str(_SOURCE)],
                 build_directory=build_directory,
-                extra_cflags=[
-                    "-O3",
-                    "-march=native",
-                    "-fopenmp",
-                    "-fno-math-errno",
-                    "-fno-trapping-math",
-                    "-ffp-contract=off",
-                ],
+                extra_cflags=BUILD_FLAGS,
                 extra_ldflags=["-fopenmp"],
                 verbose=False,
             )
@@ -213,38 +224,63 @@ def fused_adamw_(
         use_extension: Force (True) or refuse (False) the C++ kernel; default: use it when available.
         seed: Seed of the stochastic rounding of BF16 moments (one per parameter and step).
     """
-    lr, beta1, beta2, eps, weight_decay, step = (float(x) for x in (lr, beta1, beta2, eps, weight_decay, step))
-    coef = None if clip_coef is None else float(clip_coef)
-    value = None if clip_value is None else float(clip_value)
+    update = AdamwUpdate(
+        param, grad, exp_avg, exp_avg_sq, copy, lr, beta1, beta2, eps, weight_decay, step, clip_coef, clip_value, seed,
+        exp_avg_scale, exp_avg_sq_scale,
+    )  # fmt: skip
+    return fused_adamw_many_([update], num_threads=num_threads, use_extension=use_extension)
+
+
+class AdamwUpdate(NamedTuple):
+    """The arguments of one :func:`fused_adamw_` update, for :func:`fused_adamw_many_` (same meanings)."""
+
+    param: torch.Tensor
+    grad: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    copy: torch.Tensor | None
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    step: float
+    clip_coef: float | torch.Tensor | None = None
+    clip_value: float | None = None
+    seed: int = 0
+    exp_avg_scale: torch.Tensor | None = None
+    exp_avg_sq_scale: torch.Tensor | None = None
+
+
+def fused_adamw_many_(
+    updates: Sequence[AdamwUpdate], *, num_threads: int | None = None, use_extension: bool | None = None
+) -> float:
+    """Several :func:`fused_adamw_` updates, one after another, in one call: the kernel checks them all first, then
+    runs them with the GIL released once (not once per update: a thread that takes the GIL back waits for the
+    others holding it). Returns the seconds the updates themselves took."""
     module = _load() if use_extension is not False else None
     if use_extension and module is None:
         raise RuntimeError("the fused AdamW extension is not available (see the warning issued when it was built)")
     if module is not None:
-        return module.fused_adamw(
-            param,
-            grad,
-            exp_avg,
-            exp_avg_sq,
-            copy,
-            lr,
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-            step,
-            coef,
-            value,
-            _threads(num_threads),
-            int(seed) & 0xFFFFFFFF,
-            exp_avg_scale,
-            exp_avg_sq_scale,
-        )
+        return module.fused_adamw_many([_kernel_arguments(u) for u in updates], _threads(num_threads))
+    arguments = [_kernel_arguments(u) for u in updates]
+    for u, a in zip(updates, arguments):  # all checked before any is applied, as in the kernel
+        _check_reference(*a[:5], exp_avg_scale=u.exp_avg_scale, exp_avg_sq_scale=u.exp_avg_sq_scale)
     start = time.perf_counter()
-    _reference(
-        param, grad, exp_avg, exp_avg_sq, copy, lr, beta1, beta2, eps, weight_decay, step, coef, value, seed,
-        exp_avg_scale, exp_avg_sq_scale,
-    )  # fmt: skip
+    for a in arguments:
+        _reference(*a)
     return time.perf_counter() - start
+
+
+def _kernel_arguments(u: AdamwUpdate) -> tuple:
+    """``u`` as the kernel's argument tuple: Python floats and ints, the seed as 32 bits."""
+    coef = None if u.clip_coef is None else float(u.clip_coef)
+    value = None if u.clip_value is None else float(u.clip_value)
+    hyper = (float(x) for x in (u.lr, u.beta1, u.beta2, u.eps, u.weight_decay, u.step))
+    return (
+        u.param, u.grad, u.exp_avg, u.exp_avg_sq, u.copy, *hyper, coef, value, int(u.seed) & 0xFFFFFFFF,
+        u.exp_avg_scale, u.exp_avg_sq_scale,
+    )  # fmt: skip
 
 
 def _reference(
@@ -252,21 +288,10 @@ def _reference(
     exp_avg_scale=None, exp_avg_sq_scale=None,
 ):  # fmt: skip
     """The pure-PyTorch path: torch's single-tensor AdamW formula, chunk by chunk (BF16 moments: in FP32, stored
-    with the kernel's stochastic rounding; int8 moments: decoded, updated in FP32, encoded as the kernel does)."""
-    if param.dtype != torch.float32:
-        raise ValueError("param must be float32")
+    with the kernel's stochastic rounding; int8 moments: decoded, updated in FP32, encoded as the kernel does).
+    Checked first by :func:`_check_reference`."""
     quantized = exp_avg.dtype == torch.int8
-    if quantized:
-        _check_int8_state(param.numel(), exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale)
-    elif exp_avg.dtype not in (torch.float32, torch.bfloat16) or exp_avg_sq.dtype != exp_avg.dtype:
-        raise ValueError(
-            "exp_avg and exp_avg_sq must both be float32, both bfloat16, or int8 and uint8 (with their scales)"
-        )
-    if grad.dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"grad must be float32 or bfloat16, got {grad.dtype}")
     n = param.numel()
-    if any(t.numel() != n for t in (grad, exp_avg, exp_avg_sq)) or (copy is not None and copy.numel() != n):
-        raise ValueError("all buffers must have the same number of elements")
     step_size = lr / (1 - beta1**step)
     bias_correction2_sqrt = math.sqrt(1 - beta2**step)
     flat = [t.view(-1) for t in (param, grad, exp_avg, exp_avg_sq)]
@@ -312,6 +337,23 @@ def _reference(
             p.addcdiv_(m, denom, value=-step_size)
             if copy_flat is not None:
                 copy_flat[start : start + _FALLBACK_CHUNK].copy_(p)
+
+
+def _check_reference(param, grad, exp_avg, exp_avg_sq, copy, *, exp_avg_scale=None, exp_avg_sq_scale=None) -> None:
+    """Raises ValueError for the arguments :func:`_reference` cannot update (the kernel's checks)."""
+    if param.dtype != torch.float32:
+        raise ValueError("param must be float32")
+    if exp_avg.dtype == torch.int8:
+        _check_int8_state(param.numel(), exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale)
+    elif exp_avg.dtype not in (torch.float32, torch.bfloat16) or exp_avg_sq.dtype != exp_avg.dtype:
+        raise ValueError(
+            "exp_avg and exp_avg_sq must both be float32, both bfloat16, or int8 and uint8 (with their scales)"
+        )
+    if grad.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"grad must be float32 or bfloat16, got {grad.dtype}")
+    n = param.numel()
+    if any(t.numel() != n for t in (grad, exp_avg, exp_avg_sq)) or (copy is not None and copy.numel() != n):
+        raise ValueError("all buffers must have the same number of elements")
 
 
 def _check_int8_state(n, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale) -> None:

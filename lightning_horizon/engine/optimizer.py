@@ -31,10 +31,11 @@ import torch
 
 from .config import STATE_DTYPE_NAMES
 from .host_kernels import (
+    AdamwUpdate,
     adamw_group_scalars,
     adamw_state,
     convert_adamw_state,
-    fused_adamw_,
+    fused_adamw_many_,
     host_kernels_available,
     stored_moments_dtype,
 )
@@ -268,7 +269,7 @@ class LayerOptimizer:
             return entries, bool(entries)
         copy = group.copy if group.copy is not None and group.copy.dtype == torch.bfloat16 else None
         scalars: dict[int, dict[str, float] | None] = {}
-        rest, waited = [], False
+        rest, updates = [], []
         for entry in entries:
             sp, pg, in_lp = entry.sp, entry.param_group, entry.in_lp
             if pg not in scalars:
@@ -282,34 +283,36 @@ class LayerOptimizer:
                     raise RuntimeError(f"{sp.name}: its AdamW state cannot be stepped with {self.state_dtype} moments")
                 rest.append(entry)
                 continue
-            if copy is not None and not waited and group.h2d_event is not None:
-                self.worker.wait_event(group.h2d_event)  # no upload still reads the old copy
-                waited = True
             step, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale = state
             step.add_(1)  # as torch's AdamW does before its update
+            step_value = step.item()
             span = slice(sp.offset, sp.offset + sp.numel)
             grad = group.grad_lp if in_lp else group.grad
             assert grad is not None
-            param, copy_span = group.master[span], None if copy is None else copy[span]
-            moments = exp_avg.view(-1), exp_avg_sq.view(-1)
-            clip_coef = None if entry.clip_coef is None else float(entry.clip_coef)
-            self.kernel_s += fused_adamw_(
-                param,
-                grad[span],
-                *moments,
-                copy_span,
-                step=step.item(),
-                num_threads=self.threads,
-                clip_coef=clip_coef,
-                clip_value=entry.clip_value,
-                use_extension=None if self.use_fused else False,
-                seed=int(step.item()) * 1_000_003 + sp.offset,  # stochastic rounding of compact moments
-                exp_avg_scale=exp_avg_scale,
-                exp_avg_sq_scale=exp_avg_sq_scale,
-                **hyper,
+            updates.append(
+                AdamwUpdate(
+                    group.master[span],
+                    grad[span],
+                    exp_avg.view(-1),
+                    exp_avg_sq.view(-1),
+                    None if copy is None else copy[span],
+                    step=step_value,
+                    clip_coef=None if entry.clip_coef is None else float(entry.clip_coef),
+                    clip_value=entry.clip_value,
+                    seed=int(step_value) * 1_000_003 + sp.offset,  # stochastic rounding of compact moments
+                    exp_avg_scale=exp_avg_scale,
+                    exp_avg_sq_scale=exp_avg_sq_scale,
+                    **hyper,
+                )
             )
-        stepped = len(rest) < len(entries)
-        return rest, stepped and group.copy is not None and copy is None
+        if updates:
+            if copy is not None and group.h2d_event is not None:
+                self.worker.wait_event(group.h2d_event)  # no upload still reads the old copy
+            # the group's parameters in one call: the worker takes the GIL back once, not once per parameter
+            self.kernel_s += fused_adamw_many_(
+                updates, num_threads=self.threads, use_extension=None if self.use_fused else False
+            )
+        return rest, bool(updates) and group.copy is not None and copy is None
 
     def _shadow(self, optimizer: torch.optim.Optimizer) -> tuple[torch.optim.Optimizer, dict[int, torch.nn.Parameter]]:
         key = id(optimizer)
