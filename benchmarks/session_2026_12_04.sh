@@ -17,6 +17,8 @@
 #       the cheaper stochastic-rounding bits and one division for compact moments, and after with 512-bit vectors:
 #       16 threads on 200 M params and 1 thread in cache; 3B bf16 / int8 runs with the engine's steady-state counters
 #       (engine_per_step).
+#   BASELINE=old.cpp OUT=... bash benchmarks/session_2026_12_04.sh many  # after a layer's updates went into one call
+#       and the kernels to 512-bit vectors: the kernel before/after, 3B fp32 / bf16 / int8, then the CUDA tests.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out/session_2026_12_04}
@@ -75,4 +77,12 @@ case ${1:-tied} in
     python benchmarks/bench_kernel_variants.py "${V[@]}" --n 65536 --threads 1 --repeats 301 2>&1 \
       | tee -a "$OUT/variants.txt"
     for dtype in bf16 int8; do run3b "variants_qwen2_3b_b8_$dtype" --state-dtype "$dtype"; done ;;
+  many)
+    python -c "from lightning_horizon.engine.host_kernels import host_kernels_available as a; print('kernels', a())"
+    python benchmarks/bench_kernel_variants.py --variant="$BASELINE:base" --variant=base --n 200000000 --threads 16 \
+      2>&1 | tee -a "$OUT/variants.txt"
+    for dtype in fp32 bf16 int8; do run3b "many_qwen2_3b_b8_$dtype" --state-dtype "$dtype"; done
+    timeout "${GPU_TESTS_S:-240}" python -m pytest -v -p no:cacheprovider -m gpu tests/test_gpu.py \
+      > "$OUT/gpu_tests.txt" 2>&1
+    grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/gpu_tests.txt" | tail -50 ;;
 esac
