@@ -130,7 +130,9 @@ class EngineConfig:
     signed with stochastic rounding, the second rounded to nearest and never to zero, so ``m / sqrt(v)`` cannot
     blow up; see ``engine/host_kernels.py`` ``MomentFormat``). Compact moments are decoded, updated in FP32 (the
     parameter's update uses the FP32 values) and stored again by the one-pass AdamW, so only a plain
-    ``torch.optim.AdamW`` can use them (other optimizers are refused). Checkpoints store the moments as they are;
+    ``torch.optim.AdamW`` can use them (other optimizers are refused). With them the update multiplies by
+    ``1 / sqrt(1 - beta2^step)`` where torch divides by its square root (one division per element less; the two differ
+    by about an ulp). Checkpoints store the moments as they are;
     one saved with another setting resumes converted (a warning when values change)."""
 
     frozen_dtype: str = "compute"

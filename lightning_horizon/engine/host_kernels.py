@@ -211,8 +211,8 @@ def fused_adamw_(
     Args:
         param: FP32. grad: BF16 or FP32 (read only: scaling and clamping are not written back).
         exp_avg, exp_avg_sq: FP32, or both BF16 (``optimizer_state_dtype="bf16"``): the moments are then updated in
-            FP32 and stored with stochastic rounding, unbiased, its random bits a hash of each element's index and
-            ``seed`` (the same in the kernel and the fallback). Or int8 ``exp_avg`` and uint8 ``exp_avg_sq``
+            FP32 and stored with stochastic rounding, unbiased, its random bits a function of each element's index
+            and ``seed`` (the same in the kernel and the fallback). Or int8 ``exp_avg`` and uint8 ``exp_avg_sq``
             (``optimizer_state_dtype="int8"``): blockwise codes (:class:`MomentFormat`, ``QBLOCK`` elements per
             block) with their FP32 block scales ``exp_avg_scale`` and ``exp_avg_sq_scale``, decoded, updated in FP32
             (the parameter's update uses the FP32 moments) and encoded again in the same pass.
