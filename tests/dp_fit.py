@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -82,7 +83,9 @@ def main() -> None:
             if args.sleep:
                 import time
 
-                print(f"step {trainer.global_step} rank {trainer.global_rank}", flush=True)
+                # one write per line: two processes share the pipe (print writes the newline separately)
+                sys.stdout.write(f"step {trainer.global_step} rank {trainer.global_rank}\n")
+                sys.stdout.flush()
                 time.sleep(args.sleep)
 
     trainer = L.Trainer(

@@ -543,7 +543,7 @@ def _mixed_updates(seed: int) -> list[host_kernels.AdamwUpdate]:
                 torch.randn(n, generator=gen).to(grad_dtype),
                 m,
                 v,
-                torch.empty(n, dtype=torch.bfloat16) if with_copy else None,
+                torch.zeros(n, dtype=torch.bfloat16) if with_copy else None,
                 lr=1e-2,
                 beta1=0.9,
                 beta2=0.95,
