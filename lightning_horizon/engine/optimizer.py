@@ -269,7 +269,7 @@ class LayerOptimizer:
             return entries, bool(entries)
         copy = group.copy if group.copy is not None and group.copy.dtype == torch.bfloat16 else None
         scalars: dict[int, dict[str, float] | None] = {}
-        rest, updates = [], []
+        rest, updates, steps = [], [], []
         for entry in entries:
             sp, pg, in_lp = entry.sp, entry.param_group, entry.in_lp
             if pg not in scalars:
@@ -284,8 +284,8 @@ class LayerOptimizer:
                 rest.append(entry)
                 continue
             step, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale = state
-            step.add_(1)  # as torch's AdamW does before its update
-            step_value = step.item()
+            step_value = step.item() + 1  # torch's AdamW counts the step before its update (written below)
+            steps.append(step)
             span = slice(sp.offset, sp.offset + sp.numel)
             grad = group.grad_lp if in_lp else group.grad
             assert grad is not None
@@ -312,6 +312,8 @@ class LayerOptimizer:
             self.kernel_s += fused_adamw_many_(
                 updates, num_threads=self.threads, use_extension=None if self.use_fused else False
             )
+            for step in steps:  # after the updates: an update refused leaves every state as it was
+                step.add_(1)
         return rest, bool(updates) and group.copy is not None and copy is None
 
     def _shadow(self, optimizer: torch.optim.Optimizer) -> tuple[torch.optim.Optimizer, dict[int, torch.nn.Parameter]]:
