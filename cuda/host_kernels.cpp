@@ -62,12 +62,12 @@ inline uint32_t hash32(uint32_t x) {
 // The random bits of an element's stochastic rounding: its index xor the call's hashed seed, times an odd constant
 // (one multiplication per element; the PyTorch fallback computes the same: host_kernels._element_bits). For a fixed
 // element the call's seed makes every bit uniform (an odd multiplier permutes the 32-bit values), so the rounding is
-// unbiased; within a call, any 16-bit slice over 2^16 consecutive elements takes every value once.
+// unbiased; within a call, the low 16 bits of 2^16 consecutive elements take every value once.
 inline uint32_t element_bits(uint32_t index, uint32_t seed) { return (index ^ seed) * 0x9E3779B9u; }
 
 // FP32 -> BF16 rounding up with probability (dropped bits / 2^16): unbiased. Non-finite values round as torch does.
 // Branch-free (the loop stays vectorised): infinities keep their upper half, NaN becomes torch's 0x7FC0. `r` holds
-// 16 random bits: one 32-bit hash per element serves both moments (its low half and its high half).
+// 16 random bits: an element's 32 (element_bits) serve both moments, their low half and their high half.
 inline uint16_t float_to_bf16_stochastic(float value, uint32_t r) {
   const uint32_t u = __builtin_bit_cast(uint32_t, value);
   const bool finite = (u & 0x7F800000u) != 0x7F800000u;
