@@ -61,8 +61,8 @@ BUILD_FLAGS = [
 ]
 if platform.machine().lower() in ("x86_64", "amd64"):
     # 512-bit vectors where the CPU has them (gcc's default for AVX-512 CPUs is 256; no effect without AVX-512): on
-    # the H200 host's Xeon the int8-moment AdamW ran 15% faster with them, bf16 4%, fp32 5%
-    # (benchmarks/bench_kernel_variants.py, 2026-12-04). An x86 flag: other compilers' targets reject it.
+    # the H200 host's Xeon the int8-moment AdamW ran 15-19% faster with them, bf16 3-5%, fp32 0-5%
+    # (benchmarks/bench_kernel_variants.py, 2026-12-04; benchmarks/RESULTS.md). An x86 flag: other compilers' targets reject it.
     BUILD_FLAGS.append("-mprefer-vector-width=512")
 """Compiler flags of the host kernels (no -ffast-math, no implicit FP contraction: see cuda/host_kernels.cpp)."""
 
@@ -261,11 +261,11 @@ def fused_adamw_many_(
     module = _load() if use_extension is not False else None
     if use_extension and module is None:
         raise RuntimeError("the fused AdamW extension is not available (see the warning issued when it was built)")
-    if module is not None:
-        return module.fused_adamw_many([_kernel_arguments(u) for u in updates], _threads(num_threads))
     arguments = [_kernel_arguments(u) for u in updates]
-    for u, a in zip(updates, arguments):  # all checked before any is applied, as in the kernel
-        _check_reference(*a[:5], exp_avg_scale=u.exp_avg_scale, exp_avg_sq_scale=u.exp_avg_sq_scale)
+    if module is not None:
+        return module.fused_adamw_many(arguments, _threads(num_threads))
+    for a in arguments:  # all checked before any is applied, as in the kernel
+        _check_reference(*a[:5], exp_avg_scale=a[-2], exp_avg_sq_scale=a[-1])
     start = time.perf_counter()
     for a in arguments:
         _reference(*a)
