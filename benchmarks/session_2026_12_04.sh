@@ -21,6 +21,10 @@
 #       and the kernels to 512-bit vectors: the kernel before/after, 3B fp32 / bf16 / int8, then the CUDA tests.
 #   OUT=... bash benchmarks/session_2026_12_04.sh final  # 256- against 512-bit vectors, twice; the CUDA tests the
 #       'many' call's time limit left out.
+#   Fourth session:
+#   BEFORE=dir OUT=... bash benchmarks/session_2026_12_04.sh determinism  # the cast-on-GPU FP32 test with the engine
+#       files in BEFORE (the tied rows added by CUDA's index_add_) twice, then with the tree's (add_rows_) twice; the
+#       CUDA tests the earlier calls did not reach.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out/session_2026_12_04}
@@ -100,5 +104,26 @@ case ${1:-tied} in
     timeout "${GPU_TESTS_S:-170}" python -m pytest -v -p no:cacheprovider -m gpu tests/test_gpu.py \
       -k "host_kernels or masters_cast or kept_layers or compiled or lora or dpo or reward or nccl or two_processes" \
       > "$OUT/gpu_tests.txt" 2>&1
+    grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/gpu_tests.txt" | tail -30 ;;
+  determinism)
+    python -c "from lightning_horizon.engine.host_kernels import host_kernels_available as a; print('kernels', a())"
+    cast() {  # NAME: the cast-on-GPU test with FP32 compute, stopping at the first failure with its traceback
+      timeout 90 python -m pytest -x -q -p no:cacheprovider -m gpu tests/test_gpu.py --tb=short \
+        -k "masters_cast and fp32" > "$OUT/cast_$1.txt" 2>&1
+      echo "$1: $(tail -1 "$OUT/cast_$1.txt")"
+    }
+    mkdir -p "$OUT/after"
+    for f in gradients loss passes; do
+      cp "lightning_horizon/engine/$f.py" "$OUT/after/"
+      cp "$BEFORE/$f.py" lightning_horizon/engine/
+    done
+    cast before1
+    cast before2
+    cp "$OUT"/after/*.py lightning_horizon/engine/
+    rm -r "$OUT/after"
+    cast after1
+    cast after2
+    timeout "${GPU_TESTS_S:-300}" python -m pytest -v -p no:cacheprovider -m gpu tests/test_gpu.py \
+      -k "rows_added or lora or dpo or reward or nccl or two_processes" > "$OUT/gpu_tests.txt" 2>&1
     grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/gpu_tests.txt" | tail -30 ;;
 esac

@@ -328,6 +328,24 @@ def test_cuda_masters_cast_on_the_gpu_train_like_the_weight_copy_and_cpu_packing
         assert cast_bytes == pytest.approx(uploaded * (2 if dtype == "bf16" else 1), rel=0.01), mode
 
 
+def test_rows_added_on_cuda_give_the_same_sums_on_every_run():
+    """The tied head's FP32 gradient on the GPU receives the embedding's rows, with every repeated token id added to
+    one row (``add_rows_``): five runs give the same sums bit for bit (CUDA's ``index_add_`` adds repeats with atomics
+    in no fixed order), within float rounding of a float64 sum."""
+    from lightning_horizon.engine.gradients import add_rows_
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (16384,), generator=gen)  # ~256 repeats of every id
+    rows = torch.randn(16384, 512, generator=gen)
+    runs = [add_rows_(torch.zeros(64, 512, device="cuda"), ids.cuda(), rows.cuda()).cpu() for _ in range(5)]
+    for run in runs[1:]:
+        assert torch.equal(run, runs[0])
+    want = torch.zeros(64, 512, dtype=torch.float64).index_add_(0, ids, rows.double())
+    assert (runs[0].double() - want).abs().max().item() < 1e-3
+    half = add_rows_(torch.zeros(64, 512, device="cuda"), ids.cuda(), rows.cuda().bfloat16()).cpu()  # rows upcast
+    assert (half.double() - want).abs().max().item() < 1.0
+
+
 def _train_on_cuda(ref, steps: int, optimizer, check=None, **config):
     """``steps`` optimizer steps of a clone of ``ref`` streamed to CUDA: (losses, weights); ``check(engine)`` runs
     after the last step."""

@@ -63,6 +63,17 @@ def scatter_rows_(dst: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor, chun
         dst.index_add_(0, ids[start : start + step], rows[start : start + step].to(dst.dtype))
 
 
+def add_rows_(dst: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``dst[ids[i]] += rows[i]`` for every ``i``, repeated ids included, with the same sums on every run. CUDA's
+    ``index_add_`` adds repeated ids with atomics in no fixed order (PyTorch lists it among the nondeterministic
+    operations), so on CUDA this uses ``index_put_(..., accumulate=True)``, which sorts by id and adds in a fixed
+    order; on the CPU ``index_add_`` adds in index order."""
+    rows = rows.to(dst.dtype)
+    if dst.is_cuda:
+        return dst.index_put_((ids,), rows, accumulate=True)
+    return dst.index_add_(0, ids, rows)
+
+
 Target = tuple[StoreGroup, StoreParam]
 
 

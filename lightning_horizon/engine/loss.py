@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .gradients import add_rows_
 from .segments import local_grads
 
 IGNORE_INDEX = -100
@@ -120,7 +121,7 @@ class ChunkedLoss:
         for part in self._parts():
             logits = head_logits(head, flat[self.rows[part]], self.softcap, self.norm)
             ce = F.cross_entropy(logits.float(), self.targets[part], reduction="none")
-            out.index_add_(0, self.sequence[part], ce, alpha=-1)
+            add_rows_(out, self.sequence[part], -ce)
         return out
 
     def _sequence_backward(

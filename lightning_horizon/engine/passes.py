@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .activations import CheckpointOffloader, materialize, prefetch
 from .adapter import DecoderParts
 from .config import EngineConfig
-from .gradients import GradientSink
+from .gradients import GradientSink, add_rows_
 from .loss import ChunkedLoss, head_logits
 from .moe import ExpertGrad
 from .segments import ForwardPass, KeptLayer, LayerFunction, Segments, _rng_replay, local_grads
@@ -164,7 +164,7 @@ class PassRunner:
         if padding_idx is not None:  # nn.Embedding gives its padding row no gradient (the lm_head's row keeps its own)
             keep = ids != padding_idx
             ids, rows = ids[keep], rows[keep]
-        tied.index_add_(0, ids, rows.to(tied.dtype))
+        add_rows_(tied, ids, rows)
         self.flush_tied()
 
     def finish_backward(self) -> None:
