@@ -25,6 +25,12 @@
 #   BEFORE=dir OUT=... bash benchmarks/session_2026_12_04.sh determinism  # the cast-on-GPU FP32 test with the engine
 #       files in BEFORE (the tied rows added by CUDA's index_add_) twice, then with the tree's (add_rows_) twice; the
 #       CUDA tests the earlier calls did not reach.
+#   OLD=dir OUT=... bash benchmarks/session_2026_12_04.sh ab  # 3B fp32 state with the tree in OLD (an earlier commit)
+#       and with this one, alternately, twice each; then recipes.bench at 3B 8 x 1024, fp32 and int8 state. $OUT ends
+#       as one archive (the device returns 8 files at most).
+#   OLD=dir OUT=... bash benchmarks/session_2026_12_04.sh closing  # the CUDA tests of the tied head's path (gradient
+#       parity, Lightning, kept and compiled layers, resume), then 3B fp32 / bf16 / int8 state with this tree and fp32
+#       with OLD's, alternately; $OUT ends as one archive.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out/session_2026_12_04}
@@ -32,7 +38,7 @@ mkdir -p "$OUT"
 run3b() {  # NAME ARGS...: one plain-module run at the 3B shape, 10 steps (median after 2), under a timeout
   local name=$1
   shift
-  timeout 70 bash -c "source benchmarks/plain_run.sh; OUT=$OUT plain $name --model qwen2_3b --batch 8 --seq 1024 \
+  timeout "${RUN3B_S:-70}" bash -c "source benchmarks/plain_run.sh; OUT=$OUT plain $name --model qwen2_3b --batch 8 --seq 1024 \
     --steps 10 --warmup 2 --fast-init $*"
 }
 case ${1:-tied} in
@@ -126,4 +132,35 @@ case ${1:-tied} in
     timeout "${GPU_TESTS_S:-300}" python -m pytest -v -p no:cacheprovider -m gpu tests/test_gpu.py \
       -k "rows_added or lora or dpo or reward or nccl or two_processes" > "$OUT/gpu_tests.txt" 2>&1
     grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/gpu_tests.txt" | tail -30 ;;
+  ab)
+    python -c "from lightning_horizon.engine.host_kernels import host_kernels_available as a; print('kernels', a())" &
+    (cd "$OLD" && PYTHONPATH="$PYTHONPATH:$PWD" python -c \
+      "from lightning_horizon.engine.host_kernels import host_kernels_available as a; print('old kernels', a())") &
+    wait
+    for repeat in 1 2; do
+      (cd "$OLD" && PYTHONPATH="$PYTHONPATH:$PWD" run3b "old_fp32_$repeat" --state-dtype fp32)
+      run3b "new_fp32_$repeat" --state-dtype fp32
+    done
+    for dtype in fp32 int8; do
+      timeout 150 python -m recipes.bench model=qwen2_3b data.batch_size=8 data.max_seq_len=1024 steps=8 warmup=2 \
+        strategy.optimizer_state_dtype=$dtype hydra.run.dir="$OUT/bench_qwen2_3b_b8_$dtype" 2>&1 \
+        | grep -E "tokens/s|^horizon|Error" | tail -5
+    done
+    tar czf /tmp/ab.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/ab.tgz "$OUT/" ;;
+  closing)
+    python -c "from lightning_horizon.engine.host_kernels import host_kernels_available as a; print('kernels', a())" &
+    (cd "$OLD" && PYTHONPATH="$PYTHONPATH:$PWD" python -c \
+      "from lightning_horizon.engine.host_kernels import host_kernels_available as a; print('old kernels', a())") &
+    wait
+    timeout "${GPU_TESTS_S:-200}" python -m pytest -v --tb=short -p no:cacheprovider -m gpu tests/test_gpu.py \
+      -k "gradient_parity or lightning_training or kept_layers or compiled or resume" > "$OUT/gpu_tests.txt" 2>&1
+    grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/gpu_tests.txt" | tail -20
+    old() { (cd "$OLD" && PYTHONPATH="$PYTHONPATH:$PWD" run3b "$@"); }
+    RUN3B_S=110 run3b new_fp32_a --state-dtype fp32
+    old old_fp32_a --state-dtype fp32
+    run3b new_bf16 --state-dtype bf16
+    run3b new_int8 --state-dtype int8
+    run3b new_fp32_b --state-dtype fp32
+    old old_fp32_b --state-dtype fp32
+    tar czf /tmp/closing.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/closing.tgz "$OUT/" ;;
 esac
