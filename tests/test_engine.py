@@ -22,7 +22,8 @@ def reference_grads(model, batches, scale=1.0):
 
 
 def engine_grads(model, batches, scale=1.0, **config):
-    engine = HorizonEngine(model, device="cpu", compute_dtype="fp32", **config)
+    config.setdefault("compute_dtype", "fp32")
+    engine = HorizonEngine(model, device="cpu", **config)
     losses = []
     try:
         for batch in batches:
@@ -537,6 +538,33 @@ def test_engine_scatters_the_embedding_gradient_in_chunks(monkeypatch):
     assert calls and set(calls) == {model.config.hidden_size * 3}
     for name in whole:
         assert torch.equal(chunked[name], whole[name]), name
+
+
+@pytest.mark.parametrize("family,tied,dtype", [("qwen2", False, "fp32"), ("llama", True, "bf16")])
+def test_engine_gathers_the_embedding_rows_in_chunks(monkeypatch, family, tied, dtype):
+    """The forward's embedding lookup reads the FP32 masters ``EMBEDDING_FOLD_NUMEL`` elements at a time (here 3
+    rows, 11 chunks for 32 tokens, the last one partial): the same losses and gradients as one lookup of the whole
+    batch, bit for bit."""
+    from lightning_horizon.engine import gradients
+
+    batches = [make_batch(0, batch=2, seq=16), make_batch(1, batch=2, seq=16)]
+    model = tiny_model(family, tied=tied)
+    whole = engine_grads(clone(model), batches, compute_dtype=dtype)
+    embedding = torch.nn.functional.embedding
+    rows = []
+
+    def spy(ids, weight, *args, **kwargs):
+        if weight.shape == model.get_input_embeddings().weight.shape:
+            rows.append(ids.numel())
+        return embedding(ids, weight, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "embedding", spy)
+    monkeypatch.setattr(gradients, "EMBEDDING_FOLD_NUMEL", model.config.hidden_size * 3)
+    chunked = engine_grads(clone(model), batches, compute_dtype=dtype)
+    assert rows and max(rows) == 3 and sum(rows) == 2 * 32, rows
+    assert chunked[0] == whole[0]
+    for name in whole[1]:
+        assert torch.equal(chunked[1][name], whole[1][name]), name
 
 
 def test_close_frees_the_slots_and_leaves_the_model_usable():

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from . import gradients
 from .activations import CheckpointOffloader, materialize, prefetch
 from .adapter import DecoderParts
 from .config import EngineConfig
@@ -140,12 +141,19 @@ class PassRunner:
     def embed_forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         check_trainable(*self.store.entry(self.parts.embed.weight))  # before any compute of a pass it would fail
         self.store.wait_updated(self.embed_group, poll=self.streamer.workers.check)
-        ids = input_ids.to("cpu")
-        rows = F.embedding(ids, self.parts.embed.weight.detach())
+        ids = input_ids.to("cpu").reshape(-1)
+        weight = self.parts.embed.weight.detach()
         scale = self.parts.embed_scale()
-        if scale is not None:
-            rows = rows.float() * scale  # (a frozen embedding is held in the compute dtype: scale in FP32 anyway)
-        return rows.to(self.dtype).to(self.device)
+        out = torch.empty(ids.numel(), weight.shape[-1], dtype=self.dtype, device=self.device)
+        # The rows in FP32 a chunk at a time: the whole batch's were a transient of 6 bytes per token and hidden unit
+        # on the host (FP32 rows, then their compute-dtype cast; 0.66 GiB at 16 x 2048 tokens of the Qwen2.5-7B shape)
+        step = max(1, gradients.EMBEDDING_FOLD_NUMEL // max(1, weight.shape[-1]))
+        for start in range(0, ids.numel(), step):
+            rows = F.embedding(ids[start : start + step], weight)
+            if scale is not None:
+                rows = rows.float() * scale  # (a frozen embedding is held in the compute dtype: scale in FP32 anyway)
+            out[start : start + step].copy_(rows.to(self.dtype))
+        return out.view(*input_ids.shape, -1)
 
     def embed_backward(self, input_ids: torch.Tensor, grad_hidden: torch.Tensor) -> None:
         weight = self.parts.embed.weight
