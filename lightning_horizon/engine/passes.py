@@ -153,7 +153,7 @@ class PassRunner:
             if scale is not None:
                 rows = rows.float() * scale  # (a frozen embedding is held in the compute dtype: scale in FP32 anyway)
             out[start : start + step].copy_(rows.to(self.dtype))
-        return out.view(*input_ids.shape, -1)
+        return out.view(*input_ids.shape, weight.shape[-1])
 
     def embed_backward(self, input_ids: torch.Tensor, grad_hidden: torch.Tensor) -> None:
         weight = self.parts.embed.weight
