@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_horizon.engine import HorizonEngine
+from lightning_horizon.engine import HorizonEngine, gradients
 from lightning_horizon.engine.data_parallel import DataParallel, assign_owners, data_parallel_config
 from lightning_horizon.engine.shared_memory import PREFIX, SHM_DIR
 from tests.helpers import make_batch, tiny_model
@@ -83,6 +83,8 @@ class Run:
     device: str = "cpu"
     meta: bool = False
     """The processes other than each node's local rank 0 build their models on the meta device."""
+    embed_chunk_rows: int = 0
+    """If set, the embedding gradient's rows come to the host this many at a time (``EMBEDDING_FOLD_NUMEL``)."""
 
 
 def _worker(rank: int, world: int, local_world: int, init: str, out: str, run: Run) -> None:
@@ -92,6 +94,8 @@ def _worker(rank: int, world: int, local_world: int, init: str, out: str, run: R
         # every process draws its own: rank 0's must win; with meta, the processes that do not fill their node's
         # store build theirs on the meta device (as recipes.sft does)
         model = _model(rank, run.lora, meta=run.meta and rank % local_world != 0)
+        if run.embed_chunk_rows:
+            gradients.EMBEDDING_FOLD_NUMEL = run.embed_chunk_rows * model.config.hidden_size
         parallel = DataParallel(local_rank=rank % local_world, local_world_size=local_world)
         engine = HorizonEngine(model, device=run.device, compute_dtype="fp32", parallel=parallel)
         buffer = engine.store.node_buffers[0]
@@ -131,16 +135,17 @@ def _spawn(tmp_path: Path, world: int, local_world: int, **run) -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    "world,local_world,early,meta",
-    [(2, 2, False, False), (4, 4, False, True), (4, 2, False, True), (4, 2, True, False)],
+    "world,local_world,early,meta,chunk",
+    [(2, 2, False, False, 3), (4, 4, False, True, 0), (4, 2, False, True, 0), (4, 2, True, False, 0)],
     ids=["2proc-1node", "4proc-1node-meta", "2nodes-x-2proc-meta", "2nodes-x-2proc-averaged-every-micro-batch"],
 )
-def test_data_parallel_equals_one_process_with_the_global_batch(tmp_path, world, local_world, early, meta):
+def test_data_parallel_equals_one_process_with_the_global_batch(tmp_path, world, local_world, early, meta, chunk):
     """10 AdamW steps with clipping and 2 accumulated micro-batches: every process's weights equal one process
     trained on the global batch (1e-5), on one node and on two simulated nodes (separate stores); also when the
     gradients are averaged after every micro-batch (the next one lands on an averaged gradient), and when the
-    processes other than each node's local rank 0 build their models on the meta device (tied weights stay tied)."""
-    stats = _spawn(tmp_path, world, local_world, early=early, meta=meta)
+    processes other than each node's local rank 0 build their models on the meta device (tied weights stay tied).
+    On one node, the embedding gradient's rows land 3 at a time: every chunk adds into the node's shared sum."""
+    stats = _spawn(tmp_path, world, local_world, early=early, meta=meta, embed_chunk_rows=chunk)
     want, single = _single(world)
     for rank in range(world):
         got = torch.load(tmp_path / f"weights{rank}.pt")

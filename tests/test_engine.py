@@ -532,10 +532,12 @@ def test_engine_scatters_the_embedding_gradient_in_chunks(monkeypatch):
     _, whole = engine_grads(clone(model), batches)
     calls = []
     scatter = gradients.scatter_rows_
-    monkeypatch.setattr(gradients, "scatter_rows_", lambda *a: calls.append(a[3]) or scatter(*a))
+    monkeypatch.setattr(gradients, "scatter_rows_", lambda *a: calls.append((len(a[2]), a[3])) or scatter(*a))
     monkeypatch.setattr(gradients, "EMBEDDING_FOLD_NUMEL", model.config.hidden_size * 3)
     _, chunked = engine_grads(clone(model), batches)
-    assert calls and set(calls) == {model.config.hidden_size * 3}
+    # the rows come to the host 3 at a time too: 11 chunks of each batch's 32 tokens, the last one of 2
+    assert [rows for rows, _ in calls] == ([3] * 10 + [2]) * 2
+    assert {numel for _, numel in calls} == {model.config.hidden_size * 3}
     for name in whole:
         assert torch.equal(chunked[name], whole[name]), name
 
@@ -565,6 +567,24 @@ def test_engine_gathers_the_embedding_rows_in_chunks(monkeypatch, family, tied, 
     assert chunked[0] == whole[0]
     for name in whole[1]:
         assert torch.equal(chunked[1][name], whole[1][name]), name
+
+
+def test_embedding_gradient_in_chunks_leaves_the_padding_row_without_gradient(monkeypatch):
+    """An untied embedding with a padding id: its rows come to the host 3 at a time, the padding id's rows are dropped
+    in each chunk (``nn.Embedding`` gives that row no gradient), and the gradients equal Hugging Face's."""
+    from lightning_horizon.engine import gradients
+
+    ref = tiny_model("qwen2", tied=False, pad_token_id=5)
+    batch = make_batch(4, batch=2, seq=16)
+    batch["input_ids"][0, -4:] = 5
+    batch["input_ids"][1, 3] = 5
+    want_model = clone(ref)
+    want_model(**batch).loss.backward()
+    want = {n: p.grad for n, p in want_model.named_parameters()}
+    monkeypatch.setattr(gradients, "EMBEDDING_FOLD_NUMEL", ref.config.hidden_size * 3)
+    _, got = engine_grads(clone(ref), [batch])
+    assert torch.equal(got["model.embed_tokens.weight"][5], torch.zeros_like(want["model.embed_tokens.weight"][5]))
+    assert_grads_close(got, want)
 
 
 def test_close_frees_the_slots_and_leaves_the_model_usable():
