@@ -50,10 +50,11 @@ from .store import GradState, HostStore, StoreGroup, StoreParam
 from .workers import WorkerGroup
 
 EMBEDDING_FOLD_NUMEL = 16 * 2**20
-"""Elements of the embedding's rows held in FP32 at a time on the host (64 MiB): when the gradient's rows are upcast
-and scattered into the host buffer, and when the forward gathers the rows from the FP32 masters and casts them to the
-compute dtype (``Passes.embed_forward``). The whole batch's rows at once were a transient of 4 bytes per token and
-hidden unit (470 MB at 16 x 2048 tokens of the Qwen2.5-7B shape)."""
+"""Elements of the embedding's rows handled at a time on the host (64 MiB in FP32): the forward gathers them from the
+FP32 masters and casts them to the compute dtype (``Passes.embed_forward``); the backward brings the gradient's rows
+down in chunks of this many (``GradientSink.submit_embedding``), upcasts them and scatters them into the host buffer.
+The whole batch's rows at once were a transient of several bytes per token and hidden unit (FP32 rows alone: 470 MB
+at 16 x 2048 tokens of the Qwen2.5-7B shape)."""
 
 
 def scatter_rows_(dst: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor, chunk_numel: int = EMBEDDING_FOLD_NUMEL):
