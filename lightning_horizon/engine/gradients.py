@@ -57,13 +57,18 @@ The whole batch's rows at once were a transient of several bytes per token and h
 at 16 x 2048 tokens of the Qwen2.5-7B shape)."""
 
 
+def row_spans(num_rows: int, width: int, chunk_numel: int) -> list[slice]:
+    """Consecutive spans of ``num_rows`` rows of ``width`` elements, ``chunk_numel`` elements at most each (one row at
+    least)."""
+    step = max(1, chunk_numel // max(1, width))
+    return [slice(start, start + step) for start in range(0, num_rows, step)]
+
+
 def scatter_rows_(dst: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor, chunk_numel: int = EMBEDDING_FOLD_NUMEL):
     """``dst.index_add_(0, ids, rows.to(dst.dtype))``, upcasting ``chunk_numel`` elements of ``rows`` at a time. The
     CPU ``index_add_`` adds the rows in index order, so the chunks give the same sums bit for bit."""
-    width = rows[0].numel() if len(rows) else 1
-    step = max(1, chunk_numel // max(1, width))
-    for start in range(0, ids.numel(), step):
-        dst.index_add_(0, ids[start : start + step], rows[start : start + step].to(dst.dtype))
+    for span in row_spans(ids.numel(), rows[0].numel() if len(rows) else 1, chunk_numel):
+        dst.index_add_(0, ids[span], rows[span].to(dst.dtype))
 
 
 def add_rows_(dst: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -189,8 +194,7 @@ class GradientSink:
         group, sp = target
         ids = ids.reshape(-1).to("cpu")
         rows = grad_hidden.reshape(ids.numel(), -1)
-        step = max(1, EMBEDDING_FOLD_NUMEL // max(1, rows.shape[-1]))
-        starts = list(range(0, ids.numel(), step)) or [0]
+        spans = row_spans(ids.numel(), rows.shape[-1], EMBEDDING_FOLD_NUMEL) or [slice(0, 0)]
         on_host: queue.Queue[None] = queue.Queue()  # one item per chunk that may be on the host now
         for _ in range(2):
             on_host.put(None)
@@ -214,15 +218,15 @@ class GradientSink:
                     sp.grad_norm = torch.linalg.vector_norm(dst)
                 self._report([group])
 
-        for start in starts:
+        for span in spans:
             self._wait_get(on_host)
-            chunk_ids = ids[start : start + step]
-            chunk = rows[start : start + step].to("cpu")
+            chunk_ids = ids[span]
+            chunk = rows[span].to("cpu")
             self.bytes_d2h += chunk.numel() * chunk.element_size()
             if padding_idx is not None:
                 keep = chunk_ids != padding_idx
                 chunk_ids, chunk = chunk_ids[keep], chunk[keep]
-            self.worker.submit(functools.partial(fold, chunk_ids, chunk, start == starts[0], start == starts[-1]))
+            self.worker.submit(functools.partial(fold, chunk_ids, chunk, span is spans[0], span is spans[-1]))
 
     def submit_fp32(self, target: Target, grad: torch.Tensor, final: list[StoreGroup]) -> None:
         """Queues a whole FP32 gradient (on the compute device, produced on the current stream): the tied embedding's,

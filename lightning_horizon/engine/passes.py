@@ -147,12 +147,11 @@ class PassRunner:
         out = torch.empty(ids.numel(), weight.shape[-1], dtype=self.dtype, device=self.device)
         # The rows in FP32 a chunk at a time: the whole batch's were a transient of 6 bytes per token and hidden unit
         # on the host (FP32 rows, then their compute-dtype cast; 0.66 GiB at 16 x 2048 tokens of the Qwen2.5-7B shape)
-        step = max(1, gradients.EMBEDDING_FOLD_NUMEL // max(1, weight.shape[-1]))
-        for start in range(0, ids.numel(), step):
-            rows = F.embedding(ids[start : start + step], weight)
+        for span in gradients.row_spans(ids.numel(), weight.shape[-1], gradients.EMBEDDING_FOLD_NUMEL):
+            rows = F.embedding(ids[span], weight)
             if scale is not None:
                 rows = rows.float() * scale  # (a frozen embedding is held in the compute dtype: scale in FP32 anyway)
-            out[start : start + step].copy_(rows.to(self.dtype))
+            out[span].copy_(rows.to(self.dtype))
         return out.view(*input_ids.shape, weight.shape[-1])
 
     def embed_backward(self, input_ids: torch.Tensor, grad_hidden: torch.Tensor) -> None:
