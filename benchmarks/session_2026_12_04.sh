@@ -41,6 +41,10 @@ run3b() {  # NAME ARGS...: one plain-module run at the 3B shape, 10 steps (media
   timeout "${RUN3B_S:-70}" bash -c "source benchmarks/plain_run.sh; OUT=$OUT plain $name --model qwen2_3b --batch 8 --seq 1024 \
     --steps 10 --warmup 2 --fast-init $*"
 }
+kernels() {  # [LABEL]: builds the host kernels of the tree in the current directory (no timeout: a build killed by a
+  # timeout leaves torch's build lock behind) and says whether they load
+  python -c "from lightning_horizon.engine.host_kernels import host_kernels_available as a; print('${1:-}kernels', a())"
+}
 case ${1:-tied} in
   first)
     timeout 220 python -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -rA \
@@ -73,7 +77,7 @@ case ${1:-tied} in
     unset OMP_WAIT_POLICY ;;
   dynamic)  # the kernels' blocks handed out dynamically; the int8 encode by a reciprocal; the kernel's own seconds
     # Build the host kernels first, with no timeout: a build killed by a timeout leaves torch's build lock behind.
-    python -c "from lightning_horizon.engine.host_kernels import host_kernels_available as a; print('kernels', a())"
+    kernels
     timeout 60 python benchmarks/bench_adamw.py 200000000 --kernel-only --no-copy --states fp32,bf16,int8 \
       --threads 16 --repeats 5 2>&1 | tee -a "$OUT/bench_adamw.txt"
     for dtype in fp32 bf16 int8; do run3b "dynamic_qwen2_3b_b8_$dtype" --state-dtype "$dtype"; done
@@ -82,7 +86,7 @@ case ${1:-tied} in
       -k "${GPU_TESTS_K:-cuda or gpu or two_processes or synchronisation or depth}" > "$OUT/gpu_tests.txt" 2>&1
     grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/gpu_tests.txt" | tail -50 ;;
   variants)
-    python -c "from lightning_horizon.engine.host_kernels import host_kernels_available as a; print('kernels', a())"
+    kernels
     # BASELINE: the kernels before this session's change (git show 53b40d4:cuda/host_kernels.cpp)
     V=(--variant="$BASELINE:base" --variant=base --variant=-mprefer-vector-width=512)
     python benchmarks/bench_kernel_variants.py "${V[@]}" --n 200000000 --threads 16 2>&1 | tee -a "$OUT/variants.txt"
@@ -90,7 +94,7 @@ case ${1:-tied} in
       | tee -a "$OUT/variants.txt"
     for dtype in bf16 int8; do run3b "variants_qwen2_3b_b8_$dtype" --state-dtype "$dtype"; done ;;
   many)
-    python -c "from lightning_horizon.engine.host_kernels import host_kernels_available as a; print('kernels', a())"
+    kernels
     python benchmarks/bench_kernel_variants.py --variant="$BASELINE:base" --variant=base --n 200000000 --threads 16 \
       2>&1 | tee -a "$OUT/variants.txt"
     for dtype in fp32 bf16 int8; do run3b "many_qwen2_3b_b8_$dtype" --state-dtype "$dtype"; done
@@ -98,7 +102,7 @@ case ${1:-tied} in
       > "$OUT/gpu_tests.txt" 2>&1
     grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/gpu_tests.txt" | tail -50 ;;
   final)
-    python -c "from lightning_horizon.engine.host_kernels import host_kernels_available as a; print('kernels', a())" &
+    kernels &
     for v in -mprefer-vector-width=256 base; do
       python benchmarks/bench_kernel_variants.py --variant=$v --build-only &
     done
@@ -112,7 +116,7 @@ case ${1:-tied} in
       > "$OUT/gpu_tests.txt" 2>&1
     grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/gpu_tests.txt" | tail -30 ;;
   determinism)
-    python -c "from lightning_horizon.engine.host_kernels import host_kernels_available as a; print('kernels', a())"
+    kernels
     cast() {  # NAME: the cast-on-GPU test with FP32 compute, stopping at the first failure with its traceback
       timeout 90 python -m pytest -x -q -p no:cacheprovider -m gpu tests/test_gpu.py --tb=short \
         -k "masters_cast and fp32" > "$OUT/cast_$1.txt" 2>&1
@@ -133,9 +137,8 @@ case ${1:-tied} in
       -k "rows_added or lora or dpo or reward or nccl or two_processes" > "$OUT/gpu_tests.txt" 2>&1
     grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/gpu_tests.txt" | tail -30 ;;
   ab)
-    python -c "from lightning_horizon.engine.host_kernels import host_kernels_available as a; print('kernels', a())" &
-    (cd "$OLD" && PYTHONPATH="$PYTHONPATH:$PWD" python -c \
-      "from lightning_horizon.engine.host_kernels import host_kernels_available as a; print('old kernels', a())") &
+    kernels &
+    (cd "$OLD" && PYTHONPATH="$PYTHONPATH:$PWD" kernels 'old ') &
     wait
     for repeat in 1 2; do
       (cd "$OLD" && PYTHONPATH="$PYTHONPATH:$PWD" run3b "old_fp32_$repeat" --state-dtype fp32)
@@ -148,9 +151,8 @@ case ${1:-tied} in
     done
     tar czf /tmp/ab.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/ab.tgz "$OUT/" ;;
   closing)
-    python -c "from lightning_horizon.engine.host_kernels import host_kernels_available as a; print('kernels', a())" &
-    (cd "$OLD" && PYTHONPATH="$PYTHONPATH:$PWD" python -c \
-      "from lightning_horizon.engine.host_kernels import host_kernels_available as a; print('old kernels', a())") &
+    kernels &
+    (cd "$OLD" && PYTHONPATH="$PYTHONPATH:$PWD" kernels 'old ') &
     wait
     timeout "${GPU_TESTS_S:-200}" python -m pytest -v --tb=short -p no:cacheprovider -m gpu tests/test_gpu.py \
       -k "gradient_parity or lightning_training or kept_layers or compiled or resume" > "$OUT/gpu_tests.txt" 2>&1
