@@ -31,6 +31,9 @@
 #   OLD=dir OUT=... bash benchmarks/session_2026_12_04.sh closing  # the CUDA tests of the tied head's path (gradient
 #       parity, Lightning, kept and compiled layers, resume), then 3B fp32 / bf16 / int8 state with this tree and fp32
 #       with OLD's, alternately; $OUT ends as one archive.
+#   Fifth session:
+#   OUT=... bash benchmarks/session_2026_12_04.sh alltests  # every CUDA test of tests/test_gpu.py (verbose, to a file;
+#       $GPU_TESTS_S seconds at most, default 500), after the chunked embedding-gradient download.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out/session_2026_12_04}
@@ -165,4 +168,9 @@ case ${1:-tied} in
     run3b new_fp32_b --state-dtype fp32
     old old_fp32_b --state-dtype fp32
     tar czf /tmp/closing.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/closing.tgz "$OUT/" ;;
+  alltests)
+    kernels
+    timeout "${GPU_TESTS_S:-500}" python -m pytest -v --tb=short -p no:cacheprovider -m gpu tests/test_gpu.py \
+      --durations=10 > "$OUT/gpu_tests.txt" 2>&1
+    grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/gpu_tests.txt" | tail -45 ;;
 esac
