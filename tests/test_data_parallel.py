@@ -85,6 +85,7 @@ class Run:
     """The processes other than each node's local rank 0 build their models on the meta device."""
     embed_chunk_rows: int = 0
     """If set, the embedding gradient's rows come to the host this many at a time (``EMBEDDING_FOLD_NUMEL``)."""
+    grad_reduce: str = "host"
 
 
 def _worker(rank: int, world: int, local_world: int, init: str, out: str, run: Run) -> None:
@@ -97,7 +98,9 @@ def _worker(rank: int, world: int, local_world: int, init: str, out: str, run: R
         if run.embed_chunk_rows:
             gradients.EMBEDDING_FOLD_NUMEL = run.embed_chunk_rows * model.config.hidden_size
         parallel = DataParallel(local_rank=rank % local_world, local_world_size=local_world)
-        engine = HorizonEngine(model, device=run.device, compute_dtype="fp32", parallel=parallel)
+        engine = HorizonEngine(
+            model, device=run.device, compute_dtype="fp32", parallel=parallel, grad_reduce=run.grad_reduce
+        )
         buffer = engine.store.node_buffers[0]
         base = buffer.tensor.data_ptr()
         stats = {
@@ -107,6 +110,7 @@ def _worker(rank: int, world: int, local_world: int, init: str, out: str, run: R
             "shm_names_left": sorted(p.name for p in SHM_DIR.glob(f"{PREFIX}-*")),
         }
         _train(model, engine, rank, world, world, stats, run.early)
+        stats["bytes_d2h"] = engine.sink.bytes_d2h
         # the gradients are the node's buffer too: no process holds a gradient buffer of its own
         stats["grads_shared"] = all(
             base <= g.grad.data_ptr() < base + buffer.nbytes for g in engine.store.groups if g.trainable
@@ -123,6 +127,7 @@ def _single(world: int, lora: bool = False, device: str = "cpu") -> tuple[dict[s
     engine = HorizonEngine(model, device=device, compute_dtype="fp32", accumulate_grads=True)
     stats: dict = {}
     _train(model, engine, 0, 1, world, stats)
+    stats["bytes_d2h"] = engine.sink.bytes_d2h
     engine.close()
     return {n: p.detach().clone() for n, p in model.named_parameters()}, stats
 
@@ -135,17 +140,38 @@ def _spawn(tmp_path: Path, world: int, local_world: int, **run) -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    "world,local_world,early,meta,chunk",
-    [(2, 2, False, False, 3), (4, 4, False, True, 0), (4, 2, False, True, 0), (4, 2, True, False, 0)],
-    ids=["2proc-1node", "4proc-1node-meta", "2nodes-x-2proc-meta", "2nodes-x-2proc-averaged-every-micro-batch"],
+    "world,local_world,early,meta,chunk,reduce",
+    [
+        (2, 2, False, False, 3, "host"),
+        (4, 4, False, True, 0, "host"),
+        (4, 2, False, True, 0, "host"),
+        (4, 2, True, False, 0, "host"),
+        (2, 2, False, False, 3, "device"),
+        (4, 4, False, False, 0, "device"),
+        (4, 2, True, True, 0, "device"),
+    ],
+    ids=[
+        "2proc-1node",
+        "4proc-1node-meta",
+        "2nodes-x-2proc-meta",
+        "2nodes-x-2proc-averaged-every-micro-batch",
+        "2proc-1node-device-reduce",
+        "4proc-1node-device-reduce",
+        "2nodes-x-2proc-averaged-every-micro-batch-device-reduce",
+    ],
 )
-def test_data_parallel_equals_one_process_with_the_global_batch(tmp_path, world, local_world, early, meta, chunk):
+def test_data_parallel_equals_one_process_with_the_global_batch(
+    tmp_path, world, local_world, early, meta, chunk, reduce
+):
     """10 AdamW steps with clipping and 2 accumulated micro-batches: every process's weights equal one process
     trained on the global batch (1e-5), on one node and on two simulated nodes (separate stores); also when the
     gradients are averaged after every micro-batch (the next one lands on an averaged gradient), and when the
     processes other than each node's local rank 0 build their models on the meta device (tied weights stay tied).
-    On one node, the embedding gradient's rows land 3 at a time: every chunk adds into the node's shared sum."""
-    stats = _spawn(tmp_path, world, local_world, early=early, meta=meta, embed_chunk_rows=chunk)
+    On one node, the embedding gradient's rows land 3 at a time: every chunk adds into the node's shared sum.
+    With ``grad_reduce="device"`` the node's processes reduce-scatter each group's gradient first (gloo here, NCCL on
+    GPUs) and each brings down only its shard: the bytes each process brings down fall by the node's size, except
+    the embedding group's (its rows, and the tied head's gradient, take the host path)."""
+    stats = _spawn(tmp_path, world, local_world, early=early, meta=meta, embed_chunk_rows=chunk, grad_reduce=reduce)
     want, single = _single(world)
     for rank in range(world):
         got = torch.load(tmp_path / f"weights{rank}.pt")
@@ -155,10 +181,86 @@ def test_data_parallel_equals_one_process_with_the_global_batch(tmp_path, world,
         assert stats[rank]["norms"] == pytest.approx(single["norms"], rel=1e-5)
         assert stats[rank]["shared"], "a parameter is not a view into the node's shared store"
         assert stats[rank]["tied"]
+    if reduce == "device":  # each process brought down its shard of every group but the embedding's
+        model = tiny_model("qwen2", tied=True, seed=0)
+        embedding = model.model.embed_tokens.weight.numel()
+        others = sum(p.numel() for p in model.parameters()) - embedding
+        calls, rows = STEPS * ACCUMULATE, ROWS * 12 * model.config.hidden_size  # a process's looked-up rows
+        assert single["bytes_d2h"] == calls * (others + embedding + rows * world) * 4  # one process: everything
+        host_embedding = calls * (embedding + rows) * 4  # the tied head's gradient and this process's rows
+        for rank in range(world):
+            layers = stats[rank]["bytes_d2h"] - host_embedding
+            assert others * 4 * calls / local_world <= layers <= others * 4 * calls / local_world * 1.1, (rank, layers)
     # the weights moved and clipping was active (the test would not see a missing update or clip otherwise)
     assert max(single["norms"]) > CLIP
     start = tiny_model("qwen2", tied=True, seed=0)
     assert max((p - want[n]).abs().max().item() for n, p in start.named_parameters()) > 1e-3
+
+
+def _presence_worker(rank: int, init: str, out: str, reduce: bool) -> None:
+    """Two processes land gradients of one group through the sink: ``a`` in both, ``c`` only in rank 1, ``b`` in
+    neither; then a second micro-batch with ``a`` only, after the gradients were averaged once."""
+    from lightning_horizon.engine.gradients import GradientSink
+    from lightning_horizon.engine.workers import WorkerGroup
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    try:
+        parallel = DataParallel(local_rank=rank, local_world_size=2)
+        params = {name: torch.nn.Parameter(torch.zeros(numel)) for name, numel in (("a", 37), ("b", 5), ("c", 11))}
+        store = parallel.build_store([("g", list(params.items()))], frozen_dtype=None)
+        group = store.groups[0]
+        a, b, c = group.params
+        workers = WorkerGroup(torch.device("cpu"))
+        sink = GradientSink(
+            store, torch.device("cpu"), torch.float32, 64, 2, direct=False, workers=workers, scattered=[],
+            on_final=lambda groups: None, shared=store.node_grads, reduce=parallel.node_reduce if reduce else None,
+        )  # fmt: skip
+        value = float(rank + 1)
+        sink.submit(
+            [(group, a), (group, b), (group, c)],
+            [torch.arange(37.0) * value, None, torch.full((11,), 5.0) if rank == 1 else None],
+            [group],
+        )
+        sink.wait()
+        parallel.reduce_gradients(store, lambda: None)  # averaged over 2 processes
+        first = {sp.name: (sp.has_grad, group.grad_view(sp).clone()) for sp in (a, b, c)}
+        sink.submit([(group, a), (group, b), (group, c)], [torch.ones(37) * value, None, None], [group])
+        sink.wait()
+        parallel.reduce_gradients(store, lambda: None)
+        second = {sp.name: (sp.has_grad, group.grad_view(sp).clone()) for sp in (a, b, c)}
+        workers.close()
+        result = {"first": first, "second": second, "bytes": sink.bytes_d2h, "numel": group.master.numel()}
+        torch.save(result, f"{out}/presence{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("reduce", [False, True], ids=["host", "device"])
+def test_a_gradient_no_process_had_stays_absent_and_one_process_counts_as_the_sum(tmp_path, reduce):
+    """What the processes of a node land, through the host path and through the devices' reduce-scatter (gloo
+    here): a parameter with a gradient in one process only gets the sum over both (the other counts as zero), one
+    with a gradient in neither keeps *no* gradient (a zero one would make AdamW decay its moments and weights), and
+    a micro-batch after an early average adds to the node's share of the sum, not to the average."""
+    mp.spawn(_presence_worker, args=(str(tmp_path / "init"), str(tmp_path), reduce), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"presence{rank}.pt") for rank in range(2)]
+    for rank in range(2):
+        first, second = got[rank]["first"], got[rank]["second"]
+        assert first["b"][0] is False and second["b"][0] is False
+        assert first["a"][0] and first["c"][0]
+        torch.testing.assert_close(first["a"][1], torch.arange(37.0) * 3 / 2, rtol=0, atol=0)
+        torch.testing.assert_close(first["c"][1], torch.full((11,), 2.5), rtol=0, atol=0)
+        # sum over both micro-batches and processes, averaged: (arange * 3 + 1 + 2) / 2
+        torch.testing.assert_close(second["a"][1], (torch.arange(37.0) * 3 + 3) / 2, rtol=0, atol=0)
+        torch.testing.assert_close(second["c"][1], torch.full((11,), 2.5), rtol=0, atol=0)
+    numel = got[0]["numel"]  # the group's flat length (its parameters, aligned)
+    for rank in range(2):
+        if reduce:  # twice: its half of the group's FP32 sum and the three presence counts
+            half = -(-numel // 2)
+            mine = half if rank == 0 else numel - half
+            assert got[rank]["bytes"] == 2 * (mine + 3) * 4
+        else:  # its own gradients, whole
+            assert got[rank]["bytes"] == (37 + 11 * rank + 37) * 4
 
 
 def test_lora_adapters_over_a_frozen_base_equal_one_process(tmp_path):
@@ -461,13 +563,15 @@ def _moe_train(model, engine, rank: int, world: int) -> None:
     engine.synchronize()
 
 
-def _moe_worker(rank: int, world: int, init: str, out: str) -> None:
+def _moe_worker(rank: int, world: int, init: str, out: str, reduce: str = "host") -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
         model = _moe(seed=rank)  # rank 0's weights win
         parallel = DataParallel(local_rank=rank, local_world_size=world)
-        engine = HorizonEngine(model, device="cpu", compute_dtype="fp32", sparse_experts=True, parallel=parallel)
+        engine = HorizonEngine(
+            model, device="cpu", compute_dtype="fp32", sparse_experts=True, parallel=parallel, grad_reduce=reduce
+        )
         _moe_train(model, engine, rank, world)
         engine.close()
         torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, f"{out}/moe{rank}.pt")
@@ -475,11 +579,13 @@ def _moe_worker(rank: int, world: int, init: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_sparse_experts_equal_one_process(tmp_path):
+@pytest.mark.parametrize("reduce", ["host", "device"])
+def test_sparse_experts_equal_one_process(tmp_path, reduce):
     """A Mixtral of 16 experts, one row per process: each process's tokens reach different experts, so expert
     gradients land sparsely (only the hit experts' rows) into the node's one buffer, zero-filled by the first landing
-    of a step. 3 AdamW steps with clipping and accumulation equal one process with the global batch (1e-5)."""
-    mp.spawn(_moe_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    of a step (``host``), or enter the devices' reduce-scatter as zeros outside the hit rows (``device``). 3 AdamW
+    steps with clipping and accumulation equal one process with the global batch (1e-5)."""
+    mp.spawn(_moe_worker, args=(2, str(tmp_path / "init"), str(tmp_path), reduce), nprocs=2, join=True)
     model = _moe(seed=0)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     engine = HorizonEngine(model, device="cpu", compute_dtype="fp32", sparse_experts=True, accumulate_grads=True)

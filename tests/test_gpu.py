@@ -545,10 +545,12 @@ def test_cuda_reward_model_matches_cpu(dtype, tol):
         engine.close()
 
 
-def test_cuda_data_parallel_code_path_with_one_nccl_process(tmp_path):
+@pytest.mark.parametrize("reduce", ["host", "device"])
+def test_cuda_data_parallel_code_path_with_one_nccl_process(tmp_path, reduce):
     """The data-parallel engine on a GPU with an NCCL default group (one process: the machine's one GPU): the shared
     store is page-locked per process, host tensors travel over the gloo group beside NCCL, and 4 steps with clipping
-    and accumulation equal the one-process engine (1e-6)."""
+    and accumulation equal the one-process engine (1e-6). With ``grad_reduce="device"`` every group's gradient goes
+    through an NCCL reduce-scatter on its own stream and down through the page-locked FP32 stages."""
     import torch.distributed as dist
 
     from lightning_horizon.engine.data_parallel import DataParallel
@@ -562,7 +564,9 @@ def test_cuda_data_parallel_code_path_with_one_nccl_process(tmp_path):
         results = []
         for parallel in (None, DataParallel(local_rank=0, local_world_size=1)):
             model = clone(ref)
-            engine = HorizonEngine(model, device="cuda", compute_dtype="bf16", accumulate_grads=True, parallel=parallel)
+            engine = HorizonEngine(
+                model, device="cuda", compute_dtype="bf16", accumulate_grads=True, parallel=parallel, grad_reduce=reduce
+            )
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
             for step in range(4):
                 for micro in range(2):
@@ -570,6 +574,8 @@ def test_cuda_data_parallel_code_path_with_one_nccl_process(tmp_path):
                 engine.clip_grad_norm_(0.5)
                 engine.step(opt)
                 opt.zero_grad()
+            reduced = parallel is not None and reduce == "device"
+            assert bool(engine.sink._all_stages) == reduced  # the shards came down through the FP32 stages
             engine.close()
             results.append({n: p.detach().clone() for n, p in model.named_parameters()})
         assert dist.get_backend() == "nccl"

@@ -34,6 +34,9 @@ STATE_DTYPE_NAMES = {dtype: name for name, dtype in STATE_DTYPES.items()}
 FROZEN_DTYPES = ("compute", "fp32")
 """``EngineConfig.frozen_dtype`` names."""
 
+GRAD_REDUCE = ("host", "device")
+"""``EngineConfig.grad_reduce`` names."""
+
 _DTYPES = {
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
@@ -146,6 +149,16 @@ class EngineConfig:
     weight copy's 2), for runs that unfreeze parameters during training. With FP32 compute (``32-true``) both
     settings hold FP32."""
 
+    grad_reduce: str = "host"
+    """Where the gradients of a data-parallel node (``devices > 1``) are summed over its processes. ``host``: every
+    process brings each layer's whole gradient down (its compute dtype over its own PCIe link) and adds it into the
+    node's FP32 buffer under the group's mutex, so host-memory gradient traffic and the adds of one layer grow with
+    the number of processes. ``device``: the processes first reduce-scatter each group's gradient in FP32 on the
+    devices (NCCL over NVLink on GPUs, gloo on CPUs), and each brings down and adds only its 1/N of the sum (4 bytes
+    per element of its shard, disjoint shards, no mutex): host traffic per node stays one model's whatever N is, at
+    2x the gradient bytes over NVLink (FP32, so the sum keeps the host path's precision). The embedding's rows are
+    always added on the host (each process looks up different rows). Ignored with one process."""
+
     device: str | torch.device | None = field(default=None, metadata={"run": "accelerator"})
     """Compute device; None picks ``cuda`` when available, else ``cpu``. The strategy sets it from the Trainer."""
     compute_dtype: str | torch.dtype | None = field(default=None, metadata={"run": "precision"})
@@ -194,6 +207,8 @@ class EngineConfig:
                 raise ValueError(f"device must be a CUDA device or 'cpu', got {self.device}")
         if self.compute_dtype is not None:
             self.compute_dtype = as_dtype(self.compute_dtype)
+        if self.grad_reduce not in GRAD_REDUCE:
+            raise ValueError(f"grad_reduce must be one of {', '.join(GRAD_REDUCE)}, got {self.grad_reduce!r}")
         for name in ("checkpoint_every", "loss_chunk_tokens", "num_grad_slabs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

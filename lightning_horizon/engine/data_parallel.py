@@ -86,6 +86,14 @@ class DataParallel:
             group = dist.new_group(ranks=ranks, backend="gloo", timeout=self.timeout)
             if self.rank in ranks:
                 self.node = group
+        self.node_reduce = NodeReduce(self.node, self.local_rank, self.local_world_size)
+        """This node's processes as a group of the default backend (NCCL on GPUs): the devices reduce-scatter
+        gradients over it (``grad_reduce="device"``)."""
+        if dist.get_backend() != "gloo":
+            for ranks in nodes:
+                group = dist.new_group(ranks=ranks, timeout=self.timeout)
+                if self.rank in ranks:
+                    self.node_reduce = NodeReduce(group, self.local_rank, self.local_world_size)
         self.peers = None
         """The processes of this local rank, one per node: they own the same groups and add up their nodes' sums."""
         if self.num_nodes > 1:
@@ -239,7 +247,8 @@ class DataParallel:
         for _, sp in anywhere:
             if not sp.has_grad:
                 sp.land(GradState.FP32)
-            sp.grad_norm = None  # a norm recorded as the gradient landed is not the average's
+            sp.grad_norm = None
+            grads.averaged_here.add(id(sp))  # a norm recorded as the gradient landed is not the average's
         expose()
 
     def reduce_norms(self, norms: list[torch.Tensor], norm_type: float) -> list[torch.Tensor]:
@@ -303,6 +312,10 @@ class NodeGradients:
         local_world_size: int,
     ) -> None:
         self.buffer, self.stamps, self.local_world_size = buffer, stamps, local_world_size
+        self.averaged_here: set[int] = set()
+        """Ids of this process's :class:`~.store.StoreParam` whose gradients were averaged and have not landed
+        since: with ``grad_reduce="device"`` each process scales its own shard of them back to the node's share
+        (:meth:`to_sum` would scale the whole gradient, and another process may have landed its shard already)."""
         self._index: dict[int, int] = {}
         self._mutex: dict[int, int] = {}
         for i, group in enumerate(store.groups):
@@ -341,9 +354,39 @@ class NodeGradients:
             return
         self._set(sp, self._SUM)
 
+    def mark_summed(self, sp: StoreParam) -> None:
+        """Records that ``sp``'s gradient holds the node's sum of the current step (every process of the node writes
+        the same value when the devices reduced it: each landed its shard)."""
+        self._set(sp, self._SUM)
+
     def mark_averaged(self, sp: StoreParam) -> None:
         """Records that ``sp``'s gradient now holds the average over every process (while no process lands it)."""
         self._set(sp, self._AVERAGE)
+
+
+@dataclass(eq=False)
+class NodeReduce:
+    """The processes of a node as the devices reduce gradients over them (``grad_reduce="device"``).
+
+    Args:
+        group: Process group of the node's processes (the default backend: NCCL on GPUs, gloo on CPUs).
+        rank: This process's index in it (its local rank): it receives shard ``rank`` of every reduce-scatter.
+        size: Processes in it.
+    """
+
+    group: object
+    rank: int
+    size: int
+
+    @property
+    def backend(self) -> str:
+        return str(dist.get_backend(self.group))
+
+    def reduce_scatter(self, out: torch.Tensor, flat: torch.Tensor) -> None:
+        """``out`` = shard ``rank`` of the sum of every process's ``flat`` (``size`` shards of ``out``'s length;
+        collective over the node: every process calls it for the same gradients in the same order)."""
+        collective = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        collective(out, flat, group=self.group)
 
 
 def _to_empty_keeping_ties(model: torch.nn.Module) -> None:

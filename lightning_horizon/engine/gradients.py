@@ -41,7 +41,7 @@ from collections.abc import Callable
 
 import torch
 
-from .data_parallel import NodeGradients
+from .data_parallel import NodeGradients, NodeReduce
 from .grad_pool import GradPool
 from .host_kernels import fold_
 from .moe import ExpertGrad
@@ -109,6 +109,9 @@ class GradientSink:
         threads: Threads of the fold kernel.
         shared: The FP32 gradients are one buffer shared by the processes of a data-parallel node: every fold adds
             into it under the group's mutex, and the first after a discard zero-fills it (fold mode only).
+        reduce: With ``shared``: the node's processes reduce-scatter each group's gradient on the devices first
+            (:meth:`_submit_reduced`), and each adds only its shard of the sum into the node's buffer, without the
+            mutex (the shards are disjoint). The embedding's group keeps the host path.
     """
 
     def __init__(
@@ -129,6 +132,7 @@ class GradientSink:
         pool_numel: int = 0,
         updates_follow: Callable[[list[StoreParam]], bool] | None = None,
         shared: NodeGradients | None = None,
+        reduce: NodeReduce | None = None,
     ) -> None:
         self.store, self.device, self.dtype = store, device, dtype
         self.cuda = device.type == "cuda"
@@ -149,6 +153,12 @@ class GradientSink:
         if shared is not None and direct:
             raise ValueError("gradients shared by a node's processes are folded in FP32: direct mode cannot serve them")
         self.shared = shared
+        if reduce is not None and shared is None:
+            raise ValueError("gradients reduced on the devices land in a node's shared buffer: pass shared too")
+        self.reduce = reduce
+        self.reduce_stream = torch.cuda.Stream(device) if self.cuda and reduce is not None else None
+        self._stages: queue.Queue[torch.Tensor] = queue.Queue()
+        self._all_stages: list[torch.Tensor] = []
         self.pool: GradPool | None = None
         """The pooled compute-dtype gradient buffers (None: whole buffers, or fold mode)."""
         self._pinned_fp32: dict[int, torch.Tensor] = {}
@@ -178,6 +188,8 @@ class GradientSink:
                 )
         if self.direct:
             self._submit_direct(pairs, final)
+        elif self.reduce is not None:
+            self._submit_reduced(targets, grads, final)
         else:
             self._submit_fold(pairs, final)
 
@@ -280,7 +292,7 @@ class GradientSink:
 
     def close(self) -> None:
         self.worker.close()
-        for slab in self._all_slabs:
+        for slab in self._all_slabs + self._all_stages:
             unregister_pinned(slab)
         for buf in self._pinned_fp32.values():
             unregister_pinned(buf)
@@ -461,6 +473,119 @@ class GradientSink:
                     self._report(final)
 
             self.worker.submit(fold)
+
+    def _submit_reduced(
+        self, targets: list[Target], grads: list[torch.Tensor | ExpertGrad | None], final: list[StoreGroup]
+    ) -> None:
+        """Data parallel with ``grad_reduce="device"``: each group's gradients are summed over the node's processes
+        on the devices (:meth:`_reduce_group`); the embedding's group (rows scattered on the host) takes the host
+        path. Every process submits the same targets in the same order (the same model, the same backward), so the
+        collectives match; which of them has a gradient may differ and travels with the sums."""
+        held = [(t, g) for t, g in zip(targets, grads) if id(t[0]) in self.scattered and g is not None]
+        groups: dict[int, tuple[StoreGroup, list[tuple[StoreParam, torch.Tensor | ExpertGrad | None]]]] = {}
+        for (group, sp), g in zip(targets, grads):
+            if id(group) not in self.scattered:
+                groups.setdefault(id(group), (group, []))[1].append((sp, g))
+        if held or not groups:
+            self._submit_fold(held, [] if groups else final)
+        for i, (group, items) in enumerate(groups.values()):
+            self._reduce_group(group, items, final if i == len(groups) - 1 else [])
+
+    def _reduce_group(
+        self, group: StoreGroup, items: list[tuple[StoreParam, torch.Tensor | ExpertGrad | None]], final
+    ) -> None:
+        """Reduce-scatters ``group``'s gradients over the node's processes in FP32 and folds this process's shard
+        into the node's buffer.
+
+        The group's flat layout (its master's) is cut into ``size`` shards of ``ceil(numel / size)`` elements; each
+        process sends a ``size x (shard + P)`` FP32 buffer: row ``r`` holds its gradients' elements of shard ``r``
+        (zeros where it has none: a missing gradient, an expert no token reached) and, in every row, one presence
+        flag per parameter of ``items`` (P of them). After the reduce-scatter each process holds shard ``rank`` of
+        the sum and, per parameter, how many processes had a gradient: a parameter none had keeps no gradient (its
+        update is skipped, as in one process), not a zero one."""
+        n, rank = self.reduce.size, self.reduce.rank
+        numel = group.master.numel()
+        shard = -(-numel // n)
+        width = shard + len(items)
+        start, stop = rank * shard, min((rank + 1) * shard, numel)
+        stream = self.reduce_stream
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            flat = torch.zeros(n, width, dtype=torch.float32, device=self.device)
+            for i, (sp, g) in enumerate(items):
+                if g is None:
+                    continue
+                flat[:, shard + i] = 1
+                if stream is not None:
+                    (g.grad if isinstance(g, ExpertGrad) else g).record_stream(stream)
+                for _, at, src in _spans([((group, sp), g)]):
+                    begin, end = sp.offset + at, sp.offset + at + src.numel()
+                    for r in range(begin // shard, -(-end // shard)):
+                        a, z = max(begin, r * shard), min(end, (r + 1) * shard)
+                        flat[r, a - r * shard : z - r * shard].copy_(src[a - begin : z - begin])
+            out = torch.empty(width, dtype=torch.float32, device=self.device)
+            self.reduce.reduce_scatter(out, flat.view(-1))
+        self.bytes_d2h += (stop - start + len(items)) * 4
+        if stream is None:  # nothing crosses a bus: fold straight from the result
+            self.worker.submit(lambda: (self._land_shard(group, items, out, shard, start, stop), self._report(final)))
+            return
+        stage = self._take_stage()
+        event = torch.cuda.Event()
+        self.d2h_stream.wait_stream(stream)
+        with torch.cuda.stream(self.d2h_stream):
+            stage[:width].copy_(out, non_blocking=True)
+            out.record_stream(self.d2h_stream)
+            event.record(self.d2h_stream)
+
+        def fold() -> None:
+            self.worker.wait_event(event)
+            try:
+                self._land_shard(group, items, stage, shard, start, stop)
+            finally:
+                self._stages.put(stage)
+            self._report(final)
+
+        self.worker.submit(fold)
+
+    def _land_shard(self, group: StoreGroup, items, result: torch.Tensor, shard: int, start: int, stop: int) -> None:
+        """Folds ``result`` (this process's shard of the node's sum, then the presence counts) into elements
+        ``start:stop`` of ``group``'s node buffer: overwriting where the parameter has no gradient of this step yet,
+        adding otherwise (after scaling an averaged gradient back to the node's share). Every process lands the
+        same parameters, so each process's own gradient states say what its shard holds."""
+        counts = result[shard : shard + len(items)].tolist()
+        flat = group.grad.view(-1)
+        for (sp, _), count in zip(items, counts):
+            if count <= 0:
+                continue  # no process had a gradient
+            fresh = not sp.has_grad
+            averaged = id(sp) in self.shared.averaged_here
+            self.shared.averaged_here.discard(id(sp))
+            a, z = max(sp.offset, start), min(sp.offset + sp.numel, stop)
+            if a < z:
+                dst, src = flat[a:z], result[a - start : z - start]
+                if fresh:
+                    dst.copy_(src)
+                else:
+                    if averaged:
+                        dst.mul_(self.shared.local_world_size)  # the node's share, as NodeGradients.to_sum does
+                    dst.add_(src)
+            sp.land(GradState.FP32)
+            self.shared.mark_summed(sp)
+
+    def _take_stage(self) -> torch.Tensor:
+        """A page-locked FP32 buffer for one shard of a reduced gradient (two in all: one lands while the next comes
+        down), as large as the largest group's shard."""
+        if not self._all_stages:
+            n = self.reduce.size
+            numel = max(
+                (-(-g.master.numel() // n) + len(g.params) for g in self.store.groups if g.trainable), default=1
+            )
+            for _ in range(2):
+                stage = pinned_empty(numel, torch.float32, pin=True)
+                self._all_stages.append(stage)
+                self._stages.put(stage)
+        return self._wait_get(self._stages)
 
     def _switch_to_fold(self) -> None:
         """A second backward before the optimizer step: gradients must accumulate in FP32 from now on."""

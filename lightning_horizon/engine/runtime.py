@@ -140,6 +140,17 @@ class HorizonEngine:
             cast_on_gpu=config.cast_on_gpu,
             prefer_small_slots=config.keep_activations != 0,
         )
+        if (
+            parallel is not None
+            and config.grad_reduce == "device"
+            and cuda
+            and "nccl" not in parallel.node_reduce.backend
+        ):
+            raise ValueError(
+                f"grad_reduce='device' reduces gradients on the GPUs over NCCL, but the default process group's backend "
+                f"is {parallel.node_reduce.backend!r}: use NCCL (Lightning's default for GPUs; one GPU per process) or "
+                "grad_reduce='host'"
+            )
         self.sink = GradientSink(
             self.store,
             self.device,
@@ -157,6 +168,7 @@ class HorizonEngine:
             pool_numel=self.shape.grad_group_numel,
             updates_follow=self._updates_follow,
             shared=self.store.node_grads if parallel is not None else None,
+            reduce=parallel.node_reduce if parallel is not None and config.grad_reduce == "device" else None,
         )
         self.optim = LayerOptimizer(
             self.store,
