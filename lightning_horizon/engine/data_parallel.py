@@ -16,7 +16,9 @@ with the global batch. What differs from DDP is where the state lives:
   every process then sees the averaged gradients as ``param.grad``, so clipping and hooks read the same values
   everywhere. Clipping by norm measures each group once, in its owner (the partial norms are gathered over the
   node). The order in which the node's processes add up a gradient is whichever reaches the mutex first: the sums
-  equal DDP's to rounding, not bit for bit from run to run.
+  equal DDP's to rounding, not bit for bit from run to run. With ``grad_reduce="device"`` the devices reduce-scatter
+  each group's gradient over the node first (:class:`NodeReduce`; ``GradientSink._reduce_group``) and each process
+  adds only its shard of the sum, without the mutex; the embedding's rows keep the host path.
 * **Updates shared out within a node.** Each group of the store (a decoder layer, the embedding, ...) is owned by
   one local process (:func:`assign_owners`, balanced by size): only its owner steps it (and holds its optimizer
   state), writing the shared masters in place. A step starts with a barrier (no process still reads a gradient an
