@@ -225,6 +225,7 @@ def _presence_worker(rank: int, init: str, out: str, reduce: bool) -> None:
         sink.wait()
         parallel.reduce_gradients(store, lambda: None)  # averaged over 2 processes
         first = {sp.name: (sp.has_grad, group.grad_view(sp).clone()) for sp in (a, b, c)}
+        parallel.barrier()  # both have read the node's buffer before either lands the next micro-batch into it
         sink.submit([(group, a), (group, b), (group, c)], [torch.ones(37) * value, None, None], [group])
         sink.wait()
         parallel.reduce_gradients(store, lambda: None)

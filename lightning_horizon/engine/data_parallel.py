@@ -88,14 +88,6 @@ class DataParallel:
             group = dist.new_group(ranks=ranks, backend="gloo", timeout=self.timeout)
             if self.rank in ranks:
                 self.node = group
-        self.node_reduce = NodeReduce(self.node, self.local_rank, self.local_world_size)
-        """This node's processes as a group of the default backend (NCCL on GPUs): the devices reduce-scatter
-        gradients over it (``grad_reduce="device"``)."""
-        if dist.get_backend() != "gloo":
-            for ranks in nodes:
-                group = dist.new_group(ranks=ranks, timeout=self.timeout)
-                if self.rank in ranks:
-                    self.node_reduce = NodeReduce(group, self.local_rank, self.local_world_size)
         self.peers = None
         """The processes of this local rank, one per node: they own the same groups and add up their nodes' sums."""
         if self.num_nodes > 1:
@@ -104,6 +96,21 @@ class DataParallel:
                 group = dist.new_group(ranks=ranks, backend="gloo", timeout=self.timeout)
                 if self.local_rank == local:
                     self.peers = group
+        # The same groups in the default backend (NCCL on GPUs), over which the devices sum gradients
+        # (grad_reduce="device"); with gloo as the default, the groups above serve
+        node, peers = self.node, self.peers
+        if dist.get_backend() != "gloo":
+            for ranks in nodes:
+                group = dist.new_group(ranks=ranks, timeout=self.timeout)
+                if self.rank in ranks:
+                    node = group
+            if self.num_nodes > 1:
+                for local in range(self.local_world_size):
+                    group = dist.new_group(ranks=list(range(local, self.world_size, self.local_world_size)))
+                    if self.local_rank == local:
+                        peers = group
+        self.node_reduce = NodeReduce(node, self.local_rank, self.local_world_size, peers, self.num_nodes)
+        """How the devices sum gradients over the processes (``grad_reduce="device"``)."""
         self._owners: dict[str, int] = {}
 
     @property
@@ -238,10 +245,14 @@ class DataParallel:
         for group, sps in reduce.values():  # between the two node barriers no process lands a gradient: no mutex
             if not self.owns(group):
                 continue
-            for sp in sps:
-                grads.to_sum(group, sp)
-            if self.num_nodes > 1:
-                dist.all_reduce(group.grad, group=self.peers)
+            if id(group) in grads.summed_everywhere:  # the devices summed it over every node already
+                for sp in sps:
+                    grads.to_sum(group, sp, share=self.world_size)
+            else:
+                for sp in sps:
+                    grads.to_sum(group, sp)
+                if self.num_nodes > 1:
+                    dist.all_reduce(group.grad, group=self.peers)
             group.grad.div_(self.world_size)
             for sp in sps:
                 grads.mark_averaged(sp)
@@ -314,6 +325,10 @@ class NodeGradients:
         local_world_size: int,
     ) -> None:
         self.buffer, self.stamps, self.local_world_size = buffer, stamps, local_world_size
+        self.summed_everywhere: set[int] = set()
+        """Ids of the groups whose gradients the devices sum over every process of every node before they land
+        (``grad_reduce="device"`` with several nodes): each node's buffer then holds the sum over all processes, and
+        :meth:`DataParallel.reduce_gradients` only averages them (no all-reduce among the nodes' owners)."""
         self.averaged_here: set[int] = set()
         """Ids of this process's :class:`~.store.StoreParam` whose gradients were averaged and have not landed
         since: with ``grad_reduce="device"`` each process scales its own shard of them back to the node's share
@@ -344,14 +359,15 @@ class NodeGradients:
         """Whether a process of the node landed ``sp``'s gradient since the processes last discarded it."""
         return self._stamp(sp)[0]
 
-    def to_sum(self, group: StoreGroup, sp: StoreParam) -> None:
+    def to_sum(self, group: StoreGroup, sp: StoreParam, share: int | None = None) -> None:
         """Makes ``sp``'s gradient this node's part of the sum over every process (under :meth:`lock` while other
-        processes may land it): zero-filled if it holds an earlier step's, scaled back if it holds the average."""
+        processes may land it): zero-filled if it holds an earlier step's, scaled back if it holds the average (by
+        ``share``, the processes whose sum it stands for: by default the node's, whose shares add up to the sum)."""
         current, state = self._stamp(sp)
         if not current:
             group.grad_view(sp).zero_()
         elif state == self._AVERAGE:
-            group.grad_view(sp).mul_(self.local_world_size)  # the node's share: the nodes' shares add up to the sum
+            group.grad_view(sp).mul_(share or self.local_world_size)
         else:
             return
         self._set(sp, self._SUM)
@@ -379,10 +395,24 @@ class NodeReduce:
     group: object
     rank: int
     size: int
+    peers: object | None = None
+    """With several nodes: the processes of this local rank, one per node, in the same backend; each shard is
+    all-reduced over them, so every node's buffer holds the sum over all processes."""
+    num_nodes: int = 1
 
     @property
     def backend(self) -> str:
         return str(dist.get_backend(self.group))
+
+    @property
+    def summed(self) -> int:
+        """Processes whose gradients a reduced shard sums."""
+        return self.size * self.num_nodes
+
+    def across_nodes(self, out: torch.Tensor) -> None:
+        """Adds up ``out`` (this rank's shard of its node's sum) over the nodes (collective among :attr:`peers`)."""
+        if self.peers is not None:
+            dist.all_reduce(out, group=self.peers)
 
     def reduce_scatter(self, out: torch.Tensor, flat: torch.Tensor) -> None:
         """``out`` = shard ``rank`` of the sum of every process's ``flat`` (``size`` shards of ``out``'s length;

@@ -156,6 +156,8 @@ class GradientSink:
         if reduce is not None and shared is None:
             raise ValueError("gradients reduced on the devices land in a node's shared buffer: pass shared too")
         self.reduce = reduce
+        if reduce is not None and reduce.peers is not None:
+            shared.summed_everywhere.update(id(g) for g in store.groups if g.trainable and id(g) not in self.scattered)
         self.reduce_stream = torch.cuda.Stream(device) if self.cuda and reduce is not None else None
         self._stages: queue.Queue[torch.Tensor] = queue.Queue()
         self._all_stages: list[torch.Tensor] = []
@@ -526,6 +528,7 @@ class GradientSink:
                         flat[r, a - r * shard : z - r * shard].copy_(src[a - begin : z - begin])
             out = torch.empty(width, dtype=torch.float32, device=self.device)
             self.reduce.reduce_scatter(out, flat.view(-1))
+            self.reduce.across_nodes(out)
         self.bytes_d2h += (stop - start + len(items)) * 4
         if stream is None:  # nothing crosses a bus: fold straight from the result
             self.worker.submit(lambda: (self._land_shard(group, items, out, shard, start, stop), self._report(final)))
@@ -567,8 +570,8 @@ class GradientSink:
                 if fresh:
                     dst.copy_(src)
                 else:
-                    if averaged:
-                        dst.mul_(self.shared.local_world_size)  # the node's share, as NodeGradients.to_sum does
+                    if averaged:  # back to the sum it stands for (the node's share with one node)
+                        dst.mul_(self.reduce.summed)
                     dst.add_(src)
             sp.land(GradState.FP32)
             self.shared.mark_summed(sp)
