@@ -62,6 +62,7 @@ def main() -> None:
         help="no on_after_backward (with --clip 0: nothing between the "
         "backward and the step, where one process would update during the backward)",
     )
+    ap.add_argument("--grad-reduce", default="host", help="the strategy's grad_reduce")
     ap.add_argument("--sleep", type=float, default=0.0, help="seconds each step sleeps (a run to kill)")
     ap.add_argument(
         "--meta-model", action="store_true", help="the model is built in configure_model, on meta outside local rank 0"
@@ -89,7 +90,7 @@ def main() -> None:
                 time.sleep(args.sleep)
 
     trainer = L.Trainer(
-        strategy=HorizonStrategy(),
+        strategy=HorizonStrategy(grad_reduce=args.grad_reduce),
         accelerator="cpu",
         devices=args.devices,
         num_nodes=args.num_nodes,

@@ -369,12 +369,14 @@ def _ok(run: subprocess.CompletedProcess) -> None:
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
 
-def test_trainer_with_two_devices_equals_one_device_with_the_global_batch(tmp_path):
+@pytest.mark.parametrize("reduce", ["host", "device"])
+def test_trainer_with_two_devices_equals_one_device_with_the_global_batch(tmp_path, reduce):
     """Lightning launches 2 processes (accumulate 2, clip 0.5, AdamW + schedule, 10 steps): both end with the
     weights of 1 process with twice the rows (1e-5), and ``on_after_backward`` of each step's last micro-batch sees
     the averaged gradient (as with DDP). The model is built in ``configure_model``, on the meta device in the second
-    process (what the README advises: one model per node at setup)."""
-    _ok(_fit(tmp_path / "two", "--devices", "2", "--batch", "2", "--validate", "--meta-model"))
+    process (what the README advises: one model per node at setup). ``HorizonStrategy(grad_reduce=...)``: summed on
+    the host or reduce-scattered over the processes first."""
+    _ok(_fit(tmp_path / "two", "--devices", "2", "--batch", "2", "--validate", "--meta-model", "--grad-reduce", reduce))
     _ok(_fit(tmp_path / "one", "--devices", "1", "--batch", "4", "--validate"))
     one = _weights(tmp_path / "one")
     assert _max_diff(_weights(tmp_path / "two", 0), one) <= 1e-5
