@@ -86,6 +86,8 @@ class Run:
     embed_chunk_rows: int = 0
     """If set, the embedding gradient's rows come to the host this many at a time (``EMBEDDING_FOLD_NUMEL``)."""
     grad_reduce: str = "host"
+    reduce_stage_numel: int = 0
+    """If set, a reduced shard lands this many elements at a time (``REDUCE_STAGE_NUMEL``)."""
 
 
 def _worker(rank: int, world: int, local_world: int, init: str, out: str, run: Run) -> None:
@@ -97,6 +99,8 @@ def _worker(rank: int, world: int, local_world: int, init: str, out: str, run: R
         model = _model(rank, run.lora, meta=run.meta and rank % local_world != 0)
         if run.embed_chunk_rows:
             gradients.EMBEDDING_FOLD_NUMEL = run.embed_chunk_rows * model.config.hidden_size
+        if run.reduce_stage_numel:
+            gradients.REDUCE_STAGE_NUMEL = run.reduce_stage_numel
         parallel = DataParallel(local_rank=rank % local_world, local_world_size=local_world)
         engine = HorizonEngine(
             model, device=run.device, compute_dtype="fp32", parallel=parallel, grad_reduce=run.grad_reduce
@@ -140,14 +144,14 @@ def _spawn(tmp_path: Path, world: int, local_world: int, **run) -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    "world,local_world,early,meta,chunk,reduce",
+    "world,local_world,early,meta,chunk,reduce",  # chunk: embedding rows, or a reduced shard's piece (device)
     [
         (2, 2, False, False, 3, "host"),
         (4, 4, False, True, 0, "host"),
         (4, 2, False, True, 0, "host"),
         (4, 2, True, False, 0, "host"),
         (2, 2, False, False, 3, "device"),
-        (4, 4, False, False, 0, "device"),
+        (4, 4, False, False, 1000, "device"),
         (4, 2, True, True, 0, "device"),
     ],
     ids=[
@@ -170,8 +174,18 @@ def test_data_parallel_equals_one_process_with_the_global_batch(
     On one node, the embedding gradient's rows land 3 at a time: every chunk adds into the node's shared sum.
     With ``grad_reduce="device"`` the node's processes reduce-scatter each group's gradient first (gloo here, NCCL on
     GPUs) and each brings down only its shard: the bytes each process brings down fall by the node's size, except
-    the embedding group's (its rows, and the tied head's gradient, take the host path)."""
-    stats = _spawn(tmp_path, world, local_world, early=early, meta=meta, embed_chunk_rows=chunk, grad_reduce=reduce)
+    the embedding group's (its rows, and the tied head's gradient, take the host path). With 4 processes the shards
+    land 1,000 elements at a time (several pieces per layer)."""
+    stats = _spawn(
+        tmp_path,
+        world,
+        local_world,
+        early=early,
+        meta=meta,
+        embed_chunk_rows=chunk if reduce == "host" or chunk < 100 else 0,
+        reduce_stage_numel=chunk if reduce == "device" and chunk >= 100 else 0,
+        grad_reduce=reduce,
+    )
     want, single = _single(world)
     for rank in range(world):
         got = torch.load(tmp_path / f"weights{rank}.pt")
@@ -451,7 +465,12 @@ def test_preflight_counts_per_process_parts_once_per_process_and_the_state_once(
     """The node's processes share the masters, the FP32 gradients (one buffer of the node) and split the optimizer
     state; each adds its own upload staging and gradient slabs on a GPU: the preflight of each process counts the
     node's total."""
-    from lightning_horizon.engine.footprint import PREFLIGHT_MARGIN_BYTES, check_host_memory, still_to_allocate
+    from lightning_horizon.engine.footprint import (
+        PREFLIGHT_MARGIN_BYTES,
+        REDUCE_STAGE_NUMEL,
+        check_host_memory,
+        still_to_allocate,
+    )
 
     model = tiny_model("qwen2", tied=True)
     engine = HorizonEngine(model, device="cpu", compute_dtype="fp32", accumulate_grads=True)
@@ -462,11 +481,15 @@ def test_preflight_counts_per_process_parts_once_per_process_and_the_state_once(
             one, four = still_to_allocate(*args), still_to_allocate(*args, processes=4)
             assert four["optimizer state"] == one["optimizer state"] > 0
             assert four["gradients"] == one["gradients"] == 4 * engine.shape.store_numel
+            reduced = still_to_allocate(*args, processes=4, grad_reduce="device")
             if on_gpu:
                 for part in ("upload staging", "gradient slabs"):
                     assert four[f"{part} (x 4 processes)"] == 4 * one[part] > 0
+                # grad_reduce="device": each process's two FP32 stages for its shards of the reduced gradients
+                stages = reduced.pop("reduced-gradient stages (x 4 processes)")
+                assert stages == 4 * 2 * REDUCE_STAGE_NUMEL * 4 and reduced == four
             else:
-                assert four == one  # nothing per process on a CPU
+                assert four == one == reduced  # nothing per process on a CPU
         one = still_to_allocate(engine.shape, torch.float32, True, False, 3, False, [opt])
         available = sum(one.values()) + PREFLIGHT_MARGIN_BYTES
         check_host_memory(engine.shape, engine.config, [opt], available, processes=4)  # the node's total is one's

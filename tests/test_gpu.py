@@ -546,12 +546,17 @@ def test_cuda_reward_model_matches_cpu(dtype, tol):
 
 
 @pytest.mark.parametrize("reduce", ["host", "device"])
-def test_cuda_data_parallel_code_path_with_one_nccl_process(tmp_path, reduce):
+def test_cuda_data_parallel_code_path_with_one_nccl_process(tmp_path, reduce, monkeypatch):
     """The data-parallel engine on a GPU with an NCCL default group (one process: the machine's one GPU): the shared
     store is page-locked per process, host tensors travel over the gloo group beside NCCL, and 4 steps with clipping
     and accumulation equal the one-process engine (1e-6). With ``grad_reduce="device"`` every group's gradient goes
-    through an NCCL reduce-scatter on its own stream and down through the page-locked FP32 stages."""
+    through an NCCL reduce-scatter on its own stream and down through the page-locked FP32 stages, 10,000 elements
+    at a time (a layer in several pieces)."""
     import torch.distributed as dist
+
+    from lightning_horizon.engine import gradients
+
+    monkeypatch.setattr(gradients, "REDUCE_STAGE_NUMEL", 10_000)
 
     from lightning_horizon.engine.data_parallel import DataParallel
 

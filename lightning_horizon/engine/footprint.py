@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 
 STAGING_NUMEL = 64 * 2**20
 """Elements per pinned staging buffer of layer uploads (128 MiB in BF16); two buffers alternate."""
+REDUCE_STAGE_NUMEL = 32 * 2**20
+"""Elements of each of the two page-locked FP32 stages through which a process's shard of a reduced gradient comes
+down (``EngineConfig.grad_reduce="device"``; 128 MiB each): a larger shard comes in pieces."""
+
 CAST_STAGE_NUMEL = 32 * 2**20
 """Elements of the GPU buffer FP32 masters are copied into and cast from with ``cast_on_gpu`` (128 MiB)."""
 MAX_SLAB_NUMEL = 256 * 2**20
@@ -278,6 +282,7 @@ def still_to_allocate(
     state_dtype: torch.dtype = torch.float32,
     processes: int = 1,
     cast_on_gpu: bool = False,
+    grad_reduce: str = "host",
 ) -> dict[str, int]:
     """Host memory an engine built over ``shape`` allocates after its construction: the state of ``optimizers`` that
     have not stepped yet (PyTorch allocates it at the first step), FP32 gradients (at the first accumulated fold; the
@@ -287,7 +292,8 @@ def still_to_allocate(
 
     ``processes``: the processes of a data-parallel node sharing one store (:mod:`.data_parallel`): the optimizer
     state and the FP32 gradients are allocated once over them (each process holds its groups' share of the state;
-    the gradients are one buffer of the node), the staging and slabs once per process."""
+    the gradients are one buffer of the node), the staging and slabs once per process, and with
+    ``grad_reduce="device"`` each process's two page-locked FP32 stages for its shards of the reduced gradients."""
     c = compute_dtype.itemsize
     state = sum(
         optimizer_state_bytes(opt, state_dtype)
@@ -302,6 +308,8 @@ def still_to_allocate(
         out["upload staging" + each] = processes * 2 * shape.staging_numel * c
     if on_gpu and accumulate:
         out["gradient slabs" + each] = processes * num_grad_slabs * shape.slab_numel * c
+    if on_gpu and processes > 1 and grad_reduce == "device":
+        out["reduced-gradient stages" + each] = processes * 2 * REDUCE_STAGE_NUMEL * 4
     return out
 
 
@@ -318,7 +326,7 @@ def check_host_memory(
     on_gpu = config.device.type == "cuda"
     needed = still_to_allocate(
         shape, config.compute_dtype, config.accumulate_grads, config.weight_copy, config.num_grad_slabs, on_gpu,
-        optimizers, config.state_dtype, processes, config.cast_on_gpu,
+        optimizers, config.state_dtype, processes, config.cast_on_gpu, config.grad_reduce,
     )  # fmt: skip
     total = sum(needed.values())
     if total + PREFLIGHT_MARGIN_BYTES <= available_bytes:
@@ -360,7 +368,7 @@ def _alternatives(shape: StoreShape, config, optimizers: list[torch.optim.Optimi
         state = dtype or config.state_dtype
         needed = still_to_allocate(
             shape, config.compute_dtype, config.accumulate_grads, config.weight_copy and not drop_copy,
-            config.num_grad_slabs, on_gpu, optimizers, state, processes, config.cast_on_gpu,
+            config.num_grad_slabs, on_gpu, optimizers, state, processes, config.cast_on_gpu, config.grad_reduce,
         )  # fmt: skip
         parts = (["weight_copy=False"] if drop_copy else []) + (
             [f"optimizer_state_dtype={STATE_DTYPE_NAMES[dtype]}"] if dtype else []

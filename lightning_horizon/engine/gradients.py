@@ -42,6 +42,7 @@ from collections.abc import Callable
 import torch
 
 from .data_parallel import NodeGradients, NodeReduce
+from .footprint import REDUCE_STAGE_NUMEL
 from .grad_pool import GradPool
 from .host_kernels import fold_
 from .moe import ExpertGrad
@@ -500,90 +501,78 @@ class GradientSink:
         into the node's buffer.
 
         The group's flat layout (its master's) is cut into ``size`` shards of ``ceil(numel / size)`` elements; each
-        process sends a ``size x (shard + P)`` FP32 buffer: row ``r`` holds its gradients' elements of shard ``r``
-        (zeros where it has none: a missing gradient, an expert no token reached) and, in every row, one presence
-        flag per parameter of ``items`` (P of them). After the reduce-scatter each process holds shard ``rank`` of
-        the sum and, per parameter, how many processes had a gradient: a parameter none had keeps no gradient (its
-        update is skipped, as in one process), not a zero one."""
+        process sends a ``size x (P + shard)`` FP32 buffer: row ``r`` starts with one presence flag per parameter of
+        ``items`` (P of them, the same in every row), then holds its gradients' elements of shard ``r`` (zeros where
+        it has none: a missing gradient, an expert no token reached). After the reduce-scatter (and, with several
+        nodes, an all-reduce of the shard over them) each process holds, per parameter, how many processes had a
+        gradient, then shard ``rank`` of the sum: a parameter none had keeps no gradient (its update is skipped, as
+        in one process), not a zero one. On a GPU the collectives run on ``reduce_stream`` and the shard comes down
+        through two page-locked FP32 stages of at most ``REDUCE_STAGE_NUMEL`` elements, chunk by chunk."""
         n, rank = self.reduce.size, self.reduce.rank
         numel = group.master.numel()
         shard = -(-numel // n)
-        width = shard + len(items)
+        head = len(items)
         start, stop = rank * shard, min((rank + 1) * shard, numel)
         stream = self.reduce_stream
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            flat = torch.zeros(n, width, dtype=torch.float32, device=self.device)
+            flat = torch.zeros(n, head + shard, dtype=torch.float32, device=self.device)
             for i, (sp, g) in enumerate(items):
                 if g is None:
                     continue
-                flat[:, shard + i] = 1
+                flat[:, i] = 1
                 if stream is not None:
                     (g.grad if isinstance(g, ExpertGrad) else g).record_stream(stream)
                 for _, at, src in _spans([((group, sp), g)]):
                     begin, end = sp.offset + at, sp.offset + at + src.numel()
                     for r in range(begin // shard, -(-end // shard)):
                         a, z = max(begin, r * shard), min(end, (r + 1) * shard)
-                        flat[r, a - r * shard : z - r * shard].copy_(src[a - begin : z - begin])
-            out = torch.empty(width, dtype=torch.float32, device=self.device)
+                        flat[r, head + a - r * shard : head + z - r * shard].copy_(src[a - begin : z - begin])
+            out = torch.empty(head + shard, dtype=torch.float32, device=self.device)
             self.reduce.reduce_scatter(out, flat.view(-1))
             self.reduce.across_nodes(out)
-        self.bytes_d2h += (stop - start + len(items)) * 4
-        if stream is None:  # nothing crosses a bus: fold straight from the result
-            self.worker.submit(lambda: (self._land_shard(group, items, out, shard, start, stop), self._report(final)))
+        used = head + stop - start  # the last shard may be shorter than the others (padding)
+        self.bytes_d2h += used * 4
+        landing = _ShardLanding(self, group, items, start)
+        step = max(head + 1, REDUCE_STAGE_NUMEL)
+        if stream is None:  # nothing crosses a bus: fold straight from the result, in the same pieces
+            for at in range(0, used, step):
+                piece, last = out[at : min(at + step, used)], at + step >= used
+                self.worker.submit(lambda p=piece, at=at, last=last: landing.fold(p, at, last))
+            self.worker.submit(lambda: self._report(final))
             return
-        stage = self._take_stage()
-        event = torch.cuda.Event()
+        out.record_stream(self.d2h_stream)
         self.d2h_stream.wait_stream(stream)
-        with torch.cuda.stream(self.d2h_stream):
-            stage[:width].copy_(out, non_blocking=True)
-            out.record_stream(self.d2h_stream)
-            event.record(self.d2h_stream)
+        for at in range(0, used, step):
+            piece = min(step, used - at)
+            stage = self._take_stage()
+            event = torch.cuda.Event()
+            with torch.cuda.stream(self.d2h_stream):
+                stage[:piece].copy_(out[at : at + piece], non_blocking=True)
+                event.record(self.d2h_stream)
+            last = at + piece == used
 
-        def fold() -> None:
-            self.worker.wait_event(event)
-            try:
-                self._land_shard(group, items, stage, shard, start, stop)
-            finally:
-                self._stages.put(stage)
-            self._report(final)
+            def fold(stage=stage, event=event, at=at, piece=piece, last=last) -> None:
+                self.worker.wait_event(event)
+                try:
+                    landing.fold(stage[:piece], at, last)
+                finally:
+                    self._stages.put(stage)
+                if last:
+                    self._report(final)
 
-        self.worker.submit(fold)
-
-    def _land_shard(self, group: StoreGroup, items, result: torch.Tensor, shard: int, start: int, stop: int) -> None:
-        """Folds ``result`` (this process's shard of the node's sum, then the presence counts) into elements
-        ``start:stop`` of ``group``'s node buffer: overwriting where the parameter has no gradient of this step yet,
-        adding otherwise (after scaling an averaged gradient back to the node's share). Every process lands the
-        same parameters, so each process's own gradient states say what its shard holds."""
-        counts = result[shard : shard + len(items)].tolist()
-        flat = group.grad.view(-1)
-        for (sp, _), count in zip(items, counts):
-            if count <= 0:
-                continue  # no process had a gradient
-            fresh = not sp.has_grad
-            averaged = id(sp) in self.shared.averaged_here
-            self.shared.averaged_here.discard(id(sp))
-            a, z = max(sp.offset, start), min(sp.offset + sp.numel, stop)
-            if a < z:
-                dst, src = flat[a:z], result[a - start : z - start]
-                if fresh:
-                    dst.copy_(src)
-                else:
-                    if averaged:  # back to the sum it stands for (the node's share with one node)
-                        dst.mul_(self.reduce.summed)
-                    dst.add_(src)
-            sp.land(GradState.FP32)
-            self.shared.mark_summed(sp)
+            self.worker.submit(fold)
 
     def _take_stage(self) -> torch.Tensor:
-        """A page-locked FP32 buffer for one shard of a reduced gradient (two in all: one lands while the next comes
-        down), as large as the largest group's shard."""
+        """A page-locked FP32 buffer for a piece of a reduced shard (two in all: one lands while the next comes down):
+        the largest group's presence flags and shard, ``REDUCE_STAGE_NUMEL`` elements at most."""
         if not self._all_stages:
             n = self.reduce.size
-            numel = max(
-                (-(-g.master.numel() // n) + len(g.params) for g in self.store.groups if g.trainable), default=1
+            widest = max(
+                (len(g.params) + -(-g.master.numel() // n) for g in self.store.groups if g.trainable), default=1
             )
+            numel = min(widest, max(REDUCE_STAGE_NUMEL, max(len(g.params) for g in self.store.groups) + 1))
             for _ in range(2):
                 stage = pinned_empty(numel, torch.float32, pin=True)
                 self._all_stages.append(stage)
@@ -669,6 +658,48 @@ class GradientSink:
                         sp.grad_norm = torch.tensor(math.sqrt(landing.sumsq), dtype=torch.float32)
                     else:
                         sp.grad_norm = torch.linalg.vector_norm(group.grad_view(sp))
+
+
+class _ShardLanding:
+    """This process's shard of one group's reduced gradients on its way into the node's buffer (on the gradient
+    worker), possibly in several pieces: the first piece starts with the presence counts, which decide per parameter
+    whether it lands at all and whether the shard overwrites (no gradient of this step yet) or adds (after scaling an
+    averaged gradient back to the sum it stands for); the last piece lands the parameters. Every process lands the
+    same parameters, so each process's own gradient states say what its shard holds."""
+
+    def __init__(self, sink: GradientSink, group: StoreGroup, items, start: int) -> None:
+        self.sink, self.group, self.items, self.start = sink, group, items, start
+        self.head = len(items)
+        self.plan: list[tuple[StoreParam, bool, bool]] | None = None
+
+    def fold(self, piece: torch.Tensor, at: int, last: bool) -> None:
+        """Folds ``piece``, elements ``at:at + len(piece)`` of the reduced result (counts, then the shard)."""
+        shared = self.sink.shared
+        if self.plan is None:
+            assert at == 0 and piece.numel() >= self.head
+            self.plan = []
+            for (sp, _), count in zip(self.items, piece[: self.head].tolist()):
+                if count > 0:  # else no process had a gradient
+                    self.plan.append((sp, not sp.has_grad, id(sp) in shared.averaged_here))
+                    shared.averaged_here.discard(id(sp))
+        lo = self.start + max(at - self.head, 0)  # the piece's elements in the group's flat layout
+        hi = self.start + at + piece.numel() - self.head
+        flat = self.group.grad.view(-1)
+        for sp, fresh, averaged in self.plan:
+            a, z = max(sp.offset, lo), min(sp.offset + sp.numel, hi)
+            if a >= z:
+                continue
+            dst, src = flat[a:z], piece[a - lo + max(self.head - at, 0) : z - lo + max(self.head - at, 0)]
+            if fresh:
+                dst.copy_(src)
+            else:
+                if averaged:  # back to the sum it stands for (the node's share with one node)
+                    dst.mul_(self.sink.reduce.summed)
+                dst.add_(src)
+        if last:
+            for sp, _, _ in self.plan:
+                sp.land(GradState.FP32)
+                shared.mark_summed(sp)
 
 
 class _Landing:
