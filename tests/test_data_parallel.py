@@ -341,6 +341,17 @@ def test_owners_balance_groups_by_size():
         engine.close()
 
 
+@pytest.mark.parametrize("numel", [1, 5, 128, 129, 1000])
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 8, 16])
+def test_reduce_shards_cover_a_group_once_in_order(numel, size):
+    bounds = [gradients.shard_bounds(numel, size, r) for r in range(size)]
+    shard = bounds[0][0]
+    assert shard * size >= numel > (shard - 1) * size
+    covered = [i for _, start, stop in bounds for i in range(start, stop)]
+    assert covered == list(range(numel))  # every element in exactly one shard, shards in rank order
+    assert all(0 <= stop - start <= shard for _, start, stop in bounds)
+
+
 def test_settings_a_data_parallel_run_cannot_honour_are_refused():
     from lightning_horizon.engine import EngineConfig
 

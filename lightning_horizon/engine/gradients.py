@@ -510,9 +510,8 @@ class GradientSink:
         through two page-locked FP32 stages of at most ``REDUCE_STAGE_NUMEL`` elements, chunk by chunk."""
         n, rank = self.reduce.size, self.reduce.rank
         numel = group.master.numel()
-        shard = -(-numel // n)
+        shard, start, stop = shard_bounds(numel, n, rank)
         head = len(items)
-        start, stop = rank * shard, min((rank + 1) * shard, numel)
         stream = self.reduce_stream
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -658,6 +657,15 @@ class GradientSink:
                         sp.grad_norm = torch.tensor(math.sqrt(landing.sumsq), dtype=torch.float32)
                     else:
                         sp.grad_norm = torch.linalg.vector_norm(group.grad_view(sp))
+
+
+def shard_bounds(numel: int, size: int, rank: int) -> tuple[int, int, int]:
+    """``(shard, start, stop)``: ``numel`` elements cut into ``size`` shards of ``shard = ceil(numel / size)``
+    elements; shard ``rank`` holds ``start:stop``, shorter at the end, and empty when the elements run out before it
+    (few elements, many processes)."""
+    shard = -(-numel // size)
+    start = min(rank * shard, numel)
+    return shard, start, min(start + shard, numel)
 
 
 class _ShardLanding:
