@@ -33,7 +33,8 @@
 #       with OLD's, alternately; $OUT ends as one archive.
 #   Fifth session:
 #   OUT=... bash benchmarks/session_2026_12_04.sh alltests  # every CUDA test of tests/test_gpu.py (verbose, to a file;
-#       $GPU_TESTS_S seconds at most, default 500), after the chunked embedding-gradient download.
+#       $GPU_TESTS_S seconds at most, default 500), after the chunked embedding-gradient download. Run again in the
+#       sixth session (GPU_TESTS_S=330), after sharded streaming (the streamer's upload paths cut to a shard).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out/session_2026_12_04}

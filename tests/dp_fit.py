@@ -63,6 +63,7 @@ def main() -> None:
         "backward and the step, where one process would update during the backward)",
     )
     ap.add_argument("--grad-reduce", default="host", help="the strategy's grad_reduce")
+    ap.add_argument("--sharded-streaming", action="store_true", help="the strategy's sharded_streaming")
     ap.add_argument("--sleep", type=float, default=0.0, help="seconds each step sleeps (a run to kill)")
     ap.add_argument(
         "--meta-model", action="store_true", help="the model is built in configure_model, on meta outside local rank 0"
@@ -90,7 +91,7 @@ def main() -> None:
                 time.sleep(args.sleep)
 
     trainer = L.Trainer(
-        strategy=HorizonStrategy(grad_reduce=args.grad_reduce),
+        strategy=HorizonStrategy(grad_reduce=args.grad_reduce, sharded_streaming=args.sharded_streaming),
         accelerator="cpu",
         devices=args.devices,
         num_nodes=args.num_nodes,

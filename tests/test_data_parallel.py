@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lightning_horizon.engine import HorizonEngine, gradients
-from lightning_horizon.engine.data_parallel import DataParallel, assign_owners, data_parallel_config
+from lightning_horizon.engine.data_parallel import DataParallel, NodeReduce, assign_owners, data_parallel_config
 from lightning_horizon.engine.shared_memory import PREFIX, SHM_DIR
 from tests.helpers import make_batch, tiny_model
 
@@ -88,6 +88,8 @@ class Run:
     grad_reduce: str = "host"
     reduce_stage_numel: int = 0
     """If set, a reduced shard lands this many elements at a time (``REDUCE_STAGE_NUMEL``)."""
+    sharded: bool = False
+    """``sharded_streaming``: each process uploads its shard of a layer, the node all-gathers the rest."""
 
 
 def _worker(rank: int, world: int, local_world: int, init: str, out: str, run: Run) -> None:
@@ -103,7 +105,12 @@ def _worker(rank: int, world: int, local_world: int, init: str, out: str, run: R
             gradients.REDUCE_STAGE_NUMEL = run.reduce_stage_numel
         parallel = DataParallel(local_rank=rank % local_world, local_world_size=local_world)
         engine = HorizonEngine(
-            model, device=run.device, compute_dtype="fp32", parallel=parallel, grad_reduce=run.grad_reduce
+            model,
+            device=run.device,
+            compute_dtype="fp32",
+            parallel=parallel,
+            grad_reduce=run.grad_reduce,
+            sharded_streaming=run.sharded,
         )
         buffer = engine.store.node_buffers[0]
         base = buffer.tensor.data_ptr()
@@ -115,6 +122,7 @@ def _worker(rank: int, world: int, local_world: int, init: str, out: str, run: R
         }
         _train(model, engine, rank, world, world, stats, run.early)
         stats["bytes_d2h"] = engine.sink.bytes_d2h
+        stats["bytes_h2d"], stats["bytes_gathered"] = engine.streamer.bytes_h2d, engine.streamer.bytes_gathered
         # the gradients are the node's buffer too: no process holds a gradient buffer of its own
         stats["grads_shared"] = all(
             base <= g.grad.data_ptr() < base + buffer.nbytes for g in engine.store.groups if g.trainable
@@ -131,7 +139,7 @@ def _single(world: int, lora: bool = False, device: str = "cpu") -> tuple[dict[s
     engine = HorizonEngine(model, device=device, compute_dtype="fp32", accumulate_grads=True)
     stats: dict = {}
     _train(model, engine, 0, 1, world, stats)
-    stats["bytes_d2h"] = engine.sink.bytes_d2h
+    stats["bytes_d2h"], stats["bytes_h2d"] = engine.sink.bytes_d2h, engine.streamer.bytes_h2d
     engine.close()
     return {n: p.detach().clone() for n, p in model.named_parameters()}, stats
 
@@ -144,15 +152,18 @@ def _spawn(tmp_path: Path, world: int, local_world: int, **run) -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    "world,local_world,early,meta,chunk,reduce",  # chunk: embedding rows, or a reduced shard's piece (device)
+    "world,local_world,early,meta,chunk,reduce,sharded",  # chunk: embedding rows, or a reduced shard's piece
     [
-        (2, 2, False, False, 3, "host"),
-        (4, 4, False, True, 0, "host"),
-        (4, 2, False, True, 0, "host"),
-        (4, 2, True, False, 0, "host"),
-        (2, 2, False, False, 3, "device"),
-        (4, 4, False, False, 1000, "device"),
-        (4, 2, True, True, 0, "device"),
+        (2, 2, False, False, 3, "host", False),
+        (4, 4, False, True, 0, "host", False),
+        (4, 2, False, True, 0, "host", False),
+        (4, 2, True, False, 0, "host", False),
+        (2, 2, False, False, 3, "device", False),
+        (4, 4, False, False, 1000, "device", False),
+        (4, 2, True, True, 0, "device", False),
+        (2, 2, False, False, 0, "host", True),
+        (4, 4, False, True, 1000, "device", True),
+        (4, 2, True, False, 0, "device", True),
     ],
     ids=[
         "2proc-1node",
@@ -162,10 +173,13 @@ def _spawn(tmp_path: Path, world: int, local_world: int, **run) -> list[dict]:
         "2proc-1node-device-reduce",
         "4proc-1node-device-reduce",
         "2nodes-x-2proc-averaged-every-micro-batch-device-reduce",
+        "2proc-1node-sharded-streaming",
+        "4proc-1node-meta-sharded-streaming-device-reduce",
+        "2nodes-x-2proc-averaged-every-micro-batch-sharded-streaming-device-reduce",
     ],
 )
 def test_data_parallel_equals_one_process_with_the_global_batch(
-    tmp_path, world, local_world, early, meta, chunk, reduce
+    tmp_path, world, local_world, early, meta, chunk, reduce, sharded
 ):
     """10 AdamW steps with clipping and 2 accumulated micro-batches: every process's weights equal one process
     trained on the global batch (1e-5), on one node and on two simulated nodes (separate stores); also when the
@@ -175,7 +189,9 @@ def test_data_parallel_equals_one_process_with_the_global_batch(
     With ``grad_reduce="device"`` the node's processes reduce-scatter each group's gradient first (gloo here, NCCL on
     GPUs) and each brings down only its shard: the bytes each process brings down fall by the node's size, except
     the embedding group's (its rows, and the tied head's gradient, take the host path). With 4 processes the shards
-    land 1,000 elements at a time (several pieces per layer)."""
+    land 1,000 elements at a time (several pieces per layer). With ``sharded_streaming`` each process uploads only its
+    shard of every layer and the node's processes all-gather the rest: the bytes each process uploads fall by the
+    node's size, and what it gathers makes up the difference."""
     stats = _spawn(
         tmp_path,
         world,
@@ -185,6 +201,7 @@ def test_data_parallel_equals_one_process_with_the_global_batch(
         embed_chunk_rows=chunk if reduce == "host" or chunk < 100 else 0,
         reduce_stage_numel=chunk if reduce == "device" and chunk >= 100 else 0,
         grad_reduce=reduce,
+        sharded=sharded,
     )
     want, single = _single(world)
     for rank in range(world):
@@ -205,6 +222,13 @@ def test_data_parallel_equals_one_process_with_the_global_batch(
         for rank in range(world):
             layers = stats[rank]["bytes_d2h"] - host_embedding
             assert others * 4 * calls / local_world <= layers <= others * 4 * calls / local_world * 1.1, (rank, layers)
+    for rank in range(world):
+        up, gathered = stats[rank]["bytes_h2d"], stats[rank]["bytes_gathered"]
+        if sharded:  # every pass's units in shards (a resident slot is not uploaded again), the rest gathered
+            assert up <= single["bytes_h2d"] / local_world * 1.01, (rank, up)
+            assert gathered >= single["bytes_h2d"] * (local_world - 1) / local_world * 0.99, (rank, gathered)
+        else:
+            assert gathered == 0 and up >= single["bytes_h2d"] * 0.99, (rank, up)
     # the weights moved and clipping was active (the test would not see a missing update or clip otherwise)
     assert max(single["norms"]) > CLIP
     start = tiny_model("qwen2", tied=True, seed=0)
@@ -344,7 +368,7 @@ def test_owners_balance_groups_by_size():
 @pytest.mark.parametrize("numel", [1, 5, 128, 129, 1000])
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 8, 16])
 def test_reduce_shards_cover_a_group_once_in_order(numel, size):
-    bounds = [gradients.shard_bounds(numel, size, r) for r in range(size)]
+    bounds = [NodeReduce(None, r, size).bounds(numel) for r in range(size)]
     shard = bounds[0][0]
     assert shard * size >= numel > (shard - 1) * size
     covered = [i for _, start, stop in bounds for i in range(start, stop)]
@@ -359,8 +383,22 @@ def test_settings_a_data_parallel_run_cannot_honour_are_refused():
         data_parallel_config(EngineConfig(weight_copy=True))
     with pytest.raises(ValueError, match="grad_pool_buffers"):
         data_parallel_config(EngineConfig(grad_pool_buffers=4))
+    with pytest.raises(ValueError, match="sharded_streaming=True needs keep_activations=0"):
+        data_parallel_config(EngineConfig(sharded_streaming=True, keep_activations=2))
     cfg = data_parallel_config(EngineConfig())
     assert cfg.accumulate_grads and not cfg.updates_in_backward and cfg.weight_copy is False
+    assert cfg.keep_activations is None  # sized after the first step on CUDA
+    assert data_parallel_config(EngineConfig(sharded_streaming=True)).keep_activations == 0
+
+
+def test_sharded_streaming_refuses_expert_sparse_streaming(tmp_path):
+    """Each process would upload the experts its own tokens reached: the shards of a layer would not add up."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="sharded_streaming=True with expert-sparse streaming"):
+            HorizonEngine(_moe(seed=0), device="cpu", parallel=DataParallel(0, 1), sharded_streaming=True)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_data_parallel_needs_an_initialised_process_group():
@@ -394,14 +432,17 @@ def _ok(run: subprocess.CompletedProcess) -> None:
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
 
-@pytest.mark.parametrize("reduce", ["host", "device"])
+@pytest.mark.parametrize("reduce", ["host", "device", "device+sharded"])
 def test_trainer_with_two_devices_equals_one_device_with_the_global_batch(tmp_path, reduce):
     """Lightning launches 2 processes (accumulate 2, clip 0.5, AdamW + schedule, 10 steps): both end with the
     weights of 1 process with twice the rows (1e-5), and ``on_after_backward`` of each step's last micro-batch sees
     the averaged gradient (as with DDP). The model is built in ``configure_model``, on the meta device in the second
     process (what the README advises: one model per node at setup). ``HorizonStrategy(grad_reduce=...)``: summed on
-    the host or reduce-scattered over the processes first."""
-    _ok(_fit(tmp_path / "two", "--devices", "2", "--batch", "2", "--validate", "--meta-model", "--grad-reduce", reduce))
+    the host or reduce-scattered over the processes first; ``sharded_streaming=True``: each process uploads half of
+    every layer and the two all-gather the rest, in the fit and in the validation after it."""
+    grad_reduce, sharded = reduce.split("+")[0], ["--sharded-streaming"] if reduce.endswith("+sharded") else []
+    two = ("--devices", "2", "--batch", "2", "--validate", "--meta-model", "--grad-reduce", grad_reduce, *sharded)
+    _ok(_fit(tmp_path / "two", *two))
     _ok(_fit(tmp_path / "one", "--devices", "1", "--batch", "4", "--validate"))
     one = _weights(tmp_path / "one")
     assert _max_diff(_weights(tmp_path / "two", 0), one) <= 1e-5
@@ -600,14 +641,20 @@ def _moe_train(model, engine, rank: int, world: int) -> None:
     engine.synchronize()
 
 
-def _moe_worker(rank: int, world: int, init: str, out: str, reduce: str = "host") -> None:
+def _moe_worker(rank: int, world: int, init: str, out: str, reduce: str = "host", sharded: bool = False) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
         model = _moe(seed=rank)  # rank 0's weights win
         parallel = DataParallel(local_rank=rank, local_world_size=world)
         engine = HorizonEngine(
-            model, device="cpu", compute_dtype="fp32", sparse_experts=True, parallel=parallel, grad_reduce=reduce
+            model,
+            device="cpu",
+            compute_dtype="fp32",
+            sparse_experts=not sharded,
+            parallel=parallel,
+            grad_reduce=reduce,
+            sharded_streaming=sharded,
         )
         _moe_train(model, engine, rank, world)
         engine.close()
@@ -616,13 +663,15 @@ def _moe_worker(rank: int, world: int, init: str, out: str, reduce: str = "host"
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("reduce", ["host", "device"])
-def test_sparse_experts_equal_one_process(tmp_path, reduce):
+@pytest.mark.parametrize("reduce,sharded", [("host", False), ("device", False), ("device", True)])
+def test_sparse_experts_equal_one_process(tmp_path, reduce, sharded):
     """A Mixtral of 16 experts, one row per process: each process's tokens reach different experts, so expert
     gradients land sparsely (only the hit experts' rows) into the node's one buffer, zero-filled by the first landing
     of a step (``host``), or enter the devices' reduce-scatter as zeros outside the hit rows (``device``). 3 AdamW
-    steps with clipping and accumulation equal one process with the global batch (1e-5)."""
-    mp.spawn(_moe_worker, args=(2, str(tmp_path / "init"), str(tmp_path), reduce), nprocs=2, join=True)
+    steps with clipping and accumulation equal one process with the global batch (1e-5). With sharded streaming the
+    experts are streamed densely (``sparse_experts=False``), in each process's shard of the layer."""
+    args = (2, str(tmp_path / "init"), str(tmp_path), reduce, sharded)
+    mp.spawn(_moe_worker, args=args, nprocs=2, join=True)
     model = _moe(seed=0)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     engine = HorizonEngine(model, device="cpu", compute_dtype="fp32", sparse_experts=True, accumulate_grads=True)

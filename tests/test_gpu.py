@@ -545,20 +545,26 @@ def test_cuda_reward_model_matches_cpu(dtype, tol):
         engine.close()
 
 
-@pytest.mark.parametrize("reduce", ["host", "device"])
+@pytest.mark.parametrize("reduce", ["host", "device", "device+sharded"])
 def test_cuda_data_parallel_code_path_with_one_nccl_process(tmp_path, reduce, monkeypatch):
     """The data-parallel engine on a GPU with an NCCL default group (one process: the machine's one GPU): the shared
     store is page-locked per process, host tensors travel over the gloo group beside NCCL, and 4 steps with clipping
     and accumulation equal the one-process engine (1e-6). With ``grad_reduce="device"`` every group's gradient goes
     through an NCCL reduce-scatter on its own stream and down through the page-locked FP32 stages, 10,000 elements
-    at a time (a layer in several pieces)."""
+    at a time (a layer in several pieces). With ``sharded_streaming`` every acquired unit goes through an NCCL
+    all-gather on the streamer's gather stream (one process: its shard is the whole unit)."""
     import torch.distributed as dist
 
     from lightning_horizon.engine import gradients
+    from lightning_horizon.engine.data_parallel import DataParallel, NodeReduce
 
     monkeypatch.setattr(gradients, "REDUCE_STAGE_NUMEL", 10_000)
-
-    from lightning_horizon.engine.data_parallel import DataParallel
+    reduce, sharded = reduce.split("+")[0], reduce.endswith("+sharded")
+    gathers = []
+    all_gather = NodeReduce.all_gather
+    monkeypatch.setattr(
+        NodeReduce, "all_gather", lambda self, out: (gathers.append(out.numel()), all_gather(self, out))
+    )
 
     torch.backends.cuda.matmul.allow_tf32 = False
     ref = tiny_model("qwen2", tied=True, layers=4, hidden_size=128, intermediate_size=256, attn_implementation="sdpa")
@@ -570,7 +576,13 @@ def test_cuda_data_parallel_code_path_with_one_nccl_process(tmp_path, reduce, mo
         for parallel in (None, DataParallel(local_rank=0, local_world_size=1)):
             model = clone(ref)
             engine = HorizonEngine(
-                model, device="cuda", compute_dtype="bf16", accumulate_grads=True, parallel=parallel, grad_reduce=reduce
+                model,
+                device="cuda",
+                compute_dtype="bf16",
+                accumulate_grads=True,
+                parallel=parallel,
+                grad_reduce=reduce,
+                sharded_streaming=sharded,
             )
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
             for step in range(4):
@@ -581,6 +593,8 @@ def test_cuda_data_parallel_code_path_with_one_nccl_process(tmp_path, reduce, mo
                 opt.zero_grad()
             reduced = parallel is not None and reduce == "device"
             assert bool(engine.sink._all_stages) == reduced  # the shards came down through the FP32 stages
+            # every decoder-layer run and head use of the 8 passes (forward, recompute, backward) gathered its unit
+            assert (len(gathers) >= 8 * (2 * 4 + 1)) == (parallel is not None and sharded), len(gathers)
             engine.close()
             results.append({n: p.detach().clone() for n, p in model.named_parameters()})
         assert dist.get_backend() == "nccl"

@@ -158,6 +158,16 @@ class EngineConfig:
     per element of its shard, disjoint shards, no mutex): host traffic per node stays one model's whatever N is, at
     2x the gradient bytes over NVLink (FP32, so the sum keeps the host path's precision). The embedding's rows are
     always added on the host (each process looks up different rows). Ignored with one process."""
+    sharded_streaming: bool = False
+    """How the processes of a data-parallel node (``devices > 1``) bring a layer's weights to their GPUs. False:
+    every process uploads every layer whole over its own PCIe link (host-memory read traffic grows with the number
+    of processes). True: each of the node's N processes uploads only its 1/N of the layer, and the devices
+    all-gather the rest (NCCL over NVLink on GPUs, gloo on CPUs) just before the layer runs: host reads and PCIe
+    bytes per GPU fall to 1/N, and every GPU receives (N - 1)/N of the layer from its peers. Every process then
+    has to stream the same layers in the same order, so it needs ``keep_activations=0`` (a kept layer's backward
+    skips the upload; the count is sized per process from its own memory) and, for MoE models,
+    ``sparse_experts=False`` (each process uploads the experts its own tokens reached); a data-parallel run sets
+    ``keep_activations=0`` when it is left unset, and refuses what asks otherwise. Ignored with one process."""
 
     device: str | torch.device | None = field(default=None, metadata={"run": "accelerator"})
     """Compute device; None picks ``cuda`` when available, else ``cpu``. The strategy sets it from the Trainer."""

@@ -414,6 +414,21 @@ class NodeReduce:
         if self.peers is not None:
             dist.all_reduce(out, group=self.peers)
 
+    def bounds(self, numel: int) -> tuple[int, int, int]:
+        """``(shard, start, stop)``: ``numel`` elements cut into :attr:`size` shards of ``shard = ceil(numel / size)``
+        elements; this process's shard holds ``start:stop``, shorter at the end, and empty when the elements run out
+        before it (few elements, many processes)."""
+        shard = -(-numel // self.size)
+        start = min(self.rank * shard, numel)
+        return shard, start, min(start + shard, numel)
+
+    def all_gather(self, out: torch.Tensor) -> None:
+        """Fills ``out`` (``size`` shards) with every process's shard of it, in place: this process's shard is
+        ``out``'s shard ``rank`` (collective over the node, like :meth:`reduce_scatter`)."""
+        shard = out.numel() // self.size
+        collective = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        collective(out, out[self.rank * shard : (self.rank + 1) * shard], group=self.group)
+
     def reduce_scatter(self, out: torch.Tensor, flat: torch.Tensor) -> None:
         """``out`` = shard ``rank`` of the sum of every process's ``flat`` (``size`` shards of ``out``'s length;
         collective over the node: every process calls it for the same gradients in the same order)."""
@@ -461,7 +476,8 @@ def data_parallel_config(config):
     """``config`` as a data-parallel run needs it: FP32 host gradients kept until the step (they are averaged over
     the processes before clipping and the update), no updates during the backward, no gradient pool, and no
     per-process BF16 weight copy (it would grow host memory with the number of processes; uploads pack the
-    shared masters instead). Refuses settings that ask for what it turns off."""
+    shared masters instead); with ``sharded_streaming``, no kept layers. Refuses settings that ask for what it turns
+    off."""
     import dataclasses
 
     if config.weight_copy:
@@ -474,8 +490,15 @@ def data_parallel_config(config):
             "grad_pool_buffers: the gradient pool serves updates during the backward, which a data-parallel run "
             "cannot do (gradients are averaged over the processes first). Leave grad_pool_buffers unset"
         )
+    if config.sharded_streaming and config.keep_activations:
+        raise ValueError(
+            f"sharded_streaming=True needs keep_activations=0 (got {config.keep_activations}): a kept layer's "
+            "backward skips its upload, and every process must upload (and all-gather) the same layers in the same "
+            "order. Leave keep_activations unset or set it to 0, or turn sharded_streaming off"
+        )
     return dataclasses.replace(
         config,
+        keep_activations=0 if config.sharded_streaming else config.keep_activations,
         accumulate_grads=True,
         updates_in_backward=False,
         weight_copy=False,

@@ -508,9 +508,9 @@ class GradientSink:
         gradient, then shard ``rank`` of the sum: a parameter none had keeps no gradient (its update is skipped, as
         in one process), not a zero one. On a GPU the collectives run on ``reduce_stream`` and the shard comes down
         through two page-locked FP32 stages of at most ``REDUCE_STAGE_NUMEL`` elements, chunk by chunk."""
-        n, rank = self.reduce.size, self.reduce.rank
+        n = self.reduce.size
         numel = group.master.numel()
-        shard, start, stop = shard_bounds(numel, n, rank)
+        shard, start, stop = self.reduce.bounds(numel)
         head = len(items)
         stream = self.reduce_stream
         if stream is not None:
@@ -657,15 +657,6 @@ class GradientSink:
                         sp.grad_norm = torch.tensor(math.sqrt(landing.sumsq), dtype=torch.float32)
                     else:
                         sp.grad_norm = torch.linalg.vector_norm(group.grad_view(sp))
-
-
-def shard_bounds(numel: int, size: int, rank: int) -> tuple[int, int, int]:
-    """``(shard, start, stop)``: ``numel`` elements cut into ``size`` shards of ``shard = ceil(numel / size)``
-    elements; shard ``rank`` holds ``start:stop``, shorter at the end, and empty when the elements run out before it
-    (few elements, many processes)."""
-    shard = -(-numel // size)
-    start = min(rank * shard, numel)
-    return shard, start, min(start + shard, numel)
 
 
 class _ShardLanding:

@@ -126,6 +126,23 @@ class HorizonEngine:
                     if not group.frozen:  # a frozen group is its own copy
                         group.copy = pinned_empty(group.master.numel(), self.dtype, pin=cuda)
                         group.copy.copy_(group.master)
+        if parallel is not None and config.sharded_streaming and any(u.experts for u in self.units):
+            raise ValueError(
+                "sharded_streaming=True with expert-sparse streaming: each process uploads the experts its own tokens "
+                "reached, so the processes' shards of a layer would not add up to the same layer. Set "
+                "sparse_experts=False (every expert streamed) or turn sharded_streaming off"
+            )
+        if parallel is not None and cuda and "nccl" not in parallel.node_reduce.backend:
+            for name, on, off in (
+                ("grad_reduce='device'", config.grad_reduce == "device", "grad_reduce='host'"),
+                ("sharded_streaming=True", config.sharded_streaming, "sharded_streaming=False"),
+            ):
+                if on:
+                    raise ValueError(
+                        f"{name} runs collectives on the GPUs over NCCL, but the default process group's backend is "
+                        f"{parallel.node_reduce.backend!r}: use NCCL (Lightning's default for GPUs; one GPU per "
+                        f"process) or {off}"
+                    )
         kernels = config.host_kernels
         self.workers = WorkerGroup(self.device)
         self.streamer = LayerStreamer(
@@ -139,18 +156,8 @@ class HorizonEngine:
             pack_threads=config.host_threads,
             cast_on_gpu=config.cast_on_gpu,
             prefer_small_slots=config.keep_activations != 0,
+            shard=parallel.node_reduce if parallel is not None and config.sharded_streaming else None,
         )
-        if (
-            parallel is not None
-            and config.grad_reduce == "device"
-            and cuda
-            and "nccl" not in parallel.node_reduce.backend
-        ):
-            raise ValueError(
-                f"grad_reduce='device' reduces gradients on the GPUs over NCCL, but the default process group's backend "
-                f"is {parallel.node_reduce.backend!r}: use NCCL (Lightning's default for GPUs; one GPU per process) or "
-                "grad_reduce='host'"
-            )
         self.sink = GradientSink(
             self.store,
             self.device,

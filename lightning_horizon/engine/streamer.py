@@ -40,6 +40,15 @@ tokens and are not yet in the slot, on the compute stream (so the experts' kerne
 slot's ``free_event`` covers them). ``_Slot.experts`` records which experts of the resident unit are in the slot; a
 load resets it, so a slot reused for the same unit and version (forward -> backward turn) keeps its experts.
 
+Sharded streaming (data parallel, ``EngineConfig.sharded_streaming``): the node's N processes each upload only their
+shard of a unit, elements ``[r s, (r + 1) s)`` of its slot layout with ``s = ceil(numel / N)`` (slots are padded to a
+multiple of N), and :meth:`LayerStreamer.acquire` all-gathers the slot in place over the node
+(:meth:`.data_parallel.NodeReduce.all_gather`) before it returns: on a GPU on ``gather_stream``, after the slot's
+``copy_event``, with the compute stream waiting on the gather's event. The gather is issued by the main thread at
+every acquire, resident slot or not: the prefetch thread's decisions (which slot, whether a copy is needed) depend
+on timing and differ between processes, while the sequence of acquires is the program's and the same in all of
+them, so the collectives match. A gather into a resident slot rewrites the values it already holds.
+
 On a CPU compute device the same code runs: the slot is host memory, the copy is a plain copy, events are no-ops.
 """
 
@@ -48,6 +57,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -55,6 +65,9 @@ from .footprint import CAST_STAGE_NUMEL, STAGING_NUMEL
 from .host_kernels import pack_bf16_
 from .pinned import StagingPool, cast_copy, staged_copy
 from .store import HostStore
+
+if TYPE_CHECKING:
+    from .data_parallel import NodeReduce
 from .units import ExpertSet, Unit, expert_runs
 from .workers import WorkerGroup, wait_until
 
@@ -70,6 +83,7 @@ class _Slot:
         with torch.inference_mode(False):
             self.buf = torch.zeros(numel, dtype=dtype, device=device)  # finite everywhere, even where never uploaded
         self.copy_event = torch.cuda.Event() if self.cuda else None
+        self.gather_event = torch.cuda.Event() if self.cuda else None
         self.free_event = torch.cuda.Event() if self.cuda else None
         self.resident: tuple[int, tuple[int, ...]] | None = None
         self.experts: dict[str, set[int]] = {}
@@ -95,6 +109,8 @@ class LayerStreamer:
             GPU (:func:`.pinned.cast_copy`) instead of packing them on the CPU.
         prefer_small_slots: Load a unit into the smallest free slot it fits in (when layers may hold slots across a
             pass, so the large slots stay free for the head); otherwise any free slot, by next use.
+        shard: The processes of the node (sharded streaming): upload this process's shard of each unit and
+            all-gather the rest at :meth:`acquire`. Units with expert-sparse streaming are refused.
     """
 
     def __init__(
@@ -109,20 +125,27 @@ class LayerStreamer:
         pack_threads: int | None = None,
         cast_on_gpu: bool = False,
         prefer_small_slots: bool = False,
+        shard: NodeReduce | None = None,
     ) -> None:
         if num_slots < 2:
             raise ValueError(f"num_slots must be at least 2 (double buffering), got {num_slots}")
         self.units, self.store, self.device, self.dtype = units, store, device, dtype
         self.cuda = device.type == "cuda"
+        self.shard = shard
+        if shard is not None and any(u.experts for u in units):
+            raise ValueError("sharded streaming cannot stream experts sparsely (the runtime refuses the pair)")
         slot_numel = max(u.numel for u in units)
-        self.slots = [_Slot(i, slot_numel, device, dtype) for i in range(num_slots)]
+        self.slots = [_Slot(i, self._padded(slot_numel), device, dtype) for i in range(num_slots)]
         self.h2d_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.gather_stream = torch.cuda.Stream(device) if self.cuda and shard is not None else None
         self.cond = threading.Condition()
         self._plan: deque[int] = deque()
         self._ready: deque[tuple[int, _Slot]] = deque()
         self._tick = 0
         self._loading = False
         self.bytes_h2d = 0
+        self.bytes_gathered = 0
+        """Bytes this process received from the node's other processes by all-gathers (sharded streaming)."""
         self.num_uploads = 0
         self.wait_s = 0.0
         """Seconds the compute thread waited for a unit to be packed and queued."""
@@ -166,9 +189,31 @@ class LayerStreamer:
             self.wait_s += time.perf_counter() - start
             got, slot = self._ready.popleft()
             assert got == uid
-        if self.cuda:
+        if self.shard is not None:
+            self._gather(self.units[uid], slot)
+        elif self.cuda:
             torch.cuda.current_stream(self.device).wait_event(slot.copy_event)
         return slot
+
+    def _gather(self, unit: Unit, slot: _Slot) -> None:
+        """All-gathers ``unit`` in ``slot`` over the node (each process holds its shard; sharded streaming). Through an
+        alias of the buffer: a resident slot may be read by a graph already, and gets the same values again."""
+        shard = self.shard.bounds(unit.numel)[0]
+        out = slot.buf.data[: shard * self.shard.size]
+        if self.cuda:
+            self.gather_stream.wait_event(slot.free_event)  # (a process whose shard is empty copied nothing)
+            self.gather_stream.wait_event(slot.copy_event)
+            with torch.cuda.stream(self.gather_stream):
+                self.shard.all_gather(out)
+                slot.gather_event.record(self.gather_stream)
+            torch.cuda.current_stream(self.device).wait_event(slot.gather_event)
+        else:
+            self.shard.all_gather(out)
+        self.bytes_gathered += (self.shard.size - 1) * shard * out.element_size()
+
+    def _padded(self, numel: int) -> int:
+        """Slot elements for units of up to ``numel`` elements: a multiple of the node's processes when sharded."""
+        return numel if self.shard is None else -(-numel // self.shard.size) * self.shard.size
 
     def release(self, slot: _Slot) -> None:
         """Marks the end of the compute that reads ``slot`` (enqueued on the current stream)."""
@@ -188,7 +233,7 @@ class LayerStreamer:
     def make_slots(self, count: int, numel: int) -> list[_Slot]:
         """``count`` more slots of ``numel`` elements, not yet used (give them templates, then :meth:`attach`)."""
         first = len(self.slots)
-        return [_Slot(first + i, numel, self.device, self.dtype) for i in range(count)]
+        return [_Slot(first + i, self._padded(numel), self.device, self.dtype) for i in range(count)]
 
     def attach(self, slots: list[_Slot]) -> None:
         """Makes slots from :meth:`make_slots` available to the prefetch thread."""
@@ -350,15 +395,20 @@ class LayerStreamer:
         self.update_wait_s += time.perf_counter() - start
         masters = False
         if all(g.copy is not None for g in unit.groups):
-            self._upload_copy(unit, slot)
+            spans = self._mine(unit, self._copy_spans(unit))
+            self._upload_copy(unit, spans, slot)
         elif self.cast_on_gpu:
-            self._cast_and_upload(unit, slot)
+            spans = self._mine(unit, self._master_spans(unit))
+            self._cast_and_upload(unit, spans, slot)
             masters = True
         else:
-            self._pack_and_upload(unit, slot)
+            spans = self._mine(unit, self._master_spans(unit))
+            self._pack_and_upload(spans, slot)
         with self.cond:
             if masters:  # what crossed PCIe: each source in its own dtype (FP32 masters, compute-dtype frozen groups)
-                self.bytes_h2d += sum(src.numel() * src.element_size() for *_, src in self._master_spans(unit))
+                self.bytes_h2d += sum(src.numel() * src.element_size() for *_, src in spans)
+            elif self.shard is not None:
+                self.bytes_h2d += sum(src.numel() for *_, src in spans) * slot.buf.element_size()
             elif unit.experts:
                 self.bytes_h2d += sum(b.entry.numel for b in unit.dense_bindings) * slot.buf.element_size()
             else:
@@ -366,20 +416,30 @@ class LayerStreamer:
         self.num_uploads += 1
         slot.resident = (unit.uid, unit.version)
 
-    def _upload_copy(self, unit: Unit, slot: _Slot) -> None:
-        """Uploads straight from the groups' pinned compute-dtype copies: no packing on the way."""
+    def _mine(self, unit: Unit, spans: list[tuple[None, int, torch.Tensor]]) -> list[tuple[None, int, torch.Tensor]]:
+        """``spans`` cut to this process's shard of the unit's slot layout (all of them unless sharded)."""
+        if self.shard is None:
+            return spans
+        _, lo, hi = self.shard.bounds(unit.numel)
+        out = []
+        for tag, offset, src in spans:
+            a, z = max(offset, lo), min(offset + src.numel(), hi)
+            if a < z:
+                out.append((tag, a, src[a - offset : z - offset]))
+        return out
+
+    def _copy_spans(self, unit: Unit) -> list[tuple[None, int, torch.Tensor]]:
+        """``(None, offset in the slot, pinned compute-dtype source)`` of the unit's dense parameters."""
         whole = None if unit.experts else unit.whole_group
-        pairs = (
-            [(slot.buf[: unit.numel], whole.copy[: unit.numel])]
-            if whole is not None
-            else [
-                (
-                    slot.buf[b.offset : b.offset + b.entry.numel],
-                    b.group.copy[b.entry.offset : b.entry.offset + b.entry.numel],
-                )
-                for b in unit.dense_bindings
-            ]
-        )
+        if whole is not None:
+            return [(None, 0, whole.copy[: unit.numel])]
+        return [
+            (None, b.offset, b.group.copy[b.entry.offset : b.entry.offset + b.entry.numel]) for b in unit.dense_bindings
+        ]
+
+    def _upload_copy(self, unit: Unit, spans: list[tuple[None, int, torch.Tensor]], slot: _Slot) -> None:
+        """Uploads straight from the groups' pinned compute-dtype copies: no packing on the way."""
+        pairs = [(slot.buf[offset : offset + src.numel()], src) for _, offset, src in spans]
         if not self.cuda:
             for dst, src in pairs:
                 dst.copy_(src)
@@ -407,7 +467,7 @@ class LayerStreamer:
             for b in unit.dense_bindings
         ]
 
-    def _cast_and_upload(self, unit: Unit, slot: _Slot) -> None:
+    def _cast_and_upload(self, unit: Unit, spans: list[tuple[None, int, torch.Tensor]], slot: _Slot) -> None:
         """Copies the unit's page-locked FP32 masters to the GPU and casts them there (:func:`.pinned.cast_copy`), on
         ``h2d_stream``; the groups' ``h2d_event`` then holds their optimizer updates until the copies are done."""
         if self._cast_stage is None:
@@ -415,7 +475,7 @@ class LayerStreamer:
                 self._cast_stage = torch.empty(
                     min(CAST_STAGE_NUMEL, max(u.numel for u in self.units)), dtype=torch.float32, device=self.device
                 )
-        cast_copy(self._cast_stage, self._master_spans(unit), slot.buf, self.h2d_stream, after=slot.free_event)
+        cast_copy(self._cast_stage, spans, slot.buf, self.h2d_stream, after=slot.free_event)
         with torch.cuda.stream(self.h2d_stream):
             slot.copy_event.record(self.h2d_stream)
             done = torch.cuda.Event()  # its own event, as in _upload_copy
@@ -423,11 +483,10 @@ class LayerStreamer:
         for group in unit.groups:
             group.h2d_event = done
 
-    def _pack_and_upload(self, unit: Unit, slot: _Slot) -> None:
-        """Casts the unit's FP32 masters to the compute dtype and uploads them, through a small pool of pinned staging
-        buffers (``STAGING_NUMEL`` elements each): packing one chunk overlaps the upload of the previous one, and the
-        pinned memory does not grow with the largest unit."""
-        spans = self._master_spans(unit)
+    def _pack_and_upload(self, spans: list[tuple[None, int, torch.Tensor]], slot: _Slot) -> None:
+        """Casts the unit's FP32 masters (``spans``) to the compute dtype and uploads them, through a small pool of
+        pinned staging buffers (``STAGING_NUMEL`` elements each): packing one chunk overlaps the upload of the previous
+        one, and the pinned memory does not grow with the largest unit."""
         if not self.cuda:
             start = time.perf_counter()
             for _, offset, src in spans:
