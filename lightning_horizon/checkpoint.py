@@ -36,7 +36,7 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,9 +69,11 @@ def save_sharded(checkpoint: dict[str, Any], path: str | os.PathLike, fsync: boo
     """Writes Lightning's checkpoint dict as a horizon checkpoint directory at ``path`` (atomically).
 
     With ``parallel`` (a :class:`~lightning_horizon.engine.data_parallel.DataParallel`; every process calls this),
-    the processes write together: global rank 0 the masters, the trainer state and the metadata, and each process of
-    node 0 the optimizer shards of the store groups it owns (its ``optimizer_states`` hold only those). A failure in
-    any process removes the temporary directory and raises in every process; nothing is published."""
+    the processes write together, in parallel: each process of node 0 the master files and the optimizer shards of
+    the store groups it owns (its ``optimizer_states`` hold only those; every process's ``state_dict`` views the
+    node's shared masters), and global rank 0 also the files of parameters outside the store groups, the trainer
+    state and the metadata. A failure in any process removes the temporary directory and raises in every process;
+    nothing is published."""
     path = Path(path)
     checkpoint = dict(checkpoint)
     layout = checkpoint.pop(LAYOUT_KEY, None)
@@ -99,7 +101,12 @@ def save_sharded(checkpoint: dict[str, Any], path: str | os.PathLike, fsync: boo
     files: dict[str, dict[str, Any]] = {}
     optimizers: list[tuple[dict[str, Any], dict[str, Any]]] = []
     try:
-        model_meta = _write_model(tmp, state_dict, layout, files, fsync) if lead else _model_groups(layout)
+        if parallel is None:
+            model_meta = _write_model(tmp, state_dict, layout, files, fsync)
+        elif parallel.node_rank == 0:
+            model_meta = _write_model(tmp, state_dict, layout, files, fsync, writes=parallel.writes)
+        else:
+            model_meta = _model_groups(layout)
         if optimizer_states is not None and (parallel is None or parallel.node_rank == 0):
             names_per_opt = (layout or {}).get("optimizers") or [None] * len(optimizer_states)
             for i, (opt_state, info) in enumerate(zip(optimizer_states, names_per_opt)):
@@ -198,9 +205,15 @@ def _merge_optimizers(
 
 
 def _write_model(
-    tmp: Path, state_dict: Mapping[str, Any], layout: dict | None, files: dict, fsync: bool
+    tmp: Path,
+    state_dict: Mapping[str, Any],
+    layout: dict | None,
+    files: dict,
+    fsync: bool,
+    writes: Callable[[str], bool] | None = None,
 ) -> dict[str, Any]:
-    """Writes one file per store group; returns the model part of the metadata."""
+    """Writes one file per store group (with ``writes``, only the groups whose names it accepts: several processes
+    write one checkpoint); returns the model part of the metadata, every group's."""
     prefix = layout["prefix"] if layout else ""
     seen: dict[tuple, str] = {}  # storage identity -> first key: tied weights are written once
     aliases: dict[str, str] = {}
@@ -237,7 +250,7 @@ def _write_model(
             m = re.search(r"layers\.(\d+)\.", key)
             by_group.setdefault(f"layers.{m.group(1)}" if m else "rest", []).append(key)
         groups = list(by_group.items())
-    (tmp / "model").mkdir()
+    (tmp / "model").mkdir(exist_ok=True)
     out_groups = []
     for gname, keys in groups:
         if not keys:
@@ -246,7 +259,8 @@ def _write_model(
         names = [k[len(prefix) :] if gname != "extra" else k for k in keys]
         by_name = dict(zip(names, keys))
         specs = [(n, tensors[k].dtype, tuple(tensors[k].shape)) for n, k in zip(names, keys)]
-        files[rel] = write_safetensors(tmp / rel, specs, lambda n, m=by_name: tensors[m[n]], fsync=fsync)
+        if writes is None or writes(gname):
+            files[rel] = write_safetensors(tmp / rel, specs, lambda n, m=by_name: tensors[m[n]], fsync=fsync)
         out_groups.append({"name": gname, "file": rel, "params": [[n, list(s)] for n, _, s in specs]})
     return {
         "prefix": prefix,

@@ -107,9 +107,19 @@ def main() -> None:
         use_distributed_sampler=False,
     )
     trainer.fit(module, ckpt_path=args.resume)
-    if args.save:
-        trainer.save_checkpoint(args.save)
     stats = {}
+    if args.save:  # which of the checkpoint's files this process writes
+        import lightning_horizon.checkpoint as checkpoint
+
+        write, stats["wrote"] = checkpoint.write_safetensors, []
+
+        def recording(path, *rest, **kwargs):
+            stats["wrote"].append(f"{Path(path).parent.name}/{Path(path).name}")
+            return write(path, *rest, **kwargs)
+
+        checkpoint.write_safetensors = recording
+        trainer.save_checkpoint(args.save)
+        checkpoint.write_safetensors = write
     if args.validate:  # the same rows in every process: the validation loss is the same everywhere
         module.val_losses = []
         trainer.validate(module, dataloaders=loader(n=4, batch=2), verbose=False)

@@ -470,7 +470,8 @@ def test_without_clipping_or_hooks_the_updates_still_wait_for_the_averaged_gradi
 
 
 def test_checkpoint_of_two_processes_resumes_on_one_and_four(tmp_path):
-    """Each process writes the optimizer shards of the layers it steps; the checkpoint resumes with 1, 2 and 4
+    """Each process writes the master files of its half of the store groups and the optimizer shards of the layers
+    it steps, in parallel; the checkpoint resumes with 1, 2 and 4
     processes (each reads the state of the layers it now owns) and continues exactly as a 1-process checkpoint
     resumed in 1 process (1e-5: the gradients' averaging order differs)."""
     two, one = tmp_path / "two.ckpt", tmp_path / "one.ckpt"
@@ -481,6 +482,12 @@ def test_checkpoint_of_two_processes_resumes_on_one_and_four(tmp_path):
     assert meta["optimizers"][0]["files"] == [f"optim/{g}.safetensors" for g in groups]  # every process's shards
     written = sorted(str(p.relative_to(two)) for p in two.rglob("*") if p.is_file() and p.name != "horizon.json")
     assert sorted(meta["files"]) == written  # each with its size and crc32, checked on load
+    # the two processes wrote disjoint halves of the master files (and each the optimizer shards of its layers)
+    wrote = [set(json.loads((tmp_path / "a" / f"stats{r}.json").read_text())["wrote"]) for r in (0, 1)]
+    for kind in ("model/", "optim/"):
+        mine = [{f for f in w if f.startswith(kind)} for w in wrote]
+        assert mine[0] and mine[1] and not mine[0] & mine[1], kind
+        assert sorted(mine[0] | mine[1]) == [f for f in written if f.startswith(kind)], kind
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
     _ok(_fit(tmp_path / "want", "--devices", "1", "--batch", "4", "--steps", "20", "--resume", str(one)))
     want = _weights(tmp_path / "want")

@@ -112,6 +112,7 @@ class DataParallel:
         self.node_reduce = NodeReduce(node, self.local_rank, self.local_world_size, peers, self.num_nodes)
         """How the devices sum gradients over the processes (``grad_reduce="device"``)."""
         self._owners: dict[str, int] = {}
+        self._writers: dict[str, int] = {}
 
     @property
     def is_leader(self) -> bool:
@@ -206,11 +207,17 @@ class DataParallel:
                 dist.broadcast(group.master, src=0, group=self.leaders)
         dist.barrier(group=self.group)
         self._owners = assign_owners(store.groups, self.local_world_size)
+        self._writers = assign_owners(store.groups, self.local_world_size, frozen=True)
         return store
 
     def owns(self, group: StoreGroup) -> bool:
         """Whether this process steps ``group`` (and holds its optimizer state)."""
         return self._owners.get(group.name, 0) == self.local_rank
+
+    def writes(self, name: str) -> bool:
+        """Whether this process writes the checkpoint's master file of the store group named ``name`` (the node's
+        groups, frozen ones too, balanced by size over its processes; local rank 0 writes what is in no group)."""
+        return self._writers.get(name, 0) == self.local_rank
 
     def owner(self, group: StoreGroup) -> int:
         """Local rank that steps ``group``."""
@@ -452,12 +459,13 @@ def _to_empty_keeping_ties(model: torch.nn.Module) -> None:
             getattr(module, other_kind)[other] = tensor
 
 
-def assign_owners(groups: list[StoreGroup], ranks: int) -> dict[str, int]:
-    """Each trainable group's owner among ``ranks`` local processes: largest group first, to the least loaded
-    process (ties to the lowest rank); deterministic, so every process computes the same assignment."""
+def assign_owners(groups: list[StoreGroup], ranks: int, frozen: bool = False) -> dict[str, int]:
+    """Each trainable group's owner among ``ranks`` local processes (with ``frozen``, every group's): largest group
+    first, to the least loaded process (ties to the lowest rank); deterministic, so every process computes the same
+    assignment."""
     load = [0] * ranks
     owners = {}
-    trainable = [g for g in groups if not g.frozen]
+    trainable = [g for g in groups if frozen or not g.frozen]
     for group in sorted(trainable, key=lambda g: (-g.numel, g.name)):
         rank = min(range(ranks), key=lambda r: (load[r], r))
         owners[group.name] = rank
