@@ -90,6 +90,8 @@ class Run:
     """If set, a reduced shard lands this many elements at a time (``REDUCE_STAGE_NUMEL``)."""
     sharded: bool = False
     """``sharded_streaming``: each process uploads its shard of a layer, the node all-gathers the rest."""
+    keep: tuple[int, ...] = ()
+    """Per rank: ``keep_activations`` (with 4 resident slots, so the layers have slots to stay in)."""
 
 
 def _worker(rank: int, world: int, local_world: int, init: str, out: str, run: Run) -> None:
@@ -111,7 +113,13 @@ def _worker(rank: int, world: int, local_world: int, init: str, out: str, run: R
             parallel=parallel,
             grad_reduce=run.grad_reduce,
             sharded_streaming=run.sharded,
+            **({"keep_activations": run.keep[rank], "resident_layers": 4} if run.keep else {}),
         )
+        if engine.runner.agree_kept is not None:  # what each grad pass kept
+            agree = engine.runner.agree_kept
+            engine.runner.agree_kept = lambda count: (
+                stats.setdefault("kept", []).append(agree(count)) or stats["kept"][-1]
+            )
         buffer = engine.store.node_buffers[0]
         base = buffer.tensor.data_ptr()
         stats = {
@@ -233,6 +241,19 @@ def test_data_parallel_equals_one_process_with_the_global_batch(
     assert max(single["norms"]) > CLIP
     start = tiny_model("qwen2", tied=True, seed=0)
     assert max((p - want[n]).abs().max().item() for n, p in start.named_parameters()) > 1e-3
+
+
+def test_sharded_streaming_keeps_the_layers_every_process_can_keep(tmp_path):
+    """With sharded streaming a kept layer's backward skips its upload and all-gather, so the node's processes must
+    keep the same layers: asked for 2 and 1 kept layers, both keep 1 in every pass (the node's smallest), nothing
+    hangs, and 10 steps equal one process (1e-5)."""
+    stats = _spawn(tmp_path, 2, 2, sharded=True, grad_reduce="device", keep=(2, 1))
+    want, _ = _single(2)
+    for rank in range(2):
+        assert stats[rank]["kept"] == [1] * STEPS * ACCUMULATE, rank
+        got = torch.load(tmp_path / f"weights{rank}.pt")
+        for name, value in want.items():
+            assert (got[name] - value).abs().max().item() <= 1e-5, (rank, name)
 
 
 def _presence_worker(rank: int, init: str, out: str, reduce: bool) -> None:
@@ -383,12 +404,8 @@ def test_settings_a_data_parallel_run_cannot_honour_are_refused():
         data_parallel_config(EngineConfig(weight_copy=True))
     with pytest.raises(ValueError, match="grad_pool_buffers"):
         data_parallel_config(EngineConfig(grad_pool_buffers=4))
-    with pytest.raises(ValueError, match="sharded_streaming=True needs keep_activations=0"):
-        data_parallel_config(EngineConfig(sharded_streaming=True, keep_activations=2))
     cfg = data_parallel_config(EngineConfig())
     assert cfg.accumulate_grads and not cfg.updates_in_backward and cfg.weight_copy is False
-    assert cfg.keep_activations is None  # sized after the first step on CUDA
-    assert data_parallel_config(EngineConfig(sharded_streaming=True)).keep_activations == 0
 
 
 def test_sharded_streaming_refuses_expert_sparse_streaming(tmp_path):

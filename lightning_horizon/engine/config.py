@@ -163,11 +163,11 @@ class EngineConfig:
     every process uploads every layer whole over its own PCIe link (host-memory read traffic grows with the number
     of processes). True: each of the node's N processes uploads only its 1/N of the layer, and the devices
     all-gather the rest (NCCL over NVLink on GPUs, gloo on CPUs) just before the layer runs: host reads and PCIe
-    bytes per GPU fall to 1/N, and every GPU receives (N - 1)/N of the layer from its peers. Every process then
-    has to stream the same layers in the same order, so it needs ``keep_activations=0`` (a kept layer's backward
-    skips the upload; the count is sized per process from its own memory) and, for MoE models,
-    ``sparse_experts=False`` (each process uploads the experts its own tokens reached); a data-parallel run sets
-    ``keep_activations=0`` when it is left unset, and refuses what asks otherwise. Ignored with one process."""
+    bytes per GPU for the weights fall to 1/N, and every GPU receives (N - 1)/N of the layer from its peers. Every
+    process then has to run the same layers in the same order: each pass keeps the smallest number of layers any
+    process of the node can keep (``keep_activations``; a kept layer's backward needs no upload), and MoE models
+    need ``sparse_experts=False`` (each process would upload only the experts its own tokens reached). Ignored
+    with one process."""
 
     device: str | torch.device | None = field(default=None, metadata={"run": "accelerator"})
     """Compute device; None picks ``cuda`` when available, else ``cpu``. The strategy sets it from the Trainer."""

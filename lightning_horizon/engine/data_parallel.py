@@ -281,6 +281,12 @@ class DataParallel:
         dist.all_gather(out, mine.to(torch.float32).reshape(()), group=self.node)
         return out
 
+    def min_over_node(self, value: int) -> int:
+        """The smallest ``value`` of the node's processes (collective over the node, on the host: no device sync)."""
+        out = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(out, op=dist.ReduceOp.MIN, group=self.node)
+        return int(out.item())
+
     def barrier(self) -> None:
         dist.barrier(group=self.group)
 
@@ -484,8 +490,7 @@ def data_parallel_config(config):
     """``config`` as a data-parallel run needs it: FP32 host gradients kept until the step (they are averaged over
     the processes before clipping and the update), no updates during the backward, no gradient pool, and no
     per-process BF16 weight copy (it would grow host memory with the number of processes; uploads pack the
-    shared masters instead); with ``sharded_streaming``, no kept layers. Refuses settings that ask for what it turns
-    off."""
+    shared masters instead). Refuses settings that ask for what it turns off."""
     import dataclasses
 
     if config.weight_copy:
@@ -498,15 +503,8 @@ def data_parallel_config(config):
             "grad_pool_buffers: the gradient pool serves updates during the backward, which a data-parallel run "
             "cannot do (gradients are averaged over the processes first). Leave grad_pool_buffers unset"
         )
-    if config.sharded_streaming and config.keep_activations:
-        raise ValueError(
-            f"sharded_streaming=True needs keep_activations=0 (got {config.keep_activations}): a kept layer's "
-            "backward skips its upload, and every process must upload (and all-gather) the same layers in the same "
-            "order. Leave keep_activations unset or set it to 0, or turn sharded_streaming off"
-        )
     return dataclasses.replace(
         config,
-        keep_activations=0 if config.sharded_streaming else config.keep_activations,
         accumulate_grads=True,
         updates_in_backward=False,
         weight_copy=False,

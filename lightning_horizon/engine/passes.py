@@ -45,6 +45,8 @@ class PassRunner:
         config: Engine settings (``checkpoint_every``, ``keep_activations``, ``loss_chunk_tokens``).
         measure_graphs: Measure the GPU memory of one layer's graph in the backward (sizing of kept layers).
         on_grad_pass: Called when a forward pass with gradients starts.
+        agree_kept: With sharded streaming: the kept-layer count every process of the node can keep (collective,
+            given this process's count; every process starts the same passes), so they all skip the same uploads.
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class PassRunner:
         config: EngineConfig,
         measure_graphs: bool,
         on_grad_pass: Callable[[], None],
+        agree_kept: Callable[[int], int] | None = None,
     ) -> None:
         self.units, self.parts, self.store, self.streamer = units, parts, store, streamer
         self.bank, self.sink, self.offloader, self.config = bank, sink, offloader, config
@@ -67,6 +70,7 @@ class PassRunner:
         self.head_uid = len(units) - 1
         self.segments = Segments(parts.num_layers, config.checkpoint_every)
         self.on_grad_pass = on_grad_pass
+        self.agree_kept = agree_kept
         self.anchor = torch.zeros(0, requires_grad=True)
         """A leaf that requires grad: every node takes it, so the nodes are part of the graph whatever the inputs."""
         self.stochastic = parts.is_stochastic()
@@ -116,7 +120,10 @@ class PassRunner:
         if keep:
             self.on_grad_pass()
             self.tied_grad = None  # a backward that did not finish leaves nothing behind for the next
-            segments = segments.kept_from(self._kept_count(tokens))
+            count = self._kept_count(tokens)
+            if self.agree_kept is not None:
+                count = self.agree_kept(count)
+            segments = segments.kept_from(count)
         fpass = ForwardPass(self, keep, self.parts.model.training, segments)
         fpass.router_logits = {} if self.record_routers else None
         if fpass.segments.first_kept is not None:

@@ -201,6 +201,7 @@ class HorizonEngine:
             config,
             measure_graphs=self._keep_pending,
             on_grad_pass=self._on_grad_pass,
+            agree_kept=parallel.min_over_node if parallel is not None and config.sharded_streaming else None,
         )
         self._overlap = False
         self._step_params: set[int] = set()
