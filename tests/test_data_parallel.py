@@ -408,16 +408,6 @@ def test_settings_a_data_parallel_run_cannot_honour_are_refused():
     assert cfg.accumulate_grads and not cfg.updates_in_backward and cfg.weight_copy is False
 
 
-def test_sharded_streaming_refuses_expert_sparse_streaming(tmp_path):
-    """Each process would upload the experts its own tokens reached: the shards of a layer would not add up."""
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
-    try:
-        with pytest.raises(ValueError, match="sharded_streaming=True with expert-sparse streaming"):
-            HorizonEngine(_moe(seed=0), device="cpu", parallel=DataParallel(0, 1), sharded_streaming=True)
-    finally:
-        dist.destroy_process_group()
-
-
 def test_data_parallel_needs_an_initialised_process_group():
     with pytest.raises(RuntimeError, match="init_process_group"):
         DataParallel(local_rank=0, local_world_size=1)
@@ -665,7 +655,7 @@ def _moe_train(model, engine, rank: int, world: int) -> None:
     engine.synchronize()
 
 
-def _moe_worker(rank: int, world: int, init: str, out: str, reduce: str = "host", sharded: bool = False) -> None:
+def _moe_worker(rank: int, world: int, init: str, out: str, reduce: str, sharded: bool, sparse: bool) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
@@ -675,7 +665,7 @@ def _moe_worker(rank: int, world: int, init: str, out: str, reduce: str = "host"
             model,
             device="cpu",
             compute_dtype="fp32",
-            sparse_experts=not sharded,
+            sparse_experts=sparse,
             parallel=parallel,
             grad_reduce=reduce,
             sharded_streaming=sharded,
@@ -687,14 +677,18 @@ def _moe_worker(rank: int, world: int, init: str, out: str, reduce: str = "host"
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("reduce,sharded", [("host", False), ("device", False), ("device", True)])
-def test_sparse_experts_equal_one_process(tmp_path, reduce, sharded):
+@pytest.mark.parametrize(
+    "reduce,sharded,sparse",
+    [("host", False, True), ("device", False, True), ("device", True, True), ("device", True, False)],
+)
+def test_sparse_experts_equal_one_process(tmp_path, reduce, sharded, sparse):
     """A Mixtral of 16 experts, one row per process: each process's tokens reach different experts, so expert
     gradients land sparsely (only the hit experts' rows) into the node's one buffer, zero-filled by the first landing
     of a step (``host``), or enter the devices' reduce-scatter as zeros outside the hit rows (``device``). 3 AdamW
-    steps with clipping and accumulation equal one process with the global batch (1e-5). With sharded streaming the
-    experts are streamed densely (``sparse_experts=False``), in each process's shard of the layer."""
-    args = (2, str(tmp_path / "init"), str(tmp_path), reduce, sharded)
+    steps with clipping and accumulation equal one process with the global batch (1e-5). With sharded streaming each
+    process uploads its shard of a layer and, sparse, the experts its own tokens reach after the gather (or, dense,
+    the experts too in its shard)."""
+    args = (2, str(tmp_path / "init"), str(tmp_path), reduce, sharded, sparse)
     mp.spawn(_moe_worker, args=args, nprocs=2, join=True)
     model = _moe(seed=0)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}

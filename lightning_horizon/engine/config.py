@@ -165,9 +165,9 @@ class EngineConfig:
     all-gather the rest (NCCL over NVLink on GPUs, gloo on CPUs) just before the layer runs: host reads and PCIe
     bytes per GPU for the weights fall to 1/N, and every GPU receives (N - 1)/N of the layer from its peers. Every
     process then has to run the same layers in the same order: each pass keeps the smallest number of layers any
-    process of the node can keep (``keep_activations``; a kept layer's backward needs no upload), and MoE models
-    need ``sparse_experts=False`` (each process would upload only the experts its own tokens reached). Ignored
-    with one process."""
+    process of the node can keep (``keep_activations``; a kept layer's backward needs no upload). With
+    ``sparse_experts`` the routed experts are not sharded: each process uploads the experts its own tokens reach,
+    after the gather. Ignored with one process."""
 
     device: str | torch.device | None = field(default=None, metadata={"run": "accelerator"})
     """Compute device; None picks ``cuda`` when available, else ``cpu``. The strategy sets it from the Trainer."""

@@ -126,12 +126,6 @@ class HorizonEngine:
                     if not group.frozen:  # a frozen group is its own copy
                         group.copy = pinned_empty(group.master.numel(), self.dtype, pin=cuda)
                         group.copy.copy_(group.master)
-        if parallel is not None and config.sharded_streaming and any(u.experts for u in self.units):
-            raise ValueError(
-                "sharded_streaming=True with expert-sparse streaming: each process uploads the experts its own tokens "
-                "reached, so the processes' shards of a layer would not add up to the same layer. Set "
-                "sparse_experts=False (every expert streamed) or turn sharded_streaming off"
-            )
         if parallel is not None and cuda and "nccl" not in parallel.node_reduce.backend:
             for name, on, off in (
                 ("grad_reduce='device'", config.grad_reduce == "device", "grad_reduce='host'"),

@@ -47,7 +47,8 @@ multiple of N), and :meth:`LayerStreamer.acquire` all-gathers the slot in place 
 ``copy_event``, with the compute stream waiting on the gather's event. The gather is issued by the main thread at
 every acquire, resident slot or not: the prefetch thread's decisions (which slot, whether a copy is needed) depend
 on timing and differ between processes, while the sequence of acquires is the program's and the same in all of
-them, so the collectives match. A gather into a resident slot rewrites the values it already holds.
+them, so the collectives match. A gather into a resident slot rewrites the values it already holds, except in the
+regions of routed experts, which each process uploads itself afterwards (the experts its own tokens reach).
 
 On a CPU compute device the same code runs: the slot is host memory, the copy is a plain copy, events are no-ops.
 """
@@ -110,7 +111,7 @@ class LayerStreamer:
         prefer_small_slots: Load a unit into the smallest free slot it fits in (when layers may hold slots across a
             pass, so the large slots stay free for the head); otherwise any free slot, by next use.
         shard: The processes of the node (sharded streaming): upload this process's shard of each unit and
-            all-gather the rest at :meth:`acquire`. Units with expert-sparse streaming are refused.
+            all-gather the rest at :meth:`acquire`.
     """
 
     def __init__(
@@ -132,8 +133,6 @@ class LayerStreamer:
         self.units, self.store, self.device, self.dtype = units, store, device, dtype
         self.cuda = device.type == "cuda"
         self.shard = shard
-        if shard is not None and any(u.experts for u in units):
-            raise ValueError("sharded streaming cannot stream experts sparsely (the runtime refuses the pair)")
         slot_numel = max(u.numel for u in units)
         self.slots = [_Slot(i, self._padded(slot_numel), device, dtype) for i in range(num_slots)]
         self.h2d_stream = torch.cuda.Stream(device) if self.cuda else None
@@ -197,7 +196,10 @@ class LayerStreamer:
 
     def _gather(self, unit: Unit, slot: _Slot) -> None:
         """All-gathers ``unit`` in ``slot`` over the node (each process holds its shard; sharded streaming). Through an
-        alias of the buffer: a resident slot may be read by a graph already, and gets the same values again."""
+        alias of the buffer: a resident slot may be read by a graph already, and gets the same values again. The
+        routed experts' regions (expert-sparse streaming) come from the other processes' slots, whatever experts
+        they hold: this process's experts are uploaded again as its tokens reach them (:meth:`upload_experts`)."""
+        slot.experts = {}
         shard = self.shard.bounds(unit.numel)[0]
         out = slot.buf.data[: shard * self.shard.size]
         if self.cuda:
