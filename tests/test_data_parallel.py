@@ -152,10 +152,23 @@ def _single(world: int, lora: bool = False, device: str = "cpu") -> tuple[dict[s
     return {n: p.detach().clone() for n, p in model.named_parameters()}, stats
 
 
+def _start(fn, args: tuple, nprocs: int, deadline_s: float = 300.0) -> None:
+    """``mp.spawn(fn, args, nprocs)``, failing (and killing the processes) after ``deadline_s``: processes whose
+    collectives do not match wait on each other, and the test must say so rather than hang for the collectives'
+    timeout."""
+    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    end = time.monotonic() + deadline_s
+    while not context.join(timeout=1):
+        if time.monotonic() > end:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{nprocs} processes of {fn.__name__} still running after {deadline_s:.0f} s (a hang?)")
+
+
 def _spawn(tmp_path: Path, world: int, local_world: int, **run) -> list[dict]:
     """``world`` processes, ``local_world`` per simulated node, trained as ``Run(**run)`` says."""
     args = (world, local_world, str(tmp_path / "init"), str(tmp_path), Run(**run))
-    mp.spawn(_worker, args=args, nprocs=world, join=True)
+    _start(_worker, args, world)
     return [json.loads((tmp_path / f"stats{r}.json").read_text()) for r in range(world)]
 
 
@@ -302,7 +315,7 @@ def test_a_gradient_no_process_had_stays_absent_and_one_process_counts_as_the_su
     here): a parameter with a gradient in one process only gets the sum over both (the other counts as zero), one
     with a gradient in neither keeps *no* gradient (a zero one would make AdamW decay its moments and weights), and
     a micro-batch after an early average adds to the node's share of the sum, not to the average."""
-    mp.spawn(_presence_worker, args=(str(tmp_path / "init"), str(tmp_path), reduce), nprocs=2, join=True)
+    _start(_presence_worker, (str(tmp_path / "init"), str(tmp_path), reduce), 2)
     got = [torch.load(tmp_path / f"presence{rank}.pt") for rank in range(2)]
     for rank in range(2):
         first, second = got[rank]["first"], got[rank]["second"]
@@ -661,15 +674,8 @@ def _moe_worker(rank: int, world: int, init: str, out: str, reduce: str, sharded
     try:
         model = _moe(seed=rank)  # rank 0's weights win
         parallel = DataParallel(local_rank=rank, local_world_size=world)
-        engine = HorizonEngine(
-            model,
-            device="cpu",
-            compute_dtype="fp32",
-            sparse_experts=sparse,
-            parallel=parallel,
-            grad_reduce=reduce,
-            sharded_streaming=sharded,
-        )
+        settings = {"sparse_experts": sparse, "grad_reduce": reduce, "sharded_streaming": sharded}
+        engine = HorizonEngine(model, device="cpu", compute_dtype="fp32", parallel=parallel, **settings)
         _moe_train(model, engine, rank, world)
         engine.close()
         torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, f"{out}/moe{rank}.pt")
@@ -689,7 +695,7 @@ def test_sparse_experts_equal_one_process(tmp_path, reduce, sharded, sparse):
     process uploads its shard of a layer and, sparse, the experts its own tokens reach after the gather (or, dense,
     the experts too in its shard)."""
     args = (2, str(tmp_path / "init"), str(tmp_path), reduce, sharded, sparse)
-    mp.spawn(_moe_worker, args=args, nprocs=2, join=True)
+    _start(_moe_worker, args, 2)
     model = _moe(seed=0)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     engine = HorizonEngine(model, device="cpu", compute_dtype="fp32", sparse_experts=True, accumulate_grads=True)
