@@ -66,11 +66,11 @@ from .footprint import CAST_STAGE_NUMEL, STAGING_NUMEL
 from .host_kernels import pack_bf16_
 from .pinned import StagingPool, cast_copy, staged_copy
 from .store import HostStore
+from .units import ExpertSet, Unit, expert_runs
+from .workers import WorkerGroup, wait_until
 
 if TYPE_CHECKING:
     from .data_parallel import NodeReduce
-from .units import ExpertSet, Unit, expert_runs
-from .workers import WorkerGroup, wait_until
 
 EXPERT_STAGING_NUMEL = 16 * 2**20
 """Elements per pinned staging buffer of expert uploads without a compute-dtype copy (32 MiB in BF16; two), and per
