@@ -185,17 +185,26 @@ def _masters(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_two_processes_train_as_one_with_the_global_batch(tmp_path):
     """``trainer.devices=2`` on the CPU (Lightning's launcher, Hydra's run directory shared): each process reads its
-    half of every global batch; the masters equal 1 process with twice the rows (1e-5), and rank 0 alone exports."""
+    half of every global batch; the masters equal 1 process with twice the rows (1e-5), and rank 0 alone exports.
+    The same with the node's collectives on the devices: ``strategy.sharded_streaming=true
+    strategy.grad_reduce=device`` from the command line."""
     common = [*FAST, "trainer.max_steps=4", "trainer.accumulate_grad_batches=2", "trainer.gradient_clip_val=0.5"]
     two = sft(*common, "data.batch_size=2", "trainer.devices=2", run_dir=tmp_path / "two", timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
+    sharded = ["strategy.sharded_streaming=true", "strategy.grad_reduce=device"]
+    two_sharded = sft(
+        *common, "data.batch_size=2", "trainer.devices=2", *sharded, run_dir=tmp_path / "sharded", timeout=300
+    )
+    assert two_sharded.returncode == 0, two_sharded.stderr[-3000:]
     one = sft(*common, "data.batch_size=4", run_dir=tmp_path / "one", timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    a, b = _masters(tmp_path / "two"), _masters(tmp_path / "one")
-    assert a.keys() == b.keys()
-    assert max((a[k] - b[k]).abs().max().item() for k in b) <= 1e-5
-    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
-    assert (tmp_path / "two" / "hf_export" / "model.safetensors").exists()
+    b = _masters(tmp_path / "one")
+    for run in ("two", "sharded"):
+        a = _masters(tmp_path / run)
+        assert a.keys() == b.keys()
+        assert max((a[k] - b[k]).abs().max().item() for k in b) <= 1e-5, run
+        assert losses(tmp_path / run) == pytest.approx(losses(tmp_path / "one"), rel=1e-4), run
+        assert (tmp_path / run / "hf_export" / "model.safetensors").exists()
 
 
 def test_plan_that_does_not_fit_is_refused_before_allocating(tmp_path):
