@@ -526,13 +526,16 @@ def test_checkpoint_of_two_processes_resumes_on_one_and_four(tmp_path):
     assert _max_diff({k: v.detach() for k, v in exported.items()}, _weights(tmp_path / "a")) == 0
 
 
+@pytest.mark.parametrize("sharded", [False, True], ids=["host", "sharded-device"])
 @pytest.mark.parametrize("rank", [0, 1])
-def test_a_process_that_raises_stops_every_process(tmp_path, rank):
+def test_a_process_that_raises_stops_every_process(tmp_path, rank, sharded):
     """A process raising mid-training ends the whole run with a non-zero exit within seconds (the others' next
-    collective fails, or the launcher stops them): no hang, no process left, no shared memory left."""
+    collective fails, or the launcher stops them): no hang, no process left, no shared memory left. Also when the
+    others wait in a layer's all-gather (sharded streaming, gradients reduce-scattered)."""
     before = set(SHM_DIR.glob(f"{PREFIX}-*"))
     t0 = time.monotonic()
-    run = _fit(tmp_path, "--devices", "2", "--fail-rank", str(rank), timeout=120)
+    flags = ["--sharded-streaming", "--grad-reduce", "device"] if sharded else []
+    run = _fit(tmp_path, "--devices", "2", "--fail-rank", str(rank), *flags, timeout=120)
     assert run.returncode != 0
     assert f"rank {rank} fails on purpose" in run.stdout + run.stderr
     assert time.monotonic() - t0 < 100
