@@ -7,7 +7,8 @@ clipping (FP32 compute, so the figures are the host store's, not a GPU run's sta
 Prints one row per process count: the PSS sum, per parameter, its ratio to the first row, and its parts (anonymous
 memory: each process's own heap; shared memory: the node's store; files: libraries) and the PSS sum at the moment
 every process has built its model, before the store exists (``--meta``: the processes other than rank 0 build theirs
-on the meta device, as ``recipes.sft`` does).
+on the meta device, as ``recipes.sft`` does). ``--grad-reduce device --sharded-streaming``: the node's collectives
+(reduce-scatter of the gradients, all-gather of the layers) over gloo, as NCCL runs them on GPUs.
 """
 
 from __future__ import annotations
@@ -63,7 +64,15 @@ def _run(rank: int, world: int, args, init: str, out: str) -> None:
     if parallel is not None:
         parallel.barrier()  # every process holds its model now: the moment of setup where copies add up
     built = _pss()["Pss"]
-    engine = HorizonEngine(model, device="cpu", compute_dtype="fp32", accumulate_grads=True, parallel=parallel)
+    engine = HorizonEngine(
+        model,
+        device="cpu",
+        compute_dtype="fp32",
+        accumulate_grads=True,
+        parallel=parallel,
+        grad_reduce=args.grad_reduce,
+        sharded_streaming=args.sharded_streaming,
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     for step in range(3):
         ids = torch.randint(0, 32000, (1, 64), generator=torch.Generator().manual_seed(100 * step + rank))
@@ -86,6 +95,8 @@ def main() -> None:
     ap.add_argument(
         "--meta", action="store_true", help="processes other than rank 0 build their model on the meta device"
     )
+    ap.add_argument("--grad-reduce", default="host", help="EngineConfig.grad_reduce (host, device)")
+    ap.add_argument("--sharded-streaming", action="store_true", help="EngineConfig.sharded_streaming")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
