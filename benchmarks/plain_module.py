@@ -26,6 +26,13 @@ that crossed PCIe per step (the engine's counters) and the host-memory bytes mov
 per-parameter traffic (its kernel's reads and writes of gradient, master, moments and weight copy) times N, plus the
 PCIe bytes (each read or written once on the host), plus the FP32 -> BF16 packing of uploads when there is no
 weight copy (4 bytes read, 2 written per uploaded element).
+
+``--devices N`` runs N processes (Lightning's launcher, one GPU each; data parallel, ``--batch`` rows per process):
+the processes other than local rank 0 build their model on the meta device (what the README advises), tokens per
+step count every process's rows, and rank 0 alone prints and writes the result, with its own engine counters and
+peak RSS (which counts the node's shared store in full: the node's host memory is measured by
+``benchmarks/dp_host_memory.py``, so ``host_bytes_per_param`` is left out). With ``--strategy
+sharded_streaming=true grad_reduce=device`` the node's collectives run on the GPUs.
 """
 
 from __future__ import annotations
@@ -138,7 +145,12 @@ class Plain(L.LightningModule):
         print(f"model built in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
     def _build(self) -> None:
-        if self.model is None and not self.lora_rank:
+        if self.model is None and self.trainer.local_rank > 0:  # one model per node: the store is the node's
+            with torch.device("meta"):
+                self.model = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
+            if self.lora_rank:
+                raise SystemExit("--lora with --devices > 1 is not timed by this script")
+        elif self.model is None and not self.lora_rank:
             self.model = self._from_config(torch.float32)
         elif self.model is None:  # LoRA as users write it: the base in BF16, PEFT's adapters (FP32) on every linear
             import peft
@@ -256,6 +268,7 @@ def main() -> None:
     parser.add_argument("--dpo", action="store_true", help="DPO on --batch pairs (2 x --batch rows) instead of SFT")
     parser.add_argument("--strategy", nargs="*", default=[], metavar="KEY=VALUE", help="other HorizonStrategy args")
     parser.add_argument("--fast-init", action="store_true", help="draw the initial weights on all cores")
+    parser.add_argument("--devices", type=int, default=1, help="processes (GPUs), data parallel")
     parser.add_argument(
         "--switch-interval", type=float, default=None, metavar="S", help="sys.setswitchinterval(S) (GIL hand-over)"
     )
@@ -275,13 +288,13 @@ def main() -> None:
     )  # when the model says null
     module = Plain(hf_config, args.lora, args.fast_init, args.dpo)
     rows = 2 * args.batch if args.dpo else args.batch
-    data = SyntheticTokens(hf_config.vocab_size, args.seq, rows * (args.steps + 1))
+    data = SyntheticTokens(hf_config.vocab_size, args.seq, rows * (args.steps + 1) * args.devices)
     timer = StepEnds()
     trainer = L.Trainer(
         strategy=HorizonStrategy(**settings) if settings else "horizon",
         precision="bf16-mixed",
         gradient_clip_val=args.clip,
-        devices=1,
+        devices=args.devices,
         max_steps=args.steps,
         logger=False,
         enable_checkpointing=False,
@@ -297,7 +310,9 @@ def main() -> None:
     num_params = sum(p.numel() for p in module.model.parameters())  # each Parameter once: tied weights once
     trained = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
     step_s = statistics.median([b - a for a, b in zip(timer.ends, timer.ends[1:])][args.warmup :])
-    tokens = rows * args.seq
+    if trainer.global_rank > 0:
+        return
+    tokens = rows * args.seq * args.devices
     engine = timer.engine
     steps_run = max(1, args.steps)
     pcie = (engine.get("bytes_h2d", 0) + engine.get("bytes_d2h", 0)) / steps_run
@@ -314,7 +329,8 @@ def main() -> None:
     result = {
         "system": "horizon, plain LightningModule (configure_model, torch AdamW, default strategy)"
         + (f", LoRA r={args.lora} on every linear layer, base built in BF16" if args.lora else "")
-        + (f", DPO on {args.batch} pairs per step" if args.dpo else ""),
+        + (f", DPO on {args.batch} pairs per step" if args.dpo else "")
+        + (f", {args.devices} processes (data parallel; counters and RSS of rank 0)" if args.devices > 1 else ""),
         "model": args.model,
         "num_params": num_params,
         "trained_params": trained,
@@ -322,13 +338,15 @@ def main() -> None:
         "step_s": step_s,
         "tokens_per_s": tokens / step_s,
         "model_tflops": 6 * num_params * tokens / step_s / 1e12,
+        "devices": args.devices,
         "host_peak_gib": rss.peak / 2**30,
-        "host_bytes_per_param": rss.peak / num_params,
+        "host_bytes_per_param": rss.peak / num_params if args.devices == 1 else None,
         "gpu_peak_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0,
         "settings": settings | {"gradient_clip_val": args.clip},
         "fast_init": args.fast_init,
         "pcie_bytes_per_step": pcie,
-        "host_bytes_moved_per_step": optimizer_traffic * num_params + pcie + packing,
+        # every process moves about rank 0's PCIe bytes (and packs its uploads); the optimizer steps each group once
+        "host_bytes_moved_per_step": optimizer_traffic * num_params + (pcie + packing) * args.devices,
         "engine": engine,
         # the engine's seconds between consecutive step ends (step 2 on): steady state without the first steps. A
         # worker's busy seconds count when its job ends, the kernel's when each call ends: a job that runs across a
