@@ -97,7 +97,8 @@ class DataParallel:
                 if self.local_rank == local:
                     self.peers = group
         # The same groups in the default backend (NCCL on GPUs), over which the devices sum gradients
-        # (grad_reduce="device"); with gloo as the default, the groups above serve
+        # (grad_reduce="device") and gather layers (sharded_streaming); with gloo as the default, the groups above
+        # serve
         node, peers = self.node, self.peers
         if dist.get_backend() != "gloo":
             for ranks in nodes:
@@ -110,7 +111,7 @@ class DataParallel:
                     if self.local_rank == local:
                         peers = group
         self.node_reduce = NodeReduce(node, self.local_rank, self.local_world_size, peers, self.num_nodes)
-        """How the devices sum gradients over the processes (``grad_reduce="device"``)."""
+        """The node's collectives on the devices (``grad_reduce="device"``, ``sharded_streaming``)."""
         self._owners: dict[str, int] = {}
         self._writers: dict[str, int] = {}
 
@@ -267,8 +268,8 @@ class DataParallel:
         for _, sp in anywhere:
             if not sp.has_grad:
                 sp.land(GradState.FP32)
-            sp.grad_norm = None
-            grads.averaged_here.add(id(sp))  # a norm recorded as the gradient landed is not the average's
+            sp.grad_norm = None  # a norm recorded as the gradient landed is not the average's
+            grads.averaged_here.add(id(sp))
         expose()
 
     def reduce_norms(self, norms: list[torch.Tensor], norm_type: float) -> list[torch.Tensor]:
@@ -397,7 +398,8 @@ class NodeGradients:
 
 @dataclass(eq=False)
 class NodeReduce:
-    """The processes of a node as the devices reduce gradients over them (``grad_reduce="device"``).
+    """The processes of a node as the devices run collectives over them: the gradients' reduce-scatter
+    (``grad_reduce="device"``) and the layers' all-gather (``sharded_streaming``).
 
     Args:
         group: Process group of the node's processes (the default backend: NCCL on GPUs, gloo on CPUs).
