@@ -195,7 +195,12 @@ class HorizonEngine:
             config,
             measure_graphs=self._keep_pending,
             on_grad_pass=self._on_grad_pass,
-            agree_kept=parallel.min_over_node if parallel is not None and config.sharded_streaming else None,
+            # (with keep_activations=0 in the resolved config, the same in every process, every count is 0)
+            agree_kept=(
+                parallel.min_over_node
+                if parallel is not None and config.sharded_streaming and config.keep_activations != 0
+                else None
+            ),
         )
         self._overlap = False
         self._step_params: set[int] = set()
