@@ -72,7 +72,9 @@ def save_sharded(checkpoint: dict[str, Any], path: str | os.PathLike, fsync: boo
     the processes write together, in parallel: each process of node 0 the master files and the optimizer shards of
     the store groups it owns (its ``optimizer_states`` hold only those; every process's ``state_dict`` views the
     node's shared masters), and global rank 0 also the files of parameters outside the store groups, the trainer
-    state and the metadata. A failure in any process removes the temporary directory and raises in every process;
+    state and the metadata. With a sharded node store every node's processes write the files of the layers their
+    node holds (``path`` must then be on a file system every node sees), node 0's those of the groups every node
+    holds. A failure in any process removes the temporary directory and raises in every process;
     nothing is published."""
     path = Path(path)
     checkpoint = dict(checkpoint)
@@ -103,14 +105,15 @@ def save_sharded(checkpoint: dict[str, Any], path: str | os.PathLike, fsync: boo
     try:
         if parallel is None:
             model_meta = _write_model(tmp, state_dict, layout, files, fsync)
-        elif parallel.node_rank == 0:
+        elif parallel.node_rank == 0 or parallel.sharded_nodes:
             model_meta = _write_model(tmp, state_dict, layout, files, fsync, writes=parallel.writes)
         else:
             model_meta = _model_groups(layout)
-        if optimizer_states is not None and (parallel is None or parallel.node_rank == 0):
+        if optimizer_states is not None and (parallel is None or parallel.node_rank == 0 or parallel.sharded_nodes):
             names_per_opt = (layout or {}).get("optimizers") or [None] * len(optimizer_states)
+            keep = parallel.writes_state if parallel is not None else None
             for i, (opt_state, info) in enumerate(zip(optimizer_states, names_per_opt)):
-                optimizers.append(_write_optimizer(tmp, i, opt_state, info, model_meta, files, fsync))
+                optimizers.append(_write_optimizer(tmp, i, opt_state, info, model_meta, files, fsync, keep))
     except BaseException as err:
         error = err
     if parallel is not None:  # every process's files and optimizer parts (or its failure) to every process
@@ -229,6 +232,8 @@ def _write_model(
             tuple(value.stride()),
             value.dtype,
         )
+        if value.is_meta:  # a layer another node holds (a sharded node store): no storage to compare
+            ident = (*ident, key)
         if value.numel() and ident in seen:
             aliases[key] = seen[ident]
             continue
@@ -273,9 +278,17 @@ def _write_model(
 
 
 def _write_optimizer(
-    tmp: Path, index: int, opt_state: Mapping[str, Any], info: dict | None, model_meta: dict, files: dict, fsync: bool
+    tmp: Path,
+    index: int,
+    opt_state: Mapping[str, Any],
+    info: dict | None,
+    model_meta: dict,
+    files: dict,
+    fsync: bool,
+    keep: Callable[[str], bool] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Writes the optimizer's per-parameter tensors next to their parameters' groups."""
+    """Writes the optimizer's per-parameter tensors next to their parameters' groups (with ``keep``, of the groups
+    whose names it accepts only)."""
     state = opt_state.get("state", {})
     groups = opt_state["param_groups"]
     ids = [i for g in groups for i in g["params"]]
@@ -286,6 +299,8 @@ def _write_optimizer(
     scalars: dict[str, dict[str, Any]] = {}
     for pid, pstate in state.items():
         pname = name_of[pid]
+        if keep is not None and not keep(group_of_name.get(pname, "rest")):
+            continue
         for k, v in pstate.items():
             if isinstance(v, torch.Tensor):
                 per_file.setdefault(group_of_name.get(pname, "rest"), []).append((f"{pname}.{k}", v))
@@ -469,12 +484,14 @@ def load_into_store(state_dict: ShardedStateDict, engine, module: torch.nn.Modul
     reader = state_dict.reader
     check_model(reader, engine)
     by_name = {sp.name: sp for g in engine.store.groups for sp in g.params}
+    away = {sp.name for g in engine.store.groups if g.away for sp in g.params}  # other nodes' layers: not read
+    skip = {g["name"] for g in reader.meta["model"]["groups"] if all(n in away for n, _ in g["params"])}
     extra: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for group, name, tensor in reader.iter_model():
+        for group, name, tensor in reader.iter_model(skip=skip):
             if group == "extra":
                 extra[name] = tensor
-            else:
+            elif name not in away:
                 by_name[name].param.data.copy_(tensor)
                 del tensor
     prefix = state_dict.prefix

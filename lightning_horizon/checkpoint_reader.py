@@ -95,9 +95,12 @@ class CheckpointReader:
             if g["name"] != "extra"
         ]
 
-    def iter_model(self) -> Iterator[tuple[str, str, torch.Tensor]]:
-        """``(group name, key, tensor)`` for every saved model tensor, one file open at a time."""
+    def iter_model(self, skip: Container[str] = ()) -> Iterator[tuple[str, str, torch.Tensor]]:
+        """``(group name, key, tensor)`` for every saved model tensor (but those of the groups named in ``skip``, whose
+        files are not opened), one file open at a time."""
         for g in self.meta["model"]["groups"]:
+            if g["name"] in skip:
+                continue
             with SafetensorsReader(self.path / g["file"]) as f:  # read, not mapped: see SafetensorsReader
                 for name, _ in g["params"]:
                     yield g["name"], name, f.get_tensor(name)

@@ -292,10 +292,21 @@ class HorizonStrategy(ParallelStrategy):
         )
         if self.is_distributed and self._data_parallel is None:  # its process groups serve every later engine
             self._data_parallel = DataParallel(local_rank=self.local_rank, local_world_size=self.num_processes)
+        parallel = self._data_parallel
+        if parallel is not None and config.node_store == "sharded" and parallel.num_nodes > 1:
+            if trainer.state.fn == TrainerFn.FITTING and _reads_gradients(module, trainer):
+                raise ValueError(
+                    "node_store='sharded': a hook of the LightningModule or of a callback reads gradients "
+                    "(on_after_backward, on_before_optimizer_step or configure_gradient_clipping is overridden), but "
+                    "each node holds only its share of the layers: the other layers' parameters are on the meta "
+                    "device here and have no param.grad. Use the Trainer's gradient_clip_val (clipping measures every "
+                    "node's layers), drop the hook, or set node_store='replicated'"
+                )
         # A model built on the meta device is materialised straight into the store's layout (nothing copied) and
         # initialised; with several processes only where it fills its node's store (local rank 0): the others'
-        # parameters only become views into that store (DataParallel.prepare_model, without touching memory)
-        if self._data_parallel is None or self._data_parallel.is_leader:
+        # parameters only become views into that store (DataParallel.prepare_model, without touching memory). After
+        # a sharded node store the other nodes' layers stay on the meta device: the earlier store holds the values
+        if parallel is None or (parallel.is_leader and not parallel.holds_share):
             initialize_on_host(model)
         self.engine = HorizonEngine(model, config, parallel=self._data_parallel)
         self.engine.guard_zero_grad(module)  # the LightningModule's zero_grad() discards the host gradients too

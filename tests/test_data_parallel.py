@@ -92,6 +92,7 @@ class Run:
     """``sharded_streaming``: each process uploads its shard of a layer, the node all-gathers the rest."""
     keep: tuple[int, ...] = ()
     """Per rank: ``keep_activations`` (with 4 resident slots, so the layers have slots to stay in)."""
+    node_store: str = "replicated"
 
 
 def _worker(rank: int, world: int, local_world: int, init: str, out: str, run: Run) -> None:
@@ -113,6 +114,7 @@ def _worker(rank: int, world: int, local_world: int, init: str, out: str, run: R
             parallel=parallel,
             grad_reduce=run.grad_reduce,
             sharded_streaming=run.sharded,
+            node_store=run.node_store,
             **({"keep_activations": run.keep[rank], "resident_layers": 4} if run.keep else {}),
         )
         if engine.runner.agree_kept is not None:  # what each grad pass kept
@@ -123,7 +125,8 @@ def _worker(rank: int, world: int, local_world: int, init: str, out: str, run: R
         buffer = engine.store.node_buffers[0]
         base = buffer.tensor.data_ptr()
         stats = {
-            "shared": all(base <= p.data_ptr() < base + buffer.nbytes for p in model.parameters()),
+            "shared": all(base <= p.data_ptr() < base + buffer.nbytes for p in model.parameters() if not p.is_meta),
+            "meta": sorted(n for n, p in model.named_parameters() if p.is_meta),
             "tied": model.lm_head.weight is model.model.embed_tokens.weight if not run.lora else True,
             "shared_bytes": buffer.nbytes,
             "shm_names_left": sorted(p.name for p in SHM_DIR.glob(f"{PREFIX}-*")),
@@ -135,8 +138,11 @@ def _worker(rank: int, world: int, local_world: int, init: str, out: str, run: R
         stats["grads_shared"] = all(
             base <= g.grad.data_ptr() < base + buffer.nbytes for g in engine.store.groups if g.trainable
         )
+        stats["node_bytes"] = buffer.resident_bytes
+        stats["state_names"] = sorted(parallel.owned_names(engine.store))
         engine.close()
-        torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, f"{out}/weights{rank}.pt")
+        weights = {n: p.detach().clone() for n, p in model.named_parameters() if not p.is_meta}
+        torch.save(weights, f"{out}/weights{rank}.pt")
         Path(f"{out}/stats{rank}.json").write_text(json.dumps(stats))
     finally:
         dist.destroy_process_group()
@@ -254,6 +260,42 @@ def test_data_parallel_equals_one_process_with_the_global_batch(
     assert max(single["norms"]) > CLIP
     start = tiny_model("qwen2", tied=True, seed=0)
     assert max((p - want[n]).abs().max().item() for n, p in start.named_parameters()) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "world,local_world,early,meta",
+    [(4, 2, False, True), (4, 2, True, False), (2, 1, False, False)],
+    ids=["2nodes-x-2proc-meta", "2nodes-x-2proc-averaged-every-micro-batch", "2nodes-x-1proc"],
+)
+def test_sharded_node_store_equals_one_process_and_holds_a_share_per_node(tmp_path, world, local_world, early, meta):
+    """``node_store="sharded"`` on two simulated nodes: each node's store holds its share of the decoder layers
+    (and the embedding, norm and head), the other layers' parameters are on the meta device, each layer's shards
+    travel from its node before the node's all-gather and its gradient is reduced to its node only; after 10 AdamW
+    steps with clipping and accumulation every weight a process holds equals one process with the global batch
+    (1e-5), every weight is held by some node, and each node's shared buffer takes less memory than a replica's."""
+    run = dict(early=early, meta=meta, grad_reduce="device", sharded=True, reduce_stage_numel=1000)
+    stats = _spawn(tmp_path, world, local_world, node_store="sharded", **run)
+    want, single = _single(world)
+    held: set[str] = set()
+    for rank in range(world):
+        got = torch.load(tmp_path / f"weights{rank}.pt")
+        assert set(got) | set(stats[rank]["meta"]) == set(want)
+        assert stats[rank]["meta"] and all(".layers." in n for n in stats[rank]["meta"]), stats[rank]["meta"]
+        for name, value in got.items():
+            assert (value - want[name]).abs().max().item() <= 1e-5, (rank, name)
+        held |= set(got)
+        assert stats[rank]["norms"] == pytest.approx(single["norms"], rel=1e-5)
+        assert stats[rank]["shared"] and stats[rank]["tied"]
+        assert not set(stats[rank]["state_names"]) & set(stats[rank]["meta"])  # no state of another node's layers
+    assert held == set(want)
+    nodes = [stats[r] for r in range(0, world, local_world)]
+    assert set(nodes[0]["meta"]).isdisjoint(set(model_names := nodes[1]["meta"])) and model_names
+    # the same run with replicated nodes: each node's buffer holds every layer's masters and gradients
+    (tmp_path / "replicated").mkdir()
+    replica = _spawn(tmp_path / "replicated", world, local_world, **run)
+    for node in nodes:
+        assert node["node_bytes"] < 0.85 * replica[0]["node_bytes"], (node["node_bytes"], replica[0]["node_bytes"])
+    assert max(single["norms"]) > CLIP
 
 
 def test_sharded_streaming_keeps_the_layers_every_process_can_keep(tmp_path):

@@ -37,6 +37,9 @@ FROZEN_DTYPES = ("compute", "fp32")
 GRAD_REDUCE = ("host", "device")
 """``EngineConfig.grad_reduce`` names."""
 
+NODE_STORES = ("replicated", "sharded")
+"""``EngineConfig.node_store`` names."""
+
 _DTYPES = {
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
@@ -168,6 +171,20 @@ class EngineConfig:
     process of the node can keep (``keep_activations``; a kept layer's backward needs no upload). With
     ``sparse_experts`` the routed experts are not sharded: each process uploads the experts its own tokens reach,
     after the gather. Ignored with one process."""
+    node_store: str = "replicated"
+    """What each node's host store holds when a data-parallel run spans several nodes (``num_nodes > 1``).
+    ``replicated``: every node holds and steps the whole model (masters, gradients, optimizer state); only the
+    gradients cross the network (an all-reduce per group). ``sharded``: the decoder layers are shared out among the
+    nodes (balanced by size): each node's host holds, steps and checkpoints only its layers, so host memory per node
+    falls to about 1/num_nodes of the layers' bytes and the largest trainable model grows with the number of nodes.
+    Every layer then crosses the network twice per pass: before it runs, each process receives its shard of the
+    layer from the process of the same local rank on the layer's node, then the node all-gathers it; its gradient
+    shards are reduced to that node only. The embedding, the final norm and the head stay on every node. Needs
+    ``sharded_streaming=True`` and ``grad_reduce="device"``; routed experts then stream whole (``sparse_experts`` is
+    turned off: a process cannot upload the experts its tokens reach from another node). In the processes of a
+    node, the parameters of layers held by other nodes are on the meta device (their values are not in this node's
+    memory): read trained weights from a checkpoint (every node writes its layers) or its Hugging Face export. With
+    one node both settings are the same."""
 
     device: str | torch.device | None = field(default=None, metadata={"run": "accelerator"})
     """Compute device; None picks ``cuda`` when available, else ``cpu``. The strategy sets it from the Trainer."""
@@ -219,6 +236,8 @@ class EngineConfig:
             self.compute_dtype = as_dtype(self.compute_dtype)
         if self.grad_reduce not in GRAD_REDUCE:
             raise ValueError(f"grad_reduce must be one of {', '.join(GRAD_REDUCE)}, got {self.grad_reduce!r}")
+        if self.node_store not in NODE_STORES:
+            raise ValueError(f"node_store must be one of {', '.join(NODE_STORES)}, got {self.node_store!r}")
         for name in ("checkpoint_every", "loss_chunk_tokens", "num_grad_slabs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

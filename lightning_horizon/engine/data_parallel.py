@@ -32,6 +32,7 @@ interpreter and libraries.
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import uuid
 from collections.abc import Callable
@@ -114,6 +115,9 @@ class DataParallel:
         """The node's collectives on the devices (``grad_reduce="device"``, ``sharded_streaming``)."""
         self._owners: dict[str, int] = {}
         self._writers: dict[str, int] = {}
+        self._homes: dict[str, int] = {}
+        self.node_store = "replicated"
+        """``EngineConfig.node_store`` of the last store built."""
 
     @property
     def is_leader(self) -> bool:
@@ -131,7 +135,9 @@ class DataParallel:
         holding a model copy per process: their parameters get storage that is never written (``to_empty``; tied
         parameters stay tied), replaced by the store's views right after."""
         meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-        if meta and self.is_leader:
+        if meta and self.is_leader and self.holds_share:
+            meta = []  # the layers other nodes hold, left on the meta device by an earlier sharded store
+        elif meta and self.is_leader:
             raise ValueError(
                 f"{meta[0]!r} is on the meta device in local rank 0, which fills its node's host store from its "
                 "model: build the model on the CPU there (only the other processes of a node may build theirs on "
@@ -148,10 +154,17 @@ class DataParallel:
         frozen_dtype: torch.dtype | None,
         pin: bool = False,
         pin_frozen: bool = False,
+        node_store: str = "replicated",
     ) -> HostStore:
         """A :class:`~.store.HostStore` of ``groups`` whose buffers are one shared-memory buffer per node
         (collective: every process calls it). Every process's parameters become views into its node's buffer,
-        holding the values of global rank 0's model."""
+        holding the values of global rank 0's model.
+
+        With ``node_store="sharded"`` and several nodes, each decoder layer's groups have a home node
+        (:func:`assign_homes`): only there are they filled (with rank 0's values, sent by node 0's leader) and
+        stepped; elsewhere their part of the buffer is never touched (no memory) and their parameters go to the
+        meta device (:attr:`~.store.StoreGroup.away`). A later store (another engine over the same model) takes
+        each node's layers from the earlier one."""
         from .store import split_frozen
 
         layout, total = {}, 0
@@ -162,6 +175,11 @@ class DataParallel:
             total += (numel * dtype.itemsize + _PAGE - 1) // _PAGE * _PAGE
 
         split = split_frozen(groups, frozen_dtype)
+        self.node_store = node_store
+        homes = assign_homes(split, self.num_nodes) if self.sharded_nodes else {}
+        away = {name for name, home in homes.items() if home != self.node_rank}
+        if homes and self.is_leader:
+            self._send_home(split, homes)
         for name, named, dtype in split:
             place(name, max(HostStore.layout_numel(named), 1), dtype)
         # The node's FP32 gradients (its sparse pages take memory as gradients first land) and a stamp per parameter
@@ -192,8 +210,17 @@ class DataParallel:
             return buffer.view(dtype, size, offset)
 
         store = HostStore(
-            groups, pin=pin, frozen_dtype=frozen_dtype, pin_frozen=pin_frozen, allocate=region, fill=self.is_leader
+            groups,
+            pin=pin,
+            frozen_dtype=frozen_dtype,
+            pin_frozen=pin_frozen,
+            allocate=region,
+            fill=self.is_leader,
+            away=away,
         )
+        for group in store.groups:
+            group.home = homes.get(group.name)
+        self._homes = homes
         store.node_buffers = [buffer]  # lives while the store (or a parameter viewing it) does
         store.node_grads = NodeGradients(
             buffer,
@@ -204,21 +231,92 @@ class DataParallel:
         )
         dist.barrier(group=self.group)  # the leaders have filled their buffers
         if self.num_nodes > 1 and self.is_leader:
-            for group in store.groups:  # node 0's values on every node (each node's store is a replica)
-                dist.broadcast(group.master, src=0, group=self.leaders)
+            for group in store.groups:  # node 0's values on every node (the groups every node holds)
+                if group.home is None:
+                    dist.broadcast(group.master, src=0, group=self.leaders)
         dist.barrier(group=self.group)
-        self._owners = assign_owners(store.groups, self.local_world_size)
-        self._writers = assign_owners(store.groups, self.local_world_size, frozen=True)
+        # The groups every node holds first, alike on every node (their owners of the same local rank add up the
+        # nodes' sums), then the node's own layers, on top of that load
+        common = [g for g in store.groups if g.home is None]
+        own = [g for g in store.groups if g.home is not None and not g.away]
+        self._owners, self._writers = {}, {}
+        for frozen, out in ((False, self._owners), (True, self._writers)):
+            load = [0] * self.local_world_size
+            out.update(assign_owners(common, self.local_world_size, frozen, load))
+            out.update(assign_owners(own, self.local_world_size, frozen, load))
         return store
 
+    @property
+    def holds_share(self) -> bool:
+        """A sharded node store was built: this node's model holds only its layers' values (the others are on the
+        meta device), and a later store takes them from it."""
+        return bool(self._homes)
+
+    @property
+    def sharded_nodes(self) -> bool:
+        """Each node holds only its share of the layers (``node_store="sharded"`` over several nodes)."""
+        return self.node_store == "sharded" and self.num_nodes > 1
+
+    def _send_home(self, split, homes: dict[str, int]) -> None:
+        """Node 0's leader sends each layer group's values (from its model) to the leader of the group's home node,
+        which receives them into its own model's parameters before it fills its store (leaders only; collective
+        among them). Skipped when node 0's parameters of those groups are on the meta device: they come from an
+        earlier sharded store, whose home nodes hold them already (every leader learns which from node 0)."""
+        sent = [name for name, _, _ in split if homes.get(name, 0) != 0]
+        named_of = {name: named for name, named, _ in split}
+        fresh = [self.node_rank == 0 and not any(p.is_meta for n in sent for _, p in named_of[n])]
+        dist.broadcast_object_list(fresh, src=0, group=self.leaders)
+        if not fresh[0]:
+            return
+        for name in sent:
+            home = homes[name] * self.local_world_size  # its leader's global rank
+            if self.node_rank not in (0, homes[name]):
+                continue
+            params = [p for _, p in named_of[name]]
+            dtype = functools.reduce(torch.promote_types, [p.dtype for p in params], torch.float32)  # exact
+            flat = torch.empty(sum(p.numel() for p in params), dtype=dtype)
+            if self.node_rank == 0:
+                torch.cat([p.detach().reshape(-1).to(flat.dtype) for p in params], out=flat)
+                dist.send(flat, dst=home, group=self.leaders)
+            else:
+                dist.recv(flat, src=0, group=self.leaders)
+                with torch.no_grad():
+                    for p, part in zip(params, flat.split([p.numel() for p in params])):
+                        p.copy_(part.view(p.shape))
+
+    def node_share(self, store: HostStore) -> float:
+        """The fraction of the store's trainable elements this node holds (1 unless the node store is sharded)."""
+        trainable = [g for g in store.groups if not g.frozen]
+        total = sum(g.numel for g in trainable)
+        return sum(g.numel for g in trainable if not g.away) / total if total else 1.0
+
+    def measures(self, group: StoreGroup) -> bool:
+        """Whether this process counts ``group`` in a norm over every process's parameters: its owner does, on the
+        group's home node, or (a group every node holds) on node 0 alone when the nodes' norms are gathered
+        together (a sharded node store); with replicated nodes each node's owners measure the whole model."""
+        if not self.owns(group):
+            return False
+        return not self.sharded_nodes or group.home is not None or self.node_rank == 0
+
     def owns(self, group: StoreGroup) -> bool:
-        """Whether this process steps ``group`` (and holds its optimizer state)."""
-        return self._owners.get(group.name, 0) == self.local_rank
+        """Whether this process steps ``group`` (and holds its optimizer state); never a group its node does not
+        hold (a sharded node store)."""
+        return not group.away and self._owners.get(group.name, 0) == self.local_rank
 
     def writes(self, name: str) -> bool:
-        """Whether this process writes the checkpoint's master file of the store group named ``name`` (the node's
-        groups, frozen ones too, balanced by size over its processes; local rank 0 writes what is in no group)."""
+        """Whether this process writes the checkpoint's master file (and optimizer shard) of the store group named
+        ``name``: the groups of its node, frozen ones too, balanced by size over its processes (local rank 0 writes
+        what is in no group); with replicated nodes, or for a group every node holds, those of node 0 only."""
+        home = self._homes.get(name)
+        if self.node_rank != (0 if home is None else home):
+            return False
         return self._writers.get(name, 0) == self.local_rank
+
+    def writes_state(self, name: str) -> bool:
+        """Whether this process writes the optimizer state it holds of the store group named ``name``: all of it with
+        replicated nodes (only node 0 writes), with a sharded node store that of its node's layers, and of the
+        groups every node holds (and steps alike) on node 0 only."""
+        return self.node_rank == 0 or self._homes.get(name) is not None
 
     def owner(self, group: StoreGroup) -> int:
         """Local rank that steps ``group``."""
@@ -274,18 +372,21 @@ class DataParallel:
 
     def reduce_norms(self, norms: list[torch.Tensor], norm_type: float) -> list[torch.Tensor]:
         """The total ``norm_type`` norms of ``norms`` (this process's, one per parameter) of every process of the node
-        (collective over the node): the norm of the result is the norm over the node's parameters."""
+        (collective over the node): the norm of the result is the norm over the node's parameters. With a sharded
+        node store, of every process (each node measures its own layers, :meth:`measures`)."""
         from .optimizer import clip_coefficient
 
         mine, _ = clip_coefficient(norms, 1.0, norm_type)
-        out = [torch.zeros((), dtype=torch.float32) for _ in range(self.local_world_size)]
-        dist.all_gather(out, mine.to(torch.float32).reshape(()), group=self.node)
+        group, size = (self.group, self.world_size) if self.sharded_nodes else (self.node, self.local_world_size)
+        out = [torch.zeros((), dtype=torch.float32) for _ in range(size)]
+        dist.all_gather(out, mine.to(torch.float32).reshape(()), group=group)
         return out
 
     def min_over_node(self, value: int) -> int:
-        """The smallest ``value`` of the node's processes (collective over the node, on the host: no device sync)."""
+        """The smallest ``value`` of the node's processes (collective over the node, on the host: no device sync);
+        of every process with a sharded node store, where a layer's gather also crosses the nodes."""
         out = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(out, op=dist.ReduceOp.MIN, group=self.node)
+        dist.all_reduce(out, op=dist.ReduceOp.MIN, group=self.group if self.sharded_nodes else self.node)
         return int(out.item())
 
     def barrier(self) -> None:
@@ -424,6 +525,21 @@ class NodeReduce:
         """Processes whose gradients a reduced shard sums."""
         return self.size * self.num_nodes
 
+    def home_rank(self, home: int) -> int:
+        """Global rank of this local rank's process on node ``home``."""
+        return home * self.size + self.rank
+
+    def from_home(self, out: torch.Tensor, home: int) -> None:
+        """``out`` (this process's shard of a layer) from the process of its local rank on node ``home``, which
+        uploaded it (a sharded node store; collective among :attr:`peers`)."""
+        dist.broadcast(out, src=self.home_rank(home), group=self.peers)
+
+    def to_home(self, out: torch.Tensor, home: int) -> None:
+        """Sums ``out`` (this rank's shard of its node's sum) over the nodes into the process of its local rank on
+        node ``home`` only (a sharded node store: the other nodes do not hold the group; collective among
+        :attr:`peers`)."""
+        dist.reduce(out, dst=self.home_rank(home), group=self.peers)
+
     def across_nodes(self, out: torch.Tensor) -> None:
         """Adds up ``out`` (this rank's shard of its node's sum) over the nodes (collective among :attr:`peers`)."""
         if self.peers is not None:
@@ -467,11 +583,13 @@ def _to_empty_keeping_ties(model: torch.nn.Module) -> None:
             getattr(module, other_kind)[other] = tensor
 
 
-def assign_owners(groups: list[StoreGroup], ranks: int, frozen: bool = False) -> dict[str, int]:
+def assign_owners(
+    groups: list[StoreGroup], ranks: int, frozen: bool = False, load: list[int] | None = None
+) -> dict[str, int]:
     """Each trainable group's owner among ``ranks`` local processes (with ``frozen``, every group's): largest group
     first, to the least loaded process (ties to the lowest rank); deterministic, so every process computes the same
-    assignment."""
-    load = [0] * ranks
+    assignment. ``load``: each process's elements assigned before (updated in place)."""
+    load = [0] * ranks if load is None else load
     owners = {}
     trainable = [g for g in groups if frozen or not g.frozen]
     for group in sorted(trainable, key=lambda g: (-g.numel, g.name)):
@@ -481,6 +599,31 @@ def assign_owners(groups: list[StoreGroup], ranks: int, frozen: bool = False) ->
     return owners
 
 
+def assign_homes(split, num_nodes: int) -> dict[str, int]:
+    """The home node of each decoder layer's groups (``layers.<i>`` and its frozen part together) among
+    ``num_nodes``, balanced by size as :func:`assign_owners` balances processes (largest first, to the least loaded
+    node; deterministic). ``split``: :func:`~.store.split_frozen`'s groups. The other groups (embedding, norm,
+    head) are held by every node and have none."""
+    from .store import FROZEN_SUFFIX
+
+    sizes: dict[str, int] = {}
+    for name, named, _ in split:
+        layer = name.removesuffix(FROZEN_SUFFIX)
+        if layer.startswith("layers."):
+            sizes[layer] = sizes.get(layer, 0) + HostStore.layout_numel(named)
+    load = [0] * num_nodes
+    layer_home = {}
+    for layer in sorted(sizes, key=lambda n: (-sizes[n], int(n.split(".")[1]))):
+        node = min(range(num_nodes), key=lambda r: (load[r], r))
+        layer_home[layer] = node
+        load[node] += sizes[layer]
+    return {
+        name: layer_home[name.removesuffix(FROZEN_SUFFIX)]
+        for name, _, _ in split
+        if name.removesuffix(FROZEN_SUFFIX) in layer_home
+    }
+
+
 def local_topology() -> tuple[int, int]:
     """``(local_rank, local_world_size)`` from the launcher's environment (``torchrun``, Lightning's launcher)."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -488,11 +631,13 @@ def local_topology() -> tuple[int, int]:
     return local_rank, local_world
 
 
-def data_parallel_config(config):
+def data_parallel_config(config, num_nodes: int = 1):
     """``config`` as a data-parallel run needs it: FP32 host gradients kept until the step (they are averaged over
     the processes before clipping and the update), no updates during the backward, no gradient pool, and no
     per-process BF16 weight copy (it would grow host memory with the number of processes; uploads pack the
-    shared masters instead). Refuses settings that ask for what it turns off."""
+    shared masters instead). Refuses settings that ask for what it turns off. With ``num_nodes > 1`` and
+    ``node_store="sharded"``, refuses a run without the device collectives it needs and streams routed experts
+    whole."""
     import dataclasses
 
     if config.weight_copy:
@@ -505,6 +650,24 @@ def data_parallel_config(config):
             "grad_pool_buffers: the gradient pool serves updates during the backward, which a data-parallel run "
             "cannot do (gradients are averaged over the processes first). Leave grad_pool_buffers unset"
         )
+    if config.node_store == "sharded" and num_nodes > 1:
+        needs = [
+            f"{name}={want!r} (got {got!r})"
+            for name, want, got in (
+                ("sharded_streaming", True, config.sharded_streaming),
+                ("grad_reduce", "device", config.grad_reduce),
+            )
+            if got != want
+        ]
+        if needs:
+            raise ValueError(
+                f"node_store='sharded' over {num_nodes} nodes needs {' and '.join(needs)}: each node holds only its "
+                "share of the layers, so a layer reaches the other nodes' GPUs by a gather on the devices and its "
+                "gradient goes back by a reduction on the devices. Set them, or node_store='replicated'"
+            )
+        # routed experts stream whole: a process cannot upload the experts its own tokens reach, which only the
+        # layer's node holds
+        config = dataclasses.replace(config, sparse_experts=False)
     return dataclasses.replace(
         config,
         accumulate_grads=True,

@@ -283,6 +283,7 @@ def still_to_allocate(
     processes: int = 1,
     cast_on_gpu: bool = False,
     grad_reduce: str = "host",
+    node_share: float = 1.0,
 ) -> dict[str, int]:
     """Host memory an engine built over ``shape`` allocates after its construction: the state of ``optimizers`` that
     have not stepped yet (PyTorch allocates it at the first step), FP32 gradients (at the first accumulated fold; the
@@ -293,7 +294,9 @@ def still_to_allocate(
     ``processes``: the processes of a data-parallel node sharing one store (:mod:`.data_parallel`): the optimizer
     state and the FP32 gradients are allocated once over them (each process holds its groups' share of the state;
     the gradients are one buffer of the node), the staging and slabs once per process, and with
-    ``grad_reduce="device"`` each process's two page-locked FP32 stages for its shards of the reduced gradients."""
+    ``grad_reduce="device"`` each process's two page-locked FP32 stages for its shards of the reduced gradients.
+    ``node_share``: the fraction of the trainable parameters the node holds (a sharded node store): the optimizer
+    state and the gradients scale with it."""
     c = compute_dtype.itemsize
     state = sum(
         optimizer_state_bytes(opt, state_dtype)
@@ -301,9 +304,9 @@ def still_to_allocate(
         for opt in optimizers
         if not opt.state
     )
-    out = {"optimizer state": int(state)}
+    out = {"optimizer state": int(state * node_share)}
     each = f" (x {processes} processes)" if processes > 1 else ""
-    out["gradients"] = 4 * shape.store_numel if accumulate else 4 * shape.embedding_numel
+    out["gradients"] = int(4 * shape.store_numel * node_share) if accumulate else 4 * shape.embedding_numel
     if on_gpu and not weight_copy and not cast_on_gpu:
         out["upload staging" + each] = processes * 2 * shape.staging_numel * c
     if on_gpu and accumulate:
@@ -319,6 +322,7 @@ def check_host_memory(
     optimizers: list[torch.optim.Optimizer],
     available_bytes: float,
     processes: int = 1,
+    node_share: float = 1.0,
 ):
     """Refuses (``MemoryError`` naming every component and what to change) a run whose host memory still to be
     allocated (:func:`still_to_allocate`, with the engine's resolved ``config``; ``processes`` sharing the node)
@@ -326,7 +330,7 @@ def check_host_memory(
     on_gpu = config.device.type == "cuda"
     needed = still_to_allocate(
         shape, config.compute_dtype, config.accumulate_grads, config.weight_copy, config.num_grad_slabs, on_gpu,
-        optimizers, config.state_dtype, processes, config.cast_on_gpu, config.grad_reduce,
+        optimizers, config.state_dtype, processes, config.cast_on_gpu, config.grad_reduce, node_share,
     )  # fmt: skip
     total = sum(needed.values())
     if total + PREFLIGHT_MARGIN_BYTES <= available_bytes:

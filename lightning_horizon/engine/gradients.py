@@ -290,7 +290,7 @@ class GradientSink:
         self.wait()
         for group in self.store.groups:
             for sp in group.params:
-                if sp.has_grad and sp.trainable:
+                if sp.has_grad and sp.trainable and not group.away:  # (another node's: on the meta device)
                     sp.param.grad = self.fp32_view(group, sp)
 
     def close(self) -> None:
@@ -506,7 +506,8 @@ class GradientSink:
         it has none: a missing gradient, an expert no token reached). After the reduce-scatter (and, with several
         nodes, an all-reduce of the shard over them) each process holds, per parameter, how many processes had a
         gradient, then shard ``rank`` of the sum: a parameter none had keeps no gradient (its update is skipped, as
-        in one process), not a zero one. On a GPU the collectives run on ``reduce_stream`` and the shard comes down
+        in one process), not a zero one. With a sharded node store the shard is summed into the group's node only
+        (:meth:`~.data_parallel.NodeReduce.to_home`), and lands there only. On a GPU the collectives run on ``reduce_stream`` and the shard comes down
         through two page-locked FP32 stages of at most ``REDUCE_STAGE_NUMEL`` elements, chunk by chunk."""
         n = self.reduce.size
         numel = group.master.numel()
@@ -530,7 +531,13 @@ class GradientSink:
                         flat[r, head + a - r * shard : head + z - r * shard].copy_(src[a - begin : z - begin])
             out = torch.empty(head + shard, dtype=torch.float32, device=self.device)
             self.reduce.reduce_scatter(out, flat.view(-1))
-            self.reduce.across_nodes(out)
+            if group.home is None:
+                self.reduce.across_nodes(out)
+            else:  # a sharded node store: only the group's node holds (and lands) it
+                self.reduce.to_home(out, group.home)
+        if group.away:  # nothing lands here; the presence of each gradient comes from its node at the average
+            self.worker.submit(lambda: self._report(final))
+            return
         used = head + stop - start  # the last shard may be shorter than the others (padding)
         self.bytes_d2h += used * 4
         landing = _ShardLanding(self, group, items, start)

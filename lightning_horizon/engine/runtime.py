@@ -75,7 +75,7 @@ class HorizonEngine:
     ) -> None:
         config = dataclasses.replace(config or EngineConfig(), **overrides)
         if parallel is not None:
-            config = data_parallel_config(config)
+            config = data_parallel_config(config, parallel.num_nodes)
         self.parallel = parallel
         self._grads_pending = False
         """A backward ran since the gradients were last averaged over the processes (data parallel only)."""
@@ -107,7 +107,9 @@ class HorizonEngine:
         cuda = self.device.type == "cuda"
         pin = cuda and (config.pin_masters or config.cast_on_gpu)  # cast_on_gpu: uploads read the masters by DMA
         if parallel is not None:  # one store per node, shared by its processes
-            self.store = parallel.build_store(self.parts.store_groups(), frozen_dtype, pin=pin, pin_frozen=cuda)
+            self.store = parallel.build_store(
+                self.parts.store_groups(), frozen_dtype, pin=pin, pin_frozen=cuda, node_store=config.node_store
+            )
         else:  # adopt: a model loaded straight into the store's layout (lightning_horizon.loading) is not copied
             self.store = HostStore.adopt(self.parts.store_groups(), pin=pin, frozen_dtype=frozen_dtype, pin_frozen=cuda)
         self.units: list[Unit] = [
@@ -283,7 +285,7 @@ class HorizonEngine:
         parallel = self.parallel
         norms = []
         for group, sp in entries:
-            if parallel is not None and not parallel.owns(group):
+            if parallel is not None and not parallel.measures(group):
                 continue  # the node's processes share the averaged gradients: each measures the groups it owns
             tracked = self.sink.track_norms and norm_type == 2.0 and sp.grad_norm is not None  # recorded as it landed
             norm = sp.grad_norm if tracked else torch.linalg.vector_norm(self.sink.gradient(group, sp), norm_type)
@@ -327,8 +329,9 @@ class HorizonEngine:
         optimizers = [o for o in (w.optimizer() for w in self._watched) if o is not None]
         parallel = self.parallel
         processes = parallel.local_world_size if parallel is not None else 1
+        share = parallel.node_share(self.store) if parallel is not None else 1.0
         try:
-            check_host_memory(self.shape, self.config, optimizers, _usable_host_memory_bytes(), processes)
+            check_host_memory(self.shape, self.config, optimizers, _usable_host_memory_bytes(), processes, share)
         finally:
             if parallel is not None:  # no process allocates before every process has measured the free memory
                 parallel.barrier()

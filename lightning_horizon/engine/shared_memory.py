@@ -93,6 +93,12 @@ class NodeBuffer:
         """What the other processes pass to :meth:`open`."""
         return self.path.name
 
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of host memory the buffer holds now: its pages written so far (the buffer is sparse), whichever
+        process wrote them."""
+        return os.fstat(self._fd).st_blocks * 512
+
     def view(self, dtype: torch.dtype, numel: int, offset_bytes: int = 0) -> torch.Tensor:
         """``numel`` elements of ``dtype`` from ``offset_bytes`` (a multiple of the dtype's size)."""
         size = torch.empty((), dtype=dtype).element_size()

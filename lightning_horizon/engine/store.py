@@ -24,7 +24,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -128,6 +128,12 @@ class StoreGroup:
     """Bumped by the optimizer when it schedules an update of this group."""
     done_version: int = 0
     """Set by the optimizer worker when the update scheduled as ``version`` has been applied."""
+    home: int | None = None
+    """With a sharded node store (data parallel over several nodes, ``EngineConfig.node_store="sharded"``): the node
+    that holds and steps this group. None: every node holds it."""
+    away: bool = False
+    """Another node holds this group (:attr:`home`): its buffer here is never written nor read (its pages take no
+    memory), and its parameters are on the meta device in this process."""
 
     @property
     def trainable(self) -> bool:
@@ -232,6 +238,9 @@ class HostStore:
             the processes of a node, :mod:`.data_parallel`); None: ``torch.empty``.
         fill: Copy the parameters' values into the buffers (False: another process fills the shared buffers; the
             parameters only become views into them).
+        away: Names of the groups this process's node does not hold (a sharded node store, :mod:`.data_parallel`):
+            their buffers are laid out but never filled nor pinned, and their parameters go to the meta device
+            (:attr:`StoreGroup.away`).
     """
 
     def __init__(
@@ -243,6 +252,7 @@ class HostStore:
         pin_frozen: bool = False,
         allocate: Callable[[str, int, torch.dtype], torch.Tensor] | None = None,
         fill: bool = True,
+        away: Collection[str] = (),
     ) -> None:
         self.groups: list[StoreGroup] = []
         self.by_param: dict[int, tuple[StoreGroup, StoreParam]] = {}
@@ -253,7 +263,7 @@ class HostStore:
         for name, unique, dtype in split_frozen(groups, frozen_dtype):
             group = self._adopt_group(name, unique, dtype) if adopt else None
             if group is None:
-                group = self._build_group(name, unique, dtype, allocate, fill)
+                group = self._build_group(name, unique, dtype, allocate, fill, name in away)
                 release_free_heap()  # the sources this group freed, before the next group's buffer is allocated
             if dtype != torch.float32:
                 group.frozen = True
@@ -261,7 +271,7 @@ class HostStore:
             self.groups.append(group)
             for sp in group.params:
                 self.by_param[id(sp.param)] = (group, sp)
-            if pin if not group.frozen else pin_frozen:
+            if (pin if not group.frozen else pin_frozen) and not group.away:
                 self._pinned.append(register_pinned(group.master))
         self.by_name = {g.name: g for g in self.groups}
 
@@ -277,10 +287,11 @@ class HostStore:
         dtype: torch.dtype = torch.float32,
         allocate: Callable[[str, int, torch.dtype], torch.Tensor] | None = None,
         fill: bool = True,
+        away: bool = False,
     ) -> StoreGroup:
         offset, entries = 0, []
         for pname, p in named_params:
-            if p.is_meta:
+            if p.is_meta and not away:
                 raise ValueError(
                     f"parameter {pname!r} is on the meta device: materialise the model (or load its weights) before"
                     " handing it to the engine"
@@ -293,6 +304,12 @@ class HostStore:
             master = torch.empty(max(offset, 1), dtype=dtype)
         else:
             master = allocate(name, max(offset, 1), dtype)
+        if away:  # another node's: no page of its buffer is touched here, the parameters hold no data
+            for sp in entries:
+                if not sp.param.is_meta:
+                    meta = nn.Parameter(torch.empty(sp.shape, device="meta"), requires_grad=sp.param.requires_grad)
+                    torch.utils.swap_tensors(sp.param, meta)  # (the object stays: optimizers hold it)
+            return StoreGroup(name, entries, offset, master, away=True)
         if fill and offset > sum(e.numel for e in entries):
             master.zero_()  # alignment gaps: keep them deterministic for checksums
         with torch.no_grad():

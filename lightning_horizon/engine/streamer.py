@@ -202,16 +202,24 @@ class LayerStreamer:
         slot.experts = {}
         shard = self.shard.bounds(unit.numel)[0]
         out = slot.buf.data[: shard * self.shard.size]
+        home = unit_home(unit)
+        mine = out[self.shard.rank * shard : (self.shard.rank + 1) * shard]
         if self.cuda:
             self.gather_stream.wait_event(slot.free_event)  # (a process whose shard is empty copied nothing)
             self.gather_stream.wait_event(slot.copy_event)
             with torch.cuda.stream(self.gather_stream):
+                if home is not None:  # its shard from the layer's node first
+                    self.shard.from_home(mine, home)
                 self.shard.all_gather(out)
                 slot.gather_event.record(self.gather_stream)
             torch.cuda.current_stream(self.device).wait_event(slot.gather_event)
         else:
+            if home is not None:
+                self.shard.from_home(mine, home)
             self.shard.all_gather(out)
-        self.bytes_gathered += (self.shard.size - 1) * shard * out.element_size()
+        self.bytes_gathered += (
+            (self.shard.size - 1 + (unit.groups[0].away if home is not None else 0)) * shard * (out.element_size())
+        )
 
     def _padded(self, numel: int) -> int:
         """Slot elements for units of up to ``numel`` elements: a multiple of the node's processes when sharded."""
@@ -396,7 +404,9 @@ class LayerStreamer:
             self.store.wait_updated(group, poll=self.workers.check)
         self.update_wait_s += time.perf_counter() - start
         masters = False
-        if all(g.copy is not None for g in unit.groups):
+        if unit.groups and unit.groups[0].away:  # another node uploads it: its shards arrive at the gather
+            spans = []
+        elif all(g.copy is not None for g in unit.groups):
             spans = self._mine(unit, self._copy_spans(unit))
             self._upload_copy(unit, spans, slot)
         elif self.cast_on_gpu:
@@ -506,3 +516,11 @@ class LayerStreamer:
             pack_bf16_(dst, src, num_threads=self.pack_threads)
         else:
             dst.copy_(src)
+
+
+def unit_home(unit: Unit) -> int | None:
+    """The node that holds ``unit``'s groups (a sharded node store), or None when every node holds them."""
+    homes = {g.home for g in unit.groups}
+    if len(homes) != 1:
+        raise RuntimeError(f"unit {unit.uid}: its groups are held by different nodes ({sorted(map(str, homes))})")
+    return homes.pop()
