@@ -64,6 +64,7 @@ def main() -> None:
     )
     ap.add_argument("--grad-reduce", default="host", help="the strategy's grad_reduce")
     ap.add_argument("--sharded-streaming", action="store_true", help="the strategy's sharded_streaming")
+    ap.add_argument("--node-store", default="replicated", help="the strategy's node_store")
     ap.add_argument("--sleep", type=float, default=0.0, help="seconds each step sleeps (a run to kill)")
     ap.add_argument(
         "--meta-model", action="store_true", help="the model is built in configure_model, on meta outside local rank 0"
@@ -91,7 +92,9 @@ def main() -> None:
                 time.sleep(args.sleep)
 
     trainer = L.Trainer(
-        strategy=HorizonStrategy(grad_reduce=args.grad_reduce, sharded_streaming=args.sharded_streaming),
+        strategy=HorizonStrategy(
+            grad_reduce=args.grad_reduce, sharded_streaming=args.sharded_streaming, node_store=args.node_store
+        ),
         accelerator="cpu",
         devices=args.devices,
         num_nodes=args.num_nodes,
@@ -126,7 +129,9 @@ def main() -> None:
         stats["val_losses"] = module.val_losses
     out = Path(args.out)
     rank = trainer.global_rank
-    torch.save({n: p.detach().clone() for n, p in module.model.named_parameters()}, out / f"weights{rank}.pt")
+    # (with a sharded node store, the layers other nodes hold are on the meta device here: left out)
+    weights = {n: p.detach().clone() for n, p in module.model.named_parameters() if not p.is_meta}
+    torch.save(weights, out / f"weights{rank}.pt")
     (out / f"stats{rank}.json").write_text(
         json.dumps(
             {

@@ -658,6 +658,86 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in found]
 
 
+def _nodes(out: Path, nodes: int, *args: str, timeout: int = 240) -> list[str]:
+    """``python -m tests.dp_fit ARGS --num-nodes NODES`` on ``nodes`` simulated nodes (one launch per node, with
+    ``NODE_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``, as a cluster scheduler starts them); returns their logs, and
+    fails unless every node exits 0."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for node in range(nodes):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "NODE_RANK": str(node), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}  # fmt: skip
+        for key in ("LOCAL_RANK", "WORLD_SIZE"):
+            env.pop(key, None)
+        cmd = [sys.executable, "-m", "tests.dp_fit", "--out", str(out), "--num-nodes", str(nodes), *args]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))  # fmt: skip
+    logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    return [log if p.returncode == 0 else f"exit {p.returncode}\n{log}" for p, log in zip(procs, logs)]
+
+
+def _held(out: Path, world: int) -> dict[str, torch.Tensor]:
+    """Every weight some process of a run holds (a sharded node store: each node its layers)."""
+    held: dict[str, torch.Tensor] = {}
+    for rank in range(world):
+        held.update(_weights(out, rank))
+    return held
+
+
+SHARDED_STORE = ("--node-store", "sharded", "--sharded-streaming", "--grad-reduce", "device", "--no-hook")
+
+
+def test_sharded_node_store_under_lightning_checkpoints_and_resumes_on_other_layouts(tmp_path):
+    """``Trainer(strategy=HorizonStrategy(node_store="sharded", ...), devices=2, num_nodes=2)`` on two simulated
+    nodes: the weights the nodes hold together equal one process with the global batch (1e-5), each node holding only
+    its layers, also after a ``trainer.validate`` (a second engine over the same model); every node writes the
+    checkpoint's files of its layers; the checkpoint resumes in 1 process exactly as a 1-process checkpoint does, a
+    1-process checkpoint resumes on the two sharded nodes, and the Hugging Face export holds the trained weights. A
+    hook that reads gradients is refused (the other nodes' layers have none here)."""
+    one, sharded = tmp_path / "one.ckpt", tmp_path / "sharded.ckpt"
+    logs = _nodes(tmp_path / "a", 2, "--devices", "2", "--batch", "1", "--save", str(sharded), "--validate",
+                  *SHARDED_STORE)  # fmt: skip
+    assert not [log for log in logs if log.startswith("exit")], "\n".join(log[-3000:] for log in logs)
+    _ok(_fit(tmp_path / "b", "--devices", "1", "--batch", "4", "--save", str(one), "--validate"))
+    want = _weights(tmp_path / "b")
+    stats = [json.loads((tmp_path / "a" / f"stats{r}.json").read_text()) for r in range(4)]
+    assert stats[0]["world"] == 4
+    held = _held(tmp_path / "a", 4)
+    assert set(held) == set(want) and _max_diff(held, want) <= 1e-5
+    layers = [{n for n in _weights(tmp_path / "a", r) if ".layers." in n} for r in (0, 2)]  # one process per node
+    assert layers[0] and layers[1] and not layers[0] & layers[1]
+    val = json.loads((tmp_path / "b" / "stats0.json").read_text())["val_losses"]
+    assert all(s["val_losses"] == pytest.approx(val, rel=1e-5) for s in stats)
+    # each node wrote the files of its layers, node 0 those of the groups every node holds
+    wrote = [{f for f in s["wrote"] if f.startswith("model/layers.")} for s in stats]
+    assert wrote[0] | wrote[1] and wrote[2] | wrote[3] and not (wrote[0] | wrote[1]) & (wrote[2] | wrote[3])
+    assert not [f for s in stats[2:] for f in s["wrote"] if not f.split("/")[1].startswith("layers.")]
+    _ok(_fit(tmp_path / "want", "--devices", "1", "--batch", "4", "--steps", "20", "--resume", str(one)))
+    want = _weights(tmp_path / "want")
+    _ok(_fit(tmp_path / "resumed1", "--devices", "1", "--batch", "4", "--steps", "20", "--resume", str(sharded)))
+    assert _max_diff(_weights(tmp_path / "resumed1"), want) <= 1e-5
+    logs = _nodes(tmp_path / "resumed2x2", 2, "--devices", "2", "--batch", "1", "--steps", "20", "--resume", str(one),
+                  *SHARDED_STORE)  # fmt: skip
+    assert not [log for log in logs if log.startswith("exit")], "\n".join(log[-3000:] for log in logs)
+    assert _max_diff(_held(tmp_path / "resumed2x2", 4), want) <= 1e-5
+    assert _max_diff(want, _weights(tmp_path / "b")) > 1e-4  # it trained on
+    from transformers import AutoModelForCausalLM
+
+    from lightning_horizon.export import main as export_main
+
+    export_main([str(sharded), str(tmp_path / "hf"), "--dtype", "fp32"])
+    exported = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "hf").named_parameters())
+    assert _max_diff({k: v.detach() for k, v in exported.items()}, held) == 0
+    # with the strategy's own clipping only: a hook that reads param.grad is refused, in every node
+    logs = _nodes(tmp_path / "hook", 2, "--devices", "1", *SHARDED_STORE[:-1])
+    assert all(log.startswith("exit") and "reads gradients" in log for log in logs), logs[0][-2000:]
+
+
 def test_two_nodes_launched_as_a_cluster_launches_them(tmp_path):
     """``Trainer(devices=1, num_nodes=2)`` on two simulated nodes (two processes started with ``NODE_RANK``,
     ``MASTER_ADDR``, ``MASTER_PORT``, as a cluster scheduler starts them): each node builds its own store, node 0's

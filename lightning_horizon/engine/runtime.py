@@ -83,6 +83,8 @@ class HorizonEngine:
         if parallel is not None:  # rank 0's buffers everywhere; a model built on the meta device gets CPU storage
             parallel.prepare_model(model)
         for name, p in model.named_parameters():
+            if p.is_meta and parallel is not None and parallel.holds_share:
+                continue  # a layer another node holds, from an earlier sharded store
             if p.device.type != "cpu":
                 raise ValueError(
                     f"parameter {name!r} is on {p.device}; build the model on the CPU, the engine keeps masters in "
