@@ -9,6 +9,10 @@ memory: each process's own heap; shared memory: the node's store; files: librari
 every process has built its model, before the store exists (``--meta``: the processes other than rank 0 build theirs
 on the meta device, as ``recipes.sft`` does). ``--grad-reduce device --sharded-streaming``: the node's collectives
 (reduce-scatter of the gradients, all-gather of the layers) over gloo, as NCCL runs them on GPUs.
+
+``--layouts 1x1 2x2 --node-store sharded``: rows of N processes on each of M simulated nodes (separate stores on
+this one machine); the figures are then per node (the largest node's PSS sum), so a sharded node store shows what
+one node of a real cluster holds.
 """
 
 from __future__ import annotations
@@ -53,13 +57,13 @@ def _model(args, meta: bool = False) -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(cfg).float()
 
 
-def _run(rank: int, world: int, args, init: str, out: str) -> None:
+def _run(rank: int, world: int, local: int, args, init: str, out: str) -> None:
     torch.set_num_threads(1)
     parallel = None
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
-        parallel = DataParallel(local_rank=rank, local_world_size=world)
-    model = _model(args, meta=args.meta and rank > 0)
+        parallel = DataParallel(local_rank=rank % local, local_world_size=local)
+    model = _model(args, meta=args.meta and rank % local > 0)
     numel = sum(p.numel() for p in model.parameters())
     if parallel is not None:
         parallel.barrier()  # every process holds its model now: the moment of setup where copies add up
@@ -72,6 +76,7 @@ def _run(rank: int, world: int, args, init: str, out: str) -> None:
         parallel=parallel,
         grad_reduce=args.grad_reduce,
         sharded_streaming=args.sharded_streaming,
+        node_store=args.node_store,
     )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     for step in range(3):
@@ -81,7 +86,7 @@ def _run(rank: int, world: int, args, init: str, out: str) -> None:
         engine.step(opt)
         opt.zero_grad()
     engine.synchronize()
-    Path(out, f"{world}-{rank}.json").write_text(json.dumps({"pss": _pss(), "numel": numel, "built": built}))
+    Path(f"{out}-{world}-{rank}.json").write_text(json.dumps({"pss": _pss(), "numel": numel, "built": built}))
     if parallel is not None:
         parallel.barrier()  # every process measured before any exits (shared pages stay split the same way)
         dist.destroy_process_group()
@@ -97,15 +102,26 @@ def main() -> None:
     )
     ap.add_argument("--grad-reduce", default="host", help="EngineConfig.grad_reduce (host, device)")
     ap.add_argument("--sharded-streaming", action="store_true", help="EngineConfig.sharded_streaming")
+    ap.add_argument("--node-store", default="replicated", help="EngineConfig.node_store (replicated, sharded)")
+    ap.add_argument(
+        "--layouts", nargs="+", help="rows as PROCESSESxNODES (e.g. 1x1 2x2; replaces --processes): figures per node"
+    )
     args = ap.parse_args()
+    layouts = [tuple(map(int, x.split("x"))) for x in args.layouts] if args.layouts else [(p, 1) for p in args.processes]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for world in args.processes:
-            mp.spawn(_run, args=(world, args, os.path.join(tmp, f"init{world}"), tmp), nprocs=world, join=True)
-            parts = [json.loads(Path(tmp, f"{world}-{r}.json").read_text()) for r in range(world)]
-            total = {k: sum(p["pss"].get(k, 0) for p in parts) for k in ("Pss", "Pss_Anon", "Pss_Shmem", "Pss_File")}
-            total["built"] = sum(p["built"] for p in parts)
-            rows.append((world, total, parts[0]["numel"]))
+        for local, nodes in layouts:
+            world, tag = local * nodes, f"{local}x{nodes}"
+            init = os.path.join(tmp, f"init{tag}")
+            mp.spawn(_run, args=(world, local, args, init, os.path.join(tmp, tag)), nprocs=world, join=True)
+            parts = [json.loads(Path(tmp, f"{tag}-{world}-{r}.json").read_text()) for r in range(world)]
+            per_node = []
+            for node in range(nodes):
+                mine = parts[node * local : (node + 1) * local]
+                total = {k: sum(p["pss"].get(k, 0) for p in mine) for k in ("Pss", "Pss_Anon", "Pss_Shmem", "Pss_File")}
+                total["built"] = sum(p["built"] for p in mine)
+                per_node.append(total)
+            rows.append((tag, max(per_node, key=lambda t: t["Pss"]), parts[0]["numel"]))
     base = rows[0][1]["Pss"]
     print(
         f"{'processes':>9} {'PSS sum GiB':>12} {'B/param':>8} {'vs first':>9} "

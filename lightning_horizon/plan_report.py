@@ -42,7 +42,7 @@ def format_plan(plan: Plan) -> str:
             f"  {s.devices} GPU(s) per node x {s.num_nodes} node(s), data parallel (the batch above per GPU), "
             f"{s.node_store} store across nodes: a prediction of the scaling model (docs/scaling.md), not measured; "
             "the strategy runs it with strategy.sharded_streaming=true strategy.grad_reduce=device"
-            + (" (nodes hold replicas today: the sharded node store is not built)" if s.num_nodes > 1 else "")
+            + (f" strategy.node_store={s.node_store}" if s.num_nodes > 1 else "")
         )
     lines += ["", f"{'Host memory' + (' per node' if several else ''):<52}{'GB':>10}"]
     lines += [f"  {name:<50}{_gb(value)}" for name, value in plan.host_bytes.items() if value]

@@ -209,18 +209,19 @@ class PlanSettings:
     devices: int = 1
     """GPUs per node (trainer.devices), each with the micro-batch above (data parallel; planned only, see below)."""
     num_nodes: int = 1
-    """Nodes (trainer.num_nodes)."""
-    node_store: str = "sharded"
-    """With several nodes: ``sharded`` (each node's host holds 1/num_nodes of the masters and optimizer state, and
-    every layer's weights cross the network) or ``replicated`` (each node holds everything; only the gradients are
-    all-reduced across nodes)."""
+    """Nodes (trainer.num_nodes); what each node holds is ``engine.node_store`` (``EngineConfig.node_store``)."""
+
+    @property
+    def node_store(self) -> str:
+        """``engine.node_store``: with several nodes, ``sharded`` (each node's host holds its 1/num_nodes of the
+        decoder layers, with their optimizer state, and every layer's weights cross the network) or ``replicated``
+        (each node holds everything; only the gradients are all-reduced across nodes)."""
+        return self.engine.node_store
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "max_seq_len", "accumulate_grad_batches", "devices", "num_nodes"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.node_store not in ("sharded", "replicated"):
-            raise ValueError(f"node_store must be sharded or replicated, got {self.node_store!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         object.__setattr__(self, "master_dtype", as_dtype(self.master_dtype))
@@ -315,7 +316,6 @@ def plan(
     peft: PeftSettings | None = None,
     devices: int = 1,
     num_nodes: int = 1,
-    node_store: str = "sharded",
     **engine_settings: Any,
 ) -> Plan:
     """Predict host memory, GPU memory and step time (formulas in the module docstring); allocates nothing.
@@ -334,7 +334,6 @@ def plan(
         compute_dtype=compute_dtype,
         devices=devices,
         num_nodes=num_nodes,
-        node_store=node_store,
     )
     frozen = dataclasses.replace(engine, compute_dtype=settings.compute_dtype).frozen_store_dtype() is not None
     return plan_shape(model_shape(hf_config, name=name, peft=peft, frozen=frozen), hardware, settings)
@@ -485,7 +484,7 @@ def plan_shape(shape: ModelShape, hardware: HardwareProfile, settings: PlanSetti
     steps["cpu optimizer"] = trained / hardware.cpu_adam_params_per_s
     steps["host memory traffic"] = host_traffic / hardware.host_memory_bytes_per_s
     if s.devices > 1 or s.num_nodes > 1:
-        host, steps = _several_gpus(host, steps, s, hardware, acc * upload, acc * download)
+        host, steps = _several_gpus(host, steps, s, hardware, acc * upload, acc * download, shape)
     return Plan(shape=shape, hardware=hardware, settings=s, host_bytes=host, gpu_bytes=gpu, step_seconds=steps)
 
 
@@ -500,14 +499,16 @@ def _several_gpus(
     hardware: HardwareProfile,
     upload: float,
     download: float,
+    shape: ModelShape,
 ) -> tuple[dict[str, int], dict[str, float]]:
     """Per-node host memory and the step terms of ``s.devices`` GPUs on each of ``s.num_nodes`` nodes (the scaling
     model of ``docs/scaling.md``), from the one-GPU figures. Every GPU runs the same micro-batches (data parallel).
 
     Within a node the GPUs share one host store: each uploads 1/devices of every layer over its own PCIe link and
     the layer is all-gathered over the GPU links; gradients are reduce-scattered there and each GPU sends its share
-    down. Across nodes, ``sharded``: each node holds 1/num_nodes of the store (and steps it), and every layer's
-    shards cross the network (all-gather, reduce-scatter); ``replicated``: each node holds and steps everything, and
+    down. Across nodes, ``sharded``: each node holds 1/num_nodes of the decoder layers (and steps them) besides the
+    embedding, norm and head, which every node holds, and every layer's shards cross the network (from the layer's
+    node before the gather, gradient shards back to it); ``replicated``: each node holds and steps everything, and
     the gradients are all-reduced across nodes.
     """
     n, m = s.devices, s.num_nodes
@@ -521,7 +522,12 @@ def _several_gpus(
             f"hardware {hardware.name!r} has no network_bytes_per_s: set it (per node and direction) to plan several "
             "nodes"
         )
-    share = 1 / m if s.node_store == "sharded" else 1.0  # of the model's store each node holds, steps and uploads
+    layers = sum(shape.layer_params)
+    held = layers / shape.num_params if shape.num_params else 0.0  # of the store: the layers' part
+    streamed = layers / (layers + shape.head_params) if layers else 0.0  # of the bytes streamed: the layers' part
+    # of the model's store each node holds, steps and uploads: its share of the layers, and the rest whole
+    share = held / m + (1 - held) if s.node_store == "sharded" else 1.0
+    upload_share = streamed / m + (1 - streamed) if s.node_store == "sharded" else 1.0
     per_node = {}
     for label, value in host.items():
         per_process = any(label.split(" (")[0].endswith(key) for key in _PER_PROCESS)
@@ -529,7 +535,7 @@ def _several_gpus(
     out = dict(steps)
     for key in ("h2d upload", "d2h gradients"):
         if key in steps:  # (a CPU run has no transfers)
-            out[key] = steps[key] * share / n
+            out[key] = steps[key] * upload_share / n
     out["cpu optimizer"] = steps["cpu optimizer"] * share
     out["host memory traffic"] = steps["host memory traffic"] * share
     if n > 1 and hardware.has_gpu:  # all-gather of each layer, reduce-scatter of its gradients over the GPU links
@@ -537,7 +543,7 @@ def _several_gpus(
             (upload + download) * (n - 1) / n / hardware.gpu_link_bytes_per_s
         )
     if m > 1:  # per node: the other nodes' shards of every layer in, gradient shards out (or a gradient all-reduce)
-        crossing = upload + download if s.node_store == "sharded" else 2 * download
+        crossing = (upload + download) * streamed if s.node_store == "sharded" else 2 * download
         out["network"] = crossing * (m - 1) / m / hardware.network_bytes_per_s
     return per_node, out
 
