@@ -107,7 +107,9 @@ def main() -> None:
         "--layouts", nargs="+", help="rows as PROCESSESxNODES (e.g. 1x1 2x2; replaces --processes): figures per node"
     )
     args = ap.parse_args()
-    layouts = [tuple(map(int, x.split("x"))) for x in args.layouts] if args.layouts else [(p, 1) for p in args.processes]
+    layouts = (
+        [tuple(map(int, x.split("x"))) for x in args.layouts] if args.layouts else [(p, 1) for p in args.processes]
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for local, nodes in layouts:

@@ -6,6 +6,7 @@ slice of every global micro-batch; one node's processes share one store (:mod:`l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -378,20 +379,32 @@ def test_a_gradient_no_process_had_stays_absent_and_one_process_counts_as_the_su
             assert got[rank]["bytes"] == (37 + 11 * rank + 37) * 4
 
 
-def test_lora_adapters_over_a_frozen_base_equal_one_process(tmp_path):
+@pytest.mark.parametrize(
+    "world,local_world,device",
+    [(2, 2, False), (2, 2, True), (4, 2, True)],
+    ids=["host", "device-sharded-streaming", "2nodes-x-2proc-sharded-node-store"],
+)
+def test_lora_adapters_over_a_frozen_base_equal_one_process(tmp_path, world, local_world, device):
     """PEFT LoRA under data parallelism: the frozen base and the adapters in the node's store, only the adapters
-    trained; 2 processes equal one with the global batch (1e-5) and the base does not move."""
-    stats = _spawn(tmp_path, 2, 2, lora=True, meta=True)  # (the second process builds its model on meta)
-    want, single = _single(2, lora=True)
+    trained; 2 processes equal one with the global batch (1e-5) and the base does not move. Also with the devices'
+    collectives (groups without a trainable parameter, the norms, are not reduced) and with a sharded node store on
+    two simulated nodes."""
+    device_run = dict(grad_reduce="device", sharded=True, node_store="sharded" if local_world < world else "replicated")
+    # (the processes other than each node's first build their models on meta)
+    stats = _spawn(tmp_path, world, local_world, lora=True, meta=True, **(device_run if device else {}))
+    want, single = _single(world, lora=True)
     start = dict(_model(0, lora=True).named_parameters())
-    for rank in range(2):
+    held = set()
+    for rank in range(world):
         got = torch.load(tmp_path / f"weights{rank}.pt")
-        assert got.keys() == want.keys()
-        for name, value in want.items():
-            assert (got[name] - value).abs().max().item() <= 1e-5, (rank, name)
+        assert got.keys() | set(stats[rank]["meta"]) == want.keys()
+        for name, value in got.items():
+            assert (value - want[name]).abs().max().item() <= 1e-5, (rank, name)
             if "lora_" not in name:
-                assert torch.equal(got[name], start[name]), name
+                assert torch.equal(value, start[name]), name
+        held |= got.keys()
         assert stats[rank]["norms"] == pytest.approx(single["norms"], rel=1e-5)
+    assert held == want.keys()
     assert max((want[n] - start[n]).abs().max().item() for n in want if "lora_" in n) > 1e-4
 
 
@@ -424,6 +437,45 @@ def _creator_gone(name: str) -> bool:
     except ProcessLookupError:
         return True
     return False
+
+
+def test_homes_share_the_layers_out_among_the_nodes_by_size():
+    """Each decoder layer (its trainable group and its frozen part together) has one home node, largest first to the
+    least loaded node, the same in every process; the embedding, norm and head have none (every node holds them).
+    The settings a sharded node store needs are refused without them."""
+    from lightning_horizon.engine.config import EngineConfig
+    from lightning_horizon.engine.data_parallel import assign_homes
+    from lightning_horizon.engine.store import split_frozen
+
+    model = tiny_model("qwen2", tied=False, layers=5)
+    for p in model.model.layers[1].mlp.parameters():
+        p.requires_grad_(False)  # a layer in two groups (layers.1 and layers.1.frozen)
+    split = split_frozen(_store_groups(model), torch.bfloat16)
+    homes = assign_homes(split, 2)
+    names = [name for name, _, _ in split]
+    assert set(homes) == {n for n in names if n.startswith("layers.")}
+    assert homes["layers.1"] == homes["layers.1.frozen"]
+    assert "embed" not in homes and "lm_head" not in homes and "norm" not in homes
+    load = [0, 0]
+    for name, named, _ in split:
+        if name in homes:
+            load[homes[name]] += sum(p.numel() for _, p in named)
+    assert load[0] and load[1] and max(load) - min(load) <= max(load) // 2
+    assert assign_homes(split, 2) == homes and set(assign_homes(split, 5).values()) == set(range(5))
+    with pytest.raises(ValueError, match="node_store must be one of"):
+        EngineConfig(node_store="mirrored")
+    sharded = EngineConfig(node_store="sharded")
+    with pytest.raises(ValueError, match="sharded_streaming=True .*grad_reduce='device'"):
+        data_parallel_config(sharded, num_nodes=2)
+    both = dataclasses.replace(sharded, sharded_streaming=True, grad_reduce="device")
+    assert data_parallel_config(both, num_nodes=2).sparse_experts is False  # routed experts stream whole
+    assert data_parallel_config(sharded, num_nodes=1).sparse_experts is True  # one node: nothing to share out
+
+
+def _store_groups(model):
+    from lightning_horizon.engine.adapter import describe
+
+    return describe(model).store_groups()
 
 
 def test_owners_balance_groups_by_size():
@@ -619,6 +671,10 @@ def test_preflight_counts_per_process_parts_once_per_process_and_the_state_once(
         check_host_memory(engine.shape, engine.config, [opt], available, processes=4)  # the node's total is one's
         with pytest.raises(MemoryError, match="gradients"):
             check_host_memory(engine.shape, engine.config, [opt], available - one["gradients"], processes=4)
+        # a sharded node store: the node allocates its share of the state and of the gradients only
+        half = still_to_allocate(engine.shape, torch.float32, True, False, 3, False, [opt], node_share=0.5)
+        assert half["optimizer state"] == one["optimizer state"] // 2 and half["gradients"] == one["gradients"] // 2
+        check_host_memory(engine.shape, engine.config, [opt], sum(half.values()) + PREFLIGHT_MARGIN_BYTES, 4, 0.5)
     finally:
         engine.close()
 
@@ -793,33 +849,44 @@ def _moe_train(model, engine, rank: int, world: int) -> None:
     engine.synchronize()
 
 
-def _moe_worker(rank: int, world: int, init: str, out: str, reduce: str, sharded: bool, sparse: bool) -> None:
+def _moe_worker(
+    rank: int, world: int, init: str, out: str, reduce: str, sharded: bool, sparse: bool, store: str
+) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
         model = _moe(seed=rank)  # rank 0's weights win
-        parallel = DataParallel(local_rank=rank, local_world_size=world)
-        settings = {"sparse_experts": sparse, "grad_reduce": reduce, "sharded_streaming": sharded}
+        local = 1 if store == "sharded" else world  # a sharded node store: one process on each of 2 nodes
+        parallel = DataParallel(local_rank=rank % local, local_world_size=local)
+        settings = {"sparse_experts": sparse, "grad_reduce": reduce, "sharded_streaming": sharded, "node_store": store}
         engine = HorizonEngine(model, device="cpu", compute_dtype="fp32", parallel=parallel, **settings)
         _moe_train(model, engine, rank, world)
         engine.close()
-        torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, f"{out}/moe{rank}.pt")
+        weights = {n: p.detach().clone() for n, p in model.named_parameters() if not p.is_meta}
+        torch.save(weights, f"{out}/moe{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.parametrize(
-    "reduce,sharded,sparse",
-    [("host", False, True), ("device", False, True), ("device", True, True), ("device", True, False)],
+    "reduce,sharded,sparse,store",
+    [
+        ("host", False, True, "replicated"),
+        ("device", False, True, "replicated"),
+        ("device", True, True, "replicated"),
+        ("device", True, False, "replicated"),
+        ("device", True, True, "sharded"),
+    ],
 )
-def test_sparse_experts_equal_one_process(tmp_path, reduce, sharded, sparse):
+def test_sparse_experts_equal_one_process(tmp_path, reduce, sharded, sparse, store):
     """A Mixtral of 16 experts, one row per process: each process's tokens reach different experts, so expert
     gradients land sparsely (only the hit experts' rows) into the node's one buffer, zero-filled by the first landing
     of a step (``host``), or enter the devices' reduce-scatter as zeros outside the hit rows (``device``). 3 AdamW
     steps with clipping and accumulation equal one process with the global batch (1e-5). With sharded streaming each
     process uploads its shard of a layer and, sparse, the experts its own tokens reach after the gather (or, dense,
-    the experts too in its shard)."""
-    args = (2, str(tmp_path / "init"), str(tmp_path), reduce, sharded, sparse)
+    the experts too in its shard). With a sharded node store (2 nodes of one process) the experts stream whole, from
+    their layer's node."""
+    args = (2, str(tmp_path / "init"), str(tmp_path), reduce, sharded, sparse, store)
     _start(_moe_worker, args, 2)
     model = _moe(seed=0)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -827,9 +894,13 @@ def test_sparse_experts_equal_one_process(tmp_path, reduce, sharded, sparse):
     _moe_train(model, engine, 0, 2)
     engine.close()
     want = {n: p.detach().clone() for n, p in model.named_parameters()}
+    held = set()
     for rank in range(2):
         got = torch.load(tmp_path / f"moe{rank}.pt")
-        for name, value in want.items():
-            assert (got[name] - value).abs().max().item() <= 1e-5, (rank, name)
+        assert set(got) == set(want) or store == "sharded"
+        for name, value in got.items():
+            assert (value - want[name]).abs().max().item() <= 1e-5, (rank, name)
+        held |= set(got)
+    assert held == set(want)
     experts = [n for n in want if ".experts." in n]
     assert experts and max((want[n] - start[n]).abs().max().item() for n in experts) > 1e-4

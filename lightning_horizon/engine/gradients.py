@@ -487,7 +487,9 @@ class GradientSink:
         held = [(t, g) for t, g in zip(targets, grads) if id(t[0]) in self.scattered and g is not None]
         groups: dict[int, tuple[StoreGroup, list[tuple[StoreParam, torch.Tensor | ExpertGrad | None]]]] = {}
         for (group, sp), g in zip(targets, grads):
-            if id(group) not in self.scattered:
+            # (a group with no trainable parameter, such as the norms under LoRA, has nothing to reduce: the same
+            # in every process, so the collectives still match)
+            if id(group) not in self.scattered and group.trainable:
                 groups.setdefault(id(group), (group, []))[1].append((sp, g))
         if held or not groups:
             self._submit_fold(held, [] if groups else final)
