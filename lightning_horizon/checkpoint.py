@@ -103,6 +103,12 @@ def save_sharded(checkpoint: dict[str, Any], path: str | os.PathLike, fsync: boo
     files: dict[str, dict[str, Any]] = {}
     optimizers: list[tuple[dict[str, Any], dict[str, Any]]] = []
     try:
+        if parallel is not None and parallel.sharded_nodes and not tmp.is_dir():
+            raise CheckpointError(
+                f"node {parallel.node_rank} does not see {tmp}, the checkpoint's temporary directory made by global "
+                "rank 0: with node_store='sharded' every node writes the files of its layers, so the checkpoint path "
+                "must be on a file system every node sees"
+            )
         if parallel is None:
             model_meta = _write_model(tmp, state_dict, layout, files, fsync)
         elif parallel.node_rank == 0 or parallel.sharded_nodes:

@@ -361,6 +361,12 @@ class HorizonStrategy(ParallelStrategy):
                     checkpoint, filepath, fsync=self.checkpoint_io.fsync, parallel=self._data_parallel
                 )
                 return
+        elif self._data_parallel is not None and self._data_parallel.holds_share:
+            raise ValueError(
+                f"checkpoint_io={type(self.checkpoint_io).__name__}: with node_store='sharded' each node holds only its "
+                "share of the layers (the others are on the meta device in its processes), and only the horizon "
+                "checkpoint format writes every node's share. Use the default checkpoint_io (HorizonCheckpointIO)"
+            )
         elif self._data_parallel is not None and "optimizer_states" in checkpoint:
             raise ValueError(
                 f"checkpoint_io={type(self.checkpoint_io).__name__}: with several processes each holds the optimizer "

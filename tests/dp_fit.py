@@ -12,6 +12,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_horizon import HorizonStrategy
@@ -65,6 +66,9 @@ def main() -> None:
     ap.add_argument("--grad-reduce", default="host", help="the strategy's grad_reduce")
     ap.add_argument("--sharded-streaming", action="store_true", help="the strategy's sharded_streaming")
     ap.add_argument("--node-store", default="replicated", help="the strategy's node_store")
+    ap.add_argument(
+        "--torch-io", action="store_true", help="Lightning's TorchCheckpointIO instead of the horizon format"
+    )
     ap.add_argument("--sleep", type=float, default=0.0, help="seconds each step sleeps (a run to kill)")
     ap.add_argument(
         "--meta-model", action="store_true", help="the model is built in configure_model, on meta outside local rank 0"
@@ -108,6 +112,7 @@ def main() -> None:
         enable_model_summary=False,
         callbacks=[Fail()],
         use_distributed_sampler=False,
+        plugins=[TorchCheckpointIO()] if args.torch_io else None,
     )
     trainer.fit(module, ckpt_path=args.resume)
     stats = {}

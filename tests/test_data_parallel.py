@@ -792,6 +792,11 @@ def test_sharded_node_store_under_lightning_checkpoints_and_resumes_on_other_lay
     # with the strategy's own clipping only: a hook that reads param.grad is refused, in every node
     logs = _nodes(tmp_path / "hook", 2, "--devices", "1", *SHARDED_STORE[:-1])
     assert all(log.startswith("exit") and "reads gradients" in log for log in logs), logs[0][-2000:]
+    # another checkpoint format would save the other nodes' layers as meta tensors: refused, nothing written
+    logs = _nodes(tmp_path / "io", 2, "--devices", "1", "--steps", "2", "--save", str(tmp_path / "io.ckpt"),
+                  "--torch-io", *SHARDED_STORE)  # fmt: skip
+    assert all(log.startswith("exit") and "only the horizon checkpoint format" in log for log in logs), logs[0][-2000:]
+    assert not (tmp_path / "io.ckpt").exists()
 
 
 def test_two_nodes_launched_as_a_cluster_launches_them(tmp_path):
