@@ -50,9 +50,10 @@ class HardwareProfile:
     """Achievable FP32 TFLOP/s of the CPU in matmuls: used for the compute term when there is no GPU."""
     gpu_link_bytes_per_s: float = 0.0
     """GPU-to-GPU bandwidth of one GPU, each direction (NVLink), for a plan with several GPUs per node; 0 = none
-    known (such a plan is refused)."""
+    known (the plan leaves that term out and says so)."""
     network_bytes_per_s: float = 0.0
-    """Network bandwidth of one node, each direction, for a plan with several nodes; 0 = none known (refused)."""
+    """Network bandwidth of one node, each direction, for a plan with several nodes; 0 = none known (the plan leaves
+    that term out and says so)."""
 
     def __post_init__(self) -> None:
         for key in ("gpu_memory_bytes", "host_memory_bytes", "cpu_cores"):

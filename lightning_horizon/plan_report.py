@@ -74,6 +74,8 @@ def format_plan(plan: Plan) -> str:
         f"{plan.tokens_per_s:,.0f} tokens/s, {plan.model_tflops:.3g} model TFLOP/s (6NT)"
         + (f", {plan.model_tflops / plan.num_gpus:.3g} per GPU" if several else "")
     )
+    for term in plan.unpredicted:
+        lines.append(f"  (not predicted, so the step may be longer: {term})")
     if not plan.compute_on_gpu:
         lines.append(
             "  (CPU compute: estimated from a quick matmul measurement, derated to what training reached on a small "

@@ -244,6 +244,9 @@ class Plan:
     """Compute-device memory by component (in host memory when there is no GPU)."""
     step_seconds: dict[str, float] = field(default_factory=dict)
     """Each step-time term (they overlap)."""
+    unpredicted: list[str] = field(default_factory=list)
+    """Step-time terms left out for want of a rate in the hardware profile (the GPU links or the network of an
+    ``auto`` profile): the predicted step is then a lower bound."""
 
     @property
     def compute_on_gpu(self) -> bool:
@@ -483,9 +486,18 @@ def plan_shape(shape: ModelShape, hardware: HardwareProfile, settings: PlanSetti
         steps = {"cpu compute": acc * flops / (hardware.cpu_tflops * CPU_LAYER_EFFICIENCY * 1e12)}
     steps["cpu optimizer"] = trained / hardware.cpu_adam_params_per_s
     steps["host memory traffic"] = host_traffic / hardware.host_memory_bytes_per_s
+    unpredicted: list[str] = []
     if s.devices > 1 or s.num_nodes > 1:
-        host, steps = _several_gpus(host, steps, s, hardware, acc * upload, acc * download, shape)
-    return Plan(shape=shape, hardware=hardware, settings=s, host_bytes=host, gpu_bytes=gpu, step_seconds=steps)
+        host, steps, unpredicted = _several_gpus(host, steps, s, hardware, acc * upload, acc * download, shape)
+    return Plan(
+        shape=shape,
+        hardware=hardware,
+        settings=s,
+        host_bytes=host,
+        gpu_bytes=gpu,
+        step_seconds=steps,
+        unpredicted=unpredicted,
+    )
 
 
 # Host components held once per node's store (scaled by the node's share of it) vs once per process (per GPU).
@@ -500,8 +512,8 @@ def _several_gpus(
     upload: float,
     download: float,
     shape: ModelShape,
-) -> tuple[dict[str, int], dict[str, float]]:
-    """Per-node host memory and the step terms of ``s.devices`` GPUs on each of ``s.num_nodes`` nodes (the scaling
+) -> tuple[dict[str, int], dict[str, float], list[str]]:
+    """Per-node host memory, the step terms and the terms left out for want of a rate of ``s.devices`` GPUs on each of ``s.num_nodes`` nodes (the scaling
     model of ``docs/scaling.md``), from the one-GPU figures. Every GPU runs the same micro-batches (data parallel).
 
     Within a node the GPUs share one host store: each uploads 1/devices of every layer over its own PCIe link and
@@ -512,16 +524,14 @@ def _several_gpus(
     the gradients are all-reduced across nodes.
     """
     n, m = s.devices, s.num_nodes
+    unpredicted = []  # terms whose rate the profile lacks (an `auto` profile measures neither): left out
     if n > 1 and hardware.has_gpu and hardware.gpu_link_bytes_per_s <= 0:
-        raise ValueError(
-            f"hardware {hardware.name!r} has no gpu_link_bytes_per_s: set it (NVLink bandwidth per GPU and direction) "
-            "to plan several GPUs per node"
+        unpredicted.append(
+            f"gpu links: hardware {hardware.name!r} has no gpu_link_bytes_per_s (NVLink bandwidth per GPU and "
+            "direction)"
         )
     if m > 1 and hardware.network_bytes_per_s <= 0:
-        raise ValueError(
-            f"hardware {hardware.name!r} has no network_bytes_per_s: set it (per node and direction) to plan several "
-            "nodes"
-        )
+        unpredicted.append(f"network: hardware {hardware.name!r} has no network_bytes_per_s (per node and direction)")
     layers = sum(shape.layer_params)
     held = layers / shape.num_params if shape.num_params else 0.0  # of the store: the layers' part
     streamed = layers / (layers + shape.head_params) if layers else 0.0  # of the bytes streamed: the layers' part
@@ -538,14 +548,16 @@ def _several_gpus(
             out[key] = steps[key] * upload_share / n
     out["cpu optimizer"] = steps["cpu optimizer"] * share
     out["host memory traffic"] = steps["host memory traffic"] * share
-    if n > 1 and hardware.has_gpu:  # all-gather of each layer, reduce-scatter of its gradients over the GPU links
+    if n > 1 and hardware.has_gpu and hardware.gpu_link_bytes_per_s > 0:  # all-gather of each layer, reduce-scatter
+        # of its gradients over the GPU links
         out["gpu links (all-gather, reduce-scatter)"] = (
             (upload + download) * (n - 1) / n / hardware.gpu_link_bytes_per_s
         )
-    if m > 1:  # per node: the other nodes' shards of every layer in, gradient shards out (or a gradient all-reduce)
+    if m > 1 and hardware.network_bytes_per_s > 0:  # per node: the other nodes' shards of every layer in, gradient
+        # shards out (or a gradient all-reduce)
         crossing = (upload + download) * streamed if s.node_store == "sharded" else 2 * download
         out["network"] = crossing * (m - 1) / m / hardware.network_bytes_per_s
-    return per_node, out
+    return per_node, out, unpredicted
 
 
 def dtype_name(dtype: torch.dtype) -> str:

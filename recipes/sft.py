@@ -234,6 +234,23 @@ def export_hf(
         model.config.use_cache = use_cache
 
 
+def final_checkpoint(trainer: L.Trainer, checkpointing: HorizonModelCheckpoint, directory: Path) -> Path:
+    """The checkpoint of the trained weights (every process calls it): ``last`` when it holds the final step, else
+    one saved now (collective) as ``step-<N>.ckpt``."""
+    from lightning_horizon.checkpoint_reader import CheckpointReader
+
+    last = Path(checkpointing.last_model_path) if checkpointing.last_model_path else None
+    if (
+        last is not None
+        and last.is_dir()
+        and CheckpointReader(last, verify=False).meta.get("global_step") == trainer.global_step
+    ):
+        return last
+    path = directory / f"step-{trainer.global_step}.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
 def training_tokenizer(model: ModelConfig, hf_config: Any) -> Any:
     """The model's own tokenizer (``model.path``) or the bundled default, as the exported model directory will load
     it (same class and pre-tokenizer: the ids in training are the ids after export)."""
@@ -272,6 +289,14 @@ def train(cfg: DictConfig, workload: Workload = SFT) -> None:
         raise ValueError(
             f"recipes.{workload.name} trains on one GPU (trainer.devices=1, trainer.num_nodes=1); several processes "
             "run recipes.sft, or your own script with Trainer(strategy='horizon', devices=N)"
+        )
+    # A sharded node store: each node holds only its layers, so the export at the end reads the last checkpoint
+    sharded_nodes = run.strategy.node_store == "sharded" and plan.settings.num_nodes > 1
+    if sharded_nodes and run.peft.enabled:
+        raise ValueError(
+            "strategy.node_store=sharded with several nodes and peft: the adapter export reads the model, whose "
+            "layers are spread over the nodes. Use strategy.node_store=replicated (a LoRA run's frozen base is held "
+            "in the compute dtype: 2 B/param per node)"
         )
     if run.strategy.weight_copy is None and not several:  # the engine's rule, applied by the plan to this machine
         run.strategy = dataclasses.replace(run.strategy, weight_copy=plan.settings.engine.weight_copy)
@@ -353,10 +378,15 @@ def train(cfg: DictConfig, workload: Workload = SFT) -> None:
         **trainer_args,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=where.checkpoint)
+    final = final_checkpoint(trainer, checkpointing, run_dir / CHECKPOINTS) if sharded_nodes else None
     if not trainer.is_global_zero:  # with several processes, global rank 0 exports and reports (the weights are equal)
         return
 
-    export_dir = export_hf(module, tokenizer, run_dir / EXPORT, overwrite=(run_dir / EXPORT).exists(), peft=run.peft)
+    overwrite = (run_dir / EXPORT).exists()
+    if final is None:
+        export_dir = export_hf(module, tokenizer, run_dir / EXPORT, overwrite=overwrite, peft=run.peft)
+    else:  # (every node wrote its layers into it)
+        export_dir = horizon_export.export_checkpoint(final, run_dir / EXPORT, "bf16", tokenizer, overwrite=overwrite)
     for metric in workload.summary:
         values = logged_losses(run_dir, metric)
         if values:

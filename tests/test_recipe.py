@@ -207,6 +207,40 @@ def test_two_processes_train_as_one_with_the_global_batch(tmp_path):
         assert (tmp_path / run / "hf_export" / "model.safetensors").exists()
 
 
+def test_two_nodes_with_a_sharded_node_store_train_as_one_and_export_from_the_checkpoint(tmp_path):
+    """``+trainer.num_nodes=2 strategy.node_store=sharded`` on two simulated nodes (two launches with ``NODE_RANK``,
+    one Hydra run directory: a shared file system): the masters equal 1 process with twice the rows (1e-5), and the
+    Hugging Face export, written from the last checkpoint (each node holds only its layers), holds them in BF16. With
+    LoRA it is refused before anything is written."""
+    import socket
+
+    common = [*FAST, "trainer.max_steps=4", "trainer.accumulate_grad_batches=2", "trainer.gradient_clip_val=0.5"]
+    sharded = ["strategy.node_store=sharded", "strategy.sharded_streaming=true", "strategy.grad_reduce=device"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    run_dir = tmp_path / "nodes"
+    args = [sys.executable, "-m", "recipes.sft", *common, "data.batch_size=2", "+trainer.num_nodes=2", *sharded,
+            f"hydra.run.dir={run_dir}"]  # fmt: skip
+    procs = [
+        subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**ENV, "NODE_RANK": str(node), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+        for node in (0, 1)
+    ]  # fmt: skip
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    one = sft(*common, "data.batch_size=4", run_dir=tmp_path / "one", timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = _masters(run_dir), _masters(tmp_path / "one")
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in b) <= 1e-5
+    exported = Qwen2ForCausalLM.from_pretrained(run_dir / "hf_export", dtype=torch.float32).state_dict()
+    assert exported.keys() <= {k.removeprefix("model.") for k in a}
+    for name, value in exported.items():  # (the LightningModule holds the model as `model`)
+        assert torch.equal(value, a[f"model.{name}"].to(torch.bfloat16).float()), name
+    lora = sft(*FAST, "+trainer.num_nodes=2", *sharded, "peft=lora", run_dir=tmp_path / "lora")
+    assert_refused(lora, "strategy.node_store=sharded", "peft", run_dir=tmp_path / "lora")
+
+
 def test_plan_that_does_not_fit_is_refused_before_allocating(tmp_path):
     start = time.perf_counter()
     result = sft("model=qwen2_72b", "hardware=rtx4090", run_dir=tmp_path)
