@@ -28,7 +28,7 @@ import math
 import os
 import re
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Container, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ def load_hf_model(
     attn_implementation: str = "sdpa",
     num_labels: int | None = None,
     meta: bool = False,
+    node: tuple[int, int] | None = None,
 ) -> nn.Module:
     """A ``...ForCausalLM`` with the weights of ``path`` (a local directory or a hub id), streamed from safetensors.
 
@@ -64,6 +65,11 @@ def load_hf_model(
     With ``meta=True`` only the model's structure, from its config: every tensor on the meta device and no weight
     read (the processes of a data-parallel node other than local rank 0, whose parameters become views into the
     store that local rank 0 fills).
+
+    With ``node=(node_rank, num_nodes)`` (a sharded node store, ``EngineConfig.node_store="sharded"``): only the
+    decoder layers this node holds (:func:`~lightning_horizon.engine.data_parallel.assign_homes`, what the store
+    assigns) and the parts every node holds are read and given memory; the other layers' parameters stay on the meta
+    device, so a node's setup never holds the whole model.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -80,11 +86,14 @@ def load_hf_model(
     else:
         with params_on_meta():
             model = auto.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
-        materialize(model, dtype)
+        away = away_parameters(model, *node) if node is not None else {}
+        materialize(model, dtype, away=away)
         if num_labels is None:
-            load_safetensors_into(model, directory)
+            load_safetensors_into(model, directory, away=away.values())
         else:
-            missing = load_safetensors_into(model, directory, skip=(r"^lm_head\.",), may_miss=("score.weight",))
+            missing = load_safetensors_into(
+                model, directory, skip=(r"^lm_head\.",), may_miss=("score.weight",), away=away.values()
+            )
             if missing:
                 with torch.no_grad():
                     model.score.weight.normal_(0.0, float(getattr(config, "initializer_range", 0.02)))
@@ -163,8 +172,23 @@ def params_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
-def materialize(model: nn.Module, dtype: torch.dtype = torch.float32) -> HostStore | None:
-    """Gives the meta parameters of ``model`` uninitialised host memory (store buffers when FP32 and supported)."""
+def away_parameters(model: nn.Module, node_rank: int, num_nodes: int) -> dict[int, str]:
+    """``{id: name}`` of the parameters of the decoder layers other nodes hold under a sharded node store
+    (:func:`~lightning_horizon.engine.data_parallel.assign_homes` over the model's layers, as the store assigns
+    them), for a model that is not yet in memory (meta parameters are fine)."""
+    from lightning_horizon.engine.data_parallel import assign_homes
+    from lightning_horizon.engine.store import split_frozen
+
+    groups = describe(model).store_groups()
+    homes = assign_homes(split_frozen(groups, None), num_nodes)
+    return {
+        id(p): n for name, named in groups if homes.get(name, node_rank) != node_rank for n, p in named
+    }
+
+
+def materialize(model: nn.Module, dtype: torch.dtype = torch.float32, away: Container[int] = ()) -> HostStore | None:
+    """Gives the meta parameters of ``model`` uninitialised host memory (store buffers when FP32 and supported);
+    those whose ids are in ``away`` (another node's layers, :func:`away_parameters`) stay on the meta device."""
     store = None
     if dtype == torch.float32:
         try:
@@ -172,12 +196,13 @@ def materialize(model: nn.Module, dtype: torch.dtype = torch.float32) -> HostSto
         except ValueError:
             groups = None
         if groups is not None:
-            store = HostStore.from_meta(model, groups)
+            kept = [(name, named) for name, named in groups if not any(id(p) in away for _, p in named)]
+            store = HostStore.from_meta(model, kept)
     if store is None:
         replaced: dict[int, nn.Parameter] = {}
         for module in model.modules():
             for key, p in module._parameters.items():
-                if p is not None and p.is_meta:
+                if p is not None and p.is_meta and id(p) not in away:
                     if id(p) not in replaced:
                         replaced[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=dtype), requires_grad=p.requires_grad)
                     module._parameters[key] = replaced[id(p)]
@@ -258,14 +283,20 @@ def weight_files(directory: str | os.PathLike) -> dict[str, list[str]]:
 
 
 def load_safetensors_into(
-    model: nn.Module, directory: str | os.PathLike, skip: Sequence[str] = (), may_miss: Sequence[str] = ()
+    model: nn.Module,
+    directory: str | os.PathLike,
+    skip: Sequence[str] = (),
+    may_miss: Sequence[str] = (),
+    away: Collection[str] = (),
 ) -> list[str]:
     """Copies every tensor of the safetensors files in ``directory`` into ``model``'s parameters and buffers.
 
     ``skip``: patterns of file keys not to load. ``may_miss``: model names the files may lack (returned when they
-    do; any other missing name raises)."""
+    do; any other missing name raises). ``away``: names of parameters another node holds (left on the meta device:
+    their keys are neither read nor missed)."""
     directory = Path(directory)
-    targets = _targets(model)
+    away = set(away)
+    targets = {name: target for name, target in _targets(model).items() if target[1] not in away}
     alias_of = {name: first for name, (_, first) in targets.items()}
     loaded: dict[str, str] = {}  # first name of the tensor -> key and file it was loaded from
     ignored = [
@@ -278,6 +309,8 @@ def load_safetensors_into(
         with SafetensorsReader(file_path) as f, torch.no_grad():
             for key in f.keys():
                 if any(p.search(key) for p in skipped):
+                    continue
+                if key in away:
                     continue
                 if key not in targets:
                     if any(p.search(key) for p in ignored):

@@ -218,18 +218,26 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     vocab_size: int | None = None,
     num_labels: int | None = None,
+    node: tuple[int, int] | None = None,
 ) -> PreTrainedModel:
     """A causal LM for `cfg`: random init, or real weights when `cfg.path` (on `device="meta"`: the structure only,
     uninitialized, from `cfg.path`'s config when it has one).
     With `num_labels`, a `...ForSequenceClassification` with that many outputs instead (a reward model: 1; from a
-    causal LM's checkpoint its score head starts from the model's initialisation)."""
+    causal LM's checkpoint its score head starts from the model's initialisation).
+    `node=(node_rank, num_nodes)`: with `cfg.path`, only the decoder layers this node holds under a sharded node
+    store are read (the others stay on the meta device, see `lightning_horizon.loading.load_hf_model`)."""
     if cfg.path is not None:  # (on the meta device: the checkpoint's structure, no weight read)
         meta = torch.device(device).type == "meta"
         model = load_pretrained(
-            cfg.path, dtype=dtype, attn_implementation=cfg.attn_implementation, num_labels=num_labels, meta=meta
+            cfg.path,
+            dtype=dtype,
+            attn_implementation=cfg.attn_implementation,
+            num_labels=num_labels,
+            meta=meta,
+            node=None if meta else node,
         )
         _check_vocab(cfg.name, model.config.vocab_size, vocab_size)
-        return model if meta else model.to(device)
+        return model if meta or torch.device(device).type == "cpu" else model.to(device)
     hf_config = build_hf_config(cfg, vocab_size=vocab_size)
     auto = AutoModelForCausalLM
     if num_labels is not None:
@@ -244,12 +252,15 @@ def load_pretrained(
     attn_implementation: str = "sdpa",
     num_labels: int | None = None,
     meta: bool = False,
+    node: tuple[int, int] | None = None,
 ) -> PreTrainedModel:
     """Real weights from a local directory or hub id, streamed safetensors tensor by tensor into the host store's
     layout (no full model object materialised first, no second copy): see :mod:`lightning_horizon.loading`."""
     from lightning_horizon.loading import load_hf_model
 
-    return load_hf_model(path, dtype=dtype, attn_implementation=attn_implementation, num_labels=num_labels, meta=meta)
+    return load_hf_model(
+        path, dtype=dtype, attn_implementation=attn_implementation, num_labels=num_labels, meta=meta, node=node
+    )
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:

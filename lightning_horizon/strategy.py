@@ -304,9 +304,10 @@ class HorizonStrategy(ParallelStrategy):
                 )
         # A model built on the meta device is materialised straight into the store's layout (nothing copied) and
         # initialised; with several processes only where it fills its node's store (local rank 0): the others'
-        # parameters only become views into that store (DataParallel.prepare_model, without touching memory). After
-        # a sharded node store the other nodes' layers stay on the meta device: the earlier store holds the values
-        if parallel is None or (parallel.is_leader and not parallel.holds_share):
+        # parameters only become views into that store (DataParallel.prepare_model, without touching memory). With a
+        # sharded node store the other nodes' layers may stay on the meta device (loaded per node, or after an
+        # earlier sharded store): only a model wholly on the meta device is initialised
+        if parallel is None or (parallel.is_leader and all(p.is_meta for p in model.parameters())):
             initialize_on_host(model)
         self.engine = HorizonEngine(model, config, parallel=self._data_parallel)
         self.engine.guard_zero_grad(module)  # the LightningModule's zero_grad() discards the host gradients too

@@ -44,6 +44,7 @@ from lightning_horizon.config_groups import engine_config
 from lightning_horizon.data import DataConfig, SFTDataModule, build_default_tokenizer, load_tokenizer
 from lightning_horizon.data.packing import prepare_model_for_packing
 from lightning_horizon.data.tokenizer import as_exported
+from lightning_horizon.engine.adapter import describe
 from lightning_horizon.engine.data_parallel import local_topology
 from lightning_horizon.files import remove_stale_temporaries
 from lightning_horizon.hardware import HardwareProfile, load_profile
@@ -324,15 +325,46 @@ def train(cfg: DictConfig, workload: Workload = SFT) -> None:
     frozen_dtype = dataclasses.replace(
         run.strategy, compute_dtype=precision_dtype(run.trainer.get("precision", "bf16-mixed"))
     ).frozen_store_dtype()
+    # The Trainer first: Lightning's cluster environment says which node this process is on
+    run_dir.mkdir(parents=True, exist_ok=True)
+    loggers: list[Any] = [RunCSVLogger(run_dir, resume_step=where.step)]
+    if importlib.util.find_spec("tensorboard") is not None:
+        loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version=""))
+    checkpointing = HorizonModelCheckpoint(
+        dirpath=run_dir / CHECKPOINTS, filename="step-{step}", auto_insert_metric_name=False
+    )
+    # The model line below says what Lightning's summary table would (without its "FLOPs 0"); both can be overridden.
+    trainer_args = {"enable_model_summary": False, "enable_progress_bar": True, **run.trainer}
+    trainer_args["use_distributed_sampler"] = False  # the data module shards each global batch over the processes
+    callbacks = [
+        checkpointing,
+        ResumeHint(run_dir, overrides, f"recipes.{workload.name}"),
+        SaveEngineConfig(run_dir / ENGINE_CONFIG),
+    ]
+    if trainer_args["enable_progress_bar"]:
+        callbacks.append(progress_bar())
+    trainer = L.Trainer(
+        strategy=HorizonStrategy(run.strategy),
+        logger=loggers,
+        callbacks=callbacks,
+        **trainer_args,
+    )
     # With several processes per node only local rank 0 fills the node's host store from its model: the others build
-    # theirs on the meta device (no weights read, no memory; HorizonEngine gives it storage that the store replaces)
+    # theirs on the meta device (no weights read, no memory; HorizonEngine gives it storage that the store replaces).
+    # With a sharded node store, local rank 0 reads only its node's layers of a pretrained model.
+    node = (trainer.node_rank, trainer.num_nodes) if sharded_nodes else None
     model = build_model(
         run.model,
         dtype=base_dtype(run.peft, frozen_dtype),
         vocab_size=len(tokenizer),
         num_labels=workload.num_labels,
         device="meta" if local_topology()[0] > 0 else "cpu",
+        node=node,
     )
+    if node is not None and run.model.path is not None and local_topology()[0] == 0:
+        layers = describe(model).layers
+        held = sum(1 for layer in layers if not next(layer.parameters()).is_meta)
+        log.info("node %d of %d: read %d of %d layers of %s", *node, held, len(layers), run.model.path)
     model.train()  # from_pretrained (model.path) returns eval mode: train with the dropout the model config sets
     # generation stops at the end of a reply (a reward model has no generation config)
     fill_special_tokens(model.config, getattr(model, "generation_config", None) or {}, tokenizer)
@@ -354,29 +386,6 @@ def train(cfg: DictConfig, workload: Workload = SFT) -> None:
         plan.bottleneck,
     )
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    loggers: list[Any] = [RunCSVLogger(run_dir, resume_step=where.step)]
-    if importlib.util.find_spec("tensorboard") is not None:
-        loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version=""))
-    checkpointing = HorizonModelCheckpoint(
-        dirpath=run_dir / CHECKPOINTS, filename="step-{step}", auto_insert_metric_name=False
-    )
-    # The model line above says what Lightning's summary table would (without its "FLOPs 0"); both can be overridden.
-    trainer_args = {"enable_model_summary": False, "enable_progress_bar": True, **run.trainer}
-    trainer_args["use_distributed_sampler"] = False  # the data module shards each global batch over the processes
-    callbacks = [
-        checkpointing,
-        ResumeHint(run_dir, overrides, f"recipes.{workload.name}"),
-        SaveEngineConfig(run_dir / ENGINE_CONFIG),
-    ]
-    if trainer_args["enable_progress_bar"]:
-        callbacks.append(progress_bar())
-    trainer = L.Trainer(
-        strategy=HorizonStrategy(run.strategy),
-        logger=loggers,
-        callbacks=callbacks,
-        **trainer_args,
-    )
     trainer.fit(module, datamodule=datamodule, ckpt_path=where.checkpoint)
     final = final_checkpoint(trainer, checkpointing, run_dir / CHECKPOINTS) if sharded_nodes else None
     if not trainer.is_global_zero:  # with several processes, global rank 0 exports and reports (the weights are equal)

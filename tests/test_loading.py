@@ -73,6 +73,35 @@ def _groups(model):
     return describe(model).store_groups()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_node_of_a_sharded_store_reads_only_its_layers(tmp_path, monkeypatch, dtype):
+    """``node=(rank, nodes)``: the layers other nodes hold (``assign_homes``, as the store assigns them) stay on the
+    meta device and their keys are never read; every other parameter equals a full load. Together the nodes read
+    every layer once."""
+    from lightning_horizon import loading
+
+    tiny_model("qwen2", tied=True, layers=3).save_pretrained(tmp_path)
+    full = dict(load_hf_model(tmp_path, dtype=dtype).named_parameters())
+    read: list[str] = []
+    original = loading.SafetensorsReader.read_into
+    monkeypatch.setattr(
+        loading.SafetensorsReader,
+        "read_into",
+        lambda self, key, target: read.append(key) or original(self, key, target),
+    )
+    layers_read = []
+    for node in (0, 1):
+        read.clear()
+        part = dict(load_hf_model(tmp_path, dtype=dtype, node=(node, 2)).named_parameters())
+        meta = {n for n, p in part.items() if p.is_meta}
+        assert meta and all(".layers." in n for n in meta)
+        assert not meta & set(read) and set(read) == set(part) - meta - {"lm_head.weight"}  # (tied)
+        for name, p in part.items():
+            assert name in meta or torch.equal(p, full[name]), name
+        layers_read.append({n.split(".")[2] for n in set(part) - meta if ".layers." in n})
+    assert not layers_read[0] & layers_read[1] and layers_read[0] | layers_read[1] == {"0", "1", "2"}
+
+
 def test_engine_trains_a_loaded_model(tmp_path):
     ref = saved(tmp_path, "qwen2")
     model = load_hf_model(tmp_path, attn_implementation="eager")

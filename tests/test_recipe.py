@@ -207,14 +207,17 @@ def test_two_processes_train_as_one_with_the_global_batch(tmp_path):
         assert (tmp_path / run / "hf_export" / "model.safetensors").exists()
 
 
-def test_two_nodes_with_a_sharded_node_store_train_as_one_and_export_from_the_checkpoint(tmp_path):
+@pytest.mark.parametrize("pretrained", [False, True], ids=["random-init", "model-path"])
+def test_two_nodes_with_a_sharded_node_store_train_as_one_and_export_from_the_checkpoint(tmp_path, hf_dir, pretrained):
     """``+trainer.num_nodes=2 strategy.node_store=sharded`` on two simulated nodes (two launches with ``NODE_RANK``,
     one Hydra run directory: a shared file system): the masters equal 1 process with twice the rows (1e-5), and the
-    Hugging Face export, written from the last checkpoint (each node holds only its layers), holds them in BF16. With
-    LoRA it is refused before anything is written."""
+    Hugging Face export, written from the last checkpoint (each node holds only its layers), holds them in BF16. From
+    ``model.path`` each node reads only its own layers. With LoRA it is refused before anything is written."""
     import socket
 
     common = [*FAST, "trainer.max_steps=4", "trainer.accumulate_grad_batches=2", "trainer.gradient_clip_val=0.5"]
+    if pretrained:
+        common.append(f"model.path={hf_dir}")
     sharded = ["strategy.node_store=sharded", "strategy.sharded_streaming=true", "strategy.grad_reduce=device"]
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -229,6 +232,9 @@ def test_two_nodes_with_a_sharded_node_store_train_as_one_and_export_from_the_ch
     ]  # fmt: skip
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    if pretrained:  # the 2 layers: one read on each node
+        for node in (0, 1):
+            assert f"node {node} of 2: read 1 of 2 layers of {hf_dir}" in logs[node], logs[node][-3000:]
     one = sft(*common, "data.batch_size=4", run_dir=tmp_path / "one", timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     a, b = _masters(run_dir), _masters(tmp_path / "one")

@@ -116,6 +116,9 @@ class DataParallel:
         self._owners: dict[str, int] = {}
         self._writers: dict[str, int] = {}
         self._homes: dict[str, int] = {}
+        self.away_ids: set[int] = set()
+        """Ids of the parameters of the layers other nodes hold (a sharded node store), set by
+        :meth:`prepare_model`: they may be on the meta device in every process."""
         self.node_store = "replicated"
         """``EngineConfig.node_store`` of the last store built."""
 
@@ -125,7 +128,7 @@ class DataParallel:
         return self.local_rank == 0
 
     # ------------------------------------------------------------------------------------------ the shared store
-    def prepare_model(self, model: torch.nn.Module) -> None:
+    def prepare_model(self, model: torch.nn.Module, node_store: str = "replicated") -> None:
         """Gives every process global rank 0's buffers (as DDP broadcasts them; collective), after giving the model
         of a process other than its node's local rank 0 CPU storage if it was built on the meta device.
 
@@ -133,16 +136,30 @@ class DataParallel:
         become views into it. Building their models on the meta device (``lightning_horizon.models.build_model(...,
         device="meta")``, what ``recipes.sft`` does in those processes) therefore loses nothing and keeps setup from
         holding a model copy per process: their parameters get storage that is never written (``to_empty``; tied
-        parameters stay tied), replaced by the store's views right after."""
-        meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-        if meta and self.is_leader and self.holds_share:
-            meta = []  # the layers other nodes hold, left on the meta device by an earlier sharded store
-        elif meta and self.is_leader:
-            raise ValueError(
-                f"{meta[0]!r} is on the meta device in local rank 0, which fills its node's host store from its "
-                "model: build the model on the CPU there (only the other processes of a node may build theirs on "
-                "the meta device)"
-            )
+        parameters stay tied), replaced by the store's views right after.
+
+        With ``node_store="sharded"`` over several nodes, local rank 0 may leave the layers other nodes hold on the
+        meta device (loaded per node, ``lightning_horizon.loading.load_hf_model(..., node=...)``, or left so by an
+        earlier sharded store): :attr:`away_ids`."""
+        self.away_ids = set()
+        if node_store == "sharded" and self.num_nodes > 1:
+            from lightning_horizon.loading import away_parameters
+
+            from .adapter import find_causal_lm
+
+            self.away_ids = set(away_parameters(find_causal_lm(model), self.node_rank, self.num_nodes))
+        tensors = [*model.named_parameters(), *model.named_buffers()]
+        meta = [n for n, t in tensors if t.is_meta]
+        if meta and self.is_leader:
+            wrong = [n for n, t in tensors if t.is_meta and id(t) not in self.away_ids]
+            if wrong:
+                raise ValueError(
+                    f"{wrong[0]!r} is on the meta device in local rank 0, which fills its node's host store from its "
+                    "model: build the model on the CPU there (only the other processes of a node may build theirs on "
+                    "the meta device; with node_store='sharded', local rank 0 may leave the layers other nodes hold "
+                    "on it)"
+                )
+            meta = []  # (the layers other nodes hold: they stay on the meta device)
         if meta:
             _to_empty_keeping_ties(model)
         for _, buffer in model.named_buffers():
@@ -260,17 +277,24 @@ class DataParallel:
     def _send_home(self, split, homes: dict[str, int]) -> None:
         """Node 0's leader sends each layer group's values (from its model) to the leader of the group's home node,
         which receives them into its own model's parameters before it fills its store (leaders only; collective
-        among them). Skipped when node 0's parameters of those groups are on the meta device: they come from an
-        earlier sharded store, whose home nodes hold them already (every leader learns which from node 0)."""
-        sent = [name for name, _, _ in split if homes.get(name, 0) != 0]
+        among them): rank 0's weights, as DDP broadcasts them. A group whose parameters are on the meta device in
+        node 0 is not sent: its home node holds its values already (loaded there from the same files, or kept from
+        an earlier sharded store); every leader learns which from node 0."""
         named_of = {name: named for name, named, _ in split}
-        fresh = [self.node_rank == 0 and not any(p.is_meta for n in sent for _, p in named_of[n])]
-        dist.broadcast_object_list(fresh, src=0, group=self.leaders)
-        if not fresh[0]:
-            return
-        for name in sent:
+        other = [name for name, _, _ in split if homes.get(name, 0) != 0]
+        box = [[not any(p.is_meta for _, p in named_of[n]) for n in other] if self.node_rank == 0 else None]
+        dist.broadcast_object_list(box, src=0, group=self.leaders)
+        for name, send in zip(other, box[0]):
             home = homes[name] * self.local_world_size  # its leader's global rank
             if self.node_rank not in (0, homes[name]):
+                continue
+            if not send:
+                if self.node_rank != 0 and any(p.is_meta for _, p in named_of[name]):
+                    raise ValueError(
+                        f"{name} is held by node {homes[name]} (node_store='sharded'), but neither that node's local "
+                        "rank 0 nor node 0's has its values (both are on the meta device): build the whole model in "
+                        "node 0's local rank 0, or load each node's layers there (load_hf_model(..., node=...))"
+                    )
                 continue
             params = [p for _, p in named_of[name]]
             dtype = functools.reduce(torch.promote_types, [p.dtype for p in params], torch.float32)  # exact

@@ -81,10 +81,10 @@ class HorizonEngine:
         """A backward ran since the gradients were last averaged over the processes (data parallel only)."""
         self._closed = False
         if parallel is not None:  # rank 0's buffers everywhere; a model built on the meta device gets CPU storage
-            parallel.prepare_model(model)
+            parallel.prepare_model(model, config.node_store)
         for name, p in model.named_parameters():
-            if p.is_meta and parallel is not None and parallel.holds_share:
-                continue  # a layer another node holds, from an earlier sharded store
+            if p.is_meta and parallel is not None and id(p) in parallel.away_ids:
+                continue  # a layer another node holds (a sharded node store)
             if p.device.type != "cpu":
                 raise ValueError(
                     f"parameter {name!r} is on {p.device}; build the model on the CPU, the engine keeps masters in "
