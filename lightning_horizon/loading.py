@@ -181,9 +181,7 @@ def away_parameters(model: nn.Module, node_rank: int, num_nodes: int) -> dict[in
 
     groups = describe(model).store_groups()
     homes = assign_homes(split_frozen(groups, None), num_nodes)
-    return {
-        id(p): n for name, named in groups if homes.get(name, node_rank) != node_rank for n, p in named
-    }
+    return {id(p): n for name, named in groups if homes.get(name, node_rank) != node_rank for n, p in named}
 
 
 def materialize(model: nn.Module, dtype: torch.dtype = torch.float32, away: Container[int] = ()) -> HostStore | None:
