@@ -7,7 +7,10 @@ with the global batch. What differs from DDP is where the state lives:
   (:class:`~.shared_memory.NodeBuffer`) that every local process maps: the model's parameters of each process are
   views into it. Local rank 0 fills it from its model (what DDP's broadcast from rank 0 does); the other processes'
   own copies are freed. With several nodes, each node holds a full replica (``replicated``): node 0's values are
-  broadcast to the other nodes' leaders once, at setup.
+  broadcast to the other nodes' leaders once, at setup; or (``node_store="sharded"``) only its share of the decoder
+  layers (:func:`assign_homes`), the others' parameters on the meta device and their pages of the buffer never
+  touched: a layer's shards then come from its node at every use (:meth:`NodeReduce.from_home`), and its gradient
+  shards are reduced to its node only (:meth:`NodeReduce.to_home`).
 * **Gradients summed in one node buffer.** The FP32 gradients are one buffer per node too
   (:class:`NodeGradients`): every process's gradient worker adds its micro-batches' gradients straight into it,
   one process at a time per group (a mutex per group), so it holds the sum over the node's processes without a
