@@ -362,7 +362,7 @@ class HorizonStrategy(ParallelStrategy):
                     checkpoint, filepath, fsync=self.checkpoint_io.fsync, parallel=self._data_parallel
                 )
                 return
-        elif self._data_parallel is not None and self._data_parallel.holds_share:
+        elif self._data_parallel is not None and self._data_parallel.sharded_nodes:
             raise ValueError(
                 f"checkpoint_io={type(self.checkpoint_io).__name__}: with node_store='sharded' each node holds only its "
                 "share of the layers (the others are on the meta device in its processes), and only the horizon "

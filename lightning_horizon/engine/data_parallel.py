@@ -267,14 +267,9 @@ class DataParallel:
         return store
 
     @property
-    def holds_share(self) -> bool:
-        """A sharded node store was built: this node's model holds only its layers' values (the others are on the
-        meta device), and a later store takes them from it."""
-        return bool(self._homes)
-
-    @property
     def sharded_nodes(self) -> bool:
-        """Each node holds only its share of the layers (``node_store="sharded"`` over several nodes)."""
+        """Each node holds only its share of the layers (``node_store="sharded"`` over several nodes, in the last
+        store built): the other layers' parameters are on the meta device here."""
         return self.node_store == "sharded" and self.num_nodes > 1
 
     def _send_home(self, split, homes: dict[str, int]) -> None:

@@ -509,8 +509,9 @@ class GradientSink:
         nodes, an all-reduce of the shard over them) each process holds, per parameter, how many processes had a
         gradient, then shard ``rank`` of the sum: a parameter none had keeps no gradient (its update is skipped, as
         in one process), not a zero one. With a sharded node store the shard is summed into the group's node only
-        (:meth:`~.data_parallel.NodeReduce.to_home`), and lands there only. On a GPU the collectives run on ``reduce_stream`` and the shard comes down
-        through two page-locked FP32 stages of at most ``REDUCE_STAGE_NUMEL`` elements, chunk by chunk."""
+        (:meth:`~.data_parallel.NodeReduce.to_home`), and lands there only. On a GPU the collectives run on
+        ``reduce_stream`` and the shard comes down through two page-locked FP32 stages of at most
+        ``REDUCE_STAGE_NUMEL`` elements, chunk by chunk."""
         n = self.reduce.size
         numel = group.master.numel()
         shard, start, stop = self.reduce.bounds(numel)

@@ -217,9 +217,8 @@ class LayerStreamer:
             if home is not None:
                 self.shard.from_home(mine, home)
             self.shard.all_gather(out)
-        self.bytes_gathered += (
-            (self.shard.size - 1 + (unit.groups[0].away if home is not None else 0)) * shard * (out.element_size())
-        )
+        received = self.shard.size - 1 + int(unit.groups[0].away)  # (another node's layer: this shard too)
+        self.bytes_gathered += received * shard * out.element_size()
 
     def _padded(self, numel: int) -> int:
         """Slot elements for units of up to ``numel`` elements: a multiple of the node's processes when sharded."""
